@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints their message as one line and exits non-zero (no traceback)."""
+
+
+class PowerInferError(Exception):
+    """A problem with the user's input (file, flag, request) that the user can fix."""
+
+
+class ModelFormatError(PowerInferError):
+    """The model file is missing, not a GGUF / HF model, truncated, or uses something we do not support."""
+
+
+class ContextOverflowError(PowerInferError):
+    """The request does not fit in the context window."""

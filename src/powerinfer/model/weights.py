@@ -1,0 +1,30 @@
+"""Model weights by role, in HF module names (STYLE 9). Built by formats/, read by model/ and runtime/."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..formats.tensor import QTensor
+
+
+@dataclass
+class LayerWeights:
+    input_layernorm: QTensor  # f32 [d]
+    q_proj: QTensor  # [n_head*head_dim, d]
+    k_proj: QTensor  # [n_head_kv*head_dim, d]
+    v_proj: QTensor  # [n_head_kv*head_dim, d]
+    o_proj: QTensor  # [d, n_head*head_dim]
+    post_attention_layernorm: QTensor  # f32 [d]
+    gate_proj: QTensor | None  # [n_ff, d]; None for act(up) MLPs
+    up_proj: QTensor  # [n_ff, d]
+    down_proj: QTensor  # [d, n_ff]
+    q_bias: QTensor | None = None
+    k_bias: QTensor | None = None
+    v_bias: QTensor | None = None
+
+
+@dataclass
+class ModelWeights:
+    embed_tokens: QTensor  # [n_vocab, d]
+    layers: list[LayerWeights]
+    norm: QTensor  # f32 [d]
+    lm_head: QTensor  # [n_vocab, d]; the same object as embed_tokens when tied
