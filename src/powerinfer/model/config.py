@@ -13,6 +13,9 @@ class RopeScaling:
     original_context: int = 0
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
+    # Per-frequency divisors of the inverse frequencies (GGUF `rope_freqs.weight`, where llama.cpp's converter
+    # bakes llama3 scaling); when set they replace the llama3 formula. Length rope_dim/2.
+    freq_factors: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -33,7 +36,7 @@ class ModelConfig:
     rope_style: str = "norm"
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     context_length: int = 4096  # trained context
-    activation: str = "silu"  # silu | relu | gelu
+    activation: str = "silu"  # silu | relu | gelu (erf, HF "gelu") | gelu_tanh (ggml_gelu, HF "gelu_pytorch_tanh")
     ffn_kind: str = "glu"  # glu: act(gate)*up ; dglu: act(gate)*act(up) (dReLU) ; mlp: act(up)
     tie_embeddings: bool = False
     attn_bias: bool = False  # q/k/v biases (qwen2)

@@ -1,0 +1,296 @@
+"""GGUF model files -> ModelConfig + ModelWeights, through gguf-py's GGUFReader (DESIGN decision 5).
+
+Tensors stay in the memory-mapped file (QTensor.data is a read-only view of it); only types the kernels do
+not read are converted, once, by formats/quants.py. Accepts PowerInfer's `PWRI` magic (PowerInfer
+converters write a normal GGUF, then overwrite the first 4 bytes; reference/powerinfer.md section 2.1).
+Tensor names and metadata keys follow llama.cpp (`blk.N.attn_q.weight`, `{arch}.block_count`, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType as Q, GGUFReader, LlamaFileType
+
+from ..errors import ModelFormatError
+from ..model.config import ModelConfig, RopeScaling
+from ..model.weights import LayerWeights, ModelWeights
+from . import quants
+from .tensor import QTensor
+
+PWRI_MAGIC = b"PWRI"
+SUPPORTED_ARCHS = ("llama", "bamboo", "qwen2")
+ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh")
+FFN_KINDS = ("glu", "dglu", "mlp")
+
+
+class _Reader(GGUFReader):
+    """GGUFReader that accepts the PWRI magic and checks every tensor lies inside the file before mapping it.
+
+    Both hooks are in GGUFReader's private helpers (`_get`, `_build_tensors`); gguf-py has kept them since
+    0.10, and overriding them avoids copying a multi-GB file just to patch four bytes.
+    """
+
+    def __init__(self, path: Path, pwri: bool):
+        self._pwri = pwri
+        self._path = path
+        super().__init__(path, "r")
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        if self._pwri and offset == 0 and override_order == "<":
+            return np.array([GGUF_MAGIC], dtype="<u4")  # the magic check: present PWRI as GGUF
+        return super()._get(offset, dtype, count, override_order)
+
+    def _build_tensors(self, start_offs, fields):
+        size = len(self.data)
+        for f in fields:
+            name = bytes(f.parts[1]).decode("utf-8", "replace")
+            raw_type = int(f.parts[4][0])
+            try:
+                qtype = Q(raw_type)
+            except ValueError:
+                raise ModelFormatError(f"{self._path}: tensor {name} has unknown GGML type {raw_type} "
+                                       "(newer than this gguf-py, or a corrupt file)") from None
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            n_elems = int(np.prod(f.parts[3], dtype=np.int64))
+            end = start_offs + int(f.parts[5][0]) + n_elems // block * type_size
+            if end > size:
+                raise ModelFormatError(f"{self._path}: truncated GGUF: tensor {name} ends at byte {end:,} "
+                                       f"but the file has {size:,} bytes")
+        super()._build_tensors(start_offs, fields)
+
+
+@dataclass
+class GGUFModel:
+    config: ModelConfig
+    weights: ModelWeights
+    metadata: dict
+    file_type: str
+    conversion_report: quants.ConversionReport
+    powerinfer_gguf: bool  # PWRI magic: a PowerInfer sparse model file
+    extra_tensors: dict[str, QTensor] = field(default_factory=dict)  # not mapped to weights (fc1/fc2, ...)
+
+
+def open_gguf(path: str | Path) -> tuple[GGUFReader, bool]:
+    """(reader, is_pwri). ModelFormatError for missing, non-GGUF, truncated or corrupt files."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelFormatError(f"{path}: is a directory, expected a .gguf file")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic not in (b"GGUF", PWRI_MAGIC):
+        raise ModelFormatError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF' or b'PWRI')")
+    try:
+        return _Reader(path, magic == PWRI_MAGIC), magic == PWRI_MAGIC
+    except ModelFormatError:
+        raise
+    except Exception as e:  # gguf-py reports a cut header as an IndexError/ValueError from deep inside
+        raise ModelFormatError(f"{path}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from None
+
+
+def read_metadata(reader: GGUFReader) -> dict:
+    """All key/value pairs as plain Python values (str, int, float, bool, lists)."""
+    return {key: f.contents() for key, f in reader.fields.items()}
+
+
+def reader_tensor(t) -> QTensor:
+    """A GGUFReader tensor as a QTensor: torch-order shape, typed arrays for F32/F16/BF16 (no copy)."""
+    shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+    data = t.data
+    if t.tensor_type == Q.BF16:
+        data = data.view(np.uint16).reshape(shape)  # gguf-py maps BF16 as raw bytes
+    return QTensor(t.name, Q(t.tensor_type), shape, data)
+
+
+def load_gguf(path: str | Path) -> GGUFModel:
+    path = Path(path)
+    reader, pwri = open_gguf(path)
+    md = read_metadata(reader)
+    tensors = {t.name: reader_tensor(t) for t in reader.tensors}
+    config = _config(path, md, tensors, pwri)
+    report = quants.ConversionReport()
+    weights, used = _weights(path, config, tensors, report)
+    extra = {n: t for n, t in tensors.items() if n not in used}
+    return GGUFModel(config, weights, md, _file_type(md, tensors), report, pwri, extra)
+
+
+# -- config ---------------------------------------------------------------------------------------------
+
+def _f32(x) -> float:
+    # GGUF stores these as float32; print back the decimal the converter wrote (1e-05, not 9.99999974e-06).
+    return float(f"{float(x):.7g}")
+
+
+def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> ModelConfig:
+    arch = md.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ModelFormatError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+    def key(name, default=None):
+        value = md.get(f"{arch}.{name}", default)
+        if value is None:
+            raise ModelFormatError(f"{path}: missing metadata key {arch}.{name}")
+        return value
+
+    if "token_embd.weight" not in tensors:
+        raise ModelFormatError(f"{path}: missing tensor token_embd.weight")
+    d_model = int(key("embedding_length"))
+    n_head = int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", d_model // n_head))
+
+    # The FFN activation is a property of the model: an explicit key wins; PowerInfer's PWRI files are
+    # ReLU-family llamas (ReluLLaMA, ProSparse); Bamboo is dReLU (relu(gate) * relu(up)).
+    activation = "relu" if pwri or arch == "bamboo" else "silu"
+    ffn_kind = "dglu" if arch == "bamboo" else "glu"
+    if "blk.0.ffn_gate.weight" not in tensors:
+        ffn_kind = "mlp"
+    activation = md.get("powerinfer.ffn_activation", activation)
+    ffn_kind = md.get("powerinfer.ffn_kind", ffn_kind)
+    if activation not in ACTIVATIONS:
+        raise ModelFormatError(f"{path}: unsupported powerinfer.ffn_activation {activation!r} "
+                               f"(supported: {', '.join(ACTIVATIONS)})")
+    if ffn_kind not in FFN_KINDS:
+        raise ModelFormatError(f"{path}: unsupported powerinfer.ffn_kind {ffn_kind!r} "
+                               f"(supported: {', '.join(FFN_KINDS)})")
+
+    return ModelConfig(
+        arch="qwen2" if arch == "qwen2" else "llama",
+        n_vocab=tensors["token_embd.weight"].rows,
+        d_model=d_model,
+        n_layer=int(key("block_count")),
+        n_head=n_head,
+        n_head_kv=int(key("attention.head_count_kv", n_head)),
+        head_dim=head_dim,
+        n_ff=int(key("feed_forward_length")),
+        norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32(key("rope.freq_base", 10000.0)),
+        rope_dim=int(key("rope.dimension_count", head_dim)),
+        # llama.cpp's converter permutes llama q/k rows so that rotation pairs are adjacent; qwen2 is not permuted.
+        rope_style="neox" if arch == "qwen2" else "norm",
+        rope_scaling=_rope_scaling(path, arch, md, tensors),
+        context_length=int(key("context_length", 4096)),
+        activation=activation,
+        ffn_kind=ffn_kind,
+        tie_embeddings="output.weight" not in tensors,
+        attn_bias="blk.0.attn_q.bias" in tensors,
+        name=str(md.get("general.name", "")),
+    )
+
+
+def _rope_scaling(path: Path, arch: str, md: dict, tensors: dict[str, QTensor]) -> RopeScaling:
+    kind = md.get(f"{arch}.rope.scaling.type", "none")
+    factor = float(md.get(f"{arch}.rope.scaling.factor", 1.0))
+    if kind == "none" and f"{arch}.rope.scale_linear" in md:  # pre-2024 GGUF spelling
+        kind, factor = "linear", float(md[f"{arch}.rope.scale_linear"])
+    orig = int(md.get(f"{arch}.rope.scaling.original_context_length", 0))
+    if "rope_freqs.weight" in tensors:
+        # Llama 3.1+: llama.cpp's converter bakes the llama3 scaling into per-frequency divisors.
+        freq = tensors["rope_freqs.weight"].dequantize().tolist()
+        return RopeScaling(kind="llama3", factor=max(freq), original_context=orig, freq_factors=tuple(freq))
+    if kind not in ("none", "linear", "yarn", "llama3") and factor != 1.0:
+        raise ModelFormatError(f"{path}: unsupported RoPE scaling {kind!r} (supported: linear, yarn, llama3)")
+    if kind not in ("linear", "yarn", "llama3"):
+        kind = "none"
+    return RopeScaling(kind=kind, factor=factor, original_context=orig)
+
+
+def _file_type(md: dict, tensors: dict[str, QTensor]) -> str:
+    counts: dict[str, int] = {}
+    for t in tensors.values():
+        counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+    ft = md.get("general.file_type")
+    try:
+        name = LlamaFileType(ft).name.removeprefix("MOSTLY_") if ft is not None else "unknown"
+    except ValueError:
+        name = f"type {ft}"
+    return f"{name} ({', '.join(f'{n} {k}' for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))})"
+
+
+# -- weights --------------------------------------------------------------------------------------------
+
+def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) -> tuple[ModelWeights, set]:
+    used: set[str] = set()
+    todo: list[QTensor] = []
+    transposed: set[str] = set()
+
+    def get(name: str, shape: tuple[int, ...], optional: bool = False) -> QTensor | None:
+        t = tensors.get(name)
+        if t is None:
+            if optional:
+                return None
+            raise ModelFormatError(f"{path}: missing tensor {name}")
+        if t.shape != shape:
+            raise ModelFormatError(f"{path}: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+        quants.target_type(t.qtype, name, str(path))  # unreadable types fail now, before any work
+        used.add(name)
+        if quants.needs_conversion(t.qtype):
+            todo.append(t)
+        return t
+
+    d, ff, v = cfg.d_model, cfg.n_ff, cfg.n_vocab
+    q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    embed = get("token_embd.weight", (v, d))
+    norm = get("output_norm.weight", (d,))
+    lm_head = embed if cfg.tie_embeddings else get("output.weight", (v, d))
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        if p + "ffn_down_t.weight" in tensors:  # PowerInfer stores down_proj transposed (neuron-major)
+            down = get(p + "ffn_down_t.weight", (ff, d))
+            transposed.add(down.name)
+        else:
+            down = get(p + "ffn_down.weight", (d, ff))
+        layers.append(dict(
+            input_layernorm=get(p + "attn_norm.weight", (d,)),
+            q_proj=get(p + "attn_q.weight", (q_dim, d)),
+            k_proj=get(p + "attn_k.weight", (kv_dim, d)),
+            v_proj=get(p + "attn_v.weight", (kv_dim, d)),
+            o_proj=get(p + "attn_output.weight", (d, q_dim)),
+            post_attention_layernorm=get(p + "ffn_norm.weight", (d,)),
+            gate_proj=get(p + "ffn_gate.weight", (ff, d), optional=cfg.ffn_kind == "mlp"),
+            up_proj=get(p + "ffn_up.weight", (ff, d)),
+            down_proj=down,
+            q_bias=get(p + "attn_q.bias", (q_dim,), optional=not cfg.attn_bias),
+            k_bias=get(p + "attn_k.bias", (kv_dim,), optional=not cfg.attn_bias),
+            v_bias=get(p + "attn_v.bias", (kv_dim,), optional=not cfg.attn_bias),
+        ))
+    if "rope_freqs.weight" in tensors:
+        used.add("rope_freqs.weight")
+
+    converted = _convert(todo, report)
+
+    def native(t: QTensor | None) -> QTensor | None:
+        if t is None:
+            return None
+        t = converted.get(t.name, t)
+        return quants.transpose(t, report) if t.name in transposed else t
+
+    weights = ModelWeights(
+        embed_tokens=native(embed),
+        layers=[LayerWeights(**{k: native(t) for k, t in layer.items()}) for layer in layers],
+        norm=native(norm),
+        lm_head=None,
+    )
+    weights.lm_head = weights.embed_tokens if cfg.tie_embeddings else native(lm_head)
+    return weights, used
+
+
+def _convert(todo: list[QTensor], report) -> dict[str, QTensor]:
+    """Convert non-native tensors once, with a progress bar when it takes more than a few seconds."""
+    total = sum(int(np.prod(t.shape)) for t in todo)
+    bar = None
+    if total >= quants.PROGRESS_MIN_VALUES:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="val", unit_scale=True, desc="converting to native types", leave=False)
+    out = {}
+    for t in todo:
+        out[t.name] = quants.convert_tensor(t, report)
+        if bar is not None:
+            bar.update(int(np.prod(t.shape)))
+    if bar is not None:
+        bar.close()
+    return out

@@ -1,0 +1,145 @@
+"""The llama family as pure math (STYLE 1; gpt-fast model.py, mlx-lm models/llama.py): Llama-2/3, Mistral,
+SmolLM2, Qwen2 (q/k/v biases), ReLU-family variants (ReluLLaMA, ProSparse, Bamboo's dReLU).
+
+This is the reference path (and the prefill / GPU path): weights are dequantized once to `dtype`, the FFN
+is injected by name from sparse/ffn.py, the KV cache is the shared f16 KVCache. No I/O, no sampling.
+  x = embed[tokens]
+  per layer: h = x + o_proj(attention(rope(q), rope(k), v))   on input_layernorm(x), causal over the cache
+             x = h + ffn(post_attention_layernorm(h))
+  logits = lm_head(norm(x))
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.tensor import QTensor
+from .config import ModelConfig
+from .kvcache import KVCache
+from .rope import apply_rope, rope_tables
+from .weights import LayerWeights, ModelWeights
+
+
+def dense(t: QTensor | None, dtype=torch.float32) -> torch.Tensor | None:
+    """A weight as a dense torch tensor of `dtype`, owning its memory (not a view of the read-only file map)."""
+    if t is None:
+        return None
+    with warnings.catch_warnings():
+        # QTensor.dequantize wraps F32 memmaps without copying; torch warns they are read-only. We copy next.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        w = t.dequantize()
+    return w.to(dtype=dtype, copy=True)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019), computed in float32 like llama.cpp and HF."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, lw: LayerWeights, config: ModelConfig, layer: int, dtype):
+        super().__init__()
+        self.config, self.layer = config, layer
+        self.n_head, self.n_head_kv, self.head_dim = config.n_head, config.n_head_kv, config.head_dim
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias"):
+            self.register_buffer(name, dense(getattr(lw, name), dtype))
+
+    def forward(self, x: torch.Tensor, start_pos: int, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor):
+        """x [T, d] at positions start_pos..; cos/sin [T, rope_dim/2] for those positions."""
+        T = x.shape[0]
+        q = F.linear(x, self.q_proj, self.q_bias).view(T, self.n_head, self.head_dim)
+        k = F.linear(x, self.k_proj, self.k_bias).view(T, self.n_head_kv, self.head_dim)
+        v = F.linear(x, self.v_proj, self.v_bias)
+
+        q = apply_rope(q, cos, sin, self.config.rope_style)
+        k = apply_rope(k, cos, sin, self.config.rope_style)
+
+        # Append this step's K/V rows (in the cache's dtype, f16 like llama.cpp) and attend over everything so far.
+        end = start_pos + T
+        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
+        k_cache[start_pos:end] = k.reshape(T, -1).to(k_cache.dtype)
+        v_cache[start_pos:end] = v.to(v_cache.dtype)
+        keys = k_cache[:end].to(x.dtype).view(end, self.n_head_kv, self.head_dim)
+        values = v_cache[:end].to(x.dtype).view(end, self.n_head_kv, self.head_dim)
+
+        # GQA: query head h reads kv head h // (n_head / n_head_kv).
+        group = self.n_head // self.n_head_kv
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+
+        scores = torch.einsum("thd,shd->hts", q, keys) / math.sqrt(self.head_dim)
+        # Causal: the query at position start_pos+t sees cache positions 0..start_pos+t.
+        q_pos = torch.arange(start_pos, end, device=x.device)[:, None]
+        k_pos = torch.arange(end, device=x.device)[None, :]
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
+        out = torch.einsum("hts,shd->thd", probs, values).reshape(T, self.n_head * self.head_dim)
+        return F.linear(out, self.o_proj)
+
+
+class Block(nn.Module):
+    def __init__(self, lw: LayerWeights, config: ModelConfig, layer: int, ffn: nn.Module, dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(dense(lw.input_layernorm, dtype), config.norm_eps)
+        self.attn = Attention(lw, config, layer, dtype)
+        self.post_attention_layernorm = RMSNorm(dense(lw.post_attention_layernorm, dtype), config.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor, start_pos: int, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor):
+        h = x + self.attn(self.input_layernorm(x), start_pos, cache, cos, sin)
+        return h + self.ffn(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """`ffn` is a backend name from sparse/ffn.py's registry, or a factory
+    `(layer_weights, config, dtype=..., layer=i, **ffn_options) -> nn.Module`."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, ffn: str | Callable[..., nn.Module] = "dense",
+                 dtype: torch.dtype = torch.float32, ffn_options: dict | None = None):
+        super().__init__()
+        if isinstance(ffn, str):
+            # Imported here: sparse/ sits above model/ and registers its backends on import.
+            from ..sparse.ffn import make_ffn
+
+            name = ffn
+            ffn = lambda lw, cfg, **kw: make_ffn(name, lw, cfg, **kw)  # noqa: E731
+        self.config = config
+        self.register_buffer("embed_tokens", dense(weights.embed_tokens, dtype))
+        self.layers = nn.ModuleList(
+            Block(lw, config, i, ffn(lw, config, dtype=dtype, layer=i, **(ffn_options or {})), dtype)
+            for i, lw in enumerate(weights.layers))
+        self.norm = RMSNorm(dense(weights.norm, dtype), config.norm_eps)
+        # Tied head: reuse the embedding tensor instead of dequantizing (and moving) the same matrix twice.
+        self.tied = weights.lm_head is weights.embed_tokens
+        self.register_buffer("lm_head", None if self.tied else dense(weights.lm_head, dtype))
+        # The same float32 tables the C decoder reads (model/rope.py), grown to the cache size on first use.
+        self.register_buffer("rope_cos", torch.empty(0, config.rope_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0, config.rope_dim // 2), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
+        """tokens LongTensor [T] at positions start_pos.. -> logits [T, n_vocab] (in `dtype`)."""
+        end = start_pos + tokens.shape[0]
+        if end > cache.n_ctx:
+            raise ValueError(f"positions up to {end} exceed the cache's {cache.n_ctx}")
+        if self.rope_cos.shape[0] < end:
+            cos, sin = rope_tables(self.config, max(cache.n_ctx, end))
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        x = F.embedding(tokens, self.embed_tokens)
+        for block in self.layers:
+            x = block(x, start_pos, cache, cos, sin)
+        return F.linear(self.norm(x), self.embed_tokens if self.tied else self.lm_head)

@@ -1,0 +1,102 @@
+"""Rotary position embeddings (RoFormer, arXiv 2104.09864) with the frequency scalings llama.cpp applies.
+
+inv_freq[i] = theta^(-2i/rope_dim), i < rope_dim/2, then
+  linear: divided by `factor` (llama.cpp freq_scale = 1/factor);
+  llama3: divided by per-frequency factors (GGUF `rope_freqs.weight`, or the Llama 3.1 formula that
+          llama.cpp's converter uses to build that tensor: 1 for short wavelengths, `factor` for long,
+          smooth in between);
+  yarn:   "lite" YaRN (arXiv 2309.00071) as ggml's rope_yarn: per dimension a ramp mixes interpolated
+          (inv_freq/factor) and extrapolated (inv_freq) angles, beta_fast=32 and beta_slow=1 (llama.cpp
+          defaults), and cos/sin are scaled by mscale = 1 + 0.1*ln(factor).
+Angles are computed in float64 and the tables stored as float32, so the torch model and the C decoder
+(which reads `rope_tables`) rotate with the same numbers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ModelConfig
+
+YARN_BETA_FAST = 32.0
+YARN_BETA_SLOW = 1.0
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """float64 [rope_dim/2] inverse frequencies, scaling included (yarn's mscale is applied by rope_tables)."""
+    dim = config.rope_dim
+    inv_freq = config.rope_theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    s = config.rope_scaling
+    if s.freq_factors is not None:
+        return inv_freq / torch.tensor(s.freq_factors, dtype=torch.float64)
+    if s.kind == "linear":
+        return inv_freq / s.factor
+    if s.kind == "llama3":
+        return inv_freq / _llama3_factors(inv_freq, s.factor, s.low_freq_factor, s.high_freq_factor,
+                                          s.original_context or config.context_length)
+    if s.kind == "yarn":
+        orig = s.original_context or config.context_length
+        ramp = _yarn_ramp(dim, config.rope_theta, orig)  # 1 = keep (extrapolate), 0 = interpolate
+        return inv_freq * (ramp + (1.0 - ramp) / s.factor)
+    return inv_freq
+
+
+def rope_mscale(config: ModelConfig) -> float:
+    """Magnitude scale of cos/sin: YaRN's attention temperature, 1 otherwise."""
+    s = config.rope_scaling
+    if s.kind == "yarn" and s.factor > 1.0:
+        return 1.0 + 0.1 * math.log(s.factor)
+    return 1.0
+
+
+def rope_angles(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) float32 [len(positions), rope_dim/2] for the given absolute positions."""
+    angles = positions.to(torch.float64)[:, None] * rope_inv_freq(config)[None, :]
+    m = rope_mscale(config)
+    return (angles.cos() * m).float(), (angles.sin() * m).float()
+
+
+def rope_tables(config: ModelConfig, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) float32 [n_ctx, rope_dim/2], row = position. Column i rotates the pair (2i, 2i+1) for
+    rope_style "norm" and (i, i + rope_dim/2) for "neox"."""
+    cos, sin = rope_angles(config, torch.arange(n_ctx))
+    return cos.contiguous(), sin.contiguous()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate the first rope_dim features of each head. x [T, H, head_dim]; cos/sin [T, rope_dim/2]."""
+    half = cos.shape[-1]
+    rot, rest = x[..., :2 * half], x[..., 2 * half:]
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    if style == "norm":  # adjacent pairs (x[2i], x[2i+1]), GGUF llama's permuted q/k
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    elif style == "neox":  # halves (x[i], x[i+half]), HF layout
+        a, b = rot[..., :half], rot[..., half:]
+        rot = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    else:
+        raise ValueError(f"unknown rope_style {style!r}")
+    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+def _llama3_factors(inv_freq, factor, low_freq_factor, high_freq_factor, original_context):
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = original_context / low_freq_factor
+    high_freq_wavelen = original_context / high_freq_factor
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    mid = 1.0 / ((1.0 - smooth) / factor + smooth)
+    return torch.where(wavelen < high_freq_wavelen, torch.ones_like(inv_freq),
+                       torch.where(wavelen > low_freq_wavelen, torch.full_like(inv_freq, factor), mid))
+
+
+def _yarn_ramp(dim: int, theta: float, original_context: int) -> torch.Tensor:
+    # ggml_rope_yarn_corr_dims: the dimension whose wavelength completes `n_rot` turns in the original context.
+    def corr_dim(n_rot):
+        return dim * math.log(original_context / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(0.0, math.floor(corr_dim(YARN_BETA_FAST)))
+    high = min(dim - 1.0, math.ceil(corr_dim(YARN_BETA_SLOW)))
+    i = torch.arange(dim // 2, dtype=torch.float64)
+    y = (i - low) / max(0.001, high - low)
+    return 1.0 - y.clamp(0.0, 1.0)
