@@ -1,0 +1,223 @@
+"""powerinfer vs llama.cpp on the same GGUF, in one process: speed (interleaved rounds, medians, ratios)
+and quality (perplexity and top-1 agreement on the same held-out tokens).
+
+Needs the `bench` extra (llama-cpp-python). Example:
+
+    python benchmarks/compare_llamacpp.py -t 2 --rounds 5 --out benchmarks/RESULTS.md
+
+Protocols (chosen to match reference/baselines.md so numbers are comparable):
+- speed: prompt = the first N eval-split tokens; prefill of the prompt from an empty cache, then greedy
+  decode steps (argmax in Python on both sides, so per-token Python overhead is included for both).
+  Engines alternate which goes first in each round; the ratio is the median of per-round ratios.
+- quality: the first `--ppl-tokens` tokens of the eval split (llama.cpp's tokenizer, no BOS), cut into
+  chunks of 512, each evaluated from an empty context; NLL over the 511 next-token predictions of every
+  chunk; PPL = exp(mean NLL). Top-1 agreement compares the two engines' argmax at every scored position.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+class LlamaCpp:
+    def __init__(self, path, n_threads, n_ctx, logits_all=False):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
+                         n_threads_batch=n_threads, logits_all=logits_all, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=False, special=False)
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self._last()
+
+    def step(self, tok):
+        self.llm.eval([tok])
+        return self._last()
+
+    def _last(self):
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
+
+    def all_logits(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float64)
+
+
+class Ours:
+    def __init__(self, path, n_threads, n_ctx):
+        import powerinfer
+
+        self.llm = powerinfer.load(path, n_threads=n_threads, n_ctx=n_ctx)
+        self.runner = self.llm.runner
+
+    def prefill(self, ids):
+        self.runner.truncate(0)
+        return self.runner.eval(ids)
+
+    def step(self, tok):
+        return self.runner.eval([tok])
+
+    def all_logits(self, ids):
+        self.runner.truncate(0)
+        return self.runner.eval(ids, all_logits=True).double().numpy()
+
+
+def time_engine(engine, prompt, n_gen):
+    t0 = time.perf_counter()
+    logits = engine.prefill(prompt)
+    t1 = time.perf_counter()
+    tok = int(np.argmax(logits))
+    out = [tok]
+    for _ in range(n_gen - 1):
+        tok = int(np.argmax(engine.step(tok)))
+        out.append(tok)
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), (n_gen - 1) / (t2 - t1), out
+
+
+def log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def quality(ours, ref, tokens, chunk=512):
+    nll_a, nll_b, agree, kl, n = 0.0, 0.0, 0, 0.0, 0
+    for start in range(0, len(tokens) - chunk + 1, chunk):
+        ids = tokens[start:start + chunk]
+        la, lb = log_softmax(ours.all_logits(ids)[:-1]), log_softmax(ref.all_logits(ids)[:-1])
+        tgt = np.array(ids[1:])
+        rows = np.arange(len(tgt))
+        nll_a -= la[rows, tgt].sum()
+        nll_b -= lb[rows, tgt].sum()
+        agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
+        kl += float((np.exp(lb) * (lb - la)).sum())
+        n += len(tgt)
+        print(f"  chunk {start // chunk + 1}: ppl ours {np.exp(nll_a / n):.4f} llama.cpp {np.exp(nll_b / n):.4f}",
+              file=sys.stderr)
+    return dict(n=n, ppl_ours=float(np.exp(nll_a / n)), ppl_ref=float(np.exp(nll_b / n)),
+                top1=agree / n, kl=kl / n)
+
+
+def main(argv=None):
+    from powerinfer.formats.bundled import bundled_model_path
+    from powerinfer.textdata import describe, pydoc_topics
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", help="GGUF file (default: the bundled SmolLM2)")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--n-prompt", type=int, default=128)
+    ap.add_argument("--n-gen", type=int, default=128)
+    ap.add_argument("--ppl-tokens", type=int, default=4096, help="0 skips the quality comparison")
+    ap.add_argument("--out", help="write a markdown report here")
+    args = ap.parse_args(argv)
+    path = Path(args.model) if args.model else bundled_model_path()
+    text = pydoc_topics("eval")
+    torch.set_num_threads(args.threads)
+
+    ref = LlamaCpp(path, args.threads, n_ctx=1024)
+    ours = Ours(str(path), args.threads, n_ctx=1024)
+    tokens = ref.tokenize(text)
+    prompt = tokens[: args.n_prompt]
+    rows = []
+    for r in range(args.rounds):
+        order = [("ours", ours), ("llama.cpp", ref)] if r % 2 == 0 else [("llama.cpp", ref), ("ours", ours)]
+        res = {name: time_engine(eng, prompt, args.n_gen) for name, eng in order}
+        rows.append(res)
+        print(f"round {r + 1}: ours pp {res['ours'][0]:.1f} tg {res['ours'][1]:.1f} | llama.cpp pp "
+              f"{res['llama.cpp'][0]:.1f} tg {res['llama.cpp'][1]:.1f} tok/s", file=sys.stderr)
+
+    def med(name, i):
+        return statistics.median(r[name][i] for r in rows)
+
+    def ratio(i):
+        return statistics.median(r["ours"][i] / r["llama.cpp"][i] for r in rows)
+
+    same = sum(a == b for a, b in zip(rows[-1]["ours"][2], rows[-1]["llama.cpp"][2]))
+    first_div = next((i for i, (a, b) in enumerate(zip(rows[-1]["ours"][2], rows[-1]["llama.cpp"][2])) if a != b),
+                     args.n_gen)
+    breakdown = None
+    dec = getattr(ours.runner, "decoder", None)
+    if dec is not None and hasattr(dec, "profile"):
+        dec.profile(True)
+        dec.stats(reset=True) if "reset" in dec.stats.__doc__ or "" else None
+        ours.prefill(prompt)
+        t0 = time.perf_counter()
+        tok = 0
+        for _ in range(args.n_gen):
+            tok = int(np.argmax(ours.step(tok)))
+        wall = (time.perf_counter() - t0) / args.n_gen
+        breakdown = (dec.stats(), wall)
+        dec.profile(False)
+
+    q = None
+    if args.ppl_tokens:
+        ref_q = LlamaCpp(path, args.threads, n_ctx=512, logits_all=True)
+        q = quality(ours, ref_q, tokens[: args.ppl_tokens])
+
+    lines = [
+        "# powerinfer vs llama.cpp",
+        "",
+        f"Machine: {_cpu_name()}, {args.threads} threads, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, llama-cpp-python {__import__('llama_cpp').__version__}.",
+        f"Model: `{path.name}`. Command: `python benchmarks/compare_llamacpp.py {' '.join(argv or sys.argv[1:])}`",
+        f"Text: pydoc_data.topics eval split ({describe(text)}), llama.cpp tokens.",
+        "",
+        f"## Speed ({args.rounds} interleaved rounds, medians; prompt {len(prompt)} tokens, {args.n_gen} generated)",
+        "",
+        "| | powerinfer | llama.cpp | ratio (median of per-round) |",
+        "|---|---|---|---|",
+        f"| prompt tok/s | {med('ours', 0):.1f} | {med('llama.cpp', 0):.1f} | {ratio(0):.2f}x |",
+        f"| decode tok/s | {med('ours', 1):.1f} | {med('llama.cpp', 1):.1f} | {ratio(1):.2f}x |",
+        "",
+        f"Greedy continuations: {same}/{args.n_gen} positions equal, first divergence at token {first_div}.",
+    ]
+    if q:
+        lines += [
+            "",
+            f"## Quality ({q['n']} predictions: chunks of 512 from an empty context, 511 scored each)",
+            "",
+            "| | powerinfer | llama.cpp |",
+            "|---|---|---|",
+            f"| perplexity | {q['ppl_ours']:.4f} | {q['ppl_ref']:.4f} |",
+            "",
+            f"Perplexity ratio {q['ppl_ours'] / q['ppl_ref']:.4f}; top-1 agreement {100 * q['top1']:.2f}%; "
+            f"mean KL(llama.cpp || ours) {q['kl']:.5f} nats.",
+        ]
+    if breakdown:
+        stats, wall = breakdown
+        lines += ["", f"## Decode time per token ({1e3 * wall:.3f} ms wall, including Python)", "",
+                  "| phase | ms/token |", "|---|---|"]
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and k.endswith("_ns"):
+                lines.append(f"| {k[:-3]} | {v / 1e6 / args.n_gen:.3f} |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+
+
+if __name__ == "__main__":
+    main()

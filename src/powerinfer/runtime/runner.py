@@ -1,0 +1,119 @@
+"""One forward step over the placement tiers. Owns the KV cache, buffers, threads and devices (STYLE 5).
+
+CPU tier: the compiled decoder (kernels/), one C call per token for decode and one per prompt chunk for
+prefill, weights bound once. A tier on another device (CUDA for the hot tier) runs the torch model
+(model/llama.py) on that device; the same code runs here with the device set to "cpu", which is how it is
+tested on machines without a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _C, kernels
+from ..errors import ContextOverflowError
+from ..formats.loader import LoadedModel
+from ..model.kvcache import KVCache
+from ..model.rope import rope_tables
+
+
+class Runner:
+    def __init__(self, loaded: LoadedModel, n_ctx: int, n_threads: int, n_batch: int = 512,
+                 device: str = "cpu", compute: str = "auto"):
+        cfg = loaded.config
+        self.config = cfg
+        self.n_ctx = n_ctx or cfg.context_length
+        self.n_batch = n_batch
+        self.n_threads = n_threads
+        self.device = torch.device(device)
+        # "c": the compiled CPU decoder; "torch": the reference model on `device` (the GPU path).
+        self.compute = compute if compute != "auto" else ("c" if self.device.type == "cpu" else "torch")
+        kv_dim = cfg.n_head_kv * cfg.head_dim
+        self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, kv_dim, device=self.device)
+        self.tokens: list[int] = []  # what the KV cache holds, position by position
+        self.weights = loaded.weights
+        if self.compute == "c":
+            self.rope_cos, self.rope_sin = rope_tables(cfg, self.n_ctx)
+            self.decoder = kernels.bind_decoder(cfg, loaded.weights, self.kv, self.rope_cos, self.rope_sin,
+                                                n_threads)
+            self._x = torch.empty(n_batch, cfg.d_model, dtype=torch.float32)
+            emb = loaded.weights.embed_tokens
+            self._embed_base = emb.data.__array_interface__["data"][0]
+            self._logits = torch.empty(cfg.n_vocab, dtype=torch.float32)
+        else:
+            from ..model.llama import Transformer
+
+            self.model = Transformer(cfg, loaded.weights).to(self.device)
+
+    # -- cache bookkeeping -------------------------------------------------------------------------------
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    def truncate(self, n: int) -> None:
+        """Forget cached positions >= n (their K/V rows are overwritten by the next eval)."""
+        del self.tokens[n:]
+
+    def reuse_prefix(self, ids: list[int]) -> int:
+        """Keep the longest cached prefix of `ids` (at least one token is always left to evaluate)."""
+        n = 0
+        limit = min(len(self.tokens), len(ids) - 1)
+        while n < limit and self.tokens[n] == ids[n]:
+            n += 1
+        self.truncate(n)
+        return n
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def eval(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Append `ids` at the end of the cache; logits of the last token ([n_vocab]) or of all ([n, n_vocab])."""
+        if not ids:
+            raise ValueError("eval needs at least one token")
+        if self.n_past + len(ids) > self.n_ctx:
+            raise ContextOverflowError(
+                f"{self.n_past + len(ids)} tokens do not fit in the context of {self.n_ctx} (raise -c/--ctx-size)")
+        bad = [t for t in ids if not 0 <= t < self.config.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.n_vocab - 1})")
+        if self.compute == "torch":
+            out = self._eval_torch(ids, all_logits)
+        else:
+            out = self._eval_c(ids, all_logits)
+        self.tokens.extend(ids)
+        return out
+
+    def _eval_torch(self, ids, all_logits):
+        with torch.inference_mode():
+            logits = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), self.n_past, self.kv)
+        logits = logits.float().cpu()
+        return logits if all_logits else logits[-1]
+
+    def _eval_c(self, ids, all_logits):
+        pos = self.n_past
+        if all_logits:
+            out = torch.empty(len(ids), self.config.n_vocab, dtype=torch.float32)
+            x = self._x[0]
+            for i, tok in enumerate(ids):
+                self._embed_into([tok])
+                self.decoder.step(x.data_ptr(), pos + i, out[i].data_ptr())
+            return out
+        if len(ids) == 1:
+            self._embed_into(ids)
+            self.decoder.step(self._x.data_ptr(), pos, self._logits.data_ptr())
+            return self._logits.clone()
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start:start + self.n_batch]
+            last = start + len(chunk) == len(ids)
+            self._embed_into(chunk)
+            self.decoder.prefill(self._x.data_ptr(), len(chunk), pos + start,
+                                 self._logits.data_ptr() if last else 0)
+        return self._logits.clone()
+
+    def _embed_into(self, ids) -> None:
+        # One row of the (usually quantized) embedding table per token, dequantized by the C kernel.
+        emb = self.weights.embed_tokens
+        for i, tok in enumerate(ids):
+            _C.dequantize(int(emb.qtype), self._embed_base + tok * emb.row_bytes, emb.cols, self._x[i].data_ptr())
+
+    def set_threads(self, n: int) -> None:
+        self.n_threads = n
+        if self.compute == "c":
+            self.decoder.set_threads(n)
