@@ -40,10 +40,10 @@ def _load(args):
     return LLM(loaded, settings, from_namespace(SamplingParams, args))
 
 
-def _print_stats(r, file=sys.stderr):
+def _print_stats(r):
     print(f"\n[prompt: {r.prompt_tokens} tokens ({r.cached_tokens} cached), {r.prompt_tps:.1f} tok/s | "
           f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
-          f"stop: {r.finish_reason}]", file=file)
+          f"stop: {r.finish_reason}]", file=sys.stderr)
 
 
 # -- run -----------------------------------------------------------------------------------------------

@@ -64,7 +64,10 @@ class Runner:
 
     # -- forward ----------------------------------------------------------------------------------------
     def eval(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Append `ids` at the end of the cache; logits of the last token ([n_vocab]) or of all ([n, n_vocab])."""
+        """Append `ids` at the end of the cache; logits of the last token ([n_vocab]) or of all ([n, n_vocab]).
+
+        The last-token logits are a buffer the next `eval` overwrites (no per-token copy of the vocabulary).
+        """
         if not ids:
             raise ValueError("eval needs at least one token")
         if self.n_past + len(ids) > self.n_ctx:
@@ -98,14 +101,14 @@ class Runner:
         if len(ids) == 1:
             self._embed_into(ids)
             self.decoder.step(self._x.data_ptr(), pos, self._logits.data_ptr())
-            return self._logits.clone()
+            return self._logits
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start:start + self.n_batch]
             last = start + len(chunk) == len(ids)
             self._embed_into(chunk)
             self.decoder.prefill(self._x.data_ptr(), len(chunk), pos + start,
                                  self._logits.data_ptr() if last else 0)
-        return self._logits.clone()
+        return self._logits
 
     def _embed_into(self, ids) -> None:
         # One row of the (usually quantized) embedding table per token, dequantized by the C kernel.
