@@ -162,8 +162,8 @@ def main(argv=None):
     dec = getattr(ours.runner, "decoder", None)
     if dec is not None and hasattr(dec, "profile"):
         dec.profile(True)
-        dec.stats(reset=True) if "reset" in dec.stats.__doc__ or "" else None
         ours.prefill(prompt)
+        dec.stats(reset=True)
         t0 = time.perf_counter()
         tok = 0
         for _ in range(args.n_gen):

@@ -1,0 +1,359 @@
+/* Decode step of the llama-family block, one SPMD job per token (see decoder.h).
+ *
+ * Per layer, with barriers (|) between phases:
+ *   every thread: n = rmsnorm(x)*w, quantized (redundantly: cheaper than a barrier); its share of q/k/v rows |
+ *   its kv heads: bias, RoPE, K/V[pos] as f16 into the cache |
+ *   its q heads: bias, RoPE, attention over 0..pos, output quantized for o_proj |
+ *   its o_proj rows, x += |  every thread: rmsnorm; its 32-neuron chunks of gate/up, act, quantized |
+ *   its down rows, x += |
+ * Numerics follow llama.cpp (flash_attn off, f16 cache): rmsnorm sums in double; q is rounded to f16 for the
+ * q.K dot (ggml converts src1 to K's vec_dot_type); softmax in f32 with a double sum; the probabilities are
+ * rounded to f16 before the V product (ggml converts kq to f16 for mul_mat with the f16 V). */
+#include "decoder.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+/* ---- helpers ---- */
+void pi_split(int total, int ith, int nth, int *a, int *b) {
+    *a = (int)((long long)total * ith / nth);
+    *b = (int)((long long)total * (ith + 1) / nth);
+}
+
+void pi_rmsnorm(const float *x, const float *w, int n, float eps, float *out) { /* ggml_compute_forward_rms_norm */
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) sum += (double)(x[i] * x[i]);
+    const float mean = (float)(sum / n);
+    const float scale = 1.0f / sqrtf(mean + eps);
+    for (int i = 0; i < n; i++) out[i] = (x[i] * scale) * w[i];
+}
+
+void pi_rope(float *v, int n_heads, int hd, int rope_dim, int style, const float *cs, const float *sn) {
+    const int half = rope_dim / 2;
+    for (int h = 0; h < n_heads; h++, v += hd) {
+        for (int i = 0; i < half; i++) {
+            const int i0 = style == ROPE_NEOX ? i : 2 * i, i1 = style == ROPE_NEOX ? i + half : 2 * i + 1;
+            const float x0 = v[i0], x1 = v[i1];
+            v[i0] = x0 * cs[i] - x1 * sn[i];
+            v[i1] = x0 * sn[i] + x1 * cs[i];
+        }
+    }
+}
+
+void pi_attn_generic(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride,
+                     int n_kv, float scale, float *scores, float *out) {
+    float qh[PI_MAX_HEAD_DIM];
+    for (int r = 0; r < n_rep; r++, q += hd, out += hd, scores += n_kv) {
+        for (int i = 0; i < hd; i++) qh[i] = pi_round_fp16(q[i]);
+        float mx = -INFINITY;
+        for (int t = 0; t < n_kv; t++) {
+            scores[t] = pi_k->dot_f16(qh, k + (size_t)t * stride, hd) * scale;
+            mx = scores[t] > mx ? scores[t] : mx;
+        }
+        double sum = 0.0;
+        for (int t = 0; t < n_kv; t++) {
+            const float e = expf(scores[t] - mx);
+            scores[t] = e;
+            sum += e;
+        }
+        const float inv = (float)(1.0 / sum);
+        memset(out, 0, (size_t)hd * sizeof(float));
+        for (int t = 0; t < n_kv; t++) pi_k->axpy_f16(out, v + (size_t)t * stride, pi_round_fp16(scores[t] * inv), hd);
+    }
+}
+
+/* Query heads [h0, h1) at one position: grouped by KV head so each group's rows are read once. */
+void pi_attend_heads(const pi_decoder *D, const float *q, int h0, int h1, const uint16_t *kc, const uint16_t *vc,
+                     int n_kv, float *scores, float *out) {
+    const int hd = D->hd, kvd = D->n_head_kv * hd, rep = D->n_head / D->n_head_kv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    pi_attn_fn attn = pi_k->attn ? pi_k->attn : pi_attn_generic;
+    for (int h = h0; h < h1;) {
+        const int g = h / rep, he = (g + 1) * rep < h1 ? (g + 1) * rep : h1;
+        attn(q + (size_t)h * hd, he - h, hd, kc + (size_t)g * hd, vc + (size_t)g * hd, (size_t)kvd, n_kv, scale,
+             scores, out + (size_t)h * hd);
+        h = he;
+    }
+}
+
+static inline float act1(int act, float x) {
+    switch (act) {
+    case ACT_RELU: return x > 0.0f ? x : 0.0f;
+    case ACT_GELU: return 0.5f * x * (1.0f + tanhf(0.79788456080286535588f * x * (1.0f + 0.044715f * x * x)));
+    default: return x / (1.0f + expf(-x));
+    }
+}
+
+void pi_ffn_act(const pi_decoder *D, float *g, const float *u, int n) {
+    switch (D->ffn_kind) {
+    case FFN_MLP: for (int i = 0; i < n; i++) g[i] = act1(D->act, u[i]); break;
+    case FFN_DGLU: for (int i = 0; i < n; i++) g[i] = act1(D->act, g[i]) * act1(D->act, u[i]); break;
+    default: for (int i = 0; i < n; i++) g[i] = act1(D->act, g[i]) * u[i]; break;
+    }
+}
+
+void pi_prof_phase(pi_decoder *D, int ith, int ph) {
+    if (!D->prof || ith != 0) return;
+    const uint64_t now = pi_now_ns();
+    D->ns[D->cur] += now - D->t_last;
+    D->t_last = now;
+    D->cur = ph;
+}
+
+void pi_dec_barrier(pi_decoder *D, int ith) {
+    if (D->nth == 1) return;
+    if (!D->prof || ith != 0) { pi_barrier(D->pool, ith); return; }
+    const int ph = D->cur;
+    pi_prof_phase(D, ith, PH_BARRIER);
+    pi_barrier(D->pool, ith);
+    pi_prof_phase(D, ith, ph);
+}
+
+/* Units [U0, U1) of the concatenation of mats -> each mat's output; returns nothing, rows disjoint per thread. */
+static void run_concat(const pi_mat *const *mats, float *const *outs, int nm, const pi_act *a, int ith, int nth) {
+    int total = 0;
+    for (int i = 0; i < nm; i++) total += pi_mat_units(mats[i]);
+    int U0, U1;
+    pi_split(total, ith, nth, &U0, &U1);
+    for (int i = 0, base = 0; i < nm; i++) {
+        const int nu = pi_mat_units(mats[i]);
+        const int u0 = U0 > base ? U0 - base : 0, u1 = U1 - base < nu ? U1 - base : nu;
+        if (u1 > u0) pi_mat_run_units(mats[i], u0, u1, a, 1, outs[i], 0);
+        base += nu;
+    }
+}
+
+/* This thread's rows of m, y = m a, then x[r] += y[r]. */
+static void run_residual(const pi_mat *m, const pi_act *a, float *y, float *x, int ith, int nth) {
+    int u0, u1;
+    pi_split(pi_mat_units(m), ith, nth, &u0, &u1);
+    pi_mat_run_units(m, u0, u1, a, 1, y, 0);
+    const int unit = pi_mat_unit(m), r1 = u1 * unit < m->rows ? u1 * unit : m->rows;
+    for (int r = u0 * unit; r < r1; r++) x[r] += y[r];
+}
+
+/* ---- decode ---- */
+static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int nth) {
+    const pi_layer *L = &D->L[il];
+    pi_tws *w = &D->tw[ith];
+    const int hd = D->hd, kvd = D->n_head_kv * hd, qd = D->n_head * hd, half = D->rope_dim / 2;
+
+    pi_prof_phase(D, ith, PH_ATTN_PROJ);
+    pi_rmsnorm(x, L->attn_norm, D->d, D->eps, w->xn);
+    pi_act_fill(&w->act, w->xn, 0, 0, D->d, L->need_attn);
+    {
+        const pi_mat *mats[3] = {&L->q, &L->k, &L->v};
+        float *outs[3] = {D->q, D->k, D->v};
+        run_concat(mats, outs, 3, &w->act, ith, nth);
+    }
+    pi_dec_barrier(D, ith);
+
+    pi_prof_phase(D, ith, PH_ATTN_CORE);
+    const float *cs = D->cos + (size_t)pos * half, *sn = D->sin + (size_t)pos * half;
+    int g0, g1, h0, h1;
+    pi_split(D->n_head_kv, ith, nth, &g0, &g1);
+    for (int g = g0; g < g1; g++) {
+        float *kh = D->k + g * hd, *vh = D->v + g * hd;
+        if (L->bk) for (int i = 0; i < hd; i++) kh[i] += L->bk[g * hd + i];
+        if (L->bv) for (int i = 0; i < hd; i++) vh[i] += L->bv[g * hd + i];
+        pi_rope(kh, 1, hd, D->rope_dim, D->rope_style, cs, sn);
+        pi_k->to_f16(kh, L->kc + (size_t)pos * kvd + g * hd, hd);
+        pi_k->to_f16(vh, L->vc + (size_t)pos * kvd + g * hd, hd);
+    }
+    pi_dec_barrier(D, ith);
+    pi_split(D->n_head, ith, nth, &h0, &h1);
+    for (int h = h0; h < h1; h++) {
+        float *qh = D->q + h * hd;
+        if (L->bq) for (int i = 0; i < hd; i++) qh[i] += L->bq[h * hd + i];
+        pi_rope(qh, 1, hd, D->rope_dim, D->rope_style, cs, sn);
+    }
+    pi_attend_heads(D, D->q, h0, h1, L->kc, L->vc, pos + 1, w->scores, D->att);
+    const int need_o = pi_need_of(L->o.qtype);
+    if (hd % PI_QK == 0) {
+        pi_act_fill(&D->act_att, D->att, 0, h0 * hd, h1 * hd, need_o);
+        pi_dec_barrier(D, ith);
+    } else { /* head outputs straddle q8 blocks: quantize after everyone is done */
+        pi_dec_barrier(D, ith);
+        if (ith == 0) pi_act_fill(&D->act_att, D->att, 0, 0, qd, need_o);
+        pi_dec_barrier(D, ith);
+    }
+
+    pi_prof_phase(D, ith, PH_O_PROJ);
+    run_residual(&L->o, &D->act_att, D->y, x, ith, nth);
+    pi_dec_barrier(D, ith);
+
+    pi_prof_phase(D, ith, PH_FFN);
+    pi_rmsnorm(x, L->ffn_norm, D->d, D->eps, w->xn);
+    pi_act_fill(&w->act, w->xn, 0, 0, D->d, L->need_ffn);
+    int c0, c1;
+    const int nchunk = (D->n_ff + PI_QK - 1) / PI_QK;
+    pi_split(nchunk, ith, nth, &c0, &c1);
+    const int n0 = c0 * PI_QK, n1 = c1 * PI_QK < D->n_ff ? c1 * PI_QK : D->n_ff;
+    if (n1 > n0) {
+        const int ug = pi_mat_unit(&L->up);
+        const int uu1 = (n1 + ug - 1) / ug;
+        pi_mat_run_units(&L->up, n0 / ug, uu1, &w->act, 1, D->u, 0);
+        if (L->gate.raw) {
+            const int gg = pi_mat_unit(&L->gate);
+            pi_mat_run_units(&L->gate, n0 / gg, (n1 + gg - 1) / gg, &w->act, 1, D->g, 0);
+        }
+        pi_ffn_act(D, D->g + n0, D->u + n0, n1 - n0);
+        pi_act_fill(&D->act_h, D->g, 0, n0, n1, pi_need_of(L->down.qtype));
+    }
+    pi_dec_barrier(D, ith);
+    run_residual(&L->down, &D->act_h, D->y, x, ith, nth);
+    pi_dec_barrier(D, ith);
+}
+
+static void decode_head(pi_decoder *D, float *x, float *logits, int ith, int nth) {
+    pi_tws *w = &D->tw[ith];
+    pi_prof_phase(D, ith, PH_HEAD);
+    pi_rmsnorm(x, D->out_norm, D->d, D->eps, w->xn);
+    pi_act_fill(&w->act, w->xn, 0, 0, D->d, pi_need_of(D->head.qtype));
+    int u0, u1;
+    pi_split(pi_mat_units(&D->head), ith, nth, &u0, &u1);
+    pi_mat_run_units(&D->head, u0, u1, &w->act, 1, logits, 0);
+}
+
+typedef struct { pi_decoder *D; float *x; int pos, l0, l1; float *logits; } step_args;
+
+static void step_job(void *varg, int ith, int nth) {
+    step_args *s = varg;
+    for (int il = s->l0; il < s->l1; il++) decode_layer(s->D, il, s->x, s->pos, ith, nth);
+    if (s->logits) decode_head(s->D, s->x, s->logits, ith, nth);
+    pi_prof_phase(s->D, ith, PH_HEAD); /* closes the last phase (adds nothing to PH_HEAD) */
+}
+
+void pi_decoder_step(pi_decoder *D, float *x, int pos, int l0, int l1, float *logits) {
+    step_args s = {D, x, pos, l0, l1, logits};
+    if (D->prof) { D->t_last = pi_now_ns(); D->cur = PH_ATTN_PROJ; }
+    pi_pool_run(D->pool, step_job, &s);
+    D->steps++;
+    D->tokens++;
+}
+
+/* ---- construction ---- */
+static int alloc_act(pi_act *a, void **mem, int n, int n_tok, int need) {
+    *mem = pi_aligned_alloc(pi_act_bytes(n, n_tok, need));
+    if (!*mem) return -1;
+    pi_act_bind(a, *mem, n, n_tok, need);
+    return 0;
+}
+
+static void free_threads(pi_decoder *D) {
+    if (!D->tw) return;
+    for (int i = 0; i < D->nth; i++) {
+        pi_aligned_free(D->tw[i].xn);
+        pi_aligned_free(D->tw[i].scores);
+        pi_aligned_free(D->tw[i].act_mem);
+    }
+    free(D->tw);
+    D->tw = NULL;
+}
+
+static const int NEED_ALL = PI_NEED_Q8 | PI_NEED_F16 | PI_NEED_BF16 | PI_NEED_F32;
+
+int pi_decoder_set_threads(pi_decoder *D, int nth) {
+    if (nth < 1) nth = 1;
+    if (D->pool && D->nth == nth) return 0;
+    if (D->pool) pi_pool_free(D->pool);
+    free_threads(D);
+    D->nth = nth;
+    D->pool = pi_pool_new(nth);
+    D->tw = calloc((size_t)nth, sizeof(pi_tws));
+    if (!D->pool || !D->tw) return -1;
+    for (int i = 0; i < nth; i++) {
+        pi_tws *w = &D->tw[i];
+        w->xn = pi_aligned_alloc((size_t)D->d * 4);
+        w->scores = pi_aligned_alloc((size_t)D->n_ctx * (D->n_head / D->n_head_kv) * 4);
+        if (!w->xn || !w->scores || alloc_act(&w->act, &w->act_mem, D->d, 1, NEED_ALL)) return -1;
+    }
+    return 0;
+}
+
+pi_decoder *pi_decoder_new(int n_layer, int d, int n_head, int n_head_kv, int hd, int n_ff, int n_vocab,
+                           float eps, int rope_dim, int rope_style, int act, int ffn_kind, int n_ctx, int nth) {
+    if (n_layer <= 0 || d <= 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv || hd <= 0 || hd > PI_MAX_HEAD_DIM || n_ff <= 0 ||
+        n_vocab <= 0 || n_ctx <= 0 || rope_dim < 0 || rope_dim > hd || rope_dim % 2)
+        return NULL;
+    pi_decoder *D = calloc(1, sizeof *D);
+    if (!D) return NULL;
+    D->n_layer = n_layer; D->d = d; D->n_head = n_head; D->n_head_kv = n_head_kv; D->hd = hd; D->n_ff = n_ff;
+    D->n_vocab = n_vocab; D->eps = eps; D->rope_dim = rope_dim; D->rope_style = rope_style; D->act = act;
+    D->ffn_kind = ffn_kind; D->n_ctx = n_ctx;
+    D->L = calloc((size_t)n_layer, sizeof(pi_layer));
+    const int qd = n_head * hd, kvd = n_head_kv * hd, mx = d > n_ff ? d : n_ff;
+    D->q = pi_aligned_alloc((size_t)qd * 4);
+    D->k = pi_aligned_alloc((size_t)kvd * 4);
+    D->v = pi_aligned_alloc((size_t)kvd * 4);
+    D->att = pi_aligned_alloc((size_t)qd * 4);
+    D->y = pi_aligned_alloc((size_t)(mx > qd ? mx : qd) * 4);
+    D->g = pi_aligned_alloc((size_t)n_ff * 4);
+    D->u = pi_aligned_alloc((size_t)n_ff * 4);
+    if (!D->L || !D->q || !D->k || !D->v || !D->att || !D->y || !D->g || !D->u ||
+        alloc_act(&D->act_att, &D->mem_att, qd, 1, NEED_ALL) || alloc_act(&D->act_h, &D->mem_h, n_ff, 1, NEED_ALL) ||
+        pi_decoder_set_threads(D, nth)) {
+        pi_decoder_free(D);
+        return NULL;
+    }
+    D->act_att.f = D->att;
+    D->act_h.f = D->g;
+    return D;
+}
+
+static void free_prefill(pi_prefill_ws *p) {
+    float *bufs[] = {p->xn, p->q, p->k, p->v, p->att, p->y, p->g, p->u};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) pi_aligned_free(bufs[i]);
+    pi_aligned_free(p->mem_x); pi_aligned_free(p->mem_att); pi_aligned_free(p->mem_h);
+    memset(p, 0, sizeof *p);
+}
+
+void pi_decoder_free(pi_decoder *D) {
+    if (!D) return;
+    if (D->pool) pi_pool_free(D->pool);
+    free_threads(D);
+    if (D->L) {
+        for (int i = 0; i < D->n_layer; i++) {
+            pi_layer *L = &D->L[i];
+            pi_mat *ms[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+            for (size_t j = 0; j < sizeof ms / sizeof *ms; j++) pi_mat_free(ms[j]);
+        }
+        free(D->L);
+    }
+    pi_mat_free(&D->head);
+    pi_arena_free(&D->arena);
+    float *bufs[] = {D->q, D->k, D->v, D->att, D->y, D->g, D->u};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) pi_aligned_free(bufs[i]);
+    pi_aligned_free(D->mem_att); pi_aligned_free(D->mem_h);
+    free_prefill(&D->pf);
+    free(D);
+}
+
+int pi_decoder_set_layer(pi_decoder *D, int il, const float *attn_norm, const pi_mat *q, const pi_mat *k,
+                         const pi_mat *v, const pi_mat *o, const float *ffn_norm, const pi_mat *gate,
+                         const pi_mat *up, const pi_mat *down, const float *bq, const float *bk, const float *bv) {
+    pi_layer *L = &D->L[il];
+    const int qd = D->n_head * D->hd, kvd = D->n_head_kv * D->hd;
+    /* shapes: q [qd, d], k/v [kvd, d], o [d, qd], gate/up [n_ff, d], down [d, n_ff] */
+    if (q->rows != qd || q->cols != D->d || k->rows != kvd || k->cols != D->d || v->rows != kvd ||
+        v->cols != D->d || o->rows != D->d || o->cols != qd || up->rows != D->n_ff || up->cols != D->d ||
+        down->rows != D->d || down->cols != D->n_ff || (gate && (gate->rows != D->n_ff || gate->cols != D->d)))
+        return -1;
+    if ((gate != NULL) != (D->ffn_kind != FFN_MLP)) return -1;
+    pi_mat *dst[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+    const pi_mat *src[] = {q, k, v, o, gate, up, down};
+    for (size_t j = 0; j < sizeof dst / sizeof *dst; j++) pi_mat_free(dst[j]);
+    uint16_t *kc = L->kc, *vc = L->vc; /* set_kv may come first */
+    memset(L, 0, sizeof *L);
+    L->kc = kc; L->vc = vc;
+    for (size_t j = 0; j < sizeof dst / sizeof *dst; j++) {
+        if (!src[j]) continue;
+        if (pi_mat_init(dst[j], src[j]->qtype, src[j]->raw, src[j]->rows, src[j]->cols, 1, &D->arena)) return -1;
+    }
+    L->attn_norm = attn_norm; L->ffn_norm = ffn_norm;
+    L->bq = bq; L->bk = bk; L->bv = bv;
+    L->need_attn = pi_need_of(q->qtype) | pi_need_of(k->qtype) | pi_need_of(v->qtype);
+    L->need_ffn = pi_need_of(up->qtype) | (gate ? pi_need_of(gate->qtype) : 0);
+    L->bound = 1;
+    return 0;
+}

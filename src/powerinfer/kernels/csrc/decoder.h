@@ -1,0 +1,86 @@
+/* The CPU decoder: every layer's weights and buffers bound once, one call per decode step (all layers and
+ * the LM head) or per prompt chunk, run SPMD on the thread pool with barriers between phases. */
+#ifndef PI_DECODER_H
+#define PI_DECODER_H
+
+#include "pi.h"
+#include "pool.h"
+
+#define PI_MAX_HEAD_DIM 512
+enum { ROPE_NORM = 0, ROPE_NEOX = 1 };
+enum { ACT_SILU = 0, ACT_RELU = 1, ACT_GELU = 2 };
+enum { FFN_GLU = 0, FFN_DGLU = 1, FFN_MLP = 2 };
+enum { PH_ATTN_PROJ, PH_ATTN_CORE, PH_O_PROJ, PH_FFN, PH_HEAD, PH_BARRIER, PH_N };
+
+typedef struct {
+    int bound;
+    const float *attn_norm, *ffn_norm;
+    pi_mat q, k, v, o, gate, up, down; /* gate.raw == NULL for act(up) MLPs */
+    const float *bq, *bk, *bv;
+    uint16_t *kc, *vc;                 /* [n_ctx][n_head_kv*head_dim] f16, owned by Python */
+    int need_attn, need_ffn;           /* activation forms the layer's inputs need (PI_NEED_*) */
+} pi_layer;
+
+typedef struct {
+    float *xn;      /* [d] normalized input */
+    pi_act act;     /* its quantized forms (all needs) */
+    float *scores;  /* [n_head/n_head_kv][n_ctx] */
+    void *act_mem;
+} pi_tws;
+
+typedef struct {
+    int n_tok_cap;
+    float *xn, *q, *k, *v, *att, *y, *g, *u;
+    pi_act act_x, act_att, act_h;
+    void *mem_x, *mem_att, *mem_h;
+} pi_prefill_ws;
+
+typedef struct {
+    int n_layer, d, n_head, n_head_kv, hd, n_ff, n_vocab, rope_dim, rope_style, act, ffn_kind, n_ctx;
+    float eps;
+    pi_layer *L;
+    const float *cos, *sin; /* [n_ctx][rope_dim/2] */
+    const float *out_norm;
+    pi_mat head;
+    int head_bound;
+    pi_arena arena; /* packed weights, in binding order */
+    pi_pool *pool;
+    int nth;
+    /* decode buffers shared by the threads */
+    float *q, *k, *v, *att, *y, *g, *u;
+    pi_act act_att, act_h;
+    void *mem_att, *mem_h;
+    pi_tws *tw;
+    pi_prefill_ws pf;
+    /* profiling (thread 0's view) */
+    int prof;
+    uint64_t ns[PH_N], t_last, steps, tokens;
+    int cur;
+} pi_decoder;
+
+pi_decoder *pi_decoder_new(int n_layer, int d, int n_head, int n_head_kv, int hd, int n_ff, int n_vocab,
+                           float eps, int rope_dim, int rope_style, int act, int ffn_kind, int n_ctx, int nth);
+void pi_decoder_free(pi_decoder *D);
+int pi_decoder_set_threads(pi_decoder *D, int nth);
+/* Packs the block-format matrices (rows * cols bytes of work); 0 ok, -1 on error. */
+int pi_decoder_set_layer(pi_decoder *D, int il, const float *attn_norm, const pi_mat *q, const pi_mat *k,
+                         const pi_mat *v, const pi_mat *o, const float *ffn_norm, const pi_mat *gate,
+                         const pi_mat *up, const pi_mat *down, const float *bq, const float *bk, const float *bv);
+
+/* Run layers [l0, l1) for one token at pos, then the head if logits != NULL. */
+void pi_decoder_step(pi_decoder *D, float *x, int pos, int l0, int l1, float *logits);
+/* Prefill n_tok tokens (x: [n_tok][d], updated in place) at positions pos0.., logits of the last token. */
+int pi_decoder_prefill(pi_decoder *D, float *x, int n_tok, int pos0, float *logits);
+
+/* shared helpers (decoder.c) */
+void pi_rmsnorm(const float *x, const float *w, int n, float eps, float *out);
+void pi_rope(float *v, int n_heads, int hd, int rope_dim, int style, const float *cs, const float *sn);
+/* q heads [h0, h1) (q: all heads, roped) over cache rows 0..n_kv-1 -> out (all heads' layout) */
+void pi_attend_heads(const pi_decoder *D, const float *q, int h0, int h1, const uint16_t *kc, const uint16_t *vc,
+                     int n_kv, float *scores, float *out);
+void pi_ffn_act(const pi_decoder *D, float *g, const float *u, int n); /* g <- ffn(g, u) */
+void pi_split(int total, int ith, int nth, int *a, int *b);
+void pi_prof_phase(pi_decoder *D, int ith, int ph);
+void pi_dec_barrier(pi_decoder *D, int ith);
+
+#endif

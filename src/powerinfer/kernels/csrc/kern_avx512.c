@@ -1,0 +1,287 @@
+/* AVX-512 (F/BW/VL/DQ + VNNI) kernels. Compiled for that target per file and reached only through the
+ * dispatch table after __builtin_cpu_supports says yes, so one build runs on any x86-64.
+ *
+ * Packed kernels put one weight row in each of the 16 zmm lanes (see pi_mat): per 32-value block and
+ * 16 rows, 4 (Q4) or 8 (Q8_0) 64-byte loads, 8 vpdpbusd against broadcast activation dwords, one
+ * scale vector, no horizontal sums. That is ~5x fewer instructions per weight than the row-wise ggml
+ * form (which is compute-bound on this core, reference/kernels.md section 4), so decode is bound by
+ * DRAM bandwidth instead. Tokens are register-blocked 4 at a time for prefill (weights unpacked once).
+ * No software prefetch: it hurt the 4-row kernels (kernels.md section 3/appendix). */
+#include "pi.h"
+
+#if defined(PI_X86)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")
+#include <immintrin.h>
+
+#define AI static inline __attribute__((always_inline))
+
+/* Software prefetch of the packed stream this far ahead. Measured on a cold 56 MB Q4_1 matrix, one core:
+ * none 17 GB/s (hardware prefetch alone stops at page boundaries), 4 KiB 28, 8 KiB 32, 16 KiB 37-41,
+ * 32 KiB 30-33 GB/s; raw streaming reads reach 43-50 GB/s. (The "prefetch hurts" finding in kernels.md was
+ * for 4-row kernels over randomly gathered rows, not for this sequential stream.) */
+#define PF_DIST 16384
+
+AI void pf_lines(const uint8_t *p, const uint8_t *end, size_t n) {
+    for (size_t k = 0; k < n && p + k < end; k += 64) _mm_prefetch((const char *)p + k, _MM_HINT_T0);
+}
+
+AI float h2f(uint16_t h) { return _cvtsh_ss(h); }
+AI int32_t ld32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
+AI __m512i bc(const int8_t *p) { return _mm512_set1_epi32(ld32(p)); }
+
+AI float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ---- activation quantization (same arithmetic as the portable one; cvtps2dq rounds half to even) ---- */
+static void quant_q8(const float *x, int nblocks, int8_t *qs, float *d, float *s, int32_t *sum) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (int b = 0; b < nblocks; b++, x += PI_QK, qs += PI_QK) {
+        const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
+        const float dd = amax / 127.0f;
+        const __m512 id = _mm512_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, id));
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, id));
+        _mm_storeu_si128((__m128i *)qs, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(qs + 16), _mm512_cvtepi32_epi8(q1));
+        const int isum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        d[b] = h2f(_cvtss_sh(dd, 0));
+        s[b] = h2f(_cvtss_sh(dd * (float)isum, 0));
+        sum[b] = isum;
+    }
+}
+
+/* ---- raw layout: 4 rows per pass, one 32-value block per ymm (ggml's form, with VNNI) ---- */
+AI __m256i unpack_q4(const uint8_t *qs) { /* 16 bytes -> 32 nibbles in element order */
+    const __m128i v = _mm_loadu_si128((const __m128i *)qs);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+}
+AI __m256i lane0(int v) { return _mm256_zextsi128_si256(_mm_cvtsi32_si128(v)); }
+
+#define ROWS4(NAME, BLK, BODY, FINAL)                                                                   \
+    static void NAME(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {                       \
+        const int nb = m->cols / PI_QK;                                                                  \
+        int r = r0;                                                                                      \
+        for (; r + 4 <= r1; r += 4) {                                                                    \
+            const BLK *w[4];                                                                             \
+            __m256 acc[4];                                                                               \
+            float accm[4] = {0, 0, 0, 0};                                                                \
+            for (int j = 0; j < 4; j++) {                                                                \
+                w[j] = (const BLK *)(m->raw + (size_t)(r + j) * m->row_bytes);                           \
+                acc[j] = _mm256_setzero_ps();                                                            \
+            }                                                                                            \
+            for (int b = 0; b < nb; b++) {                                                               \
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(a->qs + b * PI_QK));              \
+                const float dx = a->d[b];                                                                \
+                for (int j = 0; j < 4; j++) { const BLK *wb = w[j] + b; BODY }                           \
+            }                                                                                            \
+            for (int j = 0; j < 4; j++) y[r + j] = hsum256(acc[j]) + accm[j];                            \
+        }                                                                                                \
+        for (; r < r1; r++) {                                                                            \
+            const BLK *w0 = (const BLK *)(m->raw + (size_t)r * m->row_bytes);                            \
+            __m256 acc[1] = {_mm256_setzero_ps()};                                                       \
+            float accm[1] = {0};                                                                         \
+            for (int b = 0; b < nb; b++) {                                                               \
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(a->qs + b * PI_QK));              \
+                const float dx = a->d[b];                                                                \
+                const int j = 0;                                                                         \
+                const BLK *wb = w0 + b;                                                                  \
+                BODY                                                                                     \
+            }                                                                                            \
+            y[r] = hsum256(acc[0]) + accm[0];                                                            \
+        }                                                                                                \
+    }
+
+ROWS4(rows_q4_0, pi_blk_q4_0,
+      {
+          __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), unpack_q4(wb->qs), x);
+          p = _mm256_sub_epi32(p, lane0(8 * a->sum[b]));
+          acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(wb->d) * dx), acc[j]);
+      }, )
+
+ROWS4(rows_q4_1, pi_blk_q4_1,
+      {
+          const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), unpack_q4(wb->qs), x);
+          acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(wb->d) * dx), acc[j]);
+          accm[j] += h2f(wb->m) * a->s[b];
+      }, )
+
+ROWS4(rows_q8_0, pi_blk_q8_0,
+      {
+          const __m256i wq = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)wb->qs), _mm256_set1_epi8((char)0x80));
+          __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, x);
+          p = _mm256_sub_epi32(p, lane0(128 * a->sum[b]));
+          acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(wb->d) * dx), acc[j]);
+      }, )
+
+/* ---- raw layout, float formats: 4 rows x 16 columns per step, masked tail ---- */
+AI __m512 ld_f16(const uint16_t *p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+AI __m512 ld_bf16(const uint16_t *p, __mmask16 k) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+AI __m512 ld_f32(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+
+#define ROWSF(NAME, T, XP, LD)                                                                           \
+    static void NAME(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {                       \
+        const int n = m->cols;                                                                           \
+        const T *xv = XP;                                                                                \
+        int r = r0;                                                                                      \
+        for (; r < r1; r += 4) {                                                                         \
+            const int nr = r1 - r < 4 ? r1 - r : 4;                                                      \
+            const T *w[4];                                                                               \
+            __m512 acc[4];                                                                               \
+            for (int j = 0; j < 4; j++) {                                                                \
+                w[j] = (const T *)(m->raw + (size_t)(r + (j < nr ? j : 0)) * m->row_bytes);              \
+                acc[j] = _mm512_setzero_ps();                                                            \
+            }                                                                                            \
+            for (int c = 0; c < n; c += 16) {                                                            \
+                const __mmask16 k = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1); \
+                const __m512 x = LD(xv + c, k);                                                          \
+                for (int j = 0; j < 4; j++) acc[j] = _mm512_fmadd_ps(LD(w[j] + c, k), x, acc[j]);       \
+            }                                                                                            \
+            for (int j = 0; j < nr; j++) y[r + j] = _mm512_reduce_add_ps(acc[j]);                        \
+        }                                                                                                \
+    }
+
+ROWSF(rows_f16, uint16_t, a->h, ld_f16)
+ROWSF(rows_bf16, uint16_t, a->bh, ld_bf16)
+ROWSF(rows_f32, float, a->f, ld_f32)
+
+/* ---- packed layout ---- */
+/* One group (16 rows) for NT tokens starting at token t0. QT: 0 = Q4_0, 1 = Q4_1. */
+AI void q4_group(const uint8_t *q, int nb, const pi_act *a, int t0, const int NT, const int QT, float *y,
+                 int ldy, __mmask16 km, const uint8_t *pf, const uint8_t *pf_end, size_t pstep) {
+    const uint16_t *sd = (const uint16_t *)(q + (size_t)nb * 256);
+    const uint16_t *sm = sd + (size_t)nb * PI_G;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const size_t n = (size_t)a->n;
+    __m512 accd[4], accm[4];
+    for (int i = 0; i < NT; i++) { accd[i] = _mm512_setzero_ps(); accm[i] = _mm512_setzero_ps(); }
+    for (int b = 0; b < nb; b++, q += 256) {
+        if (pf) pf_lines(pf + b * pstep, pf_end, pstep);
+        const __m512i w0 = _mm512_load_si512(q), w1 = _mm512_load_si512(q + 64);
+        const __m512i w2 = _mm512_load_si512(q + 128), w3 = _mm512_load_si512(q + 192);
+        const __m512i l0 = _mm512_and_si512(w0, m4), h0 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m4);
+        const __m512i l1 = _mm512_and_si512(w1, m4), h1 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m4);
+        const __m512i l2 = _mm512_and_si512(w2, m4), h2 = _mm512_and_si512(_mm512_srli_epi16(w2, 4), m4);
+        const __m512i l3 = _mm512_and_si512(w3, m4), h3 = _mm512_and_si512(_mm512_srli_epi16(w3, 4), m4);
+        const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sd + b * PI_G)));
+        __m512 mm = _mm512_setzero_ps();
+        if (QT == 1) mm = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sm + b * PI_G)));
+        for (int i = 0; i < NT; i++) {
+            const size_t tb = (size_t)(t0 + i) * (n / PI_QK) + b;
+            const int8_t *x = a->qs + (size_t)(t0 + i) * n + b * PI_QK;
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l0, bc(x));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), h0, bc(x + 16));
+            s0 = _mm512_dpbusd_epi32(s0, l1, bc(x + 4));
+            s1 = _mm512_dpbusd_epi32(s1, h1, bc(x + 20));
+            s0 = _mm512_dpbusd_epi32(s0, l2, bc(x + 8));
+            s1 = _mm512_dpbusd_epi32(s1, h2, bc(x + 24));
+            s0 = _mm512_dpbusd_epi32(s0, l3, bc(x + 12));
+            s1 = _mm512_dpbusd_epi32(s1, h3, bc(x + 28));
+            __m512i s = _mm512_add_epi32(s0, s1);
+            if (QT == 0) s = _mm512_sub_epi32(s, _mm512_set1_epi32(8 * a->sum[tb]));
+            accd[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(a->d[tb])), accd[i]);
+            if (QT == 1) accm[i] = _mm512_fmadd_ps(mm, _mm512_set1_ps(a->s[tb]), accm[i]);
+        }
+    }
+    for (int i = 0; i < NT; i++)
+        _mm512_mask_storeu_ps(y + (size_t)(t0 + i) * ldy, km, _mm512_add_ps(accd[i], accm[i]));
+}
+
+AI void q8_group(const uint8_t *q, int nb, const pi_act *a, int t0, const int NT, float *y, int ldy,
+                 __mmask16 km, const uint8_t *pf, const uint8_t *pf_end, size_t pstep) {
+    const uint16_t *sd = (const uint16_t *)(q + (size_t)nb * 512);
+    const size_t n = (size_t)a->n;
+    __m512 acc[4];
+    for (int i = 0; i < NT; i++) acc[i] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++, q += 512) {
+        if (pf) pf_lines(pf + b * pstep, pf_end, pstep);
+        __m512i w[8];
+        for (int k = 0; k < 8; k++) w[k] = _mm512_load_si512(q + 64 * k);
+        const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sd + b * PI_G)));
+        for (int i = 0; i < NT; i++) {
+            const size_t tb = (size_t)(t0 + i) * (n / PI_QK) + b;
+            const int8_t *x = a->qs + (size_t)(t0 + i) * n + b * PI_QK;
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], bc(x));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], bc(x + 4));
+            for (int k = 2; k < 8; k += 2) {
+                s0 = _mm512_dpbusd_epi32(s0, w[k], bc(x + 4 * k));
+                s1 = _mm512_dpbusd_epi32(s1, w[k + 1], bc(x + 4 * k + 4));
+            }
+            /* quants are stored xor 0x80 = w + 128: subtract 128 * sum(x) (exact) */
+            const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(128 * a->sum[tb]));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(a->d[tb])), acc[i]);
+        }
+    }
+    for (int i = 0; i < NT; i++) _mm512_mask_storeu_ps(y + (size_t)(t0 + i) * ldy, km, acc[i]);
+}
+
+AI __mmask16 group_mask(const pi_mat *m, int g) {
+    const int left = m->rows - g * PI_G;
+    return left >= PI_G ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+/* Groups [g0, g1) stream through memory in order; the first token tile of each group prefetches
+ * PF_DIST ahead (clamped to this range: beyond it is another thread's work). */
+#define PACKED(NAME, CALL)                                                                               \
+    static void NAME(const pi_mat *m, int g0, int g1, const pi_act *a, int n_tok, float *y, int ldy) {   \
+        const int nb = m->cols / PI_QK;                                                                  \
+        const uint8_t *end = m->packed + (size_t)g1 * m->gstride;                                       \
+        const size_t pstep = ((m->gstride + nb - 1) / nb + 63) & ~(size_t)63;                            \
+        pf_lines(m->packed + (size_t)g0 * m->gstride, end, PF_DIST);                                    \
+        for (int g = g0; g < g1; g++) {                                                                  \
+            const uint8_t *q = m->packed + (size_t)g * m->gstride;                                       \
+            const __mmask16 km = group_mask(m, g);                                                       \
+            float *yg = y + (size_t)g * PI_G;                                                            \
+            const uint8_t *pf = q + PF_DIST;                                                             \
+            int t = 0;                                                                                   \
+            for (; t + 4 <= n_tok; t += 4, pf = NULL) CALL(4);                                           \
+            switch (n_tok - t) {                                                                         \
+            case 3: CALL(3); break;                                                                      \
+            case 2: CALL(2); break;                                                                      \
+            case 1: CALL(1); break;                                                                      \
+            default: break;                                                                              \
+            }                                                                                            \
+        }                                                                                                \
+    }
+
+#define CALL_Q40(NT) q4_group(q, nb, a, t, NT, 0, yg, ldy, km, pf, end, pstep)
+#define CALL_Q41(NT) q4_group(q, nb, a, t, NT, 1, yg, ldy, km, pf, end, pstep)
+#define CALL_Q80(NT) q8_group(q, nb, a, t, NT, yg, ldy, km, pf, end, pstep)
+PACKED(packed_q4_0, CALL_Q40)
+PACKED(packed_q4_1, CALL_Q41)
+PACKED(packed_q8_0, CALL_Q80)
+
+/* ---- attention helpers (head_dim values; masked tail) ---- */
+static float dot_f16(const float *q, const uint16_t *k, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 km = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, q + i), ld_f16(k + i, km), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+static void axpy_f16(float *y, const uint16_t *v, float a, int n) {
+    const __m512 av = _mm512_set1_ps(a);
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 km = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, km, _mm512_fmadd_ps(av, ld_f16(v + i, km), _mm512_maskz_loadu_ps(km, y + i)));
+    }
+}
+
+const pi_kernels pi_kernels_avx512 = {
+    "avx512",
+    rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32,
+    packed_q4_0, packed_q4_1, packed_q8_0,
+    quant_q8, dot_f16, axpy_f16, pi_to_f16_avx512, pi_attn_avx512,
+};
+
+#pragma GCC pop_options
+#endif

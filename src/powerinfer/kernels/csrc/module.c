@@ -1,0 +1,187 @@
+/* powerinfer._C: plain CPython extension (no torch/numpy headers); pointers arrive as Python ints.
+ * Module functions: isa, set_isa, cpu_features, dequantize, quantize_act, matvec, matmul; type Decoder
+ * (py_decoder.c). Every call that computes releases the GIL. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+
+#include "pi.h"
+#include "pool.h"
+#include "pybind.h"
+
+int pi_conv_ptr(PyObject *o, void *out) {
+    if (o == Py_None) { *(void **)out = NULL; return 1; }
+    void *p = PyLong_AsVoidPtr(o);
+    if (p == NULL && PyErr_Occurred()) return 0;
+    *(void **)out = p;
+    return 1;
+}
+
+static int check_qtype(int qtype) {
+    if (pi_row_bytes(qtype, 32) == 0) {
+        PyErr_Format(PyExc_ValueError, "unsupported ggml type id %d (native: 0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0, 30 BF16)", qtype);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *args) { return PyUnicode_FromString(pi_k->name); }
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    if (pi_select_isa(name)) return PyErr_Format(PyExc_ValueError, "ISA '%s' is unknown or not supported by this CPU", name);
+    return PyUnicode_FromString(pi_k->name);
+}
+
+static PyObject *py_cpu_features(PyObject *self, PyObject *args) {
+    static const char *names[] = {"sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                                  "avx512dq", "avx512vnni", "avx512bf16"};
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        PyObject *v = PyBool_FromLong(pi_cpu_feature(names[i]));
+        PyDict_SetItemString(d, names[i], v);
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    int qtype;
+    void *src, *dst;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "iO&nO&", &qtype, pi_conv_ptr, &src, &n, pi_conv_ptr, &dst)) return NULL;
+    if (check_qtype(qtype)) return NULL;
+    if (!src || !dst || n < 0) return PyErr_Format(PyExc_ValueError, "null pointer or negative length");
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pi_dequantize(qtype, src, (size_t)n, dst);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_Format(PyExc_ValueError, "n_values must be a multiple of 32 for block formats");
+    Py_RETURN_NONE;
+}
+
+/* quantize_act(x_ptr, n, qs_ptr, d_ptr, s_ptr, sum_ptr): the q8 activation form (tests, bench). */
+static PyObject *py_quantize_act(PyObject *self, PyObject *args) {
+    void *x, *qs, *d, *s, *sum;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "O&nO&O&O&O&", pi_conv_ptr, &x, &n, pi_conv_ptr, &qs, pi_conv_ptr, &d,
+                          pi_conv_ptr, &s, pi_conv_ptr, &sum))
+        return NULL;
+    if (n % PI_QK || !x || !qs || !d || !s || !sum) return PyErr_Format(PyExc_ValueError, "n must be a multiple of 32, pointers non-null");
+    Py_BEGIN_ALLOW_THREADS
+    pi_k->quant_q8(x, (int)(n / PI_QK), qs, d, s, sum);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---- standalone matvec / matmul on a shared pool ---- */
+static pi_pool *g_pool;
+static pthread_mutex_t g_pool_mu = PTHREAD_MUTEX_INITIALIZER;
+
+typedef struct { const pi_mat *m; const pi_act *a; int n_tok; float *y; } mm_args;
+
+static void mm_job(void *varg, int ith, int nth) {
+    mm_args *s = varg;
+    int u0, u1;
+    pi_split(pi_mat_units(s->m), ith, nth, &u0, &u1);
+    pi_mat_run_units(s->m, u0, u1, s->a, s->n_tok, s->y, s->m->rows);
+}
+
+static PyObject *run_mm(int qtype, const void *w, int rows, int cols, const float *x, int n_tok, float *y,
+                        int nth, int pack, int iters, double *ns_per_call) {
+    if (check_qtype(qtype)) return NULL;
+    if (!w || !x || !y || rows <= 0 || cols <= 0 || n_tok <= 0) return PyErr_Format(PyExc_ValueError, "bad pointer or shape");
+    if (pi_need_of(qtype) == PI_NEED_Q8 && cols % PI_QK) return PyErr_Format(PyExc_ValueError, "cols must be a multiple of 32");
+    if (nth < 1) nth = 1;
+    pi_mat m;
+    const int need = pi_need_of(qtype);
+    void *mem = NULL;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pi_mat_init(&m, qtype, w, rows, cols, pack, NULL);
+    if (!rc) mem = pi_aligned_alloc(pi_act_bytes(cols, n_tok, need));
+    if (!rc && mem) {
+        pi_act a;
+        pi_act_bind(&a, mem, cols, n_tok, need);
+        for (int t = 0; t < n_tok; t++) pi_act_fill(&a, x + (size_t)t * cols, t, 0, cols, need);
+        mm_args s = {&m, &a, n_tok, y};
+        pthread_mutex_lock(&g_pool_mu);
+        if (g_pool && pi_pool_size(g_pool) != nth) { pi_pool_free(g_pool); g_pool = NULL; }
+        if (!g_pool) g_pool = pi_pool_new(nth);
+        if (g_pool) {
+            pi_pool_run(g_pool, mm_job, &s); /* warm */
+            const uint64_t t0 = pi_now_ns();
+            for (int i = 0; i < iters; i++) pi_pool_run(g_pool, mm_job, &s);
+            if (ns_per_call) *ns_per_call = iters > 0 ? (double)(pi_now_ns() - t0) / iters : 0.0;
+        } else rc = -1;
+        pthread_mutex_unlock(&g_pool_mu);
+    } else rc = -1;
+    pi_aligned_free(mem);
+    pi_mat_free(&m);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    if (ns_per_call) return PyFloat_FromDouble(*ns_per_call);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_matvec(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"qtype", "w_ptr", "rows", "cols", "x_ptr", "y_ptr", "n_threads", "packed", NULL};
+    int qtype, rows, cols, nth = 1, packed = 0;
+    void *w, *x, *y;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&iiO&O&|ip", kws, &qtype, pi_conv_ptr, &w, &rows, &cols,
+                                     pi_conv_ptr, &x, pi_conv_ptr, &y, &nth, &packed))
+        return NULL;
+    return run_mm(qtype, w, rows, cols, x, 1, y, nth, packed, 0, NULL);
+}
+
+static PyObject *py_matmul(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"qtype", "w_ptr", "rows", "cols", "x_ptr", "n_tok", "y_ptr", "n_threads", NULL};
+    int qtype, rows, cols, n_tok, nth = 1;
+    void *w, *x, *y;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&iiO&iO&|i", kws, &qtype, pi_conv_ptr, &w, &rows, &cols,
+                                     pi_conv_ptr, &x, &n_tok, pi_conv_ptr, &y, &nth))
+        return NULL;
+    return run_mm(qtype, w, rows, cols, x, n_tok, y, nth, 1, 0, NULL);
+}
+
+/* bench_mm(qtype, w_ptr, rows, cols, x_ptr, n_tok, y_ptr, n_threads, packed, iters) -> ns per call of the
+ * kernels alone (weights packed and activations quantized once, outside the timing). */
+static PyObject *py_bench_mm(PyObject *self, PyObject *args) {
+    int qtype, rows, cols, n_tok, nth, packed, iters;
+    void *w, *x, *y;
+    if (!PyArg_ParseTuple(args, "iO&iiO&iO&ipi", &qtype, pi_conv_ptr, &w, &rows, &cols, pi_conv_ptr, &x, &n_tok,
+                          pi_conv_ptr, &y, &nth, &packed, &iters))
+        return NULL;
+    double ns = 0.0;
+    return run_mm(qtype, w, rows, cols, x, n_tok, y, nth, packed, iters < 1 ? 1 : iters, &ns);
+}
+
+
+static PyMethodDef methods[] = {
+    {"isa", py_isa, METH_NOARGS, "isa() -> name of the kernel set in use"},
+    {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name): force 'avx512' | 'avx2' | 'portable' | 'auto'"},
+    {"cpu_features", py_cpu_features, METH_NOARGS, "cpu_features() -> {feature: bool}"},
+    {"dequantize", py_dequantize, METH_VARARGS, "dequantize(qtype, src_ptr, n_values, dst_ptr): to f32"},
+    {"quantize_act", py_quantize_act, METH_VARARGS,
+     "quantize_act(x_ptr, n, qs_ptr, d_ptr, s_ptr, sum_ptr): q8_1 activation blocks (int8, f32, f32, int32)"},
+    {"matvec", (PyCFunction)(void (*)(void))py_matvec, METH_VARARGS | METH_KEYWORDS,
+     "matvec(qtype, w_ptr, rows, cols, x_ptr, y_ptr, n_threads=1, packed=False): y = W x (ggml numerics)"},
+    {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_VARARGS | METH_KEYWORDS,
+     "matmul(qtype, w_ptr, rows, cols, x_ptr, n_tok, y_ptr, n_threads=1): Y[n_tok, rows] = X W^T"},
+    {"bench_mm", py_bench_mm, METH_VARARGS,
+     "bench_mm(qtype, w_ptr, rows, cols, x_ptr, n_tok, y_ptr, n_threads, packed, iters) -> ns per kernel call"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_C", "powerinfer C kernels", -1, methods};
+
+PyMODINIT_FUNC PyInit__C(void) {
+    pi_init_tables();
+    pi_select_isa("auto");
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m) return NULL;
+    if (pi_add_decoder_type(m) < 0) { Py_DECREF(m); return NULL; }
+    return m;
+}

@@ -1,0 +1,184 @@
+/* Shared definitions of the powerinfer C kernels: GGML block layouts, scalar f16/bf16 conversion,
+ * quantized activations (pi_act), the packed weight layout (pi_mat) and the per-ISA kernel table.
+ *
+ * Numerics follow ggml's CPU backend (ggml-cpu/arch/x86/quants.c) so greedy tokens agree with llama.cpp:
+ * activations feeding Q4_0/Q8_0 weights are quantized to q8_0 (d = max|x|/127 stored as f16,
+ * q = round-half-even(x * 127/max)), Q4_1 weights see q8_1 (also s = f16(d * sum q)), F16 weights see
+ * x rounded to f16, BF16 weights see x rounded to bf16 (ggml's vec_dot_type for BF16), F32 is plain.
+ */
+#ifndef PI_H
+#define PI_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* GGML type ids (gguf.GGMLQuantizationType). */
+enum { PI_F32 = 0, PI_F16 = 1, PI_Q4_0 = 2, PI_Q4_1 = 3, PI_Q8_0 = 8, PI_BF16 = 30 };
+
+#define PI_QK 32 /* values per quantization block */
+#define PI_G 16  /* rows per packed group: one zmm lane per row (see pi_mat) */
+
+typedef struct { uint16_t d; uint8_t qs[16]; } pi_blk_q4_0;        /* value = (nibble - 8) * d */
+typedef struct { uint16_t d, m; uint8_t qs[16]; } pi_blk_q4_1;     /* value = nibble * d + m */
+typedef struct { uint16_t d; int8_t qs[32]; } pi_blk_q8_0;         /* value = q * d */
+
+/* ---- scalar conversions (bit-exact, round-to-nearest-even; after Maratyszcza's FP16 library) ---- */
+static inline float pi_bits_f32(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
+static inline uint32_t pi_f32_bits(float f) { uint32_t w; memcpy(&w, &f, 4); return w; }
+
+static inline float pi_fp16_to_fp32_calc(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = pi_bits_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = pi_bits_f32((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t r = sign | (two_w < (1u << 27) ? pi_f32_bits(denormalized) : pi_f32_bits(normalized));
+    return pi_bits_f32(r);
+}
+
+static inline uint16_t pi_fp32_to_fp16(float f) {
+    float base = ((f < 0 ? -f : f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = pi_f32_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = pi_bits_f32((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = pi_f32_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+    const uint32_t mantissa_bits = bits & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+extern float pi_f16_table[65536]; /* filled by pi_init_tables(); like ggml's table, one load per value */
+static inline float pi_fp16_to_fp32(uint16_t h) { return pi_f16_table[h]; }
+static inline float pi_round_fp16(float f) { return pi_fp16_to_fp32(pi_fp32_to_fp16(f)); }
+
+static inline float pi_bf16_to_fp32(uint16_t h) { return pi_bits_f32((uint32_t)h << 16); }
+static inline uint16_t pi_fp32_to_bf16(float f) { /* ggml_compute_fp32_to_bf16 */
+    uint32_t u = pi_f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64);
+    return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1))) >> 16);
+}
+
+/* ---- quantized activations: what the weights of one qtype consume, for n_tok tokens ---- */
+enum { PI_NEED_Q8 = 1, PI_NEED_F16 = 2, PI_NEED_BF16 = 4, PI_NEED_F32 = 8 };
+
+typedef struct {
+    int n;          /* values per token (a multiple of 32 when q8 is used) */
+    int8_t *qs;     /* [T][n]   q8 values, ggml block order */
+    float *d;       /* [T][n/32] f16-rounded block scale */
+    float *s;       /* [T][n/32] f16(d * sum q) (q8_1's s; the m term of Q4_1) */
+    int32_t *sum;   /* [T][n/32] exact sum q (offset corrections of Q4_0 and packed Q8_0) */
+    uint16_t *h;    /* [T][n]   f16 (F16 weights) */
+    uint16_t *bh;   /* [T][n]   bf16 (BF16 weights) */
+    const float *f; /* [T][n]   f32 input itself (F32 weights) */
+} pi_act;
+
+static inline int pi_need_of(int qtype) {
+    switch (qtype) {
+    case PI_Q4_0: case PI_Q4_1: case PI_Q8_0: return PI_NEED_Q8;
+    case PI_F16: return PI_NEED_F16;
+    case PI_BF16: return PI_NEED_BF16;
+    default: return PI_NEED_F32;
+    }
+}
+
+/* Bytes of workspace pi_act_bind needs for n_tok tokens of n values. */
+size_t pi_act_bytes(int n, int n_tok, int need);
+/* Carve the arrays of `a` out of `mem` (64-byte aligned, pi_act_bytes long). */
+void pi_act_bind(pi_act *a, void *mem, int n, int n_tok, int need);
+/* Quantize values [i0, i1) of token t (i0, i1 multiples of 32 unless need has no Q8) from x (token row). */
+void pi_act_fill(pi_act *a, const float *x, int t, int i0, int i1, int need);
+
+/* ---- a bound weight matrix: raw GGUF rows plus, for block formats, the packed copy ----
+ * Packed layout (Q4_0/Q4_1/Q8_0): rows in groups of 16 (zero-padded), group g holds for each block b
+ * 16 rows' quants interleaved 4 bytes at a time (for k: for r in 0..15: qs[r][4k..4k+3]), so one zmm
+ * load gives 4 consecutive weights of 16 rows and vpdpbusd with a broadcast of 4 activation bytes
+ * yields the 16 rows' partial dots in 16 lanes (no per-row horizontal sums, one scale vector per
+ * block). Q8_0 quants are stored xor 0x80 (unsigned for vpdpbusd; the -128*sum x term is exact).
+ * Group = [quants: nb * QB bytes][scales: nb * 16 f16 (d), Q4_1 then nb * 16 f16 (m)], 64-aligned. */
+typedef struct {
+    int qtype, rows, cols;
+    const uint8_t *raw;  /* GGUF layout, rows * row_bytes */
+    size_t row_bytes;
+    uint8_t *packed;     /* NULL if the format is not packed */
+    size_t gstride;      /* bytes per packed group */
+    int n_groups;
+    int owns_packed;     /* packed came from pi_aligned_alloc (else from an arena) */
+} pi_mat;
+
+typedef struct { void **chunks; int n, cap; uint8_t *cur; size_t left; } pi_arena;
+void *pi_arena_alloc(pi_arena *a, size_t bytes); /* 64-aligned, huge-page backed; NULL if out of memory */
+void pi_arena_free(pi_arena *a);
+
+size_t pi_row_bytes(int qtype, int cols);
+int pi_is_packable(int qtype);
+int pi_qb(int qtype); /* packed quant bytes per group-block: 256 (Q4) or 512 (Q8_0) */
+/* Fill m; packs when the format allows (m->packed from arena, or its own allocation if arena is NULL).
+ * Returns 0 or -1 (bad args / no memory). */
+int pi_mat_init(pi_mat *m, int qtype, const void *raw, int rows, int cols, int pack, pi_arena *arena);
+void pi_mat_free(pi_mat *m);
+/* Pack groups [g0, g1) of a raw matrix into dst (gstride per group). */
+void pi_pack_groups(int qtype, const uint8_t *raw, size_t row_bytes, int rows, int cols, int g0, int g1,
+                    uint8_t *dst, size_t gstride);
+size_t pi_packed_gstride(int qtype, int cols);
+
+/* ---- per-ISA kernel table ----
+ * rows:    raw layout, y[r] = W[r]·x for r in [r0, r1), token 0 of a.
+ * packed:  packed layout, y[t*ldy + r] for groups [g0, g1) (rows >= m->rows not stored), tokens [0, n_tok).
+ * quant:   q8 quantization of n values (one token) into qs/d/s/sum at block offset. */
+typedef void (*pi_rows_fn)(const pi_mat *m, int r0, int r1, const pi_act *a, float *y);
+typedef void (*pi_packed_fn)(const pi_mat *m, int g0, int g1, const pi_act *a, int n_tok, float *y, int ldy);
+typedef void (*pi_quant_fn)(const float *x, int nblocks, int8_t *qs, float *d, float *s, int32_t *sum);
+typedef float (*pi_dot_f16_fn)(const float *q, const uint16_t *k, int n);
+typedef void (*pi_axpy_f16_fn)(float *y, const uint16_t *v, float a, int n);
+typedef void (*pi_to_f16_fn)(const float *x, uint16_t *y, int n);
+/* Attention of n_rep query heads (q: [n_rep][hd], roped, f32) sharing one KV head: rows t < n_kv of
+ * k/v (f16, row stride `stride` elements). q is rounded to f16 for q.K, softmax in f32 (double sum),
+ * probabilities rounded to f16 for the V product (llama.cpp, flash_attn off). scores: n_rep * n_kv floats of
+ * workspace; out: [n_rep][hd]. NULL in a table = the generic version in decoder.c. */
+typedef void (*pi_attn_fn)(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride,
+                           int n_kv, float scale, float *scores, float *out);
+
+typedef struct {
+    const char *name;
+    pi_rows_fn rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32;
+    pi_packed_fn packed_q4_0, packed_q4_1, packed_q8_0;
+    pi_quant_fn quant_q8;
+    pi_dot_f16_fn dot_f16;   /* attention q·K (q already f16-rounded) */
+    pi_axpy_f16_fn axpy_f16; /* attention y += p * V */
+    pi_to_f16_fn to_f16;     /* f32 -> f16 (round to nearest even) */
+    pi_attn_fn attn;         /* optional fused attention (see pi_attn_fn) */
+} pi_kernels;
+
+extern const pi_kernels pi_kernels_portable;
+#if defined(__x86_64__) || defined(__i386__)
+#define PI_X86 1
+extern const pi_kernels pi_kernels_avx2;
+extern const pi_kernels pi_kernels_avx512;
+void pi_attn_avx512(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride,
+                    int n_kv, float scale, float *scores, float *out);
+void pi_to_f16_avx512(const float *x, uint16_t *y, int n);
+#endif
+void pi_attn_generic(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride,
+                     int n_kv, float scale, float *scores, float *out);
+extern const pi_kernels *pi_k; /* the selected table */
+
+void pi_init_tables(void);
+int pi_dequantize(int qtype, const void *src, size_t n, float *dst); /* 0 ok, -1 bad type/length */
+int pi_select_isa(const char *name); /* "avx512" | "avx2" | "portable" | "auto"; 0 ok, -1 unsupported */
+int pi_cpu_feature(const char *name); /* __builtin_cpu_supports on x86, else 0 */
+
+/* y = W x for rows [r0, r1) of token-major activations (dispatch on format; packed if available).
+ * Packed matrices are split in units of 16 rows, raw ones in units of 4. */
+int pi_mat_unit(const pi_mat *m);
+int pi_mat_units(const pi_mat *m);
+void pi_mat_run_units(const pi_mat *m, int u0, int u1, const pi_act *a, int n_tok, float *y, int ldy);
+
+void *pi_aligned_alloc(size_t bytes); /* 64-byte aligned, zeroed */
+void pi_aligned_free(void *p);
+
+#endif

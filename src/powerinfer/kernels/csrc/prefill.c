@@ -1,0 +1,174 @@
+/* Prompt prefill: n tokens per layer through the register-blocked matmul kernels (each packed weight group
+ * unpacked once per 4 tokens), same numerics as n decode steps. Phases per layer (| = barrier):
+ *   tokens split: rmsnorm, quantize | rows split: q/k/v for all tokens | tokens split: bias, RoPE, K/V rows |
+ *   tokens split (interleaved, causal cost grows with t): attention, quantize | rows split: o_proj, x += |
+ *   tokens split: rmsnorm, quantize | 32-neuron chunks: gate/up, act, quantize | rows split: down, x += | */
+#include <stdlib.h>
+
+#include "decoder.h"
+
+static const int NEED_ALL = PI_NEED_Q8 | PI_NEED_F16 | PI_NEED_BF16 | PI_NEED_F32;
+
+static int ensure_prefill(pi_decoder *D, int n) {
+    pi_prefill_ws *p = &D->pf;
+    if (p->n_tok_cap >= n) return 0;
+    pi_prefill_ws fresh = {0};
+    const size_t T = (size_t)n, qd = (size_t)D->n_head * D->hd, kvd = (size_t)D->n_head_kv * D->hd;
+    const size_t mx = (size_t)(D->d > D->n_ff ? D->d : D->n_ff);
+    fresh.n_tok_cap = n;
+    fresh.xn = pi_aligned_alloc(T * D->d * 4);
+    fresh.q = pi_aligned_alloc(T * qd * 4);
+    fresh.k = pi_aligned_alloc(T * kvd * 4);
+    fresh.v = pi_aligned_alloc(T * kvd * 4);
+    fresh.att = pi_aligned_alloc(T * qd * 4);
+    fresh.y = pi_aligned_alloc(T * (mx > qd ? mx : qd) * 4);
+    fresh.g = pi_aligned_alloc(T * D->n_ff * 4);
+    fresh.u = pi_aligned_alloc(T * D->n_ff * 4);
+    fresh.mem_x = pi_aligned_alloc(pi_act_bytes(D->d, n, NEED_ALL));
+    fresh.mem_att = pi_aligned_alloc(pi_act_bytes((int)qd, n, NEED_ALL));
+    fresh.mem_h = pi_aligned_alloc(pi_act_bytes(D->n_ff, n, NEED_ALL));
+    int ok = fresh.xn && fresh.q && fresh.k && fresh.v && fresh.att && fresh.y && fresh.g && fresh.u &&
+             fresh.mem_x && fresh.mem_att && fresh.mem_h;
+    /* swap in (old buffers freed whether or not the new ones were allocated) */
+    pi_prefill_ws old = *p;
+    *p = fresh;
+    float *bufs[] = {old.xn, old.q, old.k, old.v, old.att, old.y, old.g, old.u};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) pi_aligned_free(bufs[i]);
+    pi_aligned_free(old.mem_x); pi_aligned_free(old.mem_att); pi_aligned_free(old.mem_h);
+    if (!ok) {
+        float *nb[] = {p->xn, p->q, p->k, p->v, p->att, p->y, p->g, p->u};
+        for (size_t i = 0; i < sizeof nb / sizeof *nb; i++) pi_aligned_free(nb[i]);
+        pi_aligned_free(p->mem_x); pi_aligned_free(p->mem_att); pi_aligned_free(p->mem_h);
+        memset(p, 0, sizeof *p);
+        return -1;
+    }
+    pi_act_bind(&p->act_x, p->mem_x, D->d, n, NEED_ALL);
+    pi_act_bind(&p->act_att, p->mem_att, (int)qd, n, NEED_ALL);
+    pi_act_bind(&p->act_h, p->mem_h, D->n_ff, n, NEED_ALL);
+    p->act_x.f = p->xn; p->act_att.f = p->att; p->act_h.f = p->g;
+    return 0;
+}
+
+typedef struct { pi_decoder *D; float *x; int n, pos0; float *logits; } prefill_args;
+
+/* rows of m split across threads, all n tokens: Y[t][r] = m X[t]; optionally x[t][r] += Y[t][r] */
+static void rows_all_tokens(const pi_mat *m, const pi_act *a, int n, float *Y, int ldy, float *x, int ldx,
+                            int ith, int nth) {
+    int u0, u1;
+    pi_split(pi_mat_units(m), ith, nth, &u0, &u1);
+    pi_mat_run_units(m, u0, u1, a, n, Y, ldy);
+    if (!x) return;
+    const int unit = pi_mat_unit(m), r1 = u1 * unit < m->rows ? u1 * unit : m->rows;
+    for (int t = 0; t < n; t++)
+        for (int r = u0 * unit; r < r1; r++) x[(size_t)t * ldx + r] += Y[(size_t)t * ldy + r];
+}
+
+static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int ith, int nth) {
+    const pi_layer *L = &D->L[il];
+    pi_prefill_ws *P = &D->pf;
+    const int d = D->d, hd = D->hd, qd = D->n_head * hd, kvd = D->n_head_kv * hd, half = D->rope_dim / 2;
+    int t0, t1;
+    pi_split(n, ith, nth, &t0, &t1);
+
+    pi_prof_phase(D, ith, PH_ATTN_PROJ);
+    for (int t = t0; t < t1; t++) {
+        pi_rmsnorm(x + (size_t)t * d, L->attn_norm, d, D->eps, P->xn + (size_t)t * d);
+        pi_act_fill(&P->act_x, P->xn + (size_t)t * d, t, 0, d, L->need_attn & ~PI_NEED_F32);
+    }
+    pi_dec_barrier(D, ith);
+    {
+        const pi_mat *mats[3] = {&L->q, &L->k, &L->v};
+        float *outs[3] = {P->q, P->k, P->v};
+        const int ld[3] = {qd, kvd, kvd};
+        int total = 0, U0, U1;
+        for (int i = 0; i < 3; i++) total += pi_mat_units(mats[i]);
+        pi_split(total, ith, nth, &U0, &U1);
+        for (int i = 0, base = 0; i < 3; i++) {
+            const int nu = pi_mat_units(mats[i]);
+            const int u0 = U0 > base ? U0 - base : 0, u1 = U1 - base < nu ? U1 - base : nu;
+            if (u1 > u0) pi_mat_run_units(mats[i], u0, u1, &P->act_x, n, outs[i], ld[i]);
+            base += nu;
+        }
+    }
+    pi_dec_barrier(D, ith);
+
+    pi_prof_phase(D, ith, PH_ATTN_CORE);
+    for (int t = t0; t < t1; t++) {
+        const int pos = pos0 + t;
+        const float *cs = D->cos + (size_t)pos * half, *sn = D->sin + (size_t)pos * half;
+        float *q = P->q + (size_t)t * qd, *k = P->k + (size_t)t * kvd, *v = P->v + (size_t)t * kvd;
+        if (L->bq) for (int i = 0; i < qd; i++) q[i] += L->bq[i];
+        if (L->bk) for (int i = 0; i < kvd; i++) k[i] += L->bk[i];
+        if (L->bv) for (int i = 0; i < kvd; i++) v[i] += L->bv[i];
+        pi_rope(q, D->n_head, hd, D->rope_dim, D->rope_style, cs, sn);
+        pi_rope(k, D->n_head_kv, hd, D->rope_dim, D->rope_style, cs, sn);
+        pi_k->to_f16(k, L->kc + (size_t)pos * kvd, kvd);
+        pi_k->to_f16(v, L->vc + (size_t)pos * kvd, kvd);
+    }
+    pi_dec_barrier(D, ith);
+    const int need_o = pi_need_of(L->o.qtype) & ~PI_NEED_F32;
+    for (int t = ith; t < n; t += nth) {
+        pi_attend_heads(D, P->q + (size_t)t * qd, 0, D->n_head, L->kc, L->vc, pos0 + t + 1, D->tw[ith].scores,
+                        P->att + (size_t)t * qd);
+        pi_act_fill(&P->act_att, P->att + (size_t)t * qd, t, 0, qd, need_o);
+    }
+    pi_dec_barrier(D, ith);
+
+    pi_prof_phase(D, ith, PH_O_PROJ);
+    rows_all_tokens(&L->o, &P->act_att, n, P->y, d, x, d, ith, nth);
+    pi_dec_barrier(D, ith);
+
+    pi_prof_phase(D, ith, PH_FFN);
+    for (int t = t0; t < t1; t++) {
+        pi_rmsnorm(x + (size_t)t * d, L->ffn_norm, d, D->eps, P->xn + (size_t)t * d);
+        pi_act_fill(&P->act_x, P->xn + (size_t)t * d, t, 0, d, L->need_ffn & ~PI_NEED_F32);
+    }
+    pi_dec_barrier(D, ith);
+    int c0, c1;
+    const int nff = D->n_ff, nchunk = (nff + PI_QK - 1) / PI_QK;
+    pi_split(nchunk, ith, nth, &c0, &c1);
+    const int n0 = c0 * PI_QK, n1 = c1 * PI_QK < nff ? c1 * PI_QK : nff;
+    if (n1 > n0) {
+        const int ug = pi_mat_unit(&L->up);
+        pi_mat_run_units(&L->up, n0 / ug, (n1 + ug - 1) / ug, &P->act_x, n, P->u, nff);
+        if (L->gate.raw) {
+            const int gg = pi_mat_unit(&L->gate);
+            pi_mat_run_units(&L->gate, n0 / gg, (n1 + gg - 1) / gg, &P->act_x, n, P->g, nff);
+        }
+        const int need_d = pi_need_of(L->down.qtype) & ~PI_NEED_F32;
+        for (int t = 0; t < n; t++) {
+            float *g = P->g + (size_t)t * nff;
+            pi_ffn_act(D, g + n0, P->u + (size_t)t * nff + n0, n1 - n0);
+            pi_act_fill(&P->act_h, g, t, n0, n1, need_d);
+        }
+    }
+    pi_dec_barrier(D, ith);
+    rows_all_tokens(&L->down, &P->act_h, n, P->y, d, x, d, ith, nth);
+    pi_dec_barrier(D, ith);
+}
+
+static void prefill_job(void *varg, int ith, int nth) {
+    prefill_args *s = varg;
+    pi_decoder *D = s->D;
+    for (int il = 0; il < D->n_layer; il++) prefill_layer(D, il, s->x, s->n, s->pos0, ith, nth);
+    if (s->logits) {
+        pi_tws *w = &D->tw[ith];
+        const float *xl = s->x + (size_t)(s->n - 1) * D->d;
+        pi_prof_phase(D, ith, PH_HEAD);
+        pi_rmsnorm(xl, D->out_norm, D->d, D->eps, w->xn);
+        pi_act_fill(&w->act, w->xn, 0, 0, D->d, pi_need_of(D->head.qtype));
+        int u0, u1;
+        pi_split(pi_mat_units(&D->head), ith, nth, &u0, &u1);
+        pi_mat_run_units(&D->head, u0, u1, &w->act, 1, s->logits, 0);
+    }
+    pi_prof_phase(D, ith, PH_HEAD);
+}
+
+int pi_decoder_prefill(pi_decoder *D, float *x, int n_tok, int pos0, float *logits) {
+    if (ensure_prefill(D, n_tok)) return -1;
+    prefill_args s = {D, x, n_tok, pos0, logits};
+    if (D->prof) { D->t_last = pi_now_ns(); D->cur = PH_ATTN_PROJ; }
+    pi_pool_run(D->pool, prefill_job, &s);
+    D->tokens += n_tok;
+    return 0;
+}

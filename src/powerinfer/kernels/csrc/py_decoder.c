@@ -1,0 +1,329 @@
+/* Python type powerinfer._C.Decoder wrapping pi_decoder (decoder.h). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+
+#include "decoder.h"
+#include "pybind.h"
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *dict; /* instance __dict__: kernels.bind_decoder keeps the bound arrays alive there */
+    pi_decoder *D;
+    int rope_set, head_set, busy;
+    unsigned char *kv_set;
+} DecoderObject;
+
+static const char *PHASE_NAMES[PH_N] = {"attn_proj_ns", "attn_core_ns", "o_proj_ns", "ffn_ns", "head_ns", "barrier_ns"};
+
+static int Decoder_init(DecoderObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"n_layer", "d_model", "n_head", "n_head_kv", "head_dim", "n_ff", "n_vocab", "norm_eps",
+                          "rope_dim", "rope_style", "activation", "ffn_kind", "n_ctx", "n_threads", NULL};
+    int nl, d, nh, nkv, hd, nff, nv, rd, rs, act, fk, nctx, nth = 1;
+    float eps;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiifiiiii|i", kws, &nl, &d, &nh, &nkv, &hd, &nff, &nv, &eps, &rd,
+                                     &rs, &act, &fk, &nctx, &nth))
+        return -1;
+    if (rs < 0 || rs > 1 || act < 0 || act > 2 || fk < 0 || fk > 2) {
+        PyErr_SetString(PyExc_ValueError, "rope_style 0|1, activation 0|1|2, ffn_kind 0|1|2");
+        return -1;
+    }
+    if (self->D) { pi_decoder_free(self->D); self->D = NULL; }
+    free(self->kv_set);
+    self->D = pi_decoder_new(nl, d, nh, nkv, hd, nff, nv, eps, rd, rs, act, fk, nctx, nth);
+    self->kv_set = calloc((size_t)(nl > 0 ? nl : 1), 1);
+    if (!self->D || !self->kv_set) {
+        PyErr_SetString(PyExc_ValueError, "invalid decoder shape (or out of memory)");
+        return -1;
+    }
+    self->rope_set = self->head_set = self->busy = 0;
+    return 0;
+}
+
+static void Decoder_dealloc(DecoderObject *self) {
+    pi_decoder_free(self->D);
+    free(self->kv_set);
+    Py_CLEAR(self->dict);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int check_layer(DecoderObject *self, int il) {
+    if (!self->D) { PyErr_SetString(PyExc_RuntimeError, "Decoder not initialised"); return -1; }
+    if (il < 0 || il >= self->D->n_layer) { PyErr_Format(PyExc_IndexError, "layer %d out of range", il); return -1; }
+    return 0;
+}
+
+static int idle(DecoderObject *self) {
+    if (!self->D) { PyErr_SetString(PyExc_RuntimeError, "Decoder not initialised"); return -1; }
+    if (self->busy) { PyErr_SetString(PyExc_RuntimeError, "Decoder is running"); return -1; }
+    return 0;
+}
+
+static PyObject *Decoder_set_rope(DecoderObject *self, PyObject *args) {
+    void *c, *s;
+    if (idle(self)) return NULL;
+    if (!PyArg_ParseTuple(args, "O&O&", pi_conv_ptr, &c, pi_conv_ptr, &s)) return NULL;
+    if (!c || !s) return PyErr_Format(PyExc_ValueError, "null rope table");
+    self->D->cos = c; self->D->sin = s;
+    self->rope_set = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Decoder_set_kv(DecoderObject *self, PyObject *args) {
+    int il;
+    void *k, *v;
+    if (!PyArg_ParseTuple(args, "iO&O&", &il, pi_conv_ptr, &k, pi_conv_ptr, &v)) return NULL;
+    if (idle(self) || check_layer(self, il)) return NULL;
+    if (!k || !v) return PyErr_Format(PyExc_ValueError, "null KV pointer");
+    self->D->L[il].kc = k; self->D->L[il].vc = v;
+    self->kv_set[il] = 1;
+    Py_RETURN_NONE;
+}
+
+/* (ptr, qtype) tuple -> pi_mat (raw only; the decoder packs). None allowed when opt. */
+static int parse_mat(PyObject *o, int rows, int cols, pi_mat *m, int opt, const char *what) {
+    memset(m, 0, sizeof *m);
+    if (o == Py_None && opt) return 1;
+    void *p;
+    int qt;
+    if (!PyArg_ParseTuple(o, "O&i", pi_conv_ptr, &p, &qt) || !p) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected a (ptr, qtype) tuple", what);
+        return -1;
+    }
+    if (pi_row_bytes(qt, cols) == 0 || (pi_need_of(qt) == PI_NEED_Q8 && cols % PI_QK)) {
+        PyErr_Format(PyExc_ValueError, "%s: type %d with %d columns is not supported", what, qt, cols);
+        return -1;
+    }
+    m->qtype = qt; m->raw = p; m->rows = rows; m->cols = cols; m->row_bytes = pi_row_bytes(qt, cols);
+    return 0;
+}
+
+static PyObject *Decoder_set_layer(DecoderObject *self, PyObject *args) {
+    int il;
+    void *an, *fn, *bq, *bk, *bv;
+    PyObject *oq, *ok, *ov, *oo, *og, *ou, *od;
+    if (!PyArg_ParseTuple(args, "iO&OOOOO&OOOO&O&O&", &il, pi_conv_ptr, &an, &oq, &ok, &ov, &oo, pi_conv_ptr, &fn,
+                          &og, &ou, &od, pi_conv_ptr, &bq, pi_conv_ptr, &bk, pi_conv_ptr, &bv))
+        return NULL;
+    if (idle(self) || check_layer(self, il)) return NULL;
+    pi_decoder *D = self->D;
+    if (!an || !fn) return PyErr_Format(PyExc_ValueError, "null norm weight");
+    const int qd = D->n_head * D->hd, kvd = D->n_head_kv * D->hd;
+    pi_mat q, k, v, o, g, u, dn;
+    int gate_none;
+    if (parse_mat(oq, qd, D->d, &q, 0, "q") || parse_mat(ok, kvd, D->d, &k, 0, "k") ||
+        parse_mat(ov, kvd, D->d, &v, 0, "v") || parse_mat(oo, D->d, qd, &o, 0, "o") ||
+        (gate_none = parse_mat(og, D->n_ff, D->d, &g, 1, "gate")) < 0 || parse_mat(ou, D->n_ff, D->d, &u, 0, "up") ||
+        parse_mat(od, D->d, D->n_ff, &dn, 0, "down"))
+        return NULL;
+    if (gate_none != (D->ffn_kind == FFN_MLP))
+        return PyErr_Format(PyExc_ValueError, "gate must be given exactly when ffn_kind is glu or dglu");
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pi_decoder_set_layer(D, il, an, &q, &k, &v, &o, fn, gate_none ? NULL : &g, &u, &dn, bq, bk, bv);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_Format(PyExc_ValueError, "set_layer(%d) failed (shape or out of memory)", il);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Decoder_set_output(DecoderObject *self, PyObject *args) {
+    void *norm, *head;
+    int qt;
+    if (!PyArg_ParseTuple(args, "O&O&i", pi_conv_ptr, &norm, pi_conv_ptr, &head, &qt)) return NULL;
+    if (idle(self)) return NULL;
+    pi_decoder *D = self->D;
+    if (!norm || !head) return PyErr_Format(PyExc_ValueError, "null pointer");
+    if (pi_row_bytes(qt, D->d) == 0) return PyErr_Format(PyExc_ValueError, "head type %d not supported", qt);
+    int rc;
+    pi_mat_free(&D->head);
+    Py_BEGIN_ALLOW_THREADS
+    rc = pi_mat_init(&D->head, qt, head, D->n_vocab, D->d, 1, &D->arena);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_Format(PyExc_ValueError, "set_output failed");
+    D->out_norm = norm;
+    self->head_set = 1;
+    Py_RETURN_NONE;
+}
+
+static int ready(DecoderObject *self, int l0, int l1, int want_head) {
+    if (!self->D) { PyErr_SetString(PyExc_RuntimeError, "Decoder not initialised"); return -1; }
+    if (self->busy) { PyErr_SetString(PyExc_RuntimeError, "Decoder is already running (one call at a time)"); return -1; }
+    if (l1 > l0 && !self->rope_set) { PyErr_SetString(PyExc_RuntimeError, "set_rope() first"); return -1; }
+    for (int i = l0; i < l1; i++)
+        if (!self->D->L[i].bound || !self->kv_set[i]) {
+            PyErr_Format(PyExc_RuntimeError, "layer %d: set_layer() and set_kv() first", i);
+            return -1;
+        }
+    if (want_head && !self->head_set) { PyErr_SetString(PyExc_RuntimeError, "set_output() first"); return -1; }
+    return 0;
+}
+
+static int check_pos(DecoderObject *self, int pos, int n) {
+    if (pos < 0 || n < 1 || pos + n > self->D->n_ctx) {
+        PyErr_Format(PyExc_ValueError, "positions %d..%d outside the context of %d", pos, pos + n - 1, self->D->n_ctx);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *run_step(DecoderObject *self, float *x, int pos, int l0, int l1, float *logits) {
+    if (!x) return PyErr_Format(PyExc_ValueError, "null x");
+    if (ready(self, l0, l1, logits != NULL) || (l1 > l0 && check_pos(self, pos, 1))) return NULL;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    pi_decoder_step(self->D, x, pos, l0, l1, logits);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Decoder_layer(DecoderObject *self, PyObject *args) {
+    int il, pos;
+    void *x;
+    if (!PyArg_ParseTuple(args, "iO&i", &il, pi_conv_ptr, &x, &pos)) return NULL;
+    if (check_layer(self, il)) return NULL;
+    return run_step(self, x, pos, il, il + 1, NULL);
+}
+
+static PyObject *Decoder_head(DecoderObject *self, PyObject *args) {
+    void *x, *lg;
+    if (!PyArg_ParseTuple(args, "O&O&", pi_conv_ptr, &x, pi_conv_ptr, &lg)) return NULL;
+    if (!lg) return PyErr_Format(PyExc_ValueError, "null logits");
+    return run_step(self, x, 0, 0, 0, lg);
+}
+
+static PyObject *Decoder_step(DecoderObject *self, PyObject *args) {
+    int pos;
+    void *x, *lg;
+    if (!PyArg_ParseTuple(args, "O&iO&", pi_conv_ptr, &x, &pos, pi_conv_ptr, &lg)) return NULL;
+    return run_step(self, x, pos, 0, self->D ? self->D->n_layer : 0, lg);
+}
+
+static PyObject *Decoder_prefill(DecoderObject *self, PyObject *args) {
+    int n, pos0;
+    void *x, *lg;
+    if (!PyArg_ParseTuple(args, "O&iiO&", pi_conv_ptr, &x, &n, &pos0, pi_conv_ptr, &lg)) return NULL;
+    if (!x) return PyErr_Format(PyExc_ValueError, "null x");
+    if (ready(self, 0, self->D ? self->D->n_layer : 0, lg != NULL) || check_pos(self, pos0, n)) return NULL;
+    int rc;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pi_decoder_prefill(self->D, x, n, pos0, lg);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *Decoder_set_threads(DecoderObject *self, PyObject *args) {
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    if (!self->D || self->busy) return PyErr_Format(PyExc_RuntimeError, "Decoder busy or not initialised");
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pi_decoder_set_threads(self->D, n);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *Decoder_profile(DecoderObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    if (idle(self)) return NULL;
+    self->D->prof = on;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Decoder_reset_stats(DecoderObject *self, PyObject *args) {
+    if (idle(self)) return NULL;
+    memset(self->D->ns, 0, sizeof self->D->ns);
+    self->D->steps = self->D->tokens = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Decoder_stats(DecoderObject *self, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"reset", NULL};
+    int reset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kws, &reset)) return NULL;
+    if (idle(self)) return NULL;
+    pi_decoder *D = self->D;
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    uint64_t total = 0;
+    for (int i = 0; i < PH_N; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(D->ns[i]);
+        PyDict_SetItemString(d, PHASE_NAMES[i], v);
+        Py_DECREF(v);
+        total += D->ns[i];
+    }
+    PyObject *v = PyLong_FromUnsignedLongLong(total); PyDict_SetItemString(d, "total_ns", v); Py_DECREF(v);
+    v = PyLong_FromUnsignedLongLong(D->steps); PyDict_SetItemString(d, "steps", v); Py_DECREF(v);
+    v = PyLong_FromUnsignedLongLong(D->tokens); PyDict_SetItemString(d, "tokens", v); Py_DECREF(v);
+    v = PyLong_FromLong(D->nth); PyDict_SetItemString(d, "n_threads", v); Py_DECREF(v);
+    v = PyUnicode_FromString(pi_k->name); PyDict_SetItemString(d, "isa", v); Py_DECREF(v);
+    if (reset) { memset(D->ns, 0, sizeof D->ns); D->steps = D->tokens = 0; }
+    return d;
+}
+
+static PyObject *Decoder_get_n_threads(DecoderObject *self, void *c) { return PyLong_FromLong(self->D ? self->D->nth : 0); }
+static PyObject *Decoder_get_packed_bytes(DecoderObject *self, void *c) {
+    size_t tot = 0;
+    pi_decoder *D = self->D;
+    for (int i = 0; D && i < D->n_layer; i++) {
+        pi_layer *L = &D->L[i];
+        pi_mat *ms[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        for (int j = 0; j < 7; j++) if (ms[j]->packed) tot += ms[j]->gstride * ms[j]->n_groups;
+    }
+    if (D && D->head.packed) tot += D->head.gstride * D->head.n_groups;
+    return PyLong_FromSize_t(tot);
+}
+
+static PyGetSetDef getset[] = {
+    {"n_threads", (getter)Decoder_get_n_threads, NULL, "threads in use (caller included)", NULL},
+    {"packed_bytes", (getter)Decoder_get_packed_bytes, NULL, "bytes of repacked weight copies held", NULL},
+    {NULL},
+};
+
+static PyMethodDef Decoder_methods[] = {
+    {"set_rope", (PyCFunction)Decoder_set_rope, METH_VARARGS, "set_rope(cos_ptr, sin_ptr): f32 [n_ctx, rope_dim/2]"},
+    {"set_kv", (PyCFunction)Decoder_set_kv, METH_VARARGS, "set_kv(layer, k_ptr, v_ptr): f16 [n_ctx, n_head_kv*head_dim]"},
+    {"set_layer", (PyCFunction)Decoder_set_layer, METH_VARARGS,
+     "set_layer(layer, attn_norm, q, k, v, o, ffn_norm, gate, up, down, q_bias, k_bias, v_bias); "
+     "matrices (ptr, qtype), gate may be None, biases None or f32 ptr"},
+    {"set_output", (PyCFunction)Decoder_set_output, METH_VARARGS, "set_output(norm_ptr, head_ptr, head_qtype)"},
+    {"layer", (PyCFunction)Decoder_layer, METH_VARARGS, "layer(layer, x_ptr, pos): one layer, x in place"},
+    {"head", (PyCFunction)Decoder_head, METH_VARARGS, "head(x_ptr, logits_ptr): final norm + LM head"},
+    {"step", (PyCFunction)Decoder_step, METH_VARARGS, "step(x_ptr, pos, logits_ptr): all layers (+ head if logits_ptr)"},
+    {"prefill", (PyCFunction)Decoder_prefill, METH_VARARGS,
+     "prefill(x_ptr, n_tok, pos0, logits_ptr): x [n_tok, d] in place; logits of the last token"},
+    {"set_threads", (PyCFunction)Decoder_set_threads, METH_VARARGS, "set_threads(n)"},
+    {"profile", (PyCFunction)Decoder_profile, METH_VARARGS, "profile(on): accumulate per-phase times"},
+    {"stats", (PyCFunction)(void (*)(void))Decoder_stats, METH_VARARGS | METH_KEYWORDS,
+     "stats(reset=False) -> dict of accumulated ns per phase (thread 0's view), steps, tokens"},
+    {"reset_stats", (PyCFunction)Decoder_reset_stats, METH_NOARGS, "reset_stats()"},
+    {NULL},
+};
+
+static PyTypeObject DecoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "powerinfer._C.Decoder",
+    .tp_basicsize = sizeof(DecoderObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Decoder(n_layer, d_model, n_head, n_head_kv, head_dim, n_ff, n_vocab, norm_eps, rope_dim, "
+              "rope_style, activation, ffn_kind, n_ctx, n_threads): one C call per decode step",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Decoder_init,
+    .tp_dealloc = (destructor)Decoder_dealloc,
+    .tp_methods = Decoder_methods,
+    .tp_getset = getset,
+    .tp_dictoffset = offsetof(DecoderObject, dict),
+};
+
+int pi_add_decoder_type(PyObject *m) {
+    if (PyType_Ready(&DecoderType) < 0) return -1;
+    Py_INCREF(&DecoderType);
+    if (PyModule_AddObject(m, "Decoder", (PyObject *)&DecoderType) < 0) { Py_DECREF(&DecoderType); return -1; }
+    return 0;
+}

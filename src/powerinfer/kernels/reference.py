@@ -1,0 +1,213 @@
+"""Slow, obviously-correct torch twins of the C kernels in `powerinfer._C` (STYLE 3).
+
+Everything here follows the C numerics *specification*, not its instruction order: ggml block layouts
+(gguf-py's quants are the cross-check in tests), activations quantized exactly as ggml's x86
+`quantize_row_q8_0/q8_1` (d = max|x|/127 stored as f16, q = round-half-even(x * 127/max), s = f16(d*sum q)),
+F16 weights against f16-rounded x, BF16 against bf16-rounded x, F32 plain. Integer block dots are exact;
+everything after them is float64, so the C kernels' f32 accumulation order is the only expected difference.
+
+`decode_layer_ref` / `head_ref` state one decode step as llama.cpp computes it (flash attention off, f16
+KV cache): rmsnorm with weight, q/k/v projections (+ biases), RoPE from the given tables, K/V[pos] stored as
+f16, q rounded to f16 for the q.K dot, softmax over 0..pos, probabilities rounded to f16 for the V product,
+GQA (kv head = q head // (n_head/n_head_kv)), scale 1/sqrt(head_dim), residual; FFN act(gate)*up |
+act(gate)*act(up) | act(up) with silu | relu | gelu(tanh), residual.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from ..formats.tensor import QTensor
+
+QK = 32
+_BLOCK_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q8_0: 34}
+
+
+def _raw(data: np.ndarray, rows: int) -> torch.Tensor:
+    """uint8 [rows, row_bytes] view of a weight array (copied: memmaps are read-only)."""
+    a = np.ascontiguousarray(np.asarray(data)).view(np.uint8).reshape(rows, -1)
+    return torch.from_numpy(a.copy())
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 2k] -> float32 [..., k] reading little-endian f16 pairs."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _blocks(w: QTensor):
+    """Integer quants and scales: (q int32 [rows, nb, 32], d f32 [rows, nb], m f32 [rows, nb] or None).
+    Q4_0 q is nibble-8, Q4_1 q is the nibble (value = q*d + m), Q8_0 q is the int8."""
+    qtype = QT(w.qtype)
+    raw = _raw(w.data, w.rows).view(w.rows, w.cols // QK, _BLOCK_BYTES[qtype])
+    d = _f16(raw[..., 0:2]).squeeze(-1)
+    m = None
+    if qtype == QT.Q8_0:
+        q = raw[..., 2:].view(torch.int8).to(torch.int32)
+    else:
+        off = 4 if qtype == QT.Q4_1 else 2
+        qs = raw[..., off:off + 16].to(torch.int32)
+        q = torch.cat((qs & 15, qs >> 4), dim=-1)  # low nibbles are elements 0..15, high 16..31
+        if qtype == QT.Q4_0:
+            q = q - 8
+        else:
+            m = _f16(raw[..., 2:4]).squeeze(-1)
+    return q, d, m
+
+
+def dequantize(w: QTensor) -> torch.Tensor:
+    """float32 tensor of w.shape."""
+    qtype = QT(w.qtype)
+    if qtype == QT.F32:
+        return torch.from_numpy(np.array(w.data, dtype=np.float32)).reshape(w.shape)
+    if qtype == QT.F16:
+        return torch.from_numpy(np.array(w.data).view(np.float16).astype(np.float32)).reshape(w.shape)
+    if qtype == QT.BF16:
+        u16 = np.array(w.data).view(np.uint16).astype(np.uint32) << 16
+        return torch.from_numpy(u16.view(np.float32)).reshape(w.shape)
+    q, d, m = _blocks(w)
+    vals = q.float() * d[..., None]
+    if m is not None:
+        vals = vals + m[..., None]
+    return vals.reshape(w.shape)
+
+
+def quantize_q8(x: torch.Tensor):
+    """ggml q8_1 activation blocks of x [..., n] (n % 32 == 0): (q int32 [..., n], d f32 [..., nb] (f16-rounded),
+    s f32 [..., nb] = f16(d * sum q), sum int32 [..., nb]). q8_0 is the same without s."""
+    x = x.float()
+    xb = x.reshape(*x.shape[:-1], -1, QK)
+    amax = xb.abs().amax(-1)
+    d = amax / 127.0
+    inv = torch.where(amax != 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv[..., None])  # torch.round is half-to-even, as cvtps2dq
+    qsum = q.sum(-1)
+    s = (d * qsum).half().float()
+    return q.to(torch.int32).reshape(x.shape), d.half().float(), s, qsum.to(torch.int32)
+
+
+def quantize_q8_0(x: torch.Tensor):
+    q, d, _, _ = quantize_q8(x)
+    return q, d
+
+
+def quantize_q8_1(x: torch.Tensor):
+    q, d, s, _ = quantize_q8(x)
+    return q, d, s
+
+
+def block_terms(w: QTensor, x: torch.Tensor) -> torch.Tensor:
+    """float64 [..., rows, n_terms]: the summands of y = W x as the kernels form them (per 32-block for
+    quantized weights, per element otherwise). y = terms.sum(-1); tests bound rounding by |terms|.sum(-1)."""
+    qtype = QT(w.qtype)
+    x = x.float()
+    if qtype in (QT.F32, QT.F16, QT.BF16):
+        xr = {QT.F32: x, QT.F16: x.half().float(), QT.BF16: x.bfloat16().float()}[qtype]
+        return dequantize(w).double() * xr.double()[..., None, :]
+    q, d, m = _blocks(w)
+    xq, xd, xs, _ = quantize_q8(x)
+    nb = w.cols // QK
+    xq = xq.reshape(*xq.shape[:-1], nb, QK)
+    # exact integer block dots [..., rows, nb]
+    isum = torch.einsum("rbj,...bj->...rb", q.double(), xq.double())
+    terms = isum * (d.double() * xd.double()[..., None, :])
+    if m is not None:
+        terms = torch.cat((terms, m.double() * xs.double()[..., None, :]), dim=-1)
+    return terms
+
+
+def matvec_ref(w: QTensor, x: torch.Tensor) -> torch.Tensor:
+    """y = W x with ggml's activation quantization; x [cols] or [n_tok, cols]; float64 result."""
+    return block_terms(w, x).sum(-1)
+
+
+# ---- the decode step ----
+def rmsnorm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.double()
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w.double()
+
+
+def rope_ref(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """v [n_heads, head_dim]; cos/sin [rope_dim/2] for this position."""
+    half = cos.shape[-1]
+    v = v.clone()
+    c, s = cos.double(), sin.double()
+    if style == "neox":
+        i0, i1 = torch.arange(half), torch.arange(half) + half
+    else:
+        i0, i1 = torch.arange(half) * 2, torch.arange(half) * 2 + 1
+    a, b = v[:, i0].clone(), v[:, i1].clone()
+    v[:, i0] = a * c - b * s
+    v[:, i1] = a * s + b * c
+    return v
+
+
+def act_ref(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return torch.relu(x)
+    if activation == "gelu":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * x * (1.0 + 0.044715 * x * x)))
+    return x * torch.sigmoid(x)
+
+
+def ffn_ref(g: torch.Tensor | None, u: torch.Tensor, activation: str, ffn_kind: str) -> torch.Tensor:
+    if ffn_kind == "mlp":
+        return act_ref(u, activation)
+    if ffn_kind == "dglu":
+        return act_ref(g, activation) * act_ref(u, activation)
+    return act_ref(g, activation) * u
+
+
+def _vec(t: QTensor | None) -> torch.Tensor | None:
+    return None if t is None else dequantize(t).double().reshape(-1)
+
+
+def attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_kv: int, n_head: int,
+                  n_head_kv: int, head_dim: int) -> torch.Tensor:
+    """q [n_head, head_dim] (roped); caches f16 [n_ctx, n_head_kv*head_dim]; float64 [n_head*head_dim]."""
+    k = k_cache[:n_kv].double().reshape(n_kv, n_head_kv, head_dim)
+    v = v_cache[:n_kv].double().reshape(n_kv, n_head_kv, head_dim)
+    out = []
+    for h in range(n_head):
+        g = h // (n_head // n_head_kv)
+        qh = q[h].half().double()  # ggml converts q to the f16 K's vec_dot_type
+        s = (k[:, g, :] @ qh) / math.sqrt(head_dim)
+        p = torch.softmax(s, dim=0).half().double()  # kq rounded to f16 for the f16 V product
+        out.append(p @ v[:, g, :])
+    return torch.cat(out)
+
+
+def decode_layer_ref(config, layer, x: torch.Tensor, pos: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One decode step of one layer (ModelConfig, LayerWeights). Writes K/V[pos] (f16) into the caches and
+    returns the new residual x (float32 [d])."""
+    c = config
+    hd, nh, nkv = c.head_dim, c.n_head, c.n_head_kv
+    x = x.double()
+    n = rmsnorm_ref(x, _vec(layer.input_layernorm), c.norm_eps).float()
+    q = matvec_ref(layer.q_proj, n)
+    k = matvec_ref(layer.k_proj, n)
+    v = matvec_ref(layer.v_proj, n)
+    for t, b in ((q, layer.q_bias), (k, layer.k_bias), (v, layer.v_bias)):
+        if b is not None:
+            t += _vec(b)
+    q = rope_ref(q.view(nh, hd), cos[pos], sin[pos], c.rope_style)
+    k = rope_ref(k.view(nkv, hd), cos[pos], sin[pos], c.rope_style)
+    k_cache[pos] = k.reshape(-1).to(k_cache.dtype)
+    v_cache[pos] = v.to(v_cache.dtype)
+    att = attention_ref(q, k_cache, v_cache, pos + 1, nh, nkv, hd)
+    x = x + matvec_ref(layer.o_proj, att.float())
+    n = rmsnorm_ref(x, _vec(layer.post_attention_layernorm), c.norm_eps).float()
+    u = matvec_ref(layer.up_proj, n)
+    g = matvec_ref(layer.gate_proj, n) if layer.gate_proj is not None else None
+    h = ffn_ref(g, u, c.activation, c.ffn_kind)
+    x = x + matvec_ref(layer.down_proj, h.float())
+    return x.float()
+
+
+def head_ref(config, weights, x: torch.Tensor) -> torch.Tensor:
+    """Final rmsnorm + LM head: float64 logits [n_vocab]."""
+    n = rmsnorm_ref(x, _vec(weights.norm), config.norm_eps).float()
+    return matvec_ref(weights.lm_head, n)
