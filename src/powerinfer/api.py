@@ -26,7 +26,7 @@ class LLM:
         self.loaded = loaded
         self.settings = settings
         self.defaults = defaults
-        self.tokenizer = tokenizer or Tokenizer.from_gguf_metadata(loaded.metadata)
+        self.tokenizer = tokenizer or _tokenizer_for(loaded)
         self.runner = Runner(loaded, settings.n_ctx, settings.n_threads, settings.n_batch)
 
     @property
@@ -66,6 +66,15 @@ class LLM:
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+
+def _tokenizer_for(loaded: LoadedModel) -> Tokenizer:
+    meta = loaded.metadata
+    if "tokenizer.ggml.model" not in meta and loaded.path.is_dir():
+        from .formats.hf_tokenizer import metadata_from_hf_dir
+
+        meta = {**meta, **metadata_from_hf_dir(loaded.path)}
+    return Tokenizer.from_gguf_metadata(meta)
 
 
 def _piece(tok: Tokenizer, token_id: int | None) -> str:

@@ -146,14 +146,14 @@ def _run_batch(args) -> int:
 # -- tokenize ------------------------------------------------------------------------------------------
 
 def cmd_tokenize(args) -> int:
+    from .api import _tokenizer_for
     from .formats.loader import load_model
-    from .formats.tokenizer import Tokenizer
 
     if (args.prompt is None) == (args.file is None):
         raise PowerInferError("give the text with exactly one of -p TEXT or -f FILE")
     text = _read_text(args.file) if args.file is not None else args.prompt
     loaded = load_model(args.model)
-    tok = Tokenizer.from_gguf_metadata(loaded.metadata)
+    tok = _tokenizer_for(loaded)
     add_bos = False if args.no_bos else None
     parse_special = not args.no_parse_special
     if args.lines:
@@ -265,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print as JSON")
     info.add_argument("--template", action="store_true", help="also print the chat template")
     info.set_defaults(func=cmd_info)
+
+    from .measure import bench, logits, perplexity
+    perplexity.add_parser(sub)
+    logits.add_parser(sub)
+    bench.add_parser(sub)
     return p
 
 
