@@ -1,0 +1,358 @@
+"""`powerinfer bench`: prompt-processing and generation speed, modelled on llama.cpp's `llama-bench`.
+
+Protocol (as llama-bench, tools/llama-bench): for every thread count in -t and every test,
+  * ppN: N prompt tokens evaluated from an empty KV cache in prefill calls of -b tokens; tokens are random ids
+    (seeded), the first one BOS when the model adds BOS; t/s = N / time;
+  * tgN: N single-token decode steps from an empty cache (the first input BOS when the model adds BOS, then
+    random ids); t/s = N / time.
+One untimed warm-up repetition of the same test runs first (page faults, caches, thread start-up), then -r timed
+repetitions; reported: mean +/- sample standard deviation and median of the per-repetition t/s.
+Time is wall-clock around `runner.eval` calls, so the Python per-token overhead a user of the engine pays is
+included, as llama-bench includes llama_decode's.
+
+Derived numbers (generation tests only):
+  * bytes_per_token: weight bytes one decode step reads: every layer matrix (q, k, v, o, gate, up, down) at its
+    stored size, the norm vectors and biases, the output norm, the output head and one embedding row. The FFN
+    matrices count in full for a dense decoder; when a sparse runner reports a sparsity s, gate/up/down count
+    (1 - s) of their rows (neurons skipped entirely). KV-cache reads are not counted (they grow with position).
+  * gb_per_s: bytes_per_token * t/s / 1e9, the effective weight bandwidth.
+  * ffn_sparsity: fraction of FFN neurons skipped per token. 0 for the dense decoder. A runner that skips
+    neurons exposes `ffn_sparsity()` (fraction skipped over the evals since `reset_ffn_stats()`); it is read
+    after each timed test.
+Peak RSS is the process's resource.getrusage maximum resident set, in MiB.
+
+JSON schema (`--json`, "schema": "powerinfer.bench/1"):
+  {"schema": str, "model": {"path", "type", "arch", "size_bytes", "n_params", "n_layer", "d_model", "n_ff",
+                            "n_vocab", "activation", "bytes_per_token"},
+   "system": {"isa", "cpu", "n_cpus", "python", "torch", "powerinfer"},
+   "settings": {"n_batch", "n_ctx", "repetitions", "warmup", "seed"},
+   "results": [{"test": "pp128" | "tg128", "n_prompt", "n_gen", "n_threads", "samples_ns": [int],
+                "samples_ts": [float], "avg_ts", "stddev_ts", "median_ts", "avg_ns", "stddev_ns",
+                "bytes_per_token": int | null, "gb_per_s": float | null, "ffn_sparsity": float,
+                "sparsity_source": "dense" | "runner", "peak_rss_mib": float,
+                "phases_ms_per_token": {phase: ms} | null}],
+   "peak_rss_mib": float}
+avg_ts/stddev_ts/samples_ts follow llama-bench's JSON field names; stddev is 0 with one repetition.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import PowerInferError
+
+SCHEMA = "powerinfer.bench/1"
+
+
+# -- what a model costs -------------------------------------------------------------------------------------
+
+def _weight_tensors(weights):
+    """(kind, tensor) for every stored weight, the tied head counted once."""
+    out = [("embed", weights.embed_tokens), ("norm", weights.norm)]
+    if weights.lm_head is not weights.embed_tokens:
+        out.append(("head", weights.lm_head))
+    for lw in weights.layers:
+        for name, t in vars(lw).items():
+            if t is None:
+                continue
+            kind = "ffn" if name in ("gate_proj", "up_proj", "down_proj") else "layer"
+            out.append((kind, t))
+    return out
+
+
+def model_size(weights) -> tuple[int, int]:
+    """(bytes, parameters) of the weights as stored (the tied head once), like llama-bench's size/params."""
+    ts = [t for _, t in _weight_tensors(weights)]
+    return sum(t.nbytes for t in ts), sum(t.rows * t.cols for t in ts)
+
+
+def bytes_per_token(weights, ffn_sparsity: float = 0.0) -> int:
+    """Weight bytes one decode step reads (see the module docstring for what is counted)."""
+    total = weights.embed_tokens.row_bytes  # one embedding row is looked up
+    total += weights.lm_head.nbytes  # the head is read in full, tied or not
+    for kind, t in _weight_tensors(weights):
+        if kind in ("embed", "head"):
+            continue
+        total += t.nbytes * (1.0 - ffn_sparsity) if kind == "ffn" else t.nbytes
+    return int(total)
+
+
+def _runner_sparsity(runner) -> tuple[float, str]:
+    fn = getattr(runner, "ffn_sparsity", None)
+    if callable(fn):
+        s = fn()
+        if s is not None:
+            return float(s), "runner"
+    return 0.0, "dense"
+
+
+def _reset_runner_sparsity(runner) -> None:
+    fn = getattr(runner, "reset_ffn_stats", None)
+    if callable(fn):
+        fn()
+
+
+# -- the tests ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Test:
+    kind: str  # "pp" | "tg"
+    n: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.n}"
+
+
+def _tokens(rng, n: int, n_vocab: int, bos_id: int | None) -> list[int]:
+    ids = rng.integers(0, n_vocab, size=n).tolist()
+    if bos_id is not None and ids:
+        ids[0] = bos_id
+    return ids
+
+
+def _run_once(runner, test: Test, ids: list[int]) -> int:
+    """Wall-clock ns of one repetition from an empty cache."""
+    runner.truncate(0)
+    t0 = time.perf_counter_ns()
+    if test.kind == "pp":
+        runner.eval(ids)
+    else:
+        for tok in ids:
+            runner.eval([tok])
+    return time.perf_counter_ns() - t0
+
+
+def _profile_phases(runner, test: Test, ids: list[int]) -> dict | None:
+    """ms per generated token in each decoder phase, from one extra untimed repetition with profiling on
+    (profiling adds clock reads, so it never runs inside the timed repetitions)."""
+    dec = getattr(runner, "decoder", None)
+    if dec is None or not hasattr(dec, "profile") or test.kind != "tg":
+        return None
+    dec.profile(True)
+    dec.reset_stats()
+    try:
+        _run_once(runner, test, ids)
+        st = dec.stats(reset=True)
+    finally:
+        dec.profile(False)
+    n = max(1, len(ids))
+    return {k[:-3]: round(v / n / 1e6, 4) for k, v in st.items() if k.endswith("_ns")}
+
+
+def _peak_rss_mib() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(r / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def run_bench(runner, weights, tests: list[Test], threads: list[int], repetitions: int, *, warmup: bool = True,
+              seed: int = 0, bos_id: int | None = None, profile: bool = False, on_result=None) -> list[dict]:
+    """One result dict per (thread count, test), in llama-bench order (threads outer)."""
+    if repetitions < 1:
+        raise PowerInferError(f"-r/--repetitions must be >= 1, got {repetitions}")
+    n_vocab = runner.config.n_vocab
+    results = []
+    for nt in threads:
+        runner.set_threads(nt)
+        for test in tests:
+            rng = np.random.default_rng(seed)  # the same token ids for every thread count
+            ids = _tokens(rng, test.n, n_vocab, bos_id)
+            if warmup:
+                _run_once(runner, test, ids)
+            _reset_runner_sparsity(runner)
+            samples = [_run_once(runner, test, ids) for _ in range(repetitions)]
+            ts = [test.n * 1e9 / ns for ns in samples]
+            sparsity, source = _runner_sparsity(runner)
+            r = {
+                "test": test.name, "n_prompt": test.n if test.kind == "pp" else 0,
+                "n_gen": test.n if test.kind == "tg" else 0, "n_threads": nt,
+                "samples_ns": samples, "samples_ts": [round(x, 4) for x in ts],
+                "avg_ts": statistics.fmean(ts), "stddev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+                "median_ts": statistics.median(ts), "avg_ns": statistics.fmean(samples),
+                "stddev_ns": statistics.stdev(samples) if len(samples) > 1 else 0.0,
+                "bytes_per_token": None, "gb_per_s": None, "ffn_sparsity": sparsity, "sparsity_source": source,
+                "peak_rss_mib": _peak_rss_mib(), "phases_ms_per_token": None,
+            }
+            if test.kind == "tg":
+                bpt = bytes_per_token(weights, sparsity)
+                r["bytes_per_token"] = bpt
+                r["gb_per_s"] = bpt * r["avg_ts"] / 1e9
+                if profile:
+                    r["phases_ms_per_token"] = _profile_phases(runner, test, ids)
+            results.append(r)
+            if on_result is not None:
+                on_result(r)
+    return results
+
+
+# -- formatting ---------------------------------------------------------------------------------------------
+
+def _fmt_size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def model_type(loaded, n_params: int) -> str:
+    """llama-bench's model column: architecture, size class, file type."""
+    ftype = (loaded.file_type or "?").split(" (")[0]
+    size = f"{n_params / 1e9:.0f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M"
+    return f"{loaded.config.arch} {size} {ftype}"
+
+
+_COLUMNS = ("model", "size", "params", "threads", "test", "t/s", "median t/s", "GB/s", "sparsity")
+
+
+def markdown_row(model: dict, r: dict) -> str:
+    cells = [model["type"], _fmt_size(model["size_bytes"]), _fmt_params(model["n_params"]), str(r["n_threads"]),
+             r["test"], f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}", f"{r['median_ts']:.2f}",
+             f"{r['gb_per_s']:.2f}" if r["gb_per_s"] is not None else "-",
+             f"{r['ffn_sparsity']:.2f}" if r["n_gen"] else "-"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_header() -> str:
+    right = {"size", "params", "threads", "test", "t/s", "median t/s", "GB/s", "sparsity"}
+    return ("| " + " | ".join(_COLUMNS) + " |\n|" +
+            "|".join("-" * (len(c) + 1) + (":" if c in right else "-") for c in _COLUMNS) + "|")
+
+
+# -- CLI ----------------------------------------------------------------------------------------------------
+
+def _int_list(flag: str):
+    def parse(s: str) -> list[int]:
+        try:
+            vals = [int(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            raise PowerInferError(f"{flag} expects comma-separated integers, got {s!r}") from None
+        if not vals or any(v < 0 for v in vals):
+            raise PowerInferError(f"{flag} expects non-negative integers, got {s!r}")
+        return vals
+    return parse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="measure prompt and generation speed (like llama-bench)",
+        description="Prompt processing (ppN: N tokens from an empty cache) and generation (tgN: N single-token "
+                    "decode steps) speed, one untimed warm-up then -r timed repetitions per test and thread count, "
+                    "like llama-bench. Lists are comma-separated: -t 1,2 -p 128,512. GB/s counts the weight bytes "
+                    "one decode step reads (all layer matrices + norms + output head + one embedding row; FFN rows "
+                    "scaled by 1 - sparsity when the runner skips neurons). Prints a markdown table, or JSON.")
+    p.add_argument("-m", "--model", metavar="PATH", help="GGUF file or HF directory (default: the bundled model)")
+    p.add_argument("-p", "--n-prompt", default="128", metavar="N[,N...]",
+                   help="prompt lengths for the pp tests; 0 skips them (default: 128)")
+    p.add_argument("-n", "--n-gen", default="128", metavar="N[,N...]",
+                   help="decode steps for the tg tests; 0 skips them (default: 128)")
+    p.add_argument("-t", "--threads", default=None, metavar="N[,N...]",
+                   help="thread counts to test (default: all available cores)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, metavar="N",
+                   help="timed repetitions per test (default: 5)")
+    p.add_argument("-b", "--batch-size", type=int, default=512, metavar="N",
+                   help="prompt tokens per prefill call in pp tests (default: 512)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up repetition")
+    p.add_argument("-s", "--seed", type=int, default=0, metavar="N", help="seed of the random token ids (default: 0)")
+    p.add_argument("--profile", action="store_true",
+                   help="after each tg test, one more untimed repetition with the decoder's per-phase profiler; "
+                        "prints ms per token by phase")
+    p.add_argument("--json", action="store_true", help="print one JSON document (schema in `powerinfer.measure."
+                                                       "bench`'s docstring) instead of the markdown table")
+    p.set_defaults(func=func)
+
+
+def func(args) -> int:
+    import torch
+
+    import powerinfer
+
+    from .. import kernels
+    from ..formats.loader import load_model
+    from ..runtime.runner import Runner
+    from ..settings import default_threads
+
+    prompts = [n for n in _int_list("-p/--n-prompt")(args.n_prompt) if n > 0]
+    gens = [n for n in _int_list("-n/--n-gen")(args.n_gen) if n > 0]
+    threads = _int_list("-t/--threads")(args.threads) if args.threads else [default_threads()]
+    if any(t == 0 for t in threads):
+        raise PowerInferError("-t/--threads values must be >= 1")
+    if args.repetitions < 1:
+        raise PowerInferError(f"-r/--repetitions must be >= 1, got {args.repetitions}")
+    if args.batch_size <= 0:
+        raise PowerInferError(f"-b/--batch-size must be > 0, got {args.batch_size}")
+    tests = [Test("pp", n) for n in prompts] + [Test("tg", n) for n in gens]
+    if not tests:
+        raise PowerInferError("nothing to run: -p and -n are both 0")
+
+    loaded = load_model(args.model)
+    if loaded.conversion_report:
+        print(f"note: converted at load: {loaded.conversion_report}", file=sys.stderr)
+    cfg = loaded.config
+    n_ctx = max(t.n for t in tests)
+    if cfg.context_length and n_ctx > cfg.context_length:
+        print(f"warning: {n_ctx} tokens exceed the model's trained context of {cfg.context_length}", file=sys.stderr)
+    # Tokenizer-free on purpose (random ids), so models without tokenizer metadata can be benchmarked too.
+    # llama.cpp's defaults when the keys are absent: SentencePiece ("llama") vocabularies add BOS id 1, BPE none.
+    md = loaded.metadata
+    spm = md.get("tokenizer.ggml.model") == "llama"
+    add_bos = md.get("tokenizer.ggml.add_bos_token", spm) and "tokenizer.ggml.tokens" in md
+    bos = int(md.get("tokenizer.ggml.bos_token_id", 1)) if add_bos else None
+    runner = Runner(loaded, n_ctx, threads[0], min(args.batch_size, n_ctx))
+
+    size_bytes, n_params = model_size(loaded.weights)
+    model = {"path": str(loaded.path), "type": model_type(loaded, n_params), "arch": cfg.arch,
+             "size_bytes": size_bytes, "n_params": n_params, "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+             "n_ff": cfg.n_ff, "n_vocab": cfg.n_vocab, "activation": cfg.activation,
+             "bytes_per_token": bytes_per_token(loaded.weights)}
+
+    if not args.json:
+        print(markdown_header())
+
+    def on_result(r):
+        if not args.json:
+            print(markdown_row(model, r), flush=True)
+
+    results = run_bench(runner, loaded.weights, tests, threads, args.repetitions, warmup=not args.no_warmup,
+                        seed=args.seed, bos_id=bos, profile=args.profile, on_result=on_result)
+    peak = _peak_rss_mib()
+    if args.json:
+        doc = {
+            "schema": SCHEMA, "model": model,
+            "system": {"isa": kernels.isa() if runner.compute == "c" else f"torch ({runner.device})",
+                       "cpu": _cpu_name(), "n_cpus": default_threads(), "python": platform.python_version(),
+                       "torch": torch.__version__, "powerinfer": powerinfer.__version__},
+            "settings": {"n_batch": runner.n_batch, "n_ctx": n_ctx, "repetitions": args.repetitions,
+                         "warmup": not args.no_warmup, "seed": args.seed},
+            "results": results, "peak_rss_mib": peak,
+        }
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(f"\nGB/s: {model['bytes_per_token'] / 2**20:.1f} MiB of weights per generated token (layer matrices, norms, "
+          f"output head, one embedding row; dense FFN) x t/s. Peak RSS {peak:.0f} MiB. "
+          f"{args.repetitions} repetitions{'' if args.no_warmup else ' after 1 warm-up'}, "
+          f"random token ids (seed {args.seed}).")
+    for r in results:
+        if r["phases_ms_per_token"]:
+            phases = ", ".join(f"{k} {v:.3f}" for k, v in r["phases_ms_per_token"].items())
+            print(f"{r['test']} t={r['n_threads']}: ms/token by phase: {phases}")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
