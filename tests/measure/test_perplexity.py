@@ -34,20 +34,20 @@ def test_chunk_and_scored_counts():
     assert n_chunks_for(1000, 128, max_chunks=3) == 3
     assert n_chunks_for(1000, 128, max_chunks=50) == 7
     assert n_chunks_for(100, 128) == 0
-    assert scored_per_chunk(512) == 255  # positions 256..510 predict 257..511
-    assert scored_per_chunk(64) == 31
-    assert scored_per_chunk(7) == 3  # first = 3: positions 3, 4, 5
+    assert scored_per_chunk(512) == 256  # logits at 255..510 predict the tokens at 256..511
+    assert scored_per_chunk(64) == 32
+    assert scored_per_chunk(7) == 4  # first = 3: the tokens at positions 3, 4, 5, 6
 
 
 def test_ppl_is_exp_mean_nll_of_its_logits_and_targets(llm, tokens, tmp_path):
-    """Exact: the scored rows and targets are positions first..n_ctx-2 -> the next token, and PPL is
+    """Exact: the scored rows are positions first-1..n_ctx-2 predicting the next token, and PPL is
     exp(mean NLL) of them with llama.cpp's error."""
     out = tmp_path / "l.npy"
     r = perplexity(llm.runner, tokens, N_CTX, logits_out=str(out))
     n_chunk = len(tokens) // N_CTX
     assert n_chunk >= 4
-    assert (r.n_chunks, r.n_tokens_scored, r.n_ctx) == (n_chunk, n_chunk * 31, N_CTX)
-    want_targets = [tokens[i * N_CTX + j + 1] for i in range(n_chunk) for j in range(N_CTX // 2, N_CTX - 1)]
+    assert (r.n_chunks, r.n_tokens_scored, r.n_ctx) == (n_chunk, n_chunk * 32, N_CTX)
+    want_targets = [tokens[i * N_CTX + j + 1] for i in range(n_chunk) for j in range(N_CTX // 2 - 1, N_CTX - 1)]
     assert np.load(tokens_path(out)).tolist() == want_targets
 
     logits = torch.from_numpy(np.load(out)).double()
@@ -55,7 +55,7 @@ def test_ppl_is_exp_mean_nll_of_its_logits_and_targets(llm, tokens, tmp_path):
     ppl = math.exp(nll.mean())
     assert r.ppl == pytest.approx(ppl, rel=1e-9)
     assert r.running[-1] == pytest.approx(r.ppl, rel=1e-12)
-    assert r.running[0] == pytest.approx(math.exp(nll[:31].mean()), rel=1e-9)
+    assert r.running[0] == pytest.approx(math.exp(nll[:32].mean()), rel=1e-9)
     err = ppl * math.sqrt(nll.var() / (len(nll) - 1))  # llama.cpp: sqrt((E[x^2] - E[x]^2) / (n-1)) * ppl
     assert r.ppl_err == pytest.approx(err, rel=1e-6)
 
@@ -71,7 +71,7 @@ def test_ppl_matches_logits_of_whole_chunks(llm, tokens):
         chunk = tokens[i * N_CTX:(i + 1) * N_CTX]
         runner.truncate(0)
         logits = runner.eval(chunk, all_logits=True).double()
-        for j in range(N_CTX // 2, N_CTX - 1):
+        for j in range(N_CTX // 2 - 1, N_CTX - 1):
             nll.append(-(torch.log_softmax(logits[j], -1)[chunk[j + 1]]).item())
     assert len(nll) == r.n_tokens_scored
     assert r.ppl == pytest.approx(math.exp(np.mean(nll)), rel=2e-2)
@@ -95,15 +95,15 @@ def test_cli_default_text_json_and_logits_roundtrip(capsys, tmp_path, bundled_mo
     assert "default evaluation text" in cap.err
     doc = json.loads(cap.out)
     assert {"ppl", "ppl_err", "n_tokens_scored", "n_chunks", "n_ctx", "text", "seconds"} <= set(doc)
-    assert (doc["n_chunks"], doc["n_ctx"], doc["n_tokens_scored"]) == (2, N_CTX, 2 * 31)
+    assert (doc["n_chunks"], doc["n_ctx"], doc["n_tokens_scored"]) == (2, N_CTX, 2 * 32)
     assert doc["text"] == describe(pydoc_topics("eval"))
     assert re.search(r"\[1\][\d.]+,\[2\][\d.]+,", cap.err)  # the running values go to stderr with --json
 
     logits = np.load(out)
     targets = np.load(tokens_path(out))
-    assert logits.shape == (62, 49152) and logits.dtype == np.float32
-    assert targets.shape == (62,)
-    nll = -torch.log_softmax(torch.from_numpy(logits).double(), -1)[torch.arange(62), torch.from_numpy(targets).long()]
+    assert logits.shape == (64, 49152) and logits.dtype == np.float32
+    assert targets.shape == (64,)
+    nll = -torch.log_softmax(torch.from_numpy(logits).double(), -1)[torch.arange(64), torch.from_numpy(targets).long()]
     assert math.exp(nll.mean().item()) == pytest.approx(doc["ppl"], rel=1e-9)
 
     code = main(["compare-logits", str(out), str(out), "--json"])

@@ -7,8 +7,11 @@ Convention:
   * n_chunk = min(--chunks, n_tokens // n_ctx); chunk i is tokens[i*n_ctx : (i+1)*n_ctx], evaluated from an
     empty KV cache; when the model adds BOS, the chunk's first token is replaced by BOS for the evaluation
     (the original id stays the target, though position 0 is never scored);
-  * only the second half is scored: with first = n_ctx // 2, the logits at position j predict token j+1 for
-    j = first .. n_ctx-2, i.e. n_ctx - 1 - first predictions per chunk (255 for -c 512);
+  * only the second half is scored: with first = n_ctx // 2, the tokens at positions first .. n_ctx-1 are
+    predicted from the logits at first-1 .. n_ctx-2, i.e. n_ctx - first predictions per chunk (256 for -c 512).
+    Checked against llama.cpp: its own logits (llama-cpp-python 0.3.36, SmolLM2 Q4_1, eval split, -c 512,
+    8 chunks) scored this way give 13.9437, and `llama-perplexity` reports 13.9418 on the same text
+    (reference/baselines.md 3.3); scoring one position fewer per chunk (255) gives 13.9219, 0.14% off;
   * PPL = exp(mean NLL) over all scored tokens; the running value after each chunk is printed as
     `[1]17.1700,[2]14.4300,...`; the final line is `PPL = x +/- err` with err = PPL * sqrt((E[nll^2] - E[nll]^2)
     / (count - 1)), llama.cpp's first-order error of the mean.
@@ -44,8 +47,8 @@ def n_chunks_for(n_tokens: int, n_ctx: int, max_chunks: int = -1) -> int:
 
 
 def scored_per_chunk(n_ctx: int) -> int:
-    """Predictions scored per chunk: positions n_ctx//2 .. n_ctx-2 each predict the next token."""
-    return n_ctx - 1 - n_ctx // 2
+    """Predictions scored per chunk: the tokens at positions n_ctx//2 .. n_ctx-1."""
+    return n_ctx - n_ctx // 2
 
 
 @dataclass
@@ -84,12 +87,13 @@ def perplexity(runner, tokens: list[int], n_ctx: int, *, bos_id: int | None = No
     try:
         for i in range(n_chunk):
             chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
-            targets = torch.tensor(chunk[first + 1:], dtype=torch.long)
+            targets = torch.tensor(chunk[first:], dtype=torch.long)
             if bos_id is not None:
                 chunk[0] = bos_id
             runner.truncate(0)  # every chunk starts from an empty context, like llama_memory_clear
-            runner.eval(chunk[:first])  # positions 0..first-1 only fill the cache; their logits are not scored
-            logits = runner.eval(chunk[first:n_ctx - 1], all_logits=True)  # row k predicts chunk[first + 1 + k]
+            if first > 1:
+                runner.eval(chunk[:first - 1])  # positions 0..first-2 only fill the cache; no logits needed
+            logits = runner.eval(chunk[first - 1:n_ctx - 1], all_logits=True)  # row k predicts chunk[first + k]
             nll[i * per_chunk:(i + 1) * per_chunk] = target_nll(logits, targets).numpy()
             if writer is not None:
                 writer.add(logits, targets.numpy())
