@@ -65,6 +65,24 @@ class LlamaCpp:
         return np.array(self.llm.scores[: len(ids)], dtype=np.float64)
 
 
+class LlamaCppRunner:
+    """llama.cpp behind the runner API (truncate/eval) that powerinfer.measure.perplexity scores."""
+
+    def __init__(self, ref: LlamaCpp, n_ctx: int):
+        self.llm, self.n_ctx = ref.llm, n_ctx
+        self.config = type("Config", (), {"n_vocab": ref.n_vocab})()
+
+    def truncate(self, n):
+        assert n == 0
+        self.llm.reset()
+
+    def eval(self, ids, all_logits=False):
+        start = self.llm.n_tokens
+        self.llm.eval(ids)
+        rows = torch.from_numpy(np.array(self.llm.scores[start:start + len(ids)], dtype=np.float32))
+        return rows if all_logits else rows[-1]
+
+
 class Ours:
     def __init__(self, path, n_threads, n_ctx):
         import powerinfer
@@ -182,8 +200,15 @@ def main(argv=None):
 
     q = None
     if args.ppl_tokens:
+        from powerinfer.measure.perplexity import perplexity
+
         ref_q = LlamaCpp(path, args.threads, n_ctx=512, logits_all=True)
         q = quality(ours, ref_q, tokens[: args.ppl_tokens])
+        # llama-perplexity's own convention (second half of each 512-chunk scored), same tokens, both engines
+        chunks = args.ppl_tokens // 512
+        q["lp_ours"] = perplexity(ours.runner, tokens, 512, max_chunks=chunks).ppl
+        q["lp_ref"] = perplexity(LlamaCppRunner(ref_q, 512), tokens, 512, max_chunks=chunks).ppl
+        q["lp_chunks"] = chunks
 
     lines = [
         "# powerinfer vs llama.cpp",
@@ -213,6 +238,9 @@ def main(argv=None):
             "",
             f"Perplexity ratio {q['ppl_ours'] / q['ppl_ref']:.4f}; top-1 agreement {100 * q['top1']:.2f}%; "
             f"mean KL(llama.cpp || ours) {q['kl']:.5f} nats.",
+            "",
+            f"`powerinfer perplexity` convention (llama-perplexity's: -c 512, second half of each chunk scored, "
+            f"{q['lp_chunks']} chunks): powerinfer {q['lp_ours']:.4f}, llama.cpp's logits {q['lp_ref']:.4f}.",
         ]
     if breakdown:
         stats, wall, sample = breakdown
