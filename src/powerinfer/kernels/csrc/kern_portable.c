@@ -100,10 +100,10 @@ static void rows_f32(const pi_mat *m, int r0, int r1, const pi_act *a, float *y)
 }
 
 /* ---- packed layout (see pi_mat in pi.h) ---- */
-static void packed_any(const pi_mat *m, int g0, int g1, const pi_act *a, int n_tok, float *y, int ldy) {
+static void packed_any(const pi_mat *m, const pi_seg *sg, const pi_act *a, int n_tok, float *y, int ldy) {
     const int nb = m->cols / PI_QK, qb = pi_qb(m->qtype), n = a->n;
-    for (int g = g0; g < g1; g++) {
-        const uint8_t *q0 = m->packed + (size_t)g * m->gstride;
+    for (int g = sg->u0; g < sg->u1; g++) {
+        const uint8_t *q0 = sg->p + (size_t)(g - sg->u0) * m->gstride;
         const uint16_t *sd = (const uint16_t *)(q0 + (size_t)nb * qb);
         const uint16_t *sm = sd + (size_t)nb * PI_G;
         for (int t = 0; t < n_tok; t++) {
@@ -158,5 +158,5 @@ const pi_kernels pi_kernels_portable = {
     "portable",
     rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32,
     packed_any, packed_any, packed_any,
-    quant_q8, dot_f16, axpy_f16, to_f16, NULL,
+    quant_q8, dot_f16, axpy_f16, to_f16, NULL, 0,
 };

@@ -100,7 +100,7 @@ static PyObject *run_mm(int qtype, const void *w, int rows, int cols, const floa
     void *mem = NULL;
     int rc = 0;
     Py_BEGIN_ALLOW_THREADS
-    rc = pi_mat_init(&m, qtype, w, rows, cols, pack, NULL);
+    rc = pi_mat_init(&m, qtype, w, rows, cols, pack);
     if (!rc) mem = pi_aligned_alloc(pi_act_bytes(cols, n_tok, need));
     if (!rc && mem) {
         pi_act a;

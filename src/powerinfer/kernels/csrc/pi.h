@@ -104,22 +104,26 @@ typedef struct {
     int qtype, rows, cols;
     const uint8_t *raw;  /* GGUF layout, rows * row_bytes */
     size_t row_bytes;
-    uint8_t *packed;     /* NULL if the format is not packed */
-    size_t gstride;      /* bytes per packed group */
+    uint8_t *packed;     /* own contiguous packed copy, or NULL (raw, or packed elsewhere in segments) */
+    size_t gstride;      /* bytes per packed group (block formats) */
     int n_groups;
-    int owns_packed;     /* packed came from pi_aligned_alloc (else from an arena) */
 } pi_mat;
 
-typedef struct { void **chunks; int n, cap; uint8_t *cur; size_t left; } pi_arena;
+/* A contiguous run of units [u0, u1) of one matrix (16-row groups when packed, else 4-row units); p is
+ * group u0's packed data (NULL for raw), and the kernel may prefetch up to pf_end (the end of the memory
+ * p lives in: it streams on into whatever the same thread reads next). */
+typedef struct { int u0, u1; const uint8_t *p, *pf_end; } pi_seg;
+
+typedef struct { void **chunks; size_t *sizes; int n, cap; uint8_t *cur; size_t left; } pi_arena;
 void *pi_arena_alloc(pi_arena *a, size_t bytes); /* 64-aligned, huge-page backed; NULL if out of memory */
+const uint8_t *pi_arena_end(const pi_arena *a, const void *p); /* end of the chunk holding p */
 void pi_arena_free(pi_arena *a);
 
 size_t pi_row_bytes(int qtype, int cols);
 int pi_is_packable(int qtype);
 int pi_qb(int qtype); /* packed quant bytes per group-block: 256 (Q4) or 512 (Q8_0) */
-/* Fill m; packs when the format allows (m->packed from arena, or its own allocation if arena is NULL).
- * Returns 0 or -1 (bad args / no memory). */
-int pi_mat_init(pi_mat *m, int qtype, const void *raw, int rows, int cols, int pack, pi_arena *arena);
+/* Fill m; with pack, block formats get their own packed copy in m->packed. 0, or -1 (bad args / no memory). */
+int pi_mat_init(pi_mat *m, int qtype, const void *raw, int rows, int cols, int pack);
 void pi_mat_free(pi_mat *m);
 /* Pack groups [g0, g1) of a raw matrix into dst (gstride per group). */
 void pi_pack_groups(int qtype, const uint8_t *raw, size_t row_bytes, int rows, int cols, int g0, int g1,
@@ -128,10 +132,10 @@ size_t pi_packed_gstride(int qtype, int cols);
 
 /* ---- per-ISA kernel table ----
  * rows:    raw layout, y[r] = W[r]·x for r in [r0, r1), token 0 of a.
- * packed:  packed layout, y[t*ldy + r] for groups [g0, g1) (rows >= m->rows not stored), tokens [0, n_tok).
+ * packed:  packed layout, y[t*ldy + r] for the groups of segment s (rows >= m->rows not stored), tokens [0, n_tok).
  * quant:   q8 quantization of n values (one token) into qs/d/s/sum at block offset. */
 typedef void (*pi_rows_fn)(const pi_mat *m, int r0, int r1, const pi_act *a, float *y);
-typedef void (*pi_packed_fn)(const pi_mat *m, int g0, int g1, const pi_act *a, int n_tok, float *y, int ldy);
+typedef void (*pi_packed_fn)(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok, float *y, int ldy);
 typedef void (*pi_quant_fn)(const float *x, int nblocks, int8_t *qs, float *d, float *s, int32_t *sum);
 typedef float (*pi_dot_f16_fn)(const float *q, const uint16_t *k, int n);
 typedef void (*pi_axpy_f16_fn)(float *y, const uint16_t *v, float a, int n);
@@ -152,16 +156,26 @@ typedef struct {
     pi_axpy_f16_fn axpy_f16; /* attention y += p * V */
     pi_to_f16_fn to_f16;     /* f32 -> f16 (round to nearest even) */
     pi_attn_fn attn;         /* optional fused attention (see pi_attn_fn) */
+    int has_attn_tile;       /* pi_attn_tile_avx512 usable (prefill) */
 } pi_kernels;
 
 extern const pi_kernels pi_kernels_portable;
-#if defined(__x86_64__) || defined(__i386__)
+/* x86 kernels are compiled with per-function targets on any x86 build; PI_FORCE_PORTABLE leaves them out
+ * (how the non-x86 build is exercised on x86). */
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(PI_FORCE_PORTABLE)
 #define PI_X86 1
 extern const pi_kernels pi_kernels_avx2;
 extern const pi_kernels pi_kernels_avx512;
 void pi_attn_avx512(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride,
                     int n_kv, float scale, float *scores, float *out);
 void pi_to_f16_avx512(const float *x, uint16_t *y, int n);
+/* Prefill tile: query tokens pos0 .. pos0+nq-1 (nq <= 16) of n_rep heads sharing one KV head; q row t at
+ * q + t*q_stride (head r at + r*hd), out likewise. -1 if head_dim is not 32/64/128 (caller falls back). */
+#define PI_MAX_HD_TILE 128
+int pi_attn_tile_avx512(const float *q, size_t q_stride, int nq, int n_rep, int hd, const uint16_t *k,
+                        const uint16_t *v, size_t kv_stride, int pos0, float scale, float *scratch, float *out,
+                        size_t out_stride);
+size_t pi_attn_tile_scratch(int n_ctx);
 #endif
 void pi_attn_generic(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride,
                      int n_kv, float scale, float *scores, float *out);
@@ -172,10 +186,12 @@ int pi_dequantize(int qtype, const void *src, size_t n, float *dst); /* 0 ok, -1
 int pi_select_isa(const char *name); /* "avx512" | "avx2" | "portable" | "auto"; 0 ok, -1 unsupported */
 int pi_cpu_feature(const char *name); /* __builtin_cpu_supports on x86, else 0 */
 
-/* y = W x for rows [r0, r1) of token-major activations (dispatch on format; packed if available).
- * Packed matrices are split in units of 16 rows, raw ones in units of 4. */
+/* Work is split in units: 16-row groups for block formats (packed), 4 rows for raw ones. */
 int pi_mat_unit(const pi_mat *m);
 int pi_mat_units(const pi_mat *m);
+/* Y[t][r] = W X[t] for the rows of segment s (packed if s->p, else the raw-row kernel). */
+void pi_mat_run_seg(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok, float *y, int ldy);
+/* Same on units [u0, u1) of m's own packed copy (or raw rows). */
 void pi_mat_run_units(const pi_mat *m, int u0, int u1, const pi_act *a, int n_tok, float *y, int ldy);
 
 void *pi_aligned_alloc(size_t bytes); /* 64-byte aligned, zeroed */

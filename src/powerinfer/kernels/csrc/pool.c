@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <time.h>
 
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(PI_FORCE_PORTABLE)
 #include <immintrin.h>
 #define cpu_relax() _mm_pause()
 #else

@@ -3,6 +3,7 @@
  *   tokens split: rmsnorm, quantize | rows split: q/k/v for all tokens | tokens split: bias, RoPE, K/V rows |
  *   tokens split (interleaved, causal cost grows with t): attention, quantize | rows split: o_proj, x += |
  *   tokens split: rmsnorm, quantize | 32-neuron chunks: gate/up, act, quantize | rows split: down, x += | */
+#include <math.h>
 #include <stdlib.h>
 
 #include "decoder.h"
@@ -29,9 +30,14 @@ static int ensure_prefill(pi_decoder *D, int n) {
     fresh.mem_h = pi_aligned_alloc(pi_act_bytes(D->n_ff, n, NEED_ALL));
     int ok = fresh.xn && fresh.q && fresh.k && fresh.v && fresh.att && fresh.y && fresh.g && fresh.u &&
              fresh.mem_x && fresh.mem_att && fresh.mem_h;
+#if defined(PI_X86)
+    for (int t = 0; t < D->nth; t++)
+        ok = ok && (fresh.tile_scratch[t] = pi_aligned_alloc(pi_attn_tile_scratch(D->n_ctx) * 4)) != NULL;
+#endif
     /* swap in (old buffers freed whether or not the new ones were allocated) */
     pi_prefill_ws old = *p;
     *p = fresh;
+    for (int t = 0; t < PI_MAX_THREADS; t++) pi_aligned_free(old.tile_scratch[t]);
     float *bufs[] = {old.xn, old.q, old.k, old.v, old.att, old.y, old.g, old.u};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) pi_aligned_free(bufs[i]);
     pi_aligned_free(old.mem_x); pi_aligned_free(old.mem_att); pi_aligned_free(old.mem_h);
@@ -39,6 +45,7 @@ static int ensure_prefill(pi_decoder *D, int n) {
         float *nb[] = {p->xn, p->q, p->k, p->v, p->att, p->y, p->g, p->u};
         for (size_t i = 0; i < sizeof nb / sizeof *nb; i++) pi_aligned_free(nb[i]);
         pi_aligned_free(p->mem_x); pi_aligned_free(p->mem_att); pi_aligned_free(p->mem_h);
+        for (int t = 0; t < PI_MAX_THREADS; t++) pi_aligned_free(p->tile_scratch[t]);
         memset(p, 0, sizeof *p);
         return -1;
     }
@@ -51,16 +58,16 @@ static int ensure_prefill(pi_decoder *D, int n) {
 
 typedef struct { pi_decoder *D; float *x; int n, pos0; float *logits; } prefill_args;
 
-/* rows of m split across threads, all n tokens: Y[t][r] = m X[t]; optionally x[t][r] += Y[t][r] */
-static void rows_all_tokens(const pi_mat *m, const pi_act *a, int n, float *Y, int ldy, float *x, int ldx,
-                            int ith, int nth) {
-    int u0, u1;
-    pi_split(pi_mat_units(m), ith, nth, &u0, &u1);
-    pi_mat_run_units(m, u0, u1, a, n, Y, ldy);
+/* This thread's rows of matrix j for all n tokens: Y[t][r] = W X[t]; optionally x[t][r] += Y[t][r] */
+static void rows_all_tokens(const pi_layer *L, int j, const pi_act *a, int n, float *Y, int ldy, float *x, int ldx,
+                            int ith) {
+    const pi_mat *m = pi_layer_mat(L, j);
+    const pi_seg *s = &L->seg[j][ith];
+    pi_mat_run_seg(m, s, a, n, Y, ldy);
     if (!x) return;
-    const int unit = pi_mat_unit(m), r1 = u1 * unit < m->rows ? u1 * unit : m->rows;
+    const int unit = pi_mat_unit(m), r1 = s->u1 * unit < m->rows ? s->u1 * unit : m->rows;
     for (int t = 0; t < n; t++)
-        for (int r = u0 * unit; r < r1; r++) x[(size_t)t * ldx + r] += Y[(size_t)t * ldy + r];
+        for (int r = s->u0 * unit; r < r1; r++) x[(size_t)t * ldx + r] += Y[(size_t)t * ldy + r];
 }
 
 static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int ith, int nth) {
@@ -76,20 +83,9 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
         pi_act_fill(&P->act_x, P->xn + (size_t)t * d, t, 0, d, L->need_attn & ~PI_NEED_F32);
     }
     pi_dec_barrier(D, ith);
-    {
-        const pi_mat *mats[3] = {&L->q, &L->k, &L->v};
-        float *outs[3] = {P->q, P->k, P->v};
-        const int ld[3] = {qd, kvd, kvd};
-        int total = 0, U0, U1;
-        for (int i = 0; i < 3; i++) total += pi_mat_units(mats[i]);
-        pi_split(total, ith, nth, &U0, &U1);
-        for (int i = 0, base = 0; i < 3; i++) {
-            const int nu = pi_mat_units(mats[i]);
-            const int u0 = U0 > base ? U0 - base : 0, u1 = U1 - base < nu ? U1 - base : nu;
-            if (u1 > u0) pi_mat_run_units(mats[i], u0, u1, &P->act_x, n, outs[i], ld[i]);
-            base += nu;
-        }
-    }
+    rows_all_tokens(L, MQ, &P->act_x, n, P->q, qd, NULL, 0, ith);
+    rows_all_tokens(L, MK, &P->act_x, n, P->k, kvd, NULL, 0, ith);
+    rows_all_tokens(L, MV, &P->act_x, n, P->v, kvd, NULL, 0, ith);
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_ATTN_CORE);
@@ -107,15 +103,33 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
     }
     pi_dec_barrier(D, ith);
     const int need_o = pi_need_of(L->o.qtype) & ~PI_NEED_F32;
-    for (int t = ith; t < n; t += nth) {
-        pi_attend_heads(D, P->q + (size_t)t * qd, 0, D->n_head, L->kc, L->vc, pos0 + t + 1, D->tw[ith].scores,
-                        P->att + (size_t)t * qd);
-        pi_act_fill(&P->act_att, P->att + (size_t)t * qd, t, 0, qd, need_o);
+    const int rep = D->n_head / D->n_head_kv;
+#if defined(PI_X86)
+    if (pi_k->has_attn_tile && (hd == 32 || hd == 64 || hd == 128)) {
+        /* items = (16-token tile, KV head), dealt round-robin: later tiles cost more, so they interleave */
+        const int n_tiles = (n + 15) / 16, n_items = n_tiles * D->n_head_kv;
+        for (int it = ith; it < n_items; it += nth) {
+            const int tile = it / D->n_head_kv, g = it % D->n_head_kv, ta = tile * 16;
+            const int nq = n - ta < 16 ? n - ta : 16;
+            pi_attn_tile_avx512(P->q + (size_t)ta * qd + (size_t)g * rep * hd, qd, nq, rep, hd,
+                                L->kc + (size_t)g * hd, L->vc + (size_t)g * hd, kvd, pos0 + ta,
+                                1.0f / sqrtf((float)hd), P->tile_scratch[ith], P->att + (size_t)ta * qd + (size_t)g * rep * hd, qd);
+        }
+        pi_dec_barrier(D, ith);
+        for (int t = t0; t < t1; t++) pi_act_fill(&P->act_att, P->att + (size_t)t * qd, t, 0, qd, need_o);
+    } else
+#endif
+    {
+        for (int t = ith; t < n; t += nth) {
+            pi_attend_heads(D, P->q + (size_t)t * qd, 0, D->n_head, L->kc, L->vc, pos0 + t + 1, D->tw[ith].scores,
+                            P->att + (size_t)t * qd);
+            pi_act_fill(&P->act_att, P->att + (size_t)t * qd, t, 0, qd, need_o);
+        }
     }
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_O_PROJ);
-    rows_all_tokens(&L->o, &P->act_att, n, P->y, d, x, d, ith, nth);
+    rows_all_tokens(L, MO, &P->act_att, n, P->y, d, x, d, ith);
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_FFN);
@@ -129,12 +143,8 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
     pi_split(nchunk, ith, nth, &c0, &c1);
     const int n0 = c0 * PI_QK, n1 = c1 * PI_QK < nff ? c1 * PI_QK : nff;
     if (n1 > n0) {
-        const int ug = pi_mat_unit(&L->up);
-        pi_mat_run_units(&L->up, n0 / ug, (n1 + ug - 1) / ug, &P->act_x, n, P->u, nff);
-        if (L->gate.raw) {
-            const int gg = pi_mat_unit(&L->gate);
-            pi_mat_run_units(&L->gate, n0 / gg, (n1 + gg - 1) / gg, &P->act_x, n, P->g, nff);
-        }
+        if (L->gate.raw) rows_all_tokens(L, MGATE, &P->act_x, n, P->g, nff, NULL, 0, ith);
+        rows_all_tokens(L, MUP, &P->act_x, n, P->u, nff, NULL, 0, ith);
         const int need_d = pi_need_of(L->down.qtype) & ~PI_NEED_F32;
         for (int t = 0; t < n; t++) {
             float *g = P->g + (size_t)t * nff;
@@ -143,7 +153,7 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
         }
     }
     pi_dec_barrier(D, ith);
-    rows_all_tokens(&L->down, &P->act_h, n, P->y, d, x, d, ith, nth);
+    rows_all_tokens(L, MDOWN, &P->act_h, n, P->y, d, x, d, ith);
     pi_dec_barrier(D, ith);
 }
 
@@ -157,9 +167,7 @@ static void prefill_job(void *varg, int ith, int nth) {
         pi_prof_phase(D, ith, PH_HEAD);
         pi_rmsnorm(xl, D->out_norm, D->d, D->eps, w->xn);
         pi_act_fill(&w->act, w->xn, 0, 0, D->d, pi_need_of(D->head.qtype));
-        int u0, u1;
-        pi_split(pi_mat_units(&D->head), ith, nth, &u0, &u1);
-        pi_mat_run_units(&D->head, u0, u1, &w->act, 1, s->logits, 0);
+        pi_mat_run_seg(&D->head, &D->head_seg[ith], &w->act, 1, s->logits, 0);
     }
     pi_prof_phase(D, ith, PH_HEAD);
 }

@@ -120,9 +120,11 @@ static PyObject *Decoder_set_layer(DecoderObject *self, PyObject *args) {
     if (gate_none != (D->ffn_kind == FFN_MLP))
         return PyErr_Format(PyExc_ValueError, "gate must be given exactly when ffn_kind is glu or dglu");
     int rc;
+    self->busy = 1; /* packing runs without the GIL */
     Py_BEGIN_ALLOW_THREADS
     rc = pi_decoder_set_layer(D, il, an, &q, &k, &v, &o, fn, gate_none ? NULL : &g, &u, &dn, bq, bk, bv);
     Py_END_ALLOW_THREADS
+    self->busy = 0;
     if (rc) return PyErr_Format(PyExc_ValueError, "set_layer(%d) failed (shape or out of memory)", il);
     Py_RETURN_NONE;
 }
@@ -135,13 +137,14 @@ static PyObject *Decoder_set_output(DecoderObject *self, PyObject *args) {
     pi_decoder *D = self->D;
     if (!norm || !head) return PyErr_Format(PyExc_ValueError, "null pointer");
     if (pi_row_bytes(qt, D->d) == 0) return PyErr_Format(PyExc_ValueError, "head type %d not supported", qt);
+    if (pi_need_of(qt) == PI_NEED_Q8 && D->d % PI_QK) return PyErr_Format(PyExc_ValueError, "d_model must be a multiple of 32");
     int rc;
-    pi_mat_free(&D->head);
+    self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
-    rc = pi_mat_init(&D->head, qt, head, D->n_vocab, D->d, 1, &D->arena);
+    rc = pi_decoder_set_output(D, norm, head, qt);
     Py_END_ALLOW_THREADS
-    if (rc) return PyErr_Format(PyExc_ValueError, "set_output failed");
-    D->out_norm = norm;
+    self->busy = 0;
+    if (rc) return PyErr_Format(PyExc_ValueError, "set_output failed (out of memory?)");
     self->head_set = 1;
     Py_RETURN_NONE;
 }
@@ -221,9 +224,11 @@ static PyObject *Decoder_set_threads(DecoderObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
     if (!self->D || self->busy) return PyErr_Format(PyExc_RuntimeError, "Decoder busy or not initialised");
     int rc;
+    self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     rc = pi_decoder_set_threads(self->D, n);
     Py_END_ALLOW_THREADS
+    self->busy = 0;
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -271,12 +276,8 @@ static PyObject *Decoder_get_n_threads(DecoderObject *self, void *c) { return Py
 static PyObject *Decoder_get_packed_bytes(DecoderObject *self, void *c) {
     size_t tot = 0;
     pi_decoder *D = self->D;
-    for (int i = 0; D && i < D->n_layer; i++) {
-        pi_layer *L = &D->L[i];
-        pi_mat *ms[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
-        for (int j = 0; j < 7; j++) if (ms[j]->packed) tot += ms[j]->gstride * ms[j]->n_groups;
-    }
-    if (D && D->head.packed) tot += D->head.gstride * D->head.n_groups;
+    for (int t = 0; D && t < PI_MAX_THREADS; t++)
+        for (int i = 0; i < D->arena[t].n; i++) tot += D->arena[t].sizes[i] - (i == D->arena[t].n - 1 ? D->arena[t].left : 0);
     return PyLong_FromSize_t(tot);
 }
 

@@ -34,7 +34,10 @@ void *pi_arena_alloc(pi_arena *a, size_t bytes) {
             int cap = a->cap ? 2 * a->cap : 8;
             void **c = realloc(a->chunks, (size_t)cap * sizeof *c);
             if (!c) return NULL;
-            a->chunks = c; a->cap = cap;
+            a->chunks = c;
+            size_t *z = realloc(a->sizes, (size_t)cap * sizeof *z);
+            if (!z) return NULL;
+            a->sizes = z; a->cap = cap;
         }
         size_t sz = bytes > PI_CHUNK ? (bytes + PI_HUGE - 1) & ~(size_t)(PI_HUGE - 1) : PI_CHUNK;
         void *p = NULL;
@@ -42,7 +45,8 @@ void *pi_arena_alloc(pi_arena *a, size_t bytes) {
 #ifdef MADV_HUGEPAGE
         madvise(p, sz, MADV_HUGEPAGE);
 #endif
-        a->chunks[a->n++] = p;
+        a->chunks[a->n] = p;
+        a->sizes[a->n++] = sz;
         a->cur = p; a->left = sz;
     }
     void *r = a->cur;
@@ -50,9 +54,18 @@ void *pi_arena_alloc(pi_arena *a, size_t bytes) {
     return r;
 }
 
+const uint8_t *pi_arena_end(const pi_arena *a, const void *p) {
+    for (int i = 0; i < a->n; i++) {
+        const uint8_t *c = a->chunks[i];
+        if ((const uint8_t *)p >= c && (const uint8_t *)p < c + a->sizes[i]) return c + a->sizes[i];
+    }
+    return p;
+}
+
 void pi_arena_free(pi_arena *a) {
     for (int i = 0; i < a->n; i++) free(a->chunks[i]);
     free(a->chunks);
+    free(a->sizes);
     memset(a, 0, sizeof *a);
 }
 
@@ -205,18 +218,19 @@ void pi_pack_groups(int qtype, const uint8_t *raw, size_t row_bytes, int rows, i
     }
 }
 
-int pi_mat_init(pi_mat *m, int qtype, const void *raw, int rows, int cols, int pack, pi_arena *arena) {
+int pi_mat_init(pi_mat *m, int qtype, const void *raw, int rows, int cols, int pack) {
     memset(m, 0, sizeof *m);
     if (rows <= 0 || cols <= 0 || pi_row_bytes(qtype, cols) == 0) return -1;
     if (pi_need_of(qtype) == PI_NEED_Q8 && cols % PI_QK) return -1;
     m->qtype = qtype; m->rows = rows; m->cols = cols;
     m->raw = raw;
     m->row_bytes = pi_row_bytes(qtype, cols);
-    if (pack && pi_is_packable(qtype)) {
+    if (pi_is_packable(qtype)) {
         m->n_groups = (rows + PI_G - 1) / PI_G;
         m->gstride = pi_packed_gstride(qtype, cols);
-        m->owns_packed = arena == NULL;
-        m->packed = arena ? pi_arena_alloc(arena, m->gstride * m->n_groups) : pi_aligned_alloc(m->gstride * m->n_groups);
+    }
+    if (pack && pi_is_packable(qtype)) {
+        m->packed = pi_aligned_alloc(m->gstride * m->n_groups);
         if (!m->packed) return -1;
         pi_pack_groups(qtype, raw, m->row_bytes, rows, cols, 0, m->n_groups, m->packed, m->gstride);
     }
@@ -224,11 +238,11 @@ int pi_mat_init(pi_mat *m, int qtype, const void *raw, int rows, int cols, int p
 }
 
 void pi_mat_free(pi_mat *m) {
-    if (m->packed && m->owns_packed) pi_aligned_free(m->packed);
+    if (m->packed) pi_aligned_free(m->packed);
     m->packed = NULL;
 }
 
-int pi_mat_unit(const pi_mat *m) { return m->packed ? PI_G : 4; }
+int pi_mat_unit(const pi_mat *m) { return pi_is_packable(m->qtype) ? PI_G : 4; }
 int pi_mat_units(const pi_mat *m) { const int u = pi_mat_unit(m); return (m->rows + u - 1) / u; }
 
 static pi_act act_token(const pi_act *a, int t) {
@@ -241,26 +255,44 @@ static pi_act act_token(const pi_act *a, int t) {
     return v;
 }
 
-void pi_mat_run_units(const pi_mat *m, int u0, int u1, const pi_act *a, int n_tok, float *y, int ldy) {
-    if (u1 <= u0) return;
-    if (m->packed) {
+void pi_mat_run_seg(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok, float *y, int ldy) {
+    if (s->u1 <= s->u0) return;
+    if (pi_is_packable(m->qtype)) {
         pi_packed_fn f = m->qtype == PI_Q4_1 ? pi_k->packed_q4_1 : m->qtype == PI_Q4_0 ? pi_k->packed_q4_0
                                                                                         : pi_k->packed_q8_0;
-        f(m, u0, u1, a, n_tok, y, ldy);
+        f(m, s, a, n_tok, y, ldy);
         return;
     }
     pi_rows_fn f;
     switch (m->qtype) {
-    case PI_Q4_0: f = pi_k->rows_q4_0; break;
-    case PI_Q4_1: f = pi_k->rows_q4_1; break;
-    case PI_Q8_0: f = pi_k->rows_q8_0; break;
     case PI_F16: f = pi_k->rows_f16; break;
     case PI_BF16: f = pi_k->rows_bf16; break;
     default: f = pi_k->rows_f32; break;
     }
-    const int r0 = u0 * 4, r1 = u1 * 4 < m->rows ? u1 * 4 : m->rows;
+    const int r0 = s->u0 * 4, r1 = s->u1 * 4 < m->rows ? s->u1 * 4 : m->rows;
     for (int t = 0; t < n_tok; t++) {
         pi_act at = act_token(a, t);
         f(m, r0, r1, &at, y + (size_t)t * ldy);
     }
+}
+
+/* Block formats without a packed copy (matvec(packed=False)) run the GGUF-row kernels. */
+static void run_raw_blocks(const pi_mat *m, int u0, int u1, const pi_act *a, int n_tok, float *y, int ldy) {
+    pi_rows_fn f = m->qtype == PI_Q4_1 ? pi_k->rows_q4_1 : m->qtype == PI_Q4_0 ? pi_k->rows_q4_0 : pi_k->rows_q8_0;
+    const int r0 = u0 * PI_G, r1 = u1 * PI_G < m->rows ? u1 * PI_G : m->rows;
+    for (int t = 0; t < n_tok; t++) {
+        pi_act at = act_token(a, t);
+        f(m, r0, r1, &at, y + (size_t)t * ldy);
+    }
+}
+
+void pi_mat_run_units(const pi_mat *m, int u0, int u1, const pi_act *a, int n_tok, float *y, int ldy) {
+    if (u1 <= u0) return;
+    if (pi_is_packable(m->qtype) && !m->packed) { run_raw_blocks(m, u0, u1, a, n_tok, y, ldy); return; }
+    pi_seg s = {u0, u1, NULL, NULL};
+    if (m->packed) {
+        s.p = m->packed + (size_t)u0 * m->gstride;
+        s.pf_end = m->packed + (size_t)u1 * m->gstride;
+    }
+    pi_mat_run_seg(m, &s, a, n_tok, y, ldy);
 }
