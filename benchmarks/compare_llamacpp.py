@@ -115,6 +115,26 @@ def time_engine(engine, prompt, n_gen):
     return len(prompt) / (t1 - t0), (n_gen - 1) / (t2 - t1), out
 
 
+def speed_rounds(ours, ref, prompt, n_gen, rounds):
+    """Interleaved rounds (the engine that goes first alternates); medians and median per-round ratios."""
+    rows = []
+    for r in range(rounds):
+        order = [("ours", ours), ("llama.cpp", ref)] if r % 2 == 0 else [("llama.cpp", ref), ("ours", ours)]
+        res = {name: time_engine(eng, prompt, n_gen) for name, eng in order}
+        rows.append(res)
+        print(f"round {r + 1}: ours pp {res['ours'][0]:.1f} tg {res['ours'][1]:.1f} | llama.cpp pp "
+              f"{res['llama.cpp'][0]:.1f} tg {res['llama.cpp'][1]:.1f} tok/s", file=sys.stderr)
+
+    def summary(i):
+        return (statistics.median(r["ours"][i] for r in rows), statistics.median(r["llama.cpp"][i] for r in rows),
+                statistics.median(r["ours"][i] / r["llama.cpp"][i] for r in rows))
+
+    a, b = rows[-1]["ours"][2], rows[-1]["llama.cpp"][2]
+    return dict(pp=summary(0), tg=summary(1), n_prompt=len(prompt), n_gen=n_gen,
+                same=sum(x == y for x, y in zip(a, b)),
+                first_div=next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n_gen))
+
+
 def log_softmax(x):
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -149,6 +169,10 @@ def main(argv=None):
     ap.add_argument("--n-prompt", type=int, default=128)
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="0 skips the quality comparison")
+    ap.add_argument("--also", action="append", metavar="GGUF",
+                    help="another model to time the same way (speed only), e.g. a synthetic 7B file; repeatable")
+    ap.add_argument("--also-prompt", type=int, default=32, help="prompt tokens for --also models")
+    ap.add_argument("--also-gen", type=int, default=16, help="generated tokens for --also models")
     ap.add_argument("--out", help="write a markdown report here")
     args = ap.parse_args(argv)
     path = Path(args.model) if args.model else bundled_model_path()
@@ -159,23 +183,15 @@ def main(argv=None):
     ours = Ours(str(path), args.threads, n_ctx=1024)
     tokens = ref.tokenize(text)
     prompt = tokens[: args.n_prompt]
-    rows = []
-    for r in range(args.rounds):
-        order = [("ours", ours), ("llama.cpp", ref)] if r % 2 == 0 else [("llama.cpp", ref), ("ours", ours)]
-        res = {name: time_engine(eng, prompt, args.n_gen) for name, eng in order}
-        rows.append(res)
-        print(f"round {r + 1}: ours pp {res['ours'][0]:.1f} tg {res['ours'][1]:.1f} | llama.cpp pp "
-              f"{res['llama.cpp'][0]:.1f} tg {res['llama.cpp'][1]:.1f} tok/s", file=sys.stderr)
+    speed = speed_rounds(ours, ref, prompt, args.n_gen, args.rounds)
+    extra = []
+    for other in args.also or []:
+        o_ref = LlamaCpp(other, args.threads, n_ctx=256)
+        o_ours = Ours(other, args.threads, n_ctx=256)
+        extra.append((Path(other), speed_rounds(o_ours, o_ref, tokens[: args.also_prompt], args.also_gen,
+                                                args.rounds)))
+        del o_ref, o_ours
 
-    def med(name, i):
-        return statistics.median(r[name][i] for r in rows)
-
-    def ratio(i):
-        return statistics.median(r["ours"][i] / r["llama.cpp"][i] for r in rows)
-
-    same = sum(a == b for a, b in zip(rows[-1]["ours"][2], rows[-1]["llama.cpp"][2]))
-    first_div = next((i for i, (a, b) in enumerate(zip(rows[-1]["ours"][2], rows[-1]["llama.cpp"][2])) if a != b),
-                     args.n_gen)
     breakdown = None
     dec = getattr(ours.runner, "decoder", None)
     if dec is not None:
@@ -218,14 +234,20 @@ def main(argv=None):
         f"Model: `{path.name}`. Command: `python benchmarks/compare_llamacpp.py {' '.join(argv or sys.argv[1:])}`",
         f"Text: pydoc_data.topics eval split ({describe(text)}), llama.cpp tokens.",
         "",
-        f"## Speed ({args.rounds} interleaved rounds, medians; prompt {len(prompt)} tokens, {args.n_gen} generated)",
+        f"## Speed, {args.threads} threads ({args.rounds} interleaved rounds, medians)",
         "",
-        "| | powerinfer | llama.cpp | ratio (median of per-round) |",
-        "|---|---|---|---|",
-        f"| prompt tok/s | {med('ours', 0):.1f} | {med('llama.cpp', 0):.1f} | {ratio(0):.2f}x |",
-        f"| decode tok/s | {med('ours', 1):.1f} | {med('llama.cpp', 1):.1f} | {ratio(1):.2f}x |",
+        "| model | test | powerinfer tok/s | llama.cpp tok/s | ratio (median of per-round) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, sp in [(path.name, speed)] + [(p.name, sp) for p, sp in extra]:
+        lines += [f"| `{name}` | prompt {sp['n_prompt']} | {sp['pp'][0]:.1f} | {sp['pp'][1]:.1f} | {sp['pp'][2]:.2f}x |",
+                  f"| `{name}` | decode {sp['n_gen']} | {sp['tg'][0]:.1f} | {sp['tg'][1]:.1f} | {sp['tg'][2]:.2f}x |"]
+    lines += [
         "",
-        f"Greedy continuations: {same}/{args.n_gen} positions equal, first divergence at token {first_div}.",
+        f"Greedy continuations on `{path.name}`: {speed['same']}/{args.n_gen} positions equal, first divergence "
+        f"at token {speed['first_div']}.",
+        "",
+        "Sparse decode: not measured here yet (the sparse FFN backends are not in the C decoder yet).",
     ]
     if q:
         lines += [

@@ -92,11 +92,14 @@ class Runner:
     def _eval_c(self, ids, all_logits):
         pos = self.n_past
         if all_logits:
+            # Batched like llama.cpp's logits_all: prefill each chunk, then the output head on every row.
             out = torch.empty(len(ids), self.config.n_vocab, dtype=torch.float32)
-            x = self._x[0]
-            for i, tok in enumerate(ids):
-                self._embed_into([tok])
-                self.decoder.step(x.data_ptr(), pos + i, out[i].data_ptr())
+            for start in range(0, len(ids), self.n_batch):
+                chunk = ids[start:start + self.n_batch]
+                self._embed_into(chunk)
+                self.decoder.prefill(self._x.data_ptr(), len(chunk), pos + start, 0)
+                for i in range(len(chunk)):
+                    self.decoder.head(self._x[i].data_ptr(), out[start + i].data_ptr())
             return out
         if len(ids) == 1:
             self._embed_into(ids)
