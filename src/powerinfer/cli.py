@@ -46,6 +46,18 @@ def _print_stats(r):
           f"stop: {r.finish_reason}]", file=sys.stderr)
 
 
+def _echo(responses) -> tuple[str, object]:
+    """Write streamed text to stdout as it comes; return all of it and the final response."""
+    pieces, last = [], None
+    for r in responses:
+        if r.text:
+            pieces.append(r.text)
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+        last = r
+    return "".join(pieces), last
+
+
 # -- run -----------------------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
@@ -65,14 +77,8 @@ def cmd_run(args) -> int:
             if text is prompt:
                 sys.stdout.write(text)
                 sys.stdout.flush()
-            pieces, last = [], None
-            for r in llm.stream(text):
-                if r.text:
-                    pieces.append(r.text)
-                    sys.stdout.write(r.text)
-                    sys.stdout.flush()
-                last = r
-            text += "".join(pieces)  # the next turn re-uses all of this from the KV cache
+            reply, last = _echo(llm.stream(text))
+            text += reply  # the next turn re-uses all of this from the KV cache
             if not args.no_stats:
                 _print_stats(last)
         if not args.interactive:
@@ -101,18 +107,11 @@ def _run_conversation(args, first_message: str | None) -> int:
                 return 0
         messages.append({"role": "user", "content": pending})
         pending = None
-        reply = []
-        last = None
-        for r in llm.stream_chat(messages):
-            if r.text:
-                reply.append(r.text)
-                sys.stdout.write(r.text)
-                sys.stdout.flush()
-            last = r
+        reply, last = _echo(llm.stream_chat(messages))
         print()
         if not args.no_stats:
             _print_stats(last)
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        messages.append({"role": "assistant", "content": reply})
         if not interactive:
             return 0
 
@@ -270,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity.add_parser(sub)
     logits.add_parser(sub)
     bench.add_parser(sub)
+    from .prepare import calibrate; calibrate.add_parser(sub)  # noqa: E702
     return p
 
 

@@ -116,7 +116,7 @@ def add_parser(sub) -> None:
         description="Perplexity scored exactly like llama.cpp's llama-perplexity: the text is tokenized once "
                     "(BOS first if the model adds one), cut into chunks of -c tokens, each evaluated from an empty "
                     "context (first token replaced by BOS if the model adds one); only the second half of each chunk "
-                    "is scored (positions c/2 .. c-2 predict the next token: c-1-c/2 predictions per chunk). Prints "
+                    "is scored (the tokens at positions c/2 .. c-1, predicted from the logits before them: c - c/2 per chunk). Prints "
                     "the running PPL per chunk ([1]x,[2]y,...) and 'PPL = x +/- err'. Without -f the default "
                     "evaluation text (English pydoc topics of this Python, eval split) is used.")
     p.add_argument("-m", "--model", metavar="PATH", help="GGUF file or HF directory (default: the bundled model)")
