@@ -188,7 +188,7 @@ def main(argv=None):
     for other in args.also or []:
         o_ref = LlamaCpp(other, args.threads, n_ctx=256)
         o_ours = Ours(other, args.threads, n_ctx=256)
-        extra.append((Path(other), speed_rounds(o_ours, o_ref, tokens[: args.also_prompt], args.also_gen,
+        extra.append((Path(other), speed_rounds(o_ours, o_ref, o_ref.tokenize(text)[: args.also_prompt], args.also_gen,
                                                 args.rounds)))
         del o_ref, o_ours
 
