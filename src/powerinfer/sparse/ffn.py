@@ -77,3 +77,7 @@ class DenseFFN(nn.Module):
         else:
             h = self.act(F.linear(x, self.gate_proj)) * up
         return F.linear(h, self.down_proj)
+
+
+# Sparse backends register themselves on import; imported last because they use the helpers above.
+from . import relu, threshold  # noqa: E402,F401

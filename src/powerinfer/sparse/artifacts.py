@@ -1,0 +1,162 @@
+"""Artifacts the sparse backends read, and the checks that keep a stale one from being used (DESIGN,
+"Sparsity" / "Artifacts"): each carries the model fingerprint, the calibration text's hash and token count and
+a format version, and loading refuses a mismatch with a PowerInferError instead of using it silently.
+
+Thresholds are a small JSON file (a few floats per layer; JSON keeps them readable and diffable, and Python's
+float repr round-trips every float32 exactly):
+
+    {"format": "powerinfer.thresholds", "version": 1, "fingerprint": "...", "method": "hu",
+     "target_sparsity": 0.5, "values": {"h": [t_0, ..., t_{L-1}]}, "achieved": {"h": [...]},
+     "calibration": {"text": "...", "text_sha256": "...", "n_tokens": 8192, "n_ctx": 512}, ...}
+
+Default location: ~/.cache/powerinfer/<fingerprint>/thresholds-<method>-<S>.json (never next to the user's model
+file); every API takes an explicit path or cache_dir instead, and no environment variable changes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PowerInferError
+
+THRESHOLDS_FORMAT = "powerinfer.thresholds"
+THRESHOLDS_VERSION = 1
+FINGERPRINT_VERSION = 1
+DEFAULT_CACHE_DIR = Path("~/.cache/powerinfer")
+
+# Threshold methods -> the sites they threshold (sparse/threshold.py): "h" = |act(gate)*up| per neuron (down
+# rows skipped; TEAL/CATS applied to h, reference/baselines.md section 5), "x" = |x| per FFN input channel
+# (gate/up columns skipped; TEAL, arXiv 2408.14690). "teal-hu" is TEAL's full FFN recipe: both inputs.
+METHODS: dict[str, tuple[str, ...]] = {"hu": ("h",), "teal": ("x",), "teal-hu": ("x", "h")}
+
+
+# -- model fingerprint -------------------------------------------------------------------------------------
+
+# Bytes of each tensor's first row folded into the fingerprint. The header and tensor table alone do not tell
+# a fine-tune exported with the same metadata from its base model; the first 256 bytes of every weight do, at
+# the cost of reading ~70 KB (SmolLM2: 272 tensors) instead of the whole file.
+_SAMPLE_BYTES = 256
+
+
+def model_fingerprint(loaded) -> str:
+    """16 hex digits identifying a model's parameters: sha256 of its header key/values (GGUF metadata, or the HF
+    config), its tensor table (name, type, shape of every tensor) and the first bytes of every tensor.
+
+    `loaded` is a formats.loader.LoadedModel. Computed from the parsed file, so GGUF, PowerInfer GGUF and HF
+    directories are handled alike and nothing is read twice."""
+    h = hashlib.sha256(f"powerinfer-fingerprint-{FINGERPRINT_VERSION}\n".encode())
+    h.update(json.dumps(loaded.metadata, sort_keys=True, default=str).encode())
+    w = loaded.weights
+    tensors = [("embed_tokens", w.embed_tokens), ("norm", w.norm), ("lm_head", w.lm_head)]
+    for i, lw in enumerate(w.layers):
+        tensors += [(f"layers.{i}.{k}", t) for k, t in vars(lw).items() if t is not None]
+    tensors += sorted(loaded.extra_tensors.items())
+    for role, t in tensors:
+        h.update(f"\n{role} {t.name} {t.qtype.name} {list(t.shape)}\n".encode())
+        head = np.ascontiguousarray(np.asarray(t.data).reshape(-1)[:_SAMPLE_BYTES])  # <= 256 elements
+        h.update(head.view(np.uint8)[:_SAMPLE_BYTES].tobytes())
+    return h.hexdigest()[:16]
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def target_label(target: float | dict[str, float]) -> str:
+    """0.5 -> "0.50"; per-site targets {"x": 0.2, "h": 0.4} -> "x0.20-h0.40"."""
+    if isinstance(target, dict):
+        return "-".join(f"{site}{t:.2f}" for site, t in target.items())
+    return f"{target:.2f}"
+
+
+def default_thresholds_path(fingerprint: str, method: str, target: float | dict[str, float],
+                            cache_dir: str | Path | None = None) -> Path:
+    """<cache_dir or ~/.cache/powerinfer>/<fingerprint>/thresholds-<method>-<S>.json (S as target_label)."""
+    root = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+    return root / fingerprint / f"thresholds-{method}-{target_label(target)}.json"
+
+
+# -- thresholds ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Thresholds:
+    """Per-layer thresholds of one method for one model.
+
+    values[site][layer]: entries with |value| < threshold are zeroed (0 keeps everything).
+    achieved[site][layer]: the sparsity those thresholds give on the calibration tokens.
+    calibration: {"text": description, "text_sha256", "n_tokens", "n_ctx"} of the text they came from.
+    evaluation: perplexity against dense on held-out text: the bound (when S was searched), every probe, the
+        chosen point.
+    """
+
+    method: str
+    target_sparsity: float | dict[str, float]  # one S for every site, or {site: S}
+    values: dict[str, list[float]]
+    fingerprint: str
+    calibration: dict
+    achieved: dict[str, list[float]] = field(default_factory=dict)
+    evaluation: dict | None = None
+    model: dict = field(default_factory=dict)  # informational: file name, architecture, model name
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise PowerInferError(f"unknown threshold method {self.method!r} (known: {', '.join(METHODS)})")
+        lengths = {len(v) for v in self.values.values()}
+        if len(lengths) > 1:
+            raise PowerInferError(f"threshold lists of different lengths {sorted(lengths)}")
+        for site, vs in self.values.items():
+            if any(not (math.isfinite(t) and t >= 0) for t in vs):
+                raise PowerInferError(f"thresholds for {site!r} must be finite and >= 0")
+
+    @property
+    def n_layer(self) -> int:
+        return len(next(iter(self.values.values()), []))
+
+    def for_layer(self, layer: int) -> dict[str, float]:
+        if not 0 <= layer < self.n_layer:
+            raise PowerInferError(f"the thresholds cover {self.n_layer} layers; the model has layer {layer}")
+        return {site: v[layer] for site, v in self.values.items()}
+
+    def to_json(self) -> dict:
+        return {"format": THRESHOLDS_FORMAT, "version": THRESHOLDS_VERSION, **asdict(self)}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)  # never leave a half-written artifact behind
+        return path
+
+
+def load_thresholds(path: str | Path, fingerprint: str) -> Thresholds:
+    """Read a thresholds artifact made for the model with `fingerprint` (model_fingerprint(loaded)).
+
+    PowerInferError for a missing or malformed file, another format version, or another model."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PowerInferError(f"{path}: no such thresholds file")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PowerInferError(f"{path}: not a thresholds file ({e})") from None
+    if not isinstance(d, dict) or d.get("format") != THRESHOLDS_FORMAT:
+        found = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise PowerInferError(f"{path}: not a thresholds file (format {found!r}, expected {THRESHOLDS_FORMAT!r})")
+    if d.get("version") != THRESHOLDS_VERSION:
+        raise PowerInferError(f"{path}: thresholds format version {d.get('version')!r}; this powerinfer reads "
+                              f"version {THRESHOLDS_VERSION} (recalibrate with `powerinfer calibrate`)")
+    if d.get("fingerprint") != fingerprint:
+        raise PowerInferError(f"{path}: calibrated for model {d.get('fingerprint')}, but this model is {fingerprint} "
+                              f"(recalibrate with `powerinfer calibrate -m MODEL`)")
+    fields = {k: d[k] for k in ("method", "target_sparsity", "values", "fingerprint", "calibration", "achieved",
+                                "evaluation", "model") if k in d}
+    try:
+        return Thresholds(**fields)
+    except TypeError as e:
+        raise PowerInferError(f"{path}: malformed thresholds file ({e})") from None

@@ -1,0 +1,186 @@
+"""`relu` FFN backend: exact neuron skipping for ReLU-family FFNs (ReGLU, dReLU, ReLU MLPs: ReluLLaMA,
+ProSparse, Bamboo, ReluFalcon, OPT), with the gate as the oracle (PowerInfer, arXiv 2312.12456, section 2;
+Deja Vu, arXiv 2310.17157, for the row/column gather).
+
+Per token the gate is computed densely; a neuron is active iff relu(gate) > 0, and only the active neurons'
+rows of up_proj and of the neuron-major down projection (`down_t`, i.e. columns of `down_proj`) are read.
+Inactive neurons contribute exactly 0 to the dense sum, so the output equals dense up to summation order.
+The torch code gathers rows with `index_select`, which is what the C kernels will do without the copy
+(reference/sparsity-anchors.md section 10: never materialise the gathered weights in a fast path).
+For a batch of tokens (prefill) the union of the tokens' active sets is gathered and each token's own
+inactive neurons are exact zeros inside it; statistics are per token, as a one-token kernel would see them.
+
+Also here: `SparsityStats`, the per-layer counters every sparse backend keeps (kept neurons / input
+channels per token, and the weight bytes a sparse kernel would touch), and helpers to read them off a model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import nn
+
+from ..model.config import ModelConfig
+from ..model.llama import dense
+from ..model.weights import LayerWeights
+
+
+def row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
+    """Bytes of one row of `n` values in `qtype`'s block layout (QTensor.row_bytes for another row length).
+
+    Used for the layouts a sparse kernel reads: a neuron of `down_t` is a row of d_model values, an input
+    channel of a column-major gate/up copy is a row of n_ff values."""
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    if n % block:
+        raise ValueError(f"a row of {n} values does not fill whole {qtype.name} blocks of {block}")
+    return n // block * nbytes
+
+
+@dataclass
+class SparsityStats:
+    """Running per-layer counters of one sparse FFN.
+
+    Sites: "h" = FFN neurons whose down row is read (n_ff per token), "up" = neurons whose up row is read
+    (differs from "h" only for dReLU), "x" = FFN input channels whose gate/up columns are read (d_model).
+    `bytes` is the weight bytes a sparse kernel reads for the tokens seen, computed per token from the
+    tensors' stored (usually quantized) layout; `dense_bytes` is what a dense FFN reads per token.
+    """
+
+    sizes: dict[str, int]
+    dense_bytes: int
+    tokens: int = 0
+    kept: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    last_kept: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token counts of the last call [T]
+    last_bytes: torch.Tensor | None = None  # per-token bytes of the last call [T]
+
+    def record(self, kept: dict[str, torch.Tensor], nbytes: torch.Tensor) -> None:
+        self.tokens += int(nbytes.shape[0])
+        for site, counts in kept.items():
+            self.kept[site] = self.kept.get(site, 0) + int(counts.sum())
+        self.bytes += int(nbytes.sum())
+        self.last_kept, self.last_bytes = kept, nbytes
+
+    def reset(self) -> None:
+        self.tokens, self.bytes, self.kept, self.last_kept, self.last_bytes = 0, 0, {}, {}, None
+
+    def sparsity(self, site: str = "h") -> float:
+        """Fraction of `site`'s entries skipped, over all tokens seen (0 when nothing was seen)."""
+        if not self.tokens:
+            return 0.0
+        return 1.0 - self.kept.get(site, self.tokens * self.sizes[site]) / (self.tokens * self.sizes[site])
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else float(self.dense_bytes)
+
+    @property
+    def bytes_fraction(self) -> float:
+        """Weight bytes touched per token as a fraction of the dense FFN's."""
+        return self.bytes_per_token / self.dense_bytes
+
+
+def ffn_stats(model: nn.Module) -> list[SparsityStats]:
+    """The SparsityStats of every sparse FFN in `model`, in layer order (empty for a dense model)."""
+    return [m.stats for m in model.modules() if isinstance(getattr(m, "stats", None), SparsityStats)]
+
+
+def reset_ffn_stats(model: nn.Module) -> None:
+    for s in ffn_stats(model):
+        s.reset()
+
+
+def summarize_stats(stats: list[SparsityStats]) -> dict:
+    """Model-level summary: per-site mean/min/max sparsity over layers, FFN weight bytes per token (touched
+    and dense, summed over layers) and their ratio."""
+    out: dict = {"layers": len(stats)}
+    if not stats:
+        return out
+    for site in stats[0].sizes:
+        values = [s.sparsity(site) for s in stats]
+        out[f"sparsity_{site}"] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values),
+                                   "per_layer": values}
+    touched = sum(s.bytes_per_token for s in stats)
+    dense_total = sum(s.dense_bytes for s in stats)
+    out.update(bytes_per_token=touched, dense_bytes_per_token=dense_total, bytes_fraction=touched / dense_total,
+               tokens=stats[0].tokens)
+    return out
+
+
+def _union(active: torch.Tensor) -> torch.Tensor:
+    """Indices of the columns active for at least one token ([T, n] bool -> [k] long)."""
+    return active.any(0).nonzero().squeeze(1)
+
+
+# Imported after the statistics: ffn.py imports the backends at its end, and threshold.py needs the names above
+# even when this module is the first one imported.
+from .ffn import register_ffn  # noqa: E402
+
+
+@register_ffn("relu")
+class ReluFFN(nn.Module):
+    """Dense gate, then only the active neurons' up rows and down_t rows (exact for ReLU-family FFNs).
+
+    glu  (ReGLU):  h = relu(gate x) * (up x);        active iff gate x > 0
+    dglu (dReLU):  h = relu(gate x) * relu(up x);    up rows for gate x > 0, down rows where h > 0
+    mlp  (ReLU):   h = relu(up x) (up is the gate);  down rows where up x > 0
+    """
+
+    def __init__(self, lw: LayerWeights, config: ModelConfig, dtype=torch.float32, layer: int = 0):
+        super().__init__()
+        if config.activation != "relu":
+            raise ValueError(f"the 'relu' FFN backend needs a ReLU-family model; this one uses "
+                             f"{config.activation!r} (use the 'threshold' backend with calibrated thresholds)")
+        self.kind, self.layer = config.ffn_kind, layer
+        gate = lw.gate_proj if self.kind != "mlp" else None  # an mlp FFN's up is its gate
+        self.register_buffer("gate_proj", dense(gate, dtype))
+        self.register_buffer("up_proj", dense(lw.up_proj, dtype))
+        self.register_buffer("down_proj", dense(lw.down_proj, dtype))
+        n_ff, d = lw.up_proj.rows, lw.up_proj.cols
+        # Per-token bytes: the dense gate (or, for mlp, the dense up), plus one up row and one down_t row
+        # (d_model values in down's type) per neuron read.
+        self._gate_bytes = gate.nbytes if gate is not None else 0
+        self._up_row = lw.up_proj.row_bytes
+        self._up_bytes = lw.up_proj.nbytes
+        self._down_row = row_bytes(lw.down_proj.qtype, d)
+        self.stats = SparsityStats({"up": n_ff, "h": n_ff},
+                                   self._gate_bytes + lw.up_proj.nbytes + lw.down_proj.nbytes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        n_ff = self.up_proj.shape[0]
+        if self.kind == "mlp":
+            pre = F.linear(x, self.up_proj)
+            active = pre > 0
+            idx = _union(active)
+            h = F.relu(pre.index_select(1, idx))
+            kept_up = torch.full((x.shape[0],), n_ff, dtype=torch.long)
+            kept_h = active.sum(1)
+            up_bytes = torch.full_like(kept_h, self._up_bytes)
+        else:
+            g = F.linear(x, self.gate_proj)
+            active = g > 0
+            idx = _union(active)
+            up = self.up_proj if idx.numel() == n_ff else self.up_proj.index_select(0, idx)
+            u = F.linear(x, up)
+            a = F.relu(g if idx.numel() == n_ff else g.index_select(1, idx))
+            kept_up = active.sum(1)
+            up_bytes = kept_up * self._up_row
+            if self.kind == "dglu":
+                h = a * F.relu(u)
+                # dReLU's second zero set: neurons whose up is <= 0 skip their down row too.
+                nz = h != 0
+                kept_h = nz.sum(1)
+                sel = _union(nz)
+                if sel.numel() < idx.numel():
+                    idx, h = idx.index_select(0, sel), h.index_select(1, sel)
+            else:
+                h = a * u
+                kept_h = kept_up
+        down = self.down_proj if idx.numel() == n_ff else self.down_proj.index_select(1, idx)
+        out = F.linear(h, down)
+        self.stats.record({"up": kept_up, "h": kept_h}, self._gate_bytes + up_bytes + kept_h * self._down_row)
+        return out.reshape(*lead, out.shape[-1])
