@@ -68,10 +68,10 @@ def text_sha256(text: str) -> str:
 
 
 def target_label(target: float | dict[str, float]) -> str:
-    """0.5 -> "0.50"; per-site targets {"x": 0.2, "h": 0.4} -> "x0.20-h0.40"."""
+    """0.5 -> "0.50", 0.225 -> "0.225"; per-site targets {"x": 0.2, "h": 0.4} -> "x0.20-h0.40"."""
     if isinstance(target, dict):
-        return "-".join(f"{site}{t:.2f}" for site, t in target.items())
-    return f"{target:.2f}"
+        return "-".join(f"{site}{target_label(t)}" for site, t in target.items())
+    return f"{target:.2f}" if float(f"{target:.2f}") == target else f"{target:g}"
 
 
 def default_thresholds_path(fingerprint: str, method: str, target: float | dict[str, float],
