@@ -28,6 +28,13 @@ class LLM:
         self.defaults = defaults
         self.tokenizer = tokenizer or _tokenizer_for(loaded)
         self.runner = Runner(loaded, settings.n_ctx, settings.n_threads, settings.n_batch)
+        self.sparsity = "dense FFN"
+        if settings.sparsity != "off":
+            from .prepare.sparsity import resolve_sparsity
+
+            thresholds, self.sparsity = resolve_sparsity(loaded, settings.sparsity, settings.sparse_method)
+            if thresholds is not None:
+                self.runner.set_sparse(thresholds, self.sparsity)
 
     @property
     def config(self):

@@ -37,13 +37,23 @@ def _load(args):
     report = getattr(loaded, "conversion_report", None)
     if report:
         print(f"note: converted at load: {report}", file=sys.stderr)
-    return LLM(loaded, settings, from_namespace(SamplingParams, args))
+    llm = LLM(loaded, settings, from_namespace(SamplingParams, args))
+    if settings.verbose or llm.runner.sparse:
+        print(f"ffn: {llm.sparsity}", file=sys.stderr)
+    return llm
 
 
-def _print_stats(r):
+def _print_stats(r, runner=None, verbose=False):
+    ffn = runner.ffn_stats() if runner is not None else None
+    sparse = (f" | ffn sparsity {ffn['sparsity']:.1%}, {ffn['ffn_bytes_per_token'] / 2**20:.2f} of "
+              f"{ffn['ffn_dense_bytes'] / 2**20:.2f} MiB FFN weights read per token" if ffn else "")
     print(f"\n[prompt: {r.prompt_tokens} tokens ({r.cached_tokens} cached), {r.prompt_tps:.1f} tok/s | "
           f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
-          f"stop: {r.finish_reason}]", file=sys.stderr)
+          f"stop: {r.finish_reason}{sparse}]", file=sys.stderr)
+    if verbose and ffn:
+        print("layer  neurons skipped  input skipped", file=sys.stderr)
+        for i, (s, x) in enumerate(zip(ffn["sparsity_per_layer"], ffn["input_sparsity_per_layer"])):
+            print(f"{i:5d}  {s:15.1%}  {x:13.1%}", file=sys.stderr)
 
 
 def _echo(responses) -> tuple[str, object]:
@@ -80,7 +90,7 @@ def cmd_run(args) -> int:
             reply, last = _echo(llm.stream(text))
             text += reply  # the next turn re-uses all of this from the KV cache
             if not args.no_stats:
-                _print_stats(last)
+                _print_stats(last, llm.runner, llm.settings.verbose)
         if not args.interactive:
             break
         try:
@@ -110,7 +120,7 @@ def _run_conversation(args, first_message: str | None) -> int:
         reply, last = _echo(llm.stream_chat(messages))
         print()
         if not args.no_stats:
-            _print_stats(last)
+            _print_stats(last, llm.runner, llm.settings.verbose)
         messages.append({"role": "assistant", "content": reply})
         if not interactive:
             return 0

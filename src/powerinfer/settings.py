@@ -39,12 +39,25 @@ class ModelSettings:
                           help="CPU threads for decode and prefill (default: all available cores)")
     n_batch: int = _opt(512, "-b", "--batch-size", metavar="N",
                         help="prompt tokens processed per prefill call")
+    sparsity: str = _opt("off", "--sparsity", metavar="auto|off|S",
+                         help="neuron-sparse FFN for generation: off = dense; auto = exact skipping of zero "
+                              "activations on ReLU-family models, calibrated thresholds (S=0.5, +~3%% perplexity) "
+                              "on SwiGLU models; S in [0,1) = skip that fraction of FFN neurons per layer. "
+                              "Thresholds are calibrated on first use (about a minute for small models) and cached")
+    sparse_method: str = _opt("hu", "--sparse-method", metavar="NAME",
+                              help="threshold criterion for SwiGLU models: hu = |act(gate)*up| per neuron "
+                                   "(default), teal = |x| per FFN input channel, teal-hu = both")
+    verbose: bool = _opt(False, "--verbose", action="store_true",
+                         help="print load details and per-layer FFN sparsity / bytes read after generation")
 
     def __post_init__(self):
         if self.n_threads <= 0:
             self.n_threads = default_threads()
         if self.n_ctx < 0:
             raise PowerInferError(f"--ctx-size must be >= 0, got {self.n_ctx}")
+        from .prepare.sparsity import parse_sparsity
+
+        self.sparsity = parse_sparsity(self.sparsity)
         if self.n_batch <= 0:
             raise PowerInferError(f"--batch-size must be > 0, got {self.n_batch}")
 

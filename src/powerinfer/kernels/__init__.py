@@ -110,6 +110,74 @@ def matmul(w: QTensor, x: torch.Tensor, n_threads: int = 1, out: torch.Tensor | 
     return y
 
 
+def _idx(idx) -> torch.Tensor:
+    return torch.as_tensor(idx, dtype=torch.int32).contiguous().reshape(-1)
+
+
+def gather(w: QTensor, idx, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-sparse dot y[j] = W[idx[j]] . x on the GGUF rows (float32 [len(idx)]); dense activation numerics."""
+    data, addr, qtype = _weight(w)
+    idx = _idx(idx)
+    x = _x(x, w.cols).reshape(-1)
+    y = _out((idx.numel(),), out)
+    _C.gather(qtype, addr, w.rows, w.cols, idx.data_ptr(), idx.numel(), x.data_ptr(), y.data_ptr())
+    return y
+
+
+def axpy(wt: QTensor, idx, h: torch.Tensor, y: torch.Tensor | None = None, c0: int = 0,
+         c1: int | None = None) -> torch.Tensor:
+    """Neuron-major axpy y[c0:c1] += sum_j h[j] * Wt[idx[j], c0:c1] (y float32 [Wt.cols], zeros if None)."""
+    data, addr, qtype = _weight(wt)
+    idx = _idx(idx)
+    h = h.detach().to(torch.float32).contiguous().reshape(-1)
+    if h.numel() != idx.numel():
+        raise ValueError(f"{idx.numel()} indices but {h.numel()} values")
+    y = torch.zeros(wt.cols, dtype=torch.float32) if y is None else _out((wt.cols,), y)
+    _C.axpy(qtype, addr, wt.rows, wt.cols, idx.data_ptr(), h.data_ptr(), idx.numel(), c0,
+            wt.cols if c1 is None else c1, y.data_ptr())
+    return y
+
+
+def quantize_q8_0(x: torch.Tensor) -> np.ndarray:
+    """Q8_0 blocks (uint8 [rows, cols/32*34]) of a float32 [rows, cols] tensor, with ggml's x86 rounding."""
+    x = x.detach().to(torch.float32).contiguous()
+    rows, cols = x.shape
+    if cols % 32:
+        raise ValueError("Q8_0 rows must be a multiple of 32 long")
+    out = np.empty((rows, cols // 32 * 34), dtype=np.uint8)
+    _C.quantize_q8_0(x.data_ptr(), rows * cols, address(out))
+    return out
+
+
+# Neuron-major copies of block-format matrices are requantized to Q8_0: a second 4-bit rounding along the other
+# axis would add as much error as the original quantization, while 8 bits add ~1/254 of a block's range.
+TRANSPOSE_FORMAT = {0: 0, 1: 1, 30: 30}  # F32, F16, BF16 transpose exactly; the rest -> Q8_0 (8)
+
+
+def transposed_qtype(t: QTensor):
+    """The format `transposed(t)` stores."""
+    from gguf import GGMLQuantizationType as QT
+
+    return QT(TRANSPOSE_FORMAT.get(int(t.qtype), 8))
+
+
+def transposed(t: QTensor, name: str | None = None) -> QTensor:
+    """The [cols, rows] copy of a weight (down_proj -> down_t, gate/up -> input-major) in TRANSPOSE_FORMAT."""
+    from gguf import GGMLQuantizationType as QT
+
+    dense = dequantize(t).t().contiguous()
+    qtype = int(transposed_qtype(t))
+    if qtype == 0:
+        data = dense.numpy()
+    elif qtype == 1:
+        data = dense.to(torch.float16).numpy()
+    elif qtype == 30:
+        data = dense.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    else:
+        data = quantize_q8_0(dense)
+    return QTensor(name or f"{t.name}.T", QT(qtype), (t.cols, t.rows), data)
+
+
 def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1) -> "_C.Decoder":
     """A Decoder bound to ModelWeights / KVCache / ModelConfig; the arrays it reads are kept alive on it
     (`dec._keep`). Block-format matrices are repacked once (dec.packed_bytes) for the 16-row kernels."""
@@ -169,5 +237,84 @@ def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1) ->
     return dec
 
 
+class SparseFFN:
+    """The neuron-sparse FFN of a bound Decoder (decode steps; prefill stays dense): per layer a neuron-major
+    down_t (the model's own `down_t` when the file has one, else a transposed copy) and thresholds
+    {"h": t_h, "x": t_x} (0 = off; with t_h = t_x = 0 only exact zeros are skipped, which is the exact ReLU
+    path). Input-major gate/up copies are made only for layers with t_x > 0. Copies are cached, so changing
+    thresholds is cheap; `off()` returns the decoder to the dense FFN."""
+
+    def __init__(self, dec: "_C.Decoder", config, weights):
+        self.dec, self.config, self.weights = dec, config, weights
+        self._copies: dict[tuple[int, str], QTensor] = {}
+        self.thresholds: list[dict[str, float]] | None = None
+        self._kept = torch.zeros(3, config.n_layer, dtype=torch.int32)
+
+    def _copy(self, il: int, role: str) -> QTensor:
+        key = (il, role)
+        if key not in self._copies:
+            lw = self.weights.layers[il]
+            own = getattr(lw, "down_t", None) if role == "down" else None
+            src = {"down": lw.down_proj, "gate": lw.gate_proj, "up": lw.up_proj}[role]
+            self._copies[key] = own if own is not None else transposed(src, f"blk.{il}.{role}_t")
+        return self._copies[key]
+
+    @staticmethod
+    def _mat(t: QTensor | None):
+        if t is None:
+            return None
+        data, addr, qtype = _weight(t)
+        return (addr, qtype)
+
+    def on(self, thresholds: list[dict[str, float]] | None = None) -> None:
+        n = self.config.n_layer
+        thresholds = thresholds or [{} for _ in range(n)]
+        if len(thresholds) != n:
+            raise ValueError(f"{len(thresholds)} layers of thresholds for a {n}-layer model")
+        for il, th in enumerate(thresholds):
+            t_h, t_x = float(th.get("h", 0.0)), float(th.get("x", 0.0))
+            lw = self.weights.layers[il]
+            gate_t = self._copy(il, "gate") if t_x > 0 and lw.gate_proj is not None else None
+            up_t = self._copy(il, "up") if t_x > 0 else None
+            self.dec.set_sparse(il, self._mat(self._copy(il, "down")), self._mat(gate_t), self._mat(up_t), t_h, t_x)
+        self.thresholds = [dict(t) for t in thresholds]
+
+    def off(self) -> None:
+        for il in range(self.config.n_layer):
+            self.dec.set_sparse(il, None, None, None, 0.0, 0.0)
+        self.thresholds = None
+
+    def kept(self) -> torch.Tensor:
+        """int32 [3, n_layer] of the last decode step: neurons kept (down rows read), FFN input channels kept, up
+        rows read (a buffer the next call overwrites)."""
+        self.dec.kept(self._kept.data_ptr())
+        return self._kept
+
+    def bytes_per_layer(self, kept: torch.Tensor) -> torch.Tensor:
+        """FFN weight bytes each layer read in a step with these `kept` counts (int64 [n_layer])."""
+        if not hasattr(self, "_row_bytes"):
+            self._row_bytes = torch.tensor([self._layer_bytes(il) for il in range(self.config.n_layer)],
+                                           dtype=torch.int64)  # [n_layer, 4]: dense gate, x col, up row, down_t row
+        th = self.thresholds or [{}] * self.config.n_layer
+        x_on = torch.tensor([t.get("x", 0.0) > 0 for t in th])
+        rb = self._row_bytes
+        k = kept.to(torch.int64)
+        in_bytes = torch.where(x_on, k[1] * rb[:, 1], rb[:, 0] + k[2] * rb[:, 2])
+        return in_bytes + k[0] * rb[:, 3]
+
+    def _layer_bytes(self, il: int) -> list[int]:
+        from ..sparse.relu import row_bytes
+
+        lw, n_ff = self.weights.layers[il], self.config.n_ff
+        gate = lw.gate_proj.nbytes if lw.gate_proj is not None else 0
+        col = sum(row_bytes(transposed_qtype(t), n_ff) for t in (lw.gate_proj, lw.up_proj) if t is not None)
+        return [gate, col, lw.up_proj.row_bytes, self._copy(il, "down").row_bytes]
+
+    @property
+    def copy_bytes(self) -> int:
+        own = {id(getattr(lw, "down_t", None)) for lw in self.weights.layers}
+        return sum(t.nbytes for t in self._copies.values() if id(t) not in own)
+
+
 __all__ = ["Decoder", "isa", "set_isa", "cpu_features", "available_isas", "address", "dequantize", "matvec",
-           "matmul", "bind_decoder"]
+           "matmul", "gather", "axpy", "quantize_q8_0", "transposed", "bind_decoder", "SparseFFN"]

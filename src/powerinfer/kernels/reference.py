@@ -141,6 +141,39 @@ def matvec_ref(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     return block_terms(w, x).sum(-1)
 
 
+# ---- neuron-sparse kernels ----
+def gather_ref(w: QTensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Row-sparse dot: y[j] = W[idx[j]] . x with the dense kernels' activation numerics; float64 [len(idx)]."""
+    return block_terms(w, x)[idx.long()].sum(-1)
+
+
+def axpy_ref(wt: QTensor, idx: torch.Tensor, h: torch.Tensor, c0: int = 0, c1: int | None = None) -> torch.Tensor:
+    """Neuron-major axpy: sum_j h[j] * Wt[idx[j], c0:c1] in float64 (h is not quantized)."""
+    c1 = wt.cols if c1 is None else c1
+    rows = dequantize(wt)[idx.long(), c0:c1].double()
+    return (h.double()[:, None] * rows).sum(0)
+
+
+def ffn_sparse_ref(config, layer, n: torch.Tensor, down_t: QTensor, t_h: float = 0.0, t_x: float = 0.0,
+                   gate_t: QTensor | None = None, up_t: QTensor | None = None):
+    """The decoder's neuron-sparse FFN on the normed input n [d]: (float64 output [d], kept neuron ids).
+
+    Input site (t_x > 0): channels with |n| < t_x are zeroed and gate/up are axpys over the input-major copies
+    (f32 n, no quantization). Otherwise gate/up are the dense kernels' dots. A neuron is kept iff h != 0 and
+    |h| >= t_h; down is the axpy of the kept neurons' rows of down_t."""
+    c = config
+    if t_x > 0:
+        n = n * (n.abs() >= t_x)
+        u = n.double() @ dequantize(up_t).double()
+        g = n.double() @ dequantize(gate_t).double() if layer.gate_proj is not None else None
+    else:
+        u = matvec_ref(layer.up_proj, n)
+        g = matvec_ref(layer.gate_proj, n) if layer.gate_proj is not None else None
+    h = ffn_ref(g, u, c.activation, c.ffn_kind)
+    kept = ((h != 0) & (h.abs() >= t_h)).nonzero().squeeze(1)
+    return axpy_ref(down_t, kept, h[kept]), kept
+
+
 # ---- the decode step ----
 def rmsnorm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.double()
@@ -198,9 +231,10 @@ def attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def decode_layer_ref(config, layer, x: torch.Tensor, pos: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                     cos: torch.Tensor, sin: torch.Tensor, sparse: dict | None = None) -> torch.Tensor:
     """One decode step of one layer (ModelConfig, LayerWeights). Writes K/V[pos] (f16) into the caches and
-    returns the new residual x (float32 [d])."""
+    returns the new residual x (float32 [d]). `sparse`: keyword arguments of ffn_sparse_ref (down_t, t_h, t_x,
+    gate_t, up_t) for the neuron-sparse FFN instead of the dense one."""
     c = config
     hd, nh, nkv = c.head_dim, c.n_head, c.n_head_kv
     x = x.double()
@@ -218,6 +252,8 @@ def decode_layer_ref(config, layer, x: torch.Tensor, pos: int, k_cache: torch.Te
     att = attention_ref(q, k_cache, v_cache, pos + 1, nh, nkv, hd)
     x = x + matvec_ref(layer.o_proj, att.float())
     n = rmsnorm_ref(x, _vec(layer.post_attention_layernorm), c.norm_eps).float()
+    if sparse is not None:
+        return (x + ffn_sparse_ref(c, layer, n, **sparse)[0]).float()
     u = matvec_ref(layer.up_proj, n)
     g = matvec_ref(layer.gate_proj, n) if layer.gate_proj is not None else None
     h = ffn_ref(g, u, c.activation, c.ffn_kind)

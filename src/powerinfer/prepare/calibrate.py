@@ -415,19 +415,46 @@ def func(args) -> int:
     else:
         values, summary = calibrate(model, chunks, args.method, target)
 
-    if not values:  # the search kept the dense model: store explicit zeros
-        values = {site: [0.0] * loaded.config.n_layer for site in METHODS[args.method]}
-    achieved = {site: summary[f"sparsity_{site}"]["per_layer"] for site in METHODS[args.method]
-                if f"sparsity_{site}" in summary}
-    th = Thresholds(
-        method=args.method, target_sparsity=target, values=values, fingerprint=fingerprint,
-        calibration={"text": f"{source} ({calib.description})", "text_sha256": calib.sha256, "n_tokens": n_used,
-                     "n_chunks": len(chunks), "n_ctx": len(chunks[0]), "bos": bos is not None},
-        achieved=achieved, evaluation=evaluation,
-        model={"file": loaded.path.name, "arch": loaded.config.arch, "name": loaded.config.name})
+    th = _artifact(loaded, fingerprint, args.method, target, values, summary, calib, source, chunks, bos, evaluation)
     out = th.save(args.output or default_thresholds_path(fingerprint, args.method, target, args.cache_dir))
     _print_summary(th, summary, out, args.json)
     return 0
+
+
+def _artifact(loaded, fingerprint, method, target, values, summary, calib, source, chunks, bos, evaluation):
+    if not values:  # the search kept the dense model: store explicit zeros
+        values = {site: [0.0] * loaded.config.n_layer for site in METHODS[method]}
+    achieved = {site: summary[f"sparsity_{site}"]["per_layer"] for site in METHODS[method]
+                if f"sparsity_{site}" in summary}
+    return Thresholds(
+        method=method, target_sparsity=target, values=values, fingerprint=fingerprint,
+        calibration={"text": f"{source} ({calib.description})", "text_sha256": calib.sha256,
+                     "n_tokens": sum(len(c) for c in chunks), "n_chunks": len(chunks), "n_ctx": len(chunks[0]),
+                     "bos": bos is not None},
+        achieved=achieved, evaluation=evaluation,
+        model={"file": loaded.path.name, "arch": loaded.config.arch, "name": loaded.config.name})
+
+
+def calibrate_default(loaded, method: str, target: float | dict[str, float], cache_dir=None,
+                      log=sys.stderr) -> Thresholds:
+    """Thresholds of `method` at `target` on the built-in calibration text with the default token count and
+    context, saved at the default cached path (what `--sparsity auto|S` uses on first run)."""
+    from ..api import _tokenizer_for
+    from ..textdata import pydoc_topics
+
+    tok = _tokenizer_for(loaded)
+    bos = tok.bos_id if tok.add_bos else None
+    source = "default calibration text (pydoc_data.topics, calib split)"
+    calib = _token_text(tok, pydoc_topics("calib"), source)
+    chunks = chunks_of(calib.tokens, DEFAULT_TOKENS, DEFAULT_CTX, bos)
+    fingerprint = model_fingerprint(loaded)
+    print(f"calibrate: {method} thresholds for S={target_label(target)} on {sum(len(c) for c in chunks)} tokens of "
+          f"the {source} (once; cached)", file=log)
+    values, summary = calibrate(threshold_model(loaded), chunks, method, target)
+    th = _artifact(loaded, fingerprint, method, target, values, summary, calib, source, chunks, bos, None)
+    path = th.save(default_thresholds_path(fingerprint, method, target, cache_dir))
+    print(f"calibrate: wrote {path}", file=log)
+    return th
 
 
 def _print_summary(th: Thresholds, summary: dict, path, as_json: bool) -> None:

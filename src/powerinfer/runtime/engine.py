@@ -30,6 +30,10 @@ class Response:
     cached_tokens: int = 0  # prompt tokens reused from the KV cache of the previous request
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
+    # Neuron-sparse FFN (None when dense, and for the first token, which comes out of the dense prefill): the
+    # fraction of FFN neurons the step that produced this token skipped, and the FFN weight bytes it read.
+    ffn_sparsity: float | None = None
+    ffn_bytes: int | None = None
 
     @property
     def prompt_tps(self) -> float:
@@ -103,6 +107,7 @@ def stream_generate(runner: Runner, tokenizer: Tokenizer, prompt: str | list[int
         yield resp
         return
     t0 = time.perf_counter()
+    runner.reset_ffn_stats()
     resp.cached_tokens = runner.reuse_prefix(prompt_ids)
     steps = generate_step(runner, prompt_ids, params)
     t_first = None
@@ -118,7 +123,9 @@ def stream_generate(runner: Runner, tokenizer: Tokenizer, prompt: str | list[int
             finish = "stop"
             break
         text, stop_hit = stops.push(stream.push(tok))
-        yield Response(**{**resp.__dict__, "text": text, "token": tok})
+        ffn = runner.last_ffn() if resp.generation_tokens > 1 else None
+        yield Response(**{**resp.__dict__, "text": text, "token": tok,
+                          "ffn_sparsity": ffn[0] if ffn else None, "ffn_bytes": ffn[1] if ffn else None})
         if stop_hit:
             finish = "stop"
             break

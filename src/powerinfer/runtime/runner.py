@@ -31,6 +31,10 @@ class Runner:
         self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, kv_dim, device=self.device)
         self.tokens: list[int] = []  # what the KV cache holds, position by position
         self.weights = loaded.weights
+        self._sparse = None
+        self.sparse_label = None
+        self._last_step = False
+        self.reset_ffn_stats()
         if self.compute == "c":
             self.rope_cos, self.rope_sin = rope_tables(cfg, self.n_ctx)
             self.decoder = kernels.bind_decoder(cfg, loaded.weights, self.kv, self.rope_cos, self.rope_sin,
@@ -43,6 +47,79 @@ class Runner:
             from ..model.llama import Transformer
 
             self.model = Transformer(cfg, loaded.weights).to(self.device)
+
+    # -- neuron-sparse FFN ---------------------------------------------------------------------------------
+    def set_sparse(self, thresholds: list[dict[str, float]] | None, label: str = "sparse") -> None:
+        """Compute only the FFN neurons that fire in decode steps (None: dense). `thresholds`: per layer
+        {"h": t_h, "x": t_x} (sparse/threshold.py); all zeros skip exactly the zero activations, which is the
+        exact path of ReLU-family models (sparse/relu.py). Prompt prefill stays dense (batched matmuls); evals
+        that return every position's logits (perplexity) run token by token so they see the sparse FFN."""
+        cfg = self.config
+        if thresholds is not None and len(thresholds) != cfg.n_layer:
+            raise ValueError(f"{len(thresholds)} layers of thresholds for a {cfg.n_layer}-layer model")
+        if self.compute == "c":
+            if self._sparse is None:
+                self._sparse = kernels.SparseFFN(self.decoder, cfg, self.weights)
+            if thresholds is None:
+                self._sparse.off()
+            else:
+                self._sparse.on(thresholds)
+        else:
+            from ..model.llama import Transformer
+
+            if thresholds is None:
+                self.model = Transformer(cfg, self.weights).to(self.device)
+            else:
+                values = {site: [float(t.get(site, 0.0)) for t in thresholds] for site in ("x", "h")}
+                self.model = Transformer(cfg, self.weights, ffn="threshold",
+                                         ffn_options={"thresholds": values}).to(self.device)
+        self.sparse_label = label if thresholds is not None else None
+        self.reset_ffn_stats()
+
+    @property
+    def sparse(self) -> bool:
+        return self.sparse_label is not None
+
+    def reset_ffn_stats(self) -> None:
+        self._ffn_steps = 0
+        self._ffn_kept = torch.zeros(3, self.config.n_layer, dtype=torch.int64)
+        self._ffn_bytes = 0
+
+    def _record_ffn(self) -> None:
+        if self._sparse is None or not self.sparse:
+            return
+        kept = self._sparse.kept()
+        self._ffn_kept += kept
+        self._ffn_steps += 1
+
+    def ffn_sparsity(self) -> float:
+        """Fraction of FFN neurons skipped per decode step since reset_ffn_stats() (0 when dense)."""
+        if not self._ffn_steps:
+            return 0.0
+        return 1.0 - self._ffn_kept[0].sum().item() / (self._ffn_steps * self.config.n_layer * self.config.n_ff)
+
+    def ffn_stats(self) -> dict | None:
+        """Per-layer averages over the decode steps since reset_ffn_stats(): sparsity (neurons skipped), input
+        sparsity (channels skipped), FFN weight bytes read per token; None when dense or nothing ran."""
+        if not self.sparse or not self._ffn_steps or self._sparse is None:
+            return None
+        cfg, n = self.config, self._ffn_steps
+        mean = self._ffn_kept.double() / n
+        layer_bytes = self._sparse.bytes_per_layer(mean).double()
+        dense = sum(t.nbytes for lw in self.weights.layers for t in (lw.gate_proj, lw.up_proj, lw.down_proj)
+                    if t is not None)
+        return {"steps": n, "sparsity": 1.0 - mean[0].sum().item() / (cfg.n_layer * cfg.n_ff),
+                "sparsity_per_layer": (1.0 - mean[0] / cfg.n_ff).tolist(),
+                "input_sparsity_per_layer": (1.0 - mean[1] / cfg.d_model).tolist(),
+                "ffn_bytes_per_token": layer_bytes.sum().item(), "ffn_dense_bytes": dense}
+
+    def last_ffn(self) -> tuple[float, int] | None:
+        """(sparsity, FFN weight bytes read) of the last eval if it was a sparse decode step, else None."""
+        if not self.sparse or self._sparse is None or not self._last_step:
+            return None
+        kept = self._sparse.kept()
+        return (1.0 - kept[0].sum().item() / (self.config.n_layer * self.config.n_ff),
+                int(self._sparse.bytes_per_layer(kept).sum()))
 
     # -- cache bookkeeping -------------------------------------------------------------------------------
     @property
@@ -76,6 +153,7 @@ class Runner:
         bad = [t for t in ids if not 0 <= t < self.config.n_vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.n_vocab - 1})")
+        self._last_step = len(ids) == 1 and not all_logits
         if self.compute == "torch":
             out = self._eval_torch(ids, all_logits)
         else:
@@ -91,6 +169,13 @@ class Runner:
 
     def _eval_c(self, ids, all_logits):
         pos = self.n_past
+        if all_logits and self.sparse:  # one decode step per token, so every position sees the sparse FFN
+            out = torch.empty(len(ids), self.config.n_vocab, dtype=torch.float32)
+            for i, tok in enumerate(ids):
+                self._embed_into([tok])
+                self.decoder.step(self._x.data_ptr(), pos + i, out[i].data_ptr())
+                self._record_ffn()
+            return out
         if all_logits:
             # Batched like llama.cpp's logits_all: prefill each chunk, then the output head on every row.
             out = torch.empty(len(ids), self.config.n_vocab, dtype=torch.float32)
@@ -104,6 +189,7 @@ class Runner:
         if len(ids) == 1:
             self._embed_into(ids)
             self.decoder.step(self._x.data_ptr(), pos, self._logits.data_ptr())
+            self._record_ffn()
             return self._logits
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start:start + self.n_batch]

@@ -195,6 +195,75 @@ static void run_rows(const pi_layer *L, int j, const pi_act *a, float *y, float 
     for (int r = s->u0 * unit; r < r1; r++) x[r] += y[r];
 }
 
+/* ---- neuron-sparse FFN (see pi_layer) ---- */
+static inline int keep_h(float h, float t_h) { return h != 0.0f && fabsf(h) >= t_h; }
+
+static void ffn_sparse(pi_decoder *D, int il, float *x, int ith, int nth) {
+    const pi_layer *L = &D->L[il];
+    pi_tws *w = &D->tw[ith];
+    const int d = D->d, relu_gate = D->act == ACT_RELU && D->ffn_kind != FFN_MLP;
+    float *xn = w->xn, *g = D->g, *u = D->u;
+    pi_rmsnorm(x, L->ffn_norm, d, D->eps, xn);
+    int nx = d;
+    if (L->t_x > 0.0f) { /* input site: drop small channels (all threads compute the same list) */
+        nx = 0;
+        for (int c = 0; c < d; c++) {
+            if (fabsf(xn[c]) >= L->t_x) { w->xi[nx] = c; w->xv[nx++] = xn[c]; }
+            else xn[c] = 0.0f;
+        }
+    }
+    int c0, c1;
+    pi_split((D->n_ff + PI_QK - 1) / PI_QK, ith, nth, &c0, &c1);
+    const int n0 = c0 * PI_QK, n1 = c1 * PI_QK < D->n_ff ? c1 * PI_QK : D->n_ff;
+    int nk = 0;
+    w->kept_u[il] = n1 - n0; /* up rows read: all of the chunk unless the ReLU gate selects them below */
+    memset(w->yp, 0, (size_t)d * sizeof(float));
+    if (n1 > n0) {
+        int have_up = 1;
+        if (L->t_x > 0.0f) { /* gate/up as axpys over the kept channels' rows of the input-major copies */
+            if (L->gate.raw) {
+                memset(g + n0, 0, (size_t)(n1 - n0) * sizeof(float));
+                pi_mat_axpy(&L->gate_t, w->xi, w->xv, nx, n0, n1, g);
+            }
+            memset(u + n0, 0, (size_t)(n1 - n0) * sizeof(float));
+            pi_mat_axpy(&L->up_t, w->xi, w->xv, nx, n0, n1, u);
+        } else {
+            pi_act_fill(&w->act, xn, 0, 0, d, L->need_ffn);
+            if (L->gate.raw) run_rows(L, MGATE, &w->act, g, NULL, ith);
+            have_up = !relu_gate;
+            if (have_up) run_rows(L, MUP, &w->act, u, NULL, ith);
+        }
+        if (!have_up) { /* ReLU gate: only neurons with gate > 0 can fire; read just their up rows */
+            int nc = 0;
+            for (int i = n0; i < n1; i++)
+                if (g[i] > 0.0f) w->idx[nc++] = i;
+            pi_mat_gather(&L->up, w->idx, nc, &w->act, w->uv);
+            w->kept_u[il] = nc;
+            for (int j = 0; j < nc; j++) {
+                const int i = w->idx[j];
+                const float uj = w->uv[j];
+                const float hj = D->ffn_kind == FFN_DGLU ? g[i] * (uj > 0.0f ? uj : 0.0f) : g[i] * uj;
+                if (keep_h(hj, L->t_h)) { w->idx[nk] = i; w->hv[nk++] = hj; }
+            }
+        } else {
+            pi_ffn_act(D, g + n0, u + n0, n1 - n0); /* g = h */
+            for (int i = n0; i < n1; i++)
+                if (keep_h(g[i], L->t_h)) { w->idx[nk] = i; w->hv[nk++] = g[i]; }
+        }
+        pi_mat_axpy(&L->down_t, w->idx, w->hv, nk, 0, d, w->yp);
+    }
+    w->kept_h[il] = nk;
+    w->kept_x[il] = ith == 0 ? nx : 0;
+    pi_dec_barrier(D, ith);
+    int r0, r1; /* reduce the threads' sums over this thread's slice of x */
+    pi_split(d, ith, nth, &r0, &r1);
+    for (int t = 0; t < nth; t++) {
+        const float *yp = D->tw[t].yp;
+        for (int r = r0; r < r1; r++) x[r] += yp[r];
+    }
+    pi_dec_barrier(D, ith);
+}
+
 /* ---- decode ---- */
 static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int nth) {
     const pi_layer *L = &D->L[il];
@@ -244,6 +313,10 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_FFN);
+    if (L->down_t.raw) {
+        ffn_sparse(D, il, x, ith, nth);
+        return;
+    }
     pi_rmsnorm(x, L->ffn_norm, D->d, D->eps, w->xn);
     pi_act_fill(&w->act, w->xn, 0, 0, D->d, L->need_ffn);
     int c0, c1;
@@ -301,6 +374,9 @@ static void free_threads(pi_decoder *D) {
         pi_aligned_free(D->tw[i].xn);
         pi_aligned_free(D->tw[i].scores);
         pi_aligned_free(D->tw[i].act_mem);
+        void *bufs[] = {D->tw[i].idx, D->tw[i].hv, D->tw[i].uv, D->tw[i].yp, D->tw[i].xi, D->tw[i].xv,
+                        D->tw[i].kept_h, D->tw[i].kept_x, D->tw[i].kept_u};
+        for (size_t j = 0; j < sizeof bufs / sizeof *bufs; j++) pi_aligned_free(bufs[j]);
     }
     free(D->tw);
     D->tw = NULL;
@@ -324,7 +400,18 @@ int pi_decoder_set_threads(pi_decoder *D, int nth) {
         pi_tws *w = &D->tw[i];
         w->xn = pi_aligned_alloc((size_t)D->d * 4);
         w->scores = pi_aligned_alloc((size_t)D->n_ctx * (D->n_head / D->n_head_kv) * 4);
-        if (!w->xn || !w->scores || alloc_act(&w->act, &w->act_mem, D->d, 1, NEED_ALL)) return -1;
+        w->idx = pi_aligned_alloc((size_t)D->n_ff * 4);
+        w->hv = pi_aligned_alloc((size_t)D->n_ff * 4);
+        w->uv = pi_aligned_alloc((size_t)D->n_ff * 4);
+        w->yp = pi_aligned_alloc((size_t)D->d * 4);
+        w->xi = pi_aligned_alloc((size_t)D->d * 4);
+        w->xv = pi_aligned_alloc((size_t)D->d * 4);
+        w->kept_h = pi_aligned_alloc((size_t)D->n_layer * sizeof(int));
+        w->kept_x = pi_aligned_alloc((size_t)D->n_layer * sizeof(int));
+        w->kept_u = pi_aligned_alloc((size_t)D->n_layer * sizeof(int));
+        if (!w->kept_u || !w->xn || !w->scores || !w->idx || !w->hv || !w->uv || !w->yp || !w->xi || !w->xv || !w->kept_h ||
+            !w->kept_x || alloc_act(&w->act, &w->act_mem, D->d, 1, NEED_ALL))
+            return -1;
     }
     return D->layout_nth == nth ? 0 : relayout(D);
 }
@@ -403,7 +490,7 @@ int pi_decoder_set_layer(pi_decoder *D, int il, const float *attn_norm, const pi
     const pi_mat *src[] = {q, k, v, o, gate, up, down};
     for (size_t j = 0; j < sizeof dst / sizeof *dst; j++) pi_mat_free(dst[j]);
     uint16_t *kc = L->kc, *vc = L->vc; /* set_kv may come first */
-    memset(L, 0, sizeof *L);
+    memset(L, 0, sizeof *L); /* also turns the sparse FFN off: set_sparse again after rebinding */
     L->kc = kc; L->vc = vc;
     for (size_t j = 0; j < sizeof dst / sizeof *dst; j++) {
         if (!src[j]) continue;
@@ -425,4 +512,27 @@ int pi_decoder_set_output(pi_decoder *D, const float *norm, const void *head, in
     D->head_bound = 1;
     if (D->layout_nth != D->nth) return relayout(D);
     return layout_head(D);
+}
+
+int pi_decoder_set_sparse(pi_decoder *D, int il, const pi_mat *down_t, const pi_mat *gate_t, const pi_mat *up_t,
+                          float t_h, float t_x) {
+    pi_layer *L = &D->L[il];
+    memset(&L->down_t, 0, sizeof L->down_t);
+    memset(&L->gate_t, 0, sizeof L->gate_t);
+    memset(&L->up_t, 0, sizeof L->up_t);
+    L->t_h = L->t_x = 0.0f;
+    if (!down_t) return 0;
+    if (!L->bound || !(t_h >= 0.0f) || !(t_x >= 0.0f)) return -1;
+    if (down_t->rows != D->n_ff || down_t->cols != D->d) return -1;
+    if (t_x > 0.0f) {
+        if (!up_t || up_t->rows != D->d || up_t->cols != D->n_ff) return -1;
+        if (L->gate.raw && (!gate_t || gate_t->rows != D->d || gate_t->cols != D->n_ff)) return -1;
+        if (pi_need_of(up_t->qtype) == PI_NEED_Q8 && D->n_ff % PI_QK) return -1;
+        L->up_t = *up_t;
+        if (L->gate.raw) L->gate_t = *gate_t;
+    }
+    L->down_t = *down_t;
+    L->t_h = t_h;
+    L->t_x = t_x;
+    return 0;
 }

@@ -23,10 +23,23 @@ typedef struct {
     const float *bq, *bk, *bv;
     uint16_t *kc, *vc;                 /* [n_ctx][n_head_kv*head_dim] f16, owned by Python */
     int need_attn, need_ffn;           /* activation forms the layer's inputs need (PI_NEED_*) */
+    /* Neuron-sparse FFN (decode only; prefill stays dense): on when down_t.raw is set. Per 32-neuron chunk of a
+     * thread: gate (dense rows, or input-major gate_t over the kept input channels when t_x > 0); for ReLU
+     * gates only the neurons with gate > 0 read their up row (exact); h = act(gate)*up; neurons with h == 0 or
+     * |h| < t_h are skipped; down is an axpy over the kept neurons' rows of down_t into a per-thread sum. */
+    pi_mat down_t, gate_t, up_t;       /* raw neuron-major [n_ff, d] / input-major [d, n_ff]; owned by Python */
+    float t_h, t_x;
 } pi_layer;
 
 typedef struct {
     float *xn;      /* [d] normalized input */
+    int32_t *idx;   /* [n_ff] kept neurons of this thread's chunk (sparse FFN) */
+    float *hv;      /* [n_ff] their h values */
+    float *uv;      /* [n_ff] up values of gathered rows */
+    float *yp;      /* [d] this thread's down sum */
+    int32_t *xi;    /* [d] kept input channels (t_x) */
+    float *xv;      /* [d] their values */
+    int *kept_h, *kept_x, *kept_u; /* [n_layer] neurons / input channels / up rows this thread read last step */
     pi_act act;     /* its quantized forms (all needs) */
     float *scores;  /* [n_head/n_head_kv][n_ctx] */
     void *act_mem;
@@ -78,6 +91,10 @@ int pi_decoder_set_layer(pi_decoder *D, int il, const float *attn_norm, const pi
                          const pi_mat *up, const pi_mat *down, const float *bq, const float *bk, const float *bv);
 
 int pi_decoder_set_output(pi_decoder *D, const float *norm, const void *head, int qtype);
+/* Turn the neuron-sparse FFN of layer il on (down_t given) or off (NULL). gate_t/up_t (input-major) are needed
+ * only when t_x > 0. 0 ok, -1 bad shapes. */
+int pi_decoder_set_sparse(pi_decoder *D, int il, const pi_mat *down_t, const pi_mat *gate_t, const pi_mat *up_t,
+                          float t_h, float t_x);
 const pi_mat *pi_layer_mat(const pi_layer *L, int j); /* MQ .. MDOWN */
 void pi_layer_ranges(const pi_layer *L, int n_ff, int ith, int nth, int u0[M_N], int u1[M_N]);
 

@@ -64,7 +64,7 @@ AI __m256i unpack_q4(const uint8_t *qs) {
 AI __m256i lane0(int v) { return _mm256_zextsi128_si256(_mm_cvtsi32_si128(v)); }
 
 #define ROWS(NAME, BLK, BODY)                                                                            \
-    static void NAME(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {                       \
+    static void NAME(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y) {                       \
         const int nb = m->cols / PI_QK;                                                                  \
         for (int r = r0; r < r1; r += 4) {                                                               \
             const int nr = r1 - r < 4 ? r1 - r : 4;                                                      \
@@ -72,7 +72,7 @@ AI __m256i lane0(int v) { return _mm256_zextsi128_si256(_mm_cvtsi32_si128(v)); }
             __m256 acc[4];                                                                               \
             float accm[4] = {0, 0, 0, 0};                                                                \
             for (int j = 0; j < 4; j++) {                                                                \
-                w[j] = (const BLK *)(m->raw + (size_t)(r + (j < nr ? j : 0)) * m->row_bytes);            \
+                w[j] = (const BLK *)(m->raw + (size_t)PI_ROW(idx, r + (j < nr ? j : 0)) * m->row_bytes);            \
                 acc[j] = _mm256_setzero_ps();                                                            \
             }                                                                                            \
             for (int b = 0; b < nb; b++) {                                                               \
@@ -109,7 +109,7 @@ AI float s_bf16(uint16_t h) { return pi_bf16_to_fp32(h); }
 AI float s_f32(float f) { return f; }
 
 #define ROWSF(NAME, T, XP, LD, S)                                                                        \
-    static void NAME(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {                       \
+    static void NAME(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y) {                       \
         const int n = m->cols, n8 = n & ~7;                                                              \
         const T *xv = XP;                                                                                \
         for (int r = r0; r < r1; r += 4) {                                                               \
@@ -117,7 +117,7 @@ AI float s_f32(float f) { return f; }
             const T *w[4];                                                                               \
             __m256 acc[4];                                                                               \
             for (int j = 0; j < 4; j++) {                                                                \
-                w[j] = (const T *)(m->raw + (size_t)(r + (j < nr ? j : 0)) * m->row_bytes);              \
+                w[j] = (const T *)(m->raw + (size_t)PI_ROW(idx, r + (j < nr ? j : 0)) * m->row_bytes);              \
                 acc[j] = _mm256_setzero_ps();                                                            \
             }                                                                                            \
             for (int c = 0; c < n8; c += 8) {                                                            \
@@ -134,6 +134,99 @@ AI float s_f32(float f) { return f; }
 ROWSF(rows_f16, uint16_t, a->h, ld_f16, s_f16)
 ROWSF(rows_bf16, uint16_t, a->bh, ld_bf16, s_bf16)
 ROWSF(rows_f32, float, a->f, ld_f32, s_f32)
+
+/* ---- neuron-major axpy (see kern_avx512.c): 4 rows per pass, 8 columns per step ---- */
+#define AXPY_SETUP(T)                                                                                    \
+    const int nr = n - j < 4 ? n - j : 4;                                                                \
+    const T *w[4];                                                                                       \
+    float hs[4];                                                                                         \
+    for (int k = 0; k < 4; k++) {                                                                        \
+        w[k] = (const T *)(m->raw + (size_t)idx[j + (k < nr ? k : 0)] * m->row_bytes);                  \
+        hs[k] = k < nr ? h[j + k] : 0.0f;                                                                \
+    }
+
+#define AXPYF(NAME, T, LD, S)                                                                            \
+    static void NAME(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) { \
+        for (int j = 0; j < n; j += 4) {                                                                 \
+            AXPY_SETUP(T)                                                                                \
+            int c = c0;                                                                                  \
+            for (; c + 8 <= c1; c += 8) {                                                                \
+                __m256 acc = _mm256_loadu_ps(y + c);                                                     \
+                for (int k = 0; k < 4; k++) acc = _mm256_fmadd_ps(LD(w[k] + c), _mm256_set1_ps(hs[k]), acc); \
+                _mm256_storeu_ps(y + c, acc);                                                            \
+            }                                                                                            \
+            for (; c < c1; c++)                                                                          \
+                for (int k = 0; k < 4; k++) y[c] += hs[k] * S(w[k][c]);                                  \
+        }                                                                                                \
+    }
+AXPYF(axpy_rows_f32, float, ld_f32, s_f32)
+AXPYF(axpy_rows_f16, uint16_t, ld_f16, s_f16)
+AXPYF(axpy_rows_bf16, uint16_t, ld_bf16, s_bf16)
+
+AI __m256 cvt8_u8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+AI __m256 cvt8_i8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+/* QT: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0 */
+AI void axpy_blocks(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y,
+                    const int QT) {
+    const int b0 = c0 / PI_QK, b1 = (c1 + PI_QK - 1) / PI_QK;
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int j = 0; j < n; j += 4) {
+        AXPY_SETUP(uint8_t)
+        for (int b = b0; b < b1; b++) {
+            float *yb = y + (size_t)b * PI_QK;
+            __m256 yv[4];
+            for (int i = 0; i < 4; i++) yv[i] = _mm256_loadu_ps(yb + 8 * i);
+            float off = 0.0f;
+            for (int k = 0; k < 4; k++) {
+                __m128i lo, hi;
+                float sd;
+                if (QT == 2) {
+                    const pi_blk_q8_0 *blk = (const pi_blk_q8_0 *)w[k] + b;
+                    sd = hs[k] * h2f(blk->d);
+                    lo = _mm_loadu_si128((const __m128i *)blk->qs);
+                    hi = _mm_loadu_si128((const __m128i *)(blk->qs + 16));
+                } else {
+                    const uint8_t *qs;
+                    if (QT == 0) {
+                        const pi_blk_q4_0 *blk = (const pi_blk_q4_0 *)w[k] + b;
+                        qs = blk->qs; sd = hs[k] * h2f(blk->d); off -= 8.0f * sd;
+                    } else {
+                        const pi_blk_q4_1 *blk = (const pi_blk_q4_1 *)w[k] + b;
+                        qs = blk->qs; sd = hs[k] * h2f(blk->d); off += hs[k] * h2f(blk->m);
+                    }
+                    const __m128i v = _mm_loadu_si128((const __m128i *)qs);
+                    lo = _mm_and_si128(v, m4);
+                    hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                }
+                const __m256 s = _mm256_set1_ps(sd);
+                if (QT == 2) {
+                    yv[0] = _mm256_fmadd_ps(cvt8_i8(lo), s, yv[0]);
+                    yv[1] = _mm256_fmadd_ps(cvt8_i8(_mm_srli_si128(lo, 8)), s, yv[1]);
+                    yv[2] = _mm256_fmadd_ps(cvt8_i8(hi), s, yv[2]);
+                    yv[3] = _mm256_fmadd_ps(cvt8_i8(_mm_srli_si128(hi, 8)), s, yv[3]);
+                } else {
+                    yv[0] = _mm256_fmadd_ps(cvt8_u8(lo), s, yv[0]);
+                    yv[1] = _mm256_fmadd_ps(cvt8_u8(_mm_srli_si128(lo, 8)), s, yv[1]);
+                    yv[2] = _mm256_fmadd_ps(cvt8_u8(hi), s, yv[2]);
+                    yv[3] = _mm256_fmadd_ps(cvt8_u8(_mm_srli_si128(hi, 8)), s, yv[3]);
+                }
+            }
+            const __m256 o = _mm256_set1_ps(off);
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(yb + 8 * i, QT == 2 ? yv[i] : _mm256_add_ps(yv[i], o));
+        }
+    }
+}
+
+static void axpy_rows_q4_0(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) {
+    axpy_blocks(m, idx, h, n, c0, c1, y, 0);
+}
+static void axpy_rows_q4_1(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) {
+    axpy_blocks(m, idx, h, n, c0, c1, y, 1);
+}
+static void axpy_rows_q8_0(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) {
+    axpy_blocks(m, idx, h, n, c0, c1, y, 2);
+}
 
 /* Software prefetch distance of the packed stream (as kern_avx512.c: 16 KiB measured best on Zen 4). */
 #define PF_DIST 16384
@@ -307,11 +400,24 @@ static void attn(const float *q, int n_rep, int hd, const uint16_t *k, const uin
     }
 }
 
+static double read_sum(const uint8_t *p, size_t n, int iters) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int it = 0; it < iters; it++)
+        for (size_t i = 0; i + 128 <= n; i += 128) {
+            s0 = _mm256_add_ps(s0, _mm256_loadu_ps((const float *)(p + i)));
+            s1 = _mm256_add_ps(s1, _mm256_loadu_ps((const float *)(p + i + 32)));
+            s2 = _mm256_add_ps(s2, _mm256_loadu_ps((const float *)(p + i + 64)));
+            s3 = _mm256_add_ps(s3, _mm256_loadu_ps((const float *)(p + i + 96)));
+        }
+    return hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+}
+
 const pi_kernels pi_kernels_avx2 = {
     "avx2",
     rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32,
+    axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0, axpy_rows_f16, axpy_rows_bf16, axpy_rows_f32,
     packed_q4_0, packed_q4_1, packed_q8_0,
-    quant_q8, dot_f16, axpy_f16, to_f16, attn, 0,
+    quant_q8, dot_f16, axpy_f16, to_f16, attn, 0, read_sum,
 };
 
 #pragma GCC pop_options

@@ -65,7 +65,7 @@ AI __m256i unpack_q4(const uint8_t *qs) { /* 16 bytes -> 32 nibbles in element o
 AI __m256i lane0(int v) { return _mm256_zextsi128_si256(_mm_cvtsi32_si128(v)); }
 
 #define ROWS4(NAME, BLK, BODY)                                                                          \
-    static void NAME(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {                       \
+    static void NAME(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y) {                       \
         const int nb = m->cols / PI_QK;                                                                  \
         int r = r0;                                                                                      \
         for (; r + 4 <= r1; r += 4) {                                                                    \
@@ -73,7 +73,7 @@ AI __m256i lane0(int v) { return _mm256_zextsi128_si256(_mm_cvtsi32_si128(v)); }
             __m256 acc[4];                                                                               \
             float accm[4] = {0, 0, 0, 0};                                                                \
             _Pragma("GCC unroll 16") for (int j = 0; j < 4; j++) {                                                                \
-                w[j] = (const BLK *)(m->raw + (size_t)(r + j) * m->row_bytes);                           \
+                w[j] = (const BLK *)(m->raw + (size_t)PI_ROW(idx, r + j) * m->row_bytes);                           \
                 acc[j] = _mm256_setzero_ps();                                                            \
             }                                                                                            \
             for (int b = 0; b < nb; b++) {                                                               \
@@ -84,7 +84,7 @@ AI __m256i lane0(int v) { return _mm256_zextsi128_si256(_mm_cvtsi32_si128(v)); }
             _Pragma("GCC unroll 16") for (int j = 0; j < 4; j++) y[r + j] = hsum256(acc[j]) + accm[j];                            \
         }                                                                                                \
         for (; r < r1; r++) {                                                                            \
-            const BLK *w0 = (const BLK *)(m->raw + (size_t)r * m->row_bytes);                            \
+            const BLK *w0 = (const BLK *)(m->raw + (size_t)PI_ROW(idx, r) * m->row_bytes);                            \
             __m256 acc[1] = {_mm256_setzero_ps()};                                                       \
             float accm[1] = {0};                                                                         \
             for (int b = 0; b < nb; b++) {                                                               \
@@ -128,7 +128,7 @@ AI __m512 ld_bf16(const uint16_t *p, __mmask16 k) {
 AI __m512 ld_f32(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
 
 #define ROWSF(NAME, T, XP, LD)                                                                           \
-    static void NAME(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {                       \
+    static void NAME(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y) {                       \
         const int n = m->cols;                                                                           \
         const T *xv = XP;                                                                                \
         int r = r0;                                                                                      \
@@ -137,7 +137,7 @@ AI __m512 ld_f32(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, 
             const T *w[4];                                                                               \
             __m512 acc[4];                                                                               \
             _Pragma("GCC unroll 16") for (int j = 0; j < 4; j++) {                                                                \
-                w[j] = (const T *)(m->raw + (size_t)(r + (j < nr ? j : 0)) * m->row_bytes);              \
+                w[j] = (const T *)(m->raw + (size_t)PI_ROW(idx, r + (j < nr ? j : 0)) * m->row_bytes);              \
                 acc[j] = _mm512_setzero_ps();                                                            \
             }                                                                                            \
             for (int c = 0; c < n; c += 16) {                                                            \
@@ -152,6 +152,116 @@ AI __m512 ld_f32(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, 
 ROWSF(rows_f16, uint16_t, a->h, ld_f16)
 ROWSF(rows_bf16, uint16_t, a->bh, ld_bf16)
 ROWSF(rows_f32, float, a->f, ld_f32)
+
+/* ---- neuron-major axpy (down_t, gate_t/up_t): y[c0..c1) += sum_j h[j] W[idx[j]][c0..c1) ----
+ * 4 rows per pass (4 independent streams in flight), the y range reloaded per pass from L1. Block formats:
+ * per 32-value block, y += (h_j d_j) q_j for the 4 rows, and the constant terms (Q4_0's -8, Q4_1's m) are
+ * folded into one per-block offset added once per pass. Rows past n repeat row 0 with h = 0. */
+AI __mmask16 tail16(int left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+#define AXPY_SETUP(T)                                                                                    \
+    const int nr = n - j < 4 ? n - j : 4;                                                                \
+    const T *w[4];                                                                                       \
+    float hs[4];                                                                                         \
+    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {                                                \
+        w[k] = (const T *)(m->raw + (size_t)idx[j + (k < nr ? k : 0)] * m->row_bytes);                  \
+        hs[k] = k < nr ? h[j + k] : 0.0f;                                                                \
+    }                                                                                                    \
+    const uint8_t *pf[4];                                                                                \
+    row_prefetch_ptrs(m, idx, n, j + PF_ROWS, pf);
+
+/* Rows arrive in index order, each a short stream (SmolLM2: 612 B of Q8_0), so the hardware prefetcher has
+ * nothing to run ahead on: while a pass reads its 4 rows, the rows PF_ROWS positions later are prefetched,
+ * spread over the pass in step with its own reads (PF_ROWS = 8: two passes ahead, ~100 ns at SmolLM2 sizes). */
+#define PF_ROWS 8
+AI void row_prefetch_ptrs(const pi_mat *m, const int32_t *idx, int n, int j, const uint8_t *pf[4]) {
+    for (int k = 0; k < 4; k++) pf[k] = j + k < n ? m->raw + (size_t)PI_ROW(idx, j + k) * m->row_bytes : NULL;
+}
+AI void row_prefetch(const uint8_t *const pf[4], size_t off) {
+    for (int k = 0; k < 4; k++)
+        if (pf[k]) _mm_prefetch((const char *)pf[k] + off, _MM_HINT_T0);
+}
+
+#define AXPYF(NAME, T, LD)                                                                               \
+    static void NAME(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) { \
+        for (int j = 0; j < n; j += 4) {                                                                 \
+            AXPY_SETUP(T)                                                                                \
+            const __m512 h0 = _mm512_set1_ps(hs[0]), h1 = _mm512_set1_ps(hs[1]);                        \
+            const __m512 h2 = _mm512_set1_ps(hs[2]), h3 = _mm512_set1_ps(hs[3]);                        \
+            for (int c = c0; c < c1; c += 16) {                                                          \
+                const __mmask16 km = tail16(c1 - c);                                                     \
+                row_prefetch(pf, (size_t)c * sizeof(T));                                                 \
+                __m512 acc = _mm512_maskz_loadu_ps(km, y + c);                                           \
+                acc = _mm512_fmadd_ps(LD(w[0] + c, km), h0, acc);                                        \
+                acc = _mm512_fmadd_ps(LD(w[1] + c, km), h1, acc);                                        \
+                acc = _mm512_fmadd_ps(LD(w[2] + c, km), h2, acc);                                        \
+                acc = _mm512_fmadd_ps(LD(w[3] + c, km), h3, acc);                                        \
+                _mm512_mask_storeu_ps(y + c, km, acc);                                                   \
+            }                                                                                            \
+        }                                                                                                \
+    }
+AXPYF(axpy_rows_f32, float, ld_f32)
+AXPYF(axpy_rows_f16, uint16_t, ld_f16)
+AXPYF(axpy_rows_bf16, uint16_t, ld_bf16)
+
+AI __m512 cvt_u8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+AI __m512 cvt_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+
+/* QT: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0 */
+AI void axpy_blocks(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y,
+                    const int QT) {
+    const int b0 = c0 / PI_QK, b1 = (c1 + PI_QK - 1) / PI_QK;
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int j = 0; j < n; j += 4) {
+        AXPY_SETUP(uint8_t)
+        const size_t bb = QT == 2 ? sizeof(pi_blk_q8_0) : QT == 1 ? sizeof(pi_blk_q4_1) : sizeof(pi_blk_q4_0);
+        for (int b = b0; b < b1; b++) {
+            float *yb = y + (size_t)b * PI_QK;
+            row_prefetch(pf, (size_t)b * bb);
+            __m512 y0 = _mm512_loadu_ps(yb), y1 = _mm512_loadu_ps(yb + 16);
+            float off = 0.0f;
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                if (QT == 2) {
+                    const pi_blk_q8_0 *blk = (const pi_blk_q8_0 *)w[k] + b;
+                    const __m512 s = _mm512_set1_ps(hs[k] * h2f(blk->d));
+                    y0 = _mm512_fmadd_ps(cvt_i8(_mm_loadu_si128((const __m128i *)blk->qs)), s, y0);
+                    y1 = _mm512_fmadd_ps(cvt_i8(_mm_loadu_si128((const __m128i *)(blk->qs + 16))), s, y1);
+                } else {
+                    const uint8_t *qs;
+                    float sd;
+                    if (QT == 0) {
+                        const pi_blk_q4_0 *blk = (const pi_blk_q4_0 *)w[k] + b;
+                        qs = blk->qs; sd = hs[k] * h2f(blk->d); off -= 8.0f * sd;
+                    } else {
+                        const pi_blk_q4_1 *blk = (const pi_blk_q4_1 *)w[k] + b;
+                        qs = blk->qs; sd = hs[k] * h2f(blk->d); off += hs[k] * h2f(blk->m);
+                    }
+                    const __m128i v = _mm_loadu_si128((const __m128i *)qs);
+                    const __m512 s = _mm512_set1_ps(sd);
+                    y0 = _mm512_fmadd_ps(cvt_u8(_mm_and_si128(v, m4)), s, y0);
+                    y1 = _mm512_fmadd_ps(cvt_u8(_mm_and_si128(_mm_srli_epi16(v, 4), m4)), s, y1);
+                }
+            }
+            if (QT != 2) {
+                const __m512 o = _mm512_set1_ps(off);
+                y0 = _mm512_add_ps(y0, o);
+                y1 = _mm512_add_ps(y1, o);
+            }
+            _mm512_storeu_ps(yb, y0);
+            _mm512_storeu_ps(yb + 16, y1);
+        }
+    }
+}
+
+static void axpy_rows_q4_0(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) {
+    axpy_blocks(m, idx, h, n, c0, c1, y, 0);
+}
+static void axpy_rows_q4_1(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) {
+    axpy_blocks(m, idx, h, n, c0, c1, y, 1);
+}
+static void axpy_rows_q8_0(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) {
+    axpy_blocks(m, idx, h, n, c0, c1, y, 2);
+}
 
 /* ---- packed layout ---- */
 /* One group (16 rows) for NT tokens starting at token t0. QT: 0 = Q4_0, 1 = Q4_1. */
@@ -277,11 +387,25 @@ static void axpy_f16(float *y, const uint16_t *v, float a, int n) {
     }
 }
 
+/* Bandwidth probe: 4 independent zmm accumulators over the buffer (as f32 bit patterns; the value is unused). */
+static double read_sum(const uint8_t *p, size_t n, int iters) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int it = 0; it < iters; it++)
+        for (size_t i = 0; i + 256 <= n; i += 256) {
+            s0 = _mm512_add_ps(s0, _mm512_loadu_ps((const float *)(p + i)));
+            s1 = _mm512_add_ps(s1, _mm512_loadu_ps((const float *)(p + i + 64)));
+            s2 = _mm512_add_ps(s2, _mm512_loadu_ps((const float *)(p + i + 128)));
+            s3 = _mm512_add_ps(s3, _mm512_loadu_ps((const float *)(p + i + 192)));
+        }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
 const pi_kernels pi_kernels_avx512 = {
     "avx512",
     rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32,
+    axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0, axpy_rows_f16, axpy_rows_bf16, axpy_rows_f32,
     packed_q4_0, packed_q4_1, packed_q8_0,
-    quant_q8, dot_f16, axpy_f16, pi_to_f16_avx512, pi_attn_avx512, 1,
+    quant_q8, dot_f16, axpy_f16, pi_to_f16_avx512, pi_attn_avx512, 1, read_sum,
 };
 
 #pragma GCC pop_options

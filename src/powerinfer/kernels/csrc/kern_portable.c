@@ -25,10 +25,10 @@ static void quant_q8(const float *x, int nblocks, int8_t *qs, float *d, float *s
 }
 
 /* ---- raw (GGUF) layout, one row at a time ---- */
-static void rows_q4_0(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {
+static void rows_q4_0(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y) {
     const int nb = m->cols / PI_QK;
     for (int r = r0; r < r1; r++) {
-        const pi_blk_q4_0 *w = (const pi_blk_q4_0 *)(m->raw + (size_t)r * m->row_bytes);
+        const pi_blk_q4_0 *w = (const pi_blk_q4_0 *)(m->raw + (size_t)PI_ROW(idx, r) * m->row_bytes);
         float acc = 0.0f;
         for (int b = 0; b < nb; b++) {
             const int8_t *x = a->qs + b * PI_QK;
@@ -41,10 +41,10 @@ static void rows_q4_0(const pi_mat *m, int r0, int r1, const pi_act *a, float *y
     }
 }
 
-static void rows_q4_1(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {
+static void rows_q4_1(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y) {
     const int nb = m->cols / PI_QK;
     for (int r = r0; r < r1; r++) {
-        const pi_blk_q4_1 *w = (const pi_blk_q4_1 *)(m->raw + (size_t)r * m->row_bytes);
+        const pi_blk_q4_1 *w = (const pi_blk_q4_1 *)(m->raw + (size_t)PI_ROW(idx, r) * m->row_bytes);
         float acc = 0.0f, accm = 0.0f;
         for (int b = 0; b < nb; b++) {
             const int8_t *x = a->qs + b * PI_QK;
@@ -57,10 +57,10 @@ static void rows_q4_1(const pi_mat *m, int r0, int r1, const pi_act *a, float *y
     }
 }
 
-static void rows_q8_0(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {
+static void rows_q8_0(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y) {
     const int nb = m->cols / PI_QK;
     for (int r = r0; r < r1; r++) {
-        const pi_blk_q8_0 *w = (const pi_blk_q8_0 *)(m->raw + (size_t)r * m->row_bytes);
+        const pi_blk_q8_0 *w = (const pi_blk_q8_0 *)(m->raw + (size_t)PI_ROW(idx, r) * m->row_bytes);
         float acc = 0.0f;
         for (int b = 0; b < nb; b++) {
             const int8_t *x = a->qs + b * PI_QK;
@@ -72,30 +72,78 @@ static void rows_q8_0(const pi_mat *m, int r0, int r1, const pi_act *a, float *y
     }
 }
 
-static void rows_f16(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {
+static void rows_f16(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y) {
     for (int r = r0; r < r1; r++) {
-        const uint16_t *w = (const uint16_t *)(m->raw + (size_t)r * m->row_bytes);
+        const uint16_t *w = (const uint16_t *)(m->raw + (size_t)PI_ROW(idx, r) * m->row_bytes);
         float acc = 0.0f;
         for (int c = 0; c < m->cols; c++) acc += pi_fp16_to_fp32(w[c]) * pi_fp16_to_fp32(a->h[c]);
         y[r] = acc;
     }
 }
 
-static void rows_bf16(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {
+static void rows_bf16(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y) {
     for (int r = r0; r < r1; r++) {
-        const uint16_t *w = (const uint16_t *)(m->raw + (size_t)r * m->row_bytes);
+        const uint16_t *w = (const uint16_t *)(m->raw + (size_t)PI_ROW(idx, r) * m->row_bytes);
         float acc = 0.0f;
         for (int c = 0; c < m->cols; c++) acc += pi_bf16_to_fp32(w[c]) * pi_bf16_to_fp32(a->bh[c]);
         y[r] = acc;
     }
 }
 
-static void rows_f32(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {
+static void rows_f32(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y) {
     for (int r = r0; r < r1; r++) {
-        const float *w = (const float *)(m->raw + (size_t)r * m->row_bytes);
+        const float *w = (const float *)(m->raw + (size_t)PI_ROW(idx, r) * m->row_bytes);
         float acc = 0.0f;
         for (int c = 0; c < m->cols; c++) acc += w[c] * a->f[c];
         y[r] = acc;
+    }
+}
+
+/* ---- neuron-major axpy: y[c0..c1) += sum_j h[j] W[idx[j]][c0..c1), one row at a time ---- */
+static void axpy_rows_any(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) {
+    for (int j = 0; j < n; j++) {
+        const uint8_t *row = m->raw + (size_t)idx[j] * m->row_bytes;
+        const float hj = h[j];
+        switch (m->qtype) {
+        case PI_F32:
+            for (int c = c0; c < c1; c++) y[c] += hj * ((const float *)row)[c];
+            break;
+        case PI_F16:
+            for (int c = c0; c < c1; c++) y[c] += hj * pi_fp16_to_fp32(((const uint16_t *)row)[c]);
+            break;
+        case PI_BF16:
+            for (int c = c0; c < c1; c++) y[c] += hj * pi_bf16_to_fp32(((const uint16_t *)row)[c]);
+            break;
+        case PI_Q8_0:
+            for (int b = c0 / PI_QK; b < c1 / PI_QK; b++) {
+                const pi_blk_q8_0 *w = (const pi_blk_q8_0 *)row + b;
+                const float s = hj * pi_fp16_to_fp32(w->d);
+                for (int i = 0; i < PI_QK; i++) y[b * PI_QK + i] += s * (float)w->qs[i];
+            }
+            break;
+        case PI_Q4_0:
+            for (int b = c0 / PI_QK; b < c1 / PI_QK; b++) {
+                const pi_blk_q4_0 *w = (const pi_blk_q4_0 *)row + b;
+                const float s = hj * pi_fp16_to_fp32(w->d);
+                for (int i = 0; i < 16; i++) {
+                    y[b * PI_QK + i] += s * (float)((w->qs[i] & 15) - 8);
+                    y[b * PI_QK + 16 + i] += s * (float)((w->qs[i] >> 4) - 8);
+                }
+            }
+            break;
+        case PI_Q4_1:
+            for (int b = c0 / PI_QK; b < c1 / PI_QK; b++) {
+                const pi_blk_q4_1 *w = (const pi_blk_q4_1 *)row + b;
+                const float s = hj * pi_fp16_to_fp32(w->d), o = hj * pi_fp16_to_fp32(w->m);
+                for (int i = 0; i < 16; i++) {
+                    y[b * PI_QK + i] += s * (float)(w->qs[i] & 15) + o;
+                    y[b * PI_QK + 16 + i] += s * (float)(w->qs[i] >> 4) + o;
+                }
+            }
+            break;
+        default:
+            break;
+        }
     }
 }
 
@@ -154,9 +202,17 @@ static void to_f16(const float *x, uint16_t *y, int n) {
     for (int i = 0; i < n; i++) y[i] = pi_fp32_to_fp16(x[i]);
 }
 
+static double read_sum(const uint8_t *p, size_t n, int iters) {
+    uint64_t s = 0;
+    for (int it = 0; it < iters; it++)
+        for (size_t i = 0; i + 8 <= n; i += 8) { uint64_t v; memcpy(&v, p + i, 8); s += v; }
+    return (double)s;
+}
+
 const pi_kernels pi_kernels_portable = {
     "portable",
     rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32,
+    axpy_rows_any, axpy_rows_any, axpy_rows_any, axpy_rows_any, axpy_rows_any, axpy_rows_any,
     packed_any, packed_any, packed_any,
-    quant_q8, dot_f16, axpy_f16, to_f16, NULL, 0,
+    quant_q8, dot_f16, axpy_f16, to_f16, NULL, 0, read_sum,
 };

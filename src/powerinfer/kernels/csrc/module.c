@@ -158,6 +158,215 @@ static PyObject *py_bench_mm(PyObject *self, PyObject *args) {
     return run_mm(qtype, w, rows, cols, x, n_tok, y, nth, packed, iters < 1 ? 1 : iters, &ns);
 }
 
+/* quantize_q8_0(x_ptr, n, dst_ptr): Q8_0 blocks (d f16 + 32 int8) of n f32 values, ggml's x86 rounding. */
+static PyObject *py_quantize_q8_0(PyObject *self, PyObject *args) {
+    void *x, *dst;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "O&nO&", pi_conv_ptr, &x, &n, pi_conv_ptr, &dst)) return NULL;
+    if (n % PI_QK || !x || !dst) return PyErr_Format(PyExc_ValueError, "n must be a multiple of 32, pointers non-null");
+    Py_BEGIN_ALLOW_THREADS
+    int8_t qs[PI_QK];
+    float d, s;
+    int32_t sum;
+    pi_blk_q8_0 *out = dst;
+    for (Py_ssize_t b = 0; b < n / PI_QK; b++) {
+        pi_k->quant_q8((const float *)x + b * PI_QK, 1, qs, &d, &s, &sum);
+        out[b].d = pi_fp32_to_fp16(d); /* d is already f16-rounded: exact */
+        memcpy(out[b].qs, qs, PI_QK);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---- row-sparse kernels (tests and kernels bench) ---- */
+static int check_idx(const int32_t *idx, int n, int rows) {
+    for (int j = 0; j < n; j++)
+        if (idx[j] < 0 || idx[j] >= rows) {
+            PyErr_Format(PyExc_IndexError, "row index %d out of range (rows %d)", idx[j], rows);
+            return -1;
+        }
+    return 0;
+}
+
+/* gather(qtype, w_ptr, rows, cols, idx_ptr, n, x_ptr, y_ptr): y[j] = W[idx[j]] . x (ggml activation numerics) */
+static PyObject *py_gather(PyObject *self, PyObject *args) {
+    int qtype, rows, cols, n;
+    void *w, *idx, *x, *y;
+    if (!PyArg_ParseTuple(args, "iO&iiO&iO&O&", &qtype, pi_conv_ptr, &w, &rows, &cols, pi_conv_ptr, &idx, &n,
+                          pi_conv_ptr, &x, pi_conv_ptr, &y))
+        return NULL;
+    if (check_qtype(qtype)) return NULL;
+    if (!w || !x || !y || (n > 0 && !idx) || rows <= 0 || cols <= 0 || n < 0)
+        return PyErr_Format(PyExc_ValueError, "bad pointer or shape");
+    if (pi_need_of(qtype) == PI_NEED_Q8 && cols % PI_QK) return PyErr_Format(PyExc_ValueError, "cols must be a multiple of 32");
+    if (check_idx(idx, n, rows)) return NULL;
+    pi_mat m;
+    const int need = pi_need_of(qtype);
+    void *mem = pi_aligned_alloc(pi_act_bytes(cols, 1, need));
+    if (!mem || pi_mat_init(&m, qtype, w, rows, cols, 0)) { pi_aligned_free(mem); return PyErr_NoMemory(); }
+    Py_BEGIN_ALLOW_THREADS
+    pi_act a;
+    pi_act_bind(&a, mem, cols, 1, need);
+    pi_act_fill(&a, x, 0, 0, cols, need);
+    pi_mat_gather(&m, idx, n, &a, y);
+    Py_END_ALLOW_THREADS
+    pi_aligned_free(mem);
+    Py_RETURN_NONE;
+}
+
+/* axpy(qtype, w_ptr, rows, cols, idx_ptr, h_ptr, n, c0, c1, y_ptr): y[c0:c1] += sum_j h[j] W[idx[j]][c0:c1] */
+static PyObject *py_axpy(PyObject *self, PyObject *args) {
+    int qtype, rows, cols, n, c0, c1;
+    void *w, *idx, *h, *y;
+    if (!PyArg_ParseTuple(args, "iO&iiO&O&iiiO&", &qtype, pi_conv_ptr, &w, &rows, &cols, pi_conv_ptr, &idx,
+                          pi_conv_ptr, &h, &n, &c0, &c1, pi_conv_ptr, &y))
+        return NULL;
+    if (check_qtype(qtype)) return NULL;
+    if (!w || !y || (n > 0 && (!idx || !h)) || rows <= 0 || cols <= 0 || n < 0 || c0 < 0 || c1 > cols || c0 > c1)
+        return PyErr_Format(PyExc_ValueError, "bad pointer, shape or column range");
+    if (pi_need_of(qtype) == PI_NEED_Q8 && (cols % PI_QK || c0 % PI_QK || c1 % PI_QK))
+        return PyErr_Format(PyExc_ValueError, "block formats need cols, c0 and c1 multiples of 32");
+    if (check_idx(idx, n, rows)) return NULL;
+    pi_mat m;
+    if (pi_mat_init(&m, qtype, w, rows, cols, 0)) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    pi_mat_axpy(&m, idx, h, n, c0, c1, y);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* bench_sparse(kind, qtype, w_ptrs, rows, cols, idx_ptrs, n, vec_ptr, n_threads, iters) -> ns per call.
+ * kind 0: dense matvec on the packed copy of each weight copy (our dense path); 1: gather (row-sparse dot,
+ * vec = x [cols]); 2: axpy (vec = h [n], y [cols] per thread, summed like the decoder does). Call i uses weight
+ * copy i % len(w_ptrs) and index set i % len(idx_ptrs), so with enough copies the weights come from DRAM.
+ * Threads split the work as the decoder does: rows (dense), the index list (gather, axpy). */
+typedef struct {
+    int kind, nw, ni, n, iters;
+    pi_mat *mats;
+    const int32_t **idx;
+    const pi_act *a;
+    const float *h;
+    float *y, **yp;
+} bs_args;
+
+static void bs_job(void *varg, int ith, int nth) {
+    bs_args *s = varg;
+    for (int it = 0; it < s->iters; it++) {
+        const pi_mat *m = &s->mats[it % s->nw];
+        const int32_t *idx = s->ni ? s->idx[it % s->ni] : NULL;
+        int j0, j1;
+        if (s->kind == 0) {
+            int u0, u1;
+            pi_split(pi_mat_units(m), ith, nth, &u0, &u1);
+            pi_mat_run_units(m, u0, u1, s->a, 1, s->y, m->rows);
+        } else if (s->kind == 1) {
+            pi_split(s->n, ith, nth, &j0, &j1);
+            pi_mat_gather(m, idx + j0, j1 - j0, s->a, s->y + j0);
+        } else {
+            pi_split(s->n, ith, nth, &j0, &j1);
+            memset(s->yp[ith], 0, (size_t)m->cols * sizeof(float));
+            pi_mat_axpy(m, idx + j0, s->h + j0, j1 - j0, 0, m->cols, s->yp[ith]);
+        }
+    }
+}
+
+static PyObject *py_bench_sparse(PyObject *self, PyObject *args) {
+    int kind, qtype, rows, cols, n, nth, iters;
+    PyObject *ows, *ois;
+    void *vec;
+    if (!PyArg_ParseTuple(args, "iiOiiOiO&ii", &kind, &qtype, &ows, &rows, &cols, &ois, &n, pi_conv_ptr, &vec, &nth,
+                          &iters))
+        return NULL;
+    if (check_qtype(qtype)) return NULL;
+    if (kind < 0 || kind > 2 || !PyTuple_Check(ows) || !PyTuple_Check(ois) || PyTuple_GET_SIZE(ows) < 1 ||
+        (kind && PyTuple_GET_SIZE(ois) < 1) || !vec || rows <= 0 || cols <= 0 || iters < 1 || n < 0)
+        return PyErr_Format(PyExc_ValueError, "bad arguments");
+    if (nth < 1) nth = 1;
+    const int nw = (int)PyTuple_GET_SIZE(ows), ni = (int)PyTuple_GET_SIZE(ois);
+    const int need = pi_need_of(qtype), vcols = kind == 2 ? rows : cols;
+    (void)vcols;
+    bs_args s = {kind, nw, ni, n, iters, calloc(nw, sizeof(pi_mat)), calloc(ni ? ni : 1, sizeof(int32_t *)), NULL, vec,
+                 NULL, calloc(nth, sizeof(float *))};
+    void *amem = pi_aligned_alloc(pi_act_bytes(cols, 1, need));
+    float *y = pi_aligned_alloc((size_t)(rows > n ? rows : n) * 4);
+    int ok = s.mats && s.idx && s.yp && amem && y;
+    for (int i = 0; ok && i < nw; i++) {
+        void *p = PyLong_AsVoidPtr(PyTuple_GET_ITEM(ows, i));
+        ok = p && !pi_mat_init(&s.mats[i], qtype, p, rows, cols, kind == 0);
+    }
+    for (int i = 0; ok && i < ni; i++) {
+        s.idx[i] = PyLong_AsVoidPtr(PyTuple_GET_ITEM(ois, i));
+        ok = s.idx[i] && !check_idx(s.idx[i], n, rows);
+    }
+    for (int t = 0; ok && t < nth; t++) ok = (s.yp[t] = pi_aligned_alloc((size_t)cols * 4)) != NULL;
+    double ns = -1.0;
+    if (ok) {
+        pi_act a;
+        pi_act_bind(&a, amem, cols, 1, need);
+        if (kind != 2) pi_act_fill(&a, vec, 0, 0, cols, need);
+        s.a = &a;
+        s.y = y;
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&g_pool_mu);
+        if (g_pool && pi_pool_size(g_pool) != nth) { pi_pool_free(g_pool); g_pool = NULL; }
+        if (!g_pool) g_pool = pi_pool_new(nth);
+        if (g_pool) {
+            const int it = s.iters;
+            s.iters = 1;
+            pi_pool_run(g_pool, bs_job, &s); /* warm */
+            s.iters = it;
+            const uint64_t t0 = pi_now_ns();
+            pi_pool_run(g_pool, bs_job, &s);
+            ns = (double)(pi_now_ns() - t0) / it;
+        }
+        pthread_mutex_unlock(&g_pool_mu);
+        Py_END_ALLOW_THREADS
+    }
+    for (int i = 0; s.mats && i < nw; i++) pi_mat_free(&s.mats[i]);
+    for (int t = 0; s.yp && t < nth; t++) pi_aligned_free(s.yp[t]);
+    free(s.mats); free(s.idx); free(s.yp);
+    pi_aligned_free(amem); pi_aligned_free(y);
+    if (PyErr_Occurred()) return NULL;
+    if (ns < 0) return PyErr_NoMemory();
+    return PyFloat_FromDouble(ns);
+}
+
+/* read_bandwidth(ptr, n_bytes, n_threads, iters) -> ns per pass of an AVX-512/AVX2 sum over the buffer:
+ * the DRAM bandwidth the kernels bench compares against. */
+typedef struct { const uint8_t *p; size_t n; int iters; volatile double sink; } rb_args;
+static void rb_job(void *varg, int ith, int nth) {
+    rb_args *s = varg;
+    size_t a = s->n * ith / nth, b = s->n * (ith + 1) / nth;
+    a &= ~(size_t)63; b &= ~(size_t)63;
+    s->sink += pi_read_sum(s->p + a, b - a, s->iters);
+}
+
+static PyObject *py_read_bandwidth(PyObject *self, PyObject *args) {
+    void *p;
+    Py_ssize_t n;
+    int nth, iters;
+    if (!PyArg_ParseTuple(args, "O&nii", pi_conv_ptr, &p, &n, &nth, &iters)) return NULL;
+    if (!p || n < 4096 || iters < 1) return PyErr_Format(PyExc_ValueError, "bad buffer or iteration count");
+    if (nth < 1) nth = 1;
+    rb_args s = {p, (size_t)n, iters, 0.0};
+    double ns = -1.0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&g_pool_mu);
+    if (g_pool && pi_pool_size(g_pool) != nth) { pi_pool_free(g_pool); g_pool = NULL; }
+    if (!g_pool) g_pool = pi_pool_new(nth);
+    if (g_pool) {
+        s.iters = 1;
+        pi_pool_run(g_pool, rb_job, &s);
+        s.iters = iters;
+        const uint64_t t0 = pi_now_ns();
+        pi_pool_run(g_pool, rb_job, &s);
+        ns = (double)(pi_now_ns() - t0) / iters;
+    }
+    pthread_mutex_unlock(&g_pool_mu);
+    Py_END_ALLOW_THREADS
+    if (ns < 0) return PyErr_NoMemory();
+    return PyFloat_FromDouble(ns);
+}
 
 static PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "isa() -> name of the kernel set in use"},
@@ -172,6 +381,16 @@ static PyMethodDef methods[] = {
      "matmul(qtype, w_ptr, rows, cols, x_ptr, n_tok, y_ptr, n_threads=1): Y[n_tok, rows] = X W^T"},
     {"bench_mm", py_bench_mm, METH_VARARGS,
      "bench_mm(qtype, w_ptr, rows, cols, x_ptr, n_tok, y_ptr, n_threads, packed, iters) -> ns per kernel call"},
+    {"quantize_q8_0", py_quantize_q8_0, METH_VARARGS, "quantize_q8_0(x_ptr, n, dst_ptr): Q8_0 blocks of n f32 values"},
+    {"gather", py_gather, METH_VARARGS,
+     "gather(qtype, w_ptr, rows, cols, idx_ptr, n, x_ptr, y_ptr): y[j] = W[idx[j]] . x (row-sparse dot)"},
+    {"axpy", py_axpy, METH_VARARGS,
+     "axpy(qtype, w_ptr, rows, cols, idx_ptr, h_ptr, n, c0, c1, y_ptr): y[c0:c1] += sum_j h[j] W[idx[j]][c0:c1]"},
+    {"bench_sparse", py_bench_sparse, METH_VARARGS,
+     "bench_sparse(kind, qtype, w_ptrs, rows, cols, idx_ptrs, n, vec_ptr, n_threads, iters) -> ns per call "
+     "(kind 0 dense packed matvec, 1 gather, 2 axpy)"},
+    {"read_bandwidth", py_read_bandwidth, METH_VARARGS,
+     "read_bandwidth(ptr, n_bytes, n_threads, iters) -> ns per full read of the buffer"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -130,11 +130,21 @@ void pi_pack_groups(int qtype, const uint8_t *raw, size_t row_bytes, int rows, i
                     uint8_t *dst, size_t gstride);
 size_t pi_packed_gstride(int qtype, int cols);
 
+/* Row of position p in a row list: idx[p], or p itself when idx is NULL (a contiguous range). */
+#define PI_ROW(idx, p) ((idx) ? (idx)[p] : (p))
+
 /* ---- per-ISA kernel table ----
- * rows:    raw layout, y[r] = W[r]·x for r in [r0, r1), token 0 of a.
+ * rows:    raw layout, y[p] = W[row p]·x for positions p in [r0, r1), token 0 of a; row p = PI_ROW(idx, p),
+ *          so idx = NULL is a dense row range and a neuron list is the row-sparse dot of gate/up.
+ * axpy_rows: raw layout of a neuron-major matrix (down_t [n_ff, d], or a column-major gate_t/up_t for input
+ *          sparsity): y[c] += sum_j h[j] * W[idx[j]][c] for c in [c0, c1) (multiples of 32 for block formats,
+ *          or c1 = cols). 4 rows per pass; the y range stays in L1 (reference/kernels.md section 3).
+ *          h[j] is f32 (not quantized), so the only rounding is the weights' own.
  * packed:  packed layout, y[t*ldy + r] for the groups of segment s (rows >= m->rows not stored), tokens [0, n_tok).
  * quant:   q8 quantization of n values (one token) into qs/d/s/sum at block offset. */
-typedef void (*pi_rows_fn)(const pi_mat *m, int r0, int r1, const pi_act *a, float *y);
+typedef void (*pi_rows_fn)(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y);
+typedef void (*pi_axpy_rows_fn)(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1,
+                                float *y);
 typedef void (*pi_packed_fn)(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok, float *y, int ldy);
 typedef void (*pi_quant_fn)(const float *x, int nblocks, int8_t *qs, float *d, float *s, int32_t *sum);
 typedef float (*pi_dot_f16_fn)(const float *q, const uint16_t *k, int n);
@@ -150,6 +160,7 @@ typedef void (*pi_attn_fn)(const float *q, int n_rep, int hd, const uint16_t *k,
 typedef struct {
     const char *name;
     pi_rows_fn rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32;
+    pi_axpy_rows_fn axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0, axpy_rows_f16, axpy_rows_bf16, axpy_rows_f32;
     pi_packed_fn packed_q4_0, packed_q4_1, packed_q8_0;
     pi_quant_fn quant_q8;
     pi_dot_f16_fn dot_f16;   /* attention q·K (q already f16-rounded) */
@@ -157,6 +168,7 @@ typedef struct {
     pi_to_f16_fn to_f16;     /* f32 -> f16 (round to nearest even) */
     pi_attn_fn attn;         /* optional fused attention (see pi_attn_fn) */
     int has_attn_tile;       /* pi_attn_tile_avx512 usable (prefill) */
+    double (*read_sum)(const uint8_t *p, size_t n, int iters); /* bandwidth probe: sum of n bytes (as f32) */
 } pi_kernels;
 
 extern const pi_kernels pi_kernels_portable;
@@ -182,6 +194,7 @@ void pi_attn_generic(const float *q, int n_rep, int hd, const uint16_t *k, const
 extern const pi_kernels *pi_k; /* the selected table */
 
 void pi_init_tables(void);
+static inline double pi_read_sum(const uint8_t *p, size_t n, int iters) { return pi_k->read_sum(p, n, iters); }
 int pi_dequantize(int qtype, const void *src, size_t n, float *dst); /* 0 ok, -1 bad type/length */
 int pi_select_isa(const char *name); /* "avx512" | "avx2" | "portable" | "auto"; 0 ok, -1 unsupported */
 int pi_cpu_feature(const char *name); /* __builtin_cpu_supports on x86, else 0 */
@@ -191,6 +204,10 @@ int pi_mat_unit(const pi_mat *m);
 int pi_mat_units(const pi_mat *m);
 /* Y[t][r] = W X[t] for the rows of segment s (packed if s->p, else the raw-row kernel). */
 void pi_mat_run_seg(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok, float *y, int ldy);
+/* Row-sparse dot on the raw rows: y[j] = W[idx[j]]·x, j < n (token 0 of a). */
+void pi_mat_gather(const pi_mat *m, const int32_t *idx, int n, const pi_act *a, float *y);
+/* Neuron-major axpy on the raw rows (see axpy_rows). */
+void pi_mat_axpy(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y);
 /* Same on units [u0, u1) of m's own packed copy (or raw rows). */
 void pi_mat_run_units(const pi_mat *m, int u0, int u1, const pi_act *a, int n_tok, float *y, int ldy);
 

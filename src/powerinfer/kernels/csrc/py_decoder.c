@@ -129,6 +129,44 @@ static PyObject *Decoder_set_layer(DecoderObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* set_sparse(layer, down_t, gate_t, up_t, t_h, t_x): (ptr, qtype) tuples or None; down_t None turns it off. */
+static PyObject *Decoder_set_sparse(DecoderObject *self, PyObject *args) {
+    int il;
+    float t_h, t_x;
+    PyObject *odt, *ogt, *out;
+    if (!PyArg_ParseTuple(args, "iOOOff", &il, &odt, &ogt, &out, &t_h, &t_x)) return NULL;
+    if (idle(self) || check_layer(self, il)) return NULL;
+    pi_decoder *D = self->D;
+    if (!D->L[il].bound) return PyErr_Format(PyExc_RuntimeError, "layer %d: set_layer() first", il);
+    pi_mat dt, gt, ut;
+    int dn, gn, un;
+    if ((dn = parse_mat(odt, D->n_ff, D->d, &dt, 1, "down_t")) < 0 ||
+        (gn = parse_mat(ogt, D->d, D->n_ff, &gt, 1, "gate_t")) < 0 || (un = parse_mat(out, D->d, D->n_ff, &ut, 1, "up_t")) < 0)
+        return NULL;
+    if (pi_decoder_set_sparse(D, il, dn ? NULL : &dt, gn ? NULL : &gt, un ? NULL : &ut, t_h, t_x))
+        return PyErr_Format(PyExc_ValueError, "set_sparse(%d): thresholds must be >= 0 and t_x > 0 needs up_t "
+                            "(and gate_t for gated FFNs) [d_model, n_ff]", il);
+    Py_RETURN_NONE;
+}
+
+/* kept(buf_ptr): int32 [3, n_layer] <- per layer, in the last step: FFN neurons kept (down rows read), input
+ * channels kept, up rows read. */
+static PyObject *Decoder_kept(DecoderObject *self, PyObject *args) {
+    int32_t *out;
+    if (!PyArg_ParseTuple(args, "O&", pi_conv_ptr, &out)) return NULL;
+    if (idle(self)) return NULL;
+    if (!out) return PyErr_Format(PyExc_ValueError, "null buffer");
+    pi_decoder *D = self->D;
+    for (int il = 0; il < D->n_layer; il++) {
+        int h = 0, x = 0, u = 0;
+        for (int t = 0; t < D->nth; t++) { h += D->tw[t].kept_h[il]; x += D->tw[t].kept_x[il]; u += D->tw[t].kept_u[il]; }
+        out[il] = h;
+        out[D->n_layer + il] = x;
+        out[2 * D->n_layer + il] = u;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *Decoder_set_output(DecoderObject *self, PyObject *args) {
     void *norm, *head;
     int qt;
@@ -293,6 +331,10 @@ static PyMethodDef Decoder_methods[] = {
     {"set_layer", (PyCFunction)Decoder_set_layer, METH_VARARGS,
      "set_layer(layer, attn_norm, q, k, v, o, ffn_norm, gate, up, down, q_bias, k_bias, v_bias); "
      "matrices (ptr, qtype), gate may be None, biases None or f32 ptr"},
+    {"set_sparse", (PyCFunction)Decoder_set_sparse, METH_VARARGS,
+     "set_sparse(layer, down_t, gate_t, up_t, t_h, t_x): neuron-sparse FFN for decode ((ptr, qtype) or None)"},
+    {"kept", (PyCFunction)Decoder_kept, METH_VARARGS,
+     "kept(buf_ptr): int32 [3, n_layer] <- FFN neurons kept, input channels kept, up rows read per layer (last step)"},
     {"set_output", (PyCFunction)Decoder_set_output, METH_VARARGS, "set_output(norm_ptr, head_ptr, head_qtype)"},
     {"layer", (PyCFunction)Decoder_layer, METH_VARARGS, "layer(layer, x_ptr, pos): one layer, x in place"},
     {"head", (PyCFunction)Decoder_head, METH_VARARGS, "head(x_ptr, logits_ptr): final norm + LM head"},

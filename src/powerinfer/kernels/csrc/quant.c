@@ -255,6 +255,17 @@ static pi_act act_token(const pi_act *a, int t) {
     return v;
 }
 
+static pi_rows_fn rows_fn(int qtype) {
+    switch (qtype) {
+    case PI_Q4_0: return pi_k->rows_q4_0;
+    case PI_Q4_1: return pi_k->rows_q4_1;
+    case PI_Q8_0: return pi_k->rows_q8_0;
+    case PI_F16: return pi_k->rows_f16;
+    case PI_BF16: return pi_k->rows_bf16;
+    default: return pi_k->rows_f32;
+    }
+}
+
 void pi_mat_run_seg(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok, float *y, int ldy) {
     if (s->u1 <= s->u0) return;
     if (pi_is_packable(m->qtype)) {
@@ -263,26 +274,39 @@ void pi_mat_run_seg(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok
         f(m, s, a, n_tok, y, ldy);
         return;
     }
-    pi_rows_fn f;
-    switch (m->qtype) {
-    case PI_F16: f = pi_k->rows_f16; break;
-    case PI_BF16: f = pi_k->rows_bf16; break;
-    default: f = pi_k->rows_f32; break;
-    }
+    const pi_rows_fn f = rows_fn(m->qtype);
     const int r0 = s->u0 * 4, r1 = s->u1 * 4 < m->rows ? s->u1 * 4 : m->rows;
     for (int t = 0; t < n_tok; t++) {
         pi_act at = act_token(a, t);
-        f(m, r0, r1, &at, y + (size_t)t * ldy);
+        f(m, NULL, r0, r1, &at, y + (size_t)t * ldy);
     }
+}
+
+void pi_mat_gather(const pi_mat *m, const int32_t *idx, int n, const pi_act *a, float *y) {
+    if (n > 0) rows_fn(m->qtype)(m, idx, 0, n, a, y);
+}
+
+void pi_mat_axpy(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) {
+    if (n <= 0 || c1 <= c0) return;
+    pi_axpy_rows_fn f;
+    switch (m->qtype) {
+    case PI_Q4_0: f = pi_k->axpy_rows_q4_0; break;
+    case PI_Q4_1: f = pi_k->axpy_rows_q4_1; break;
+    case PI_Q8_0: f = pi_k->axpy_rows_q8_0; break;
+    case PI_F16: f = pi_k->axpy_rows_f16; break;
+    case PI_BF16: f = pi_k->axpy_rows_bf16; break;
+    default: f = pi_k->axpy_rows_f32; break;
+    }
+    f(m, idx, h, n, c0, c1, y);
 }
 
 /* Block formats without a packed copy (matvec(packed=False)) run the GGUF-row kernels. */
 static void run_raw_blocks(const pi_mat *m, int u0, int u1, const pi_act *a, int n_tok, float *y, int ldy) {
-    pi_rows_fn f = m->qtype == PI_Q4_1 ? pi_k->rows_q4_1 : m->qtype == PI_Q4_0 ? pi_k->rows_q4_0 : pi_k->rows_q8_0;
+    const pi_rows_fn f = rows_fn(m->qtype);
     const int r0 = u0 * PI_G, r1 = u1 * PI_G < m->rows ? u1 * PI_G : m->rows;
     for (int t = 0; t < n_tok; t++) {
         pi_act at = act_token(a, t);
-        f(m, r0, r1, &at, y + (size_t)t * ldy);
+        f(m, NULL, r0, r1, &at, y + (size_t)t * ldy);
     }
 }
 

@@ -1,0 +1,104 @@
+"""Activation predictors (PowerInfer format): per layer logits = fc2 · relu(fc1 · x), no biases; neuron i is
+predicted active iff logit_i >= threshold (default 0, i.e. sigmoid >= 0.5). x is the residual stream after
+attention, before the FFN norm (the layer input for Falcon-style parallel blocks). Reference:
+reference/powerinfer.md section 4.
+
+`PredictorSet` is the in-memory form every producer and consumer shares: the trainer (prepare/), the
+upstream predictor-directory importer, PowerInfer GGUF files (`blk.N.fc1` / `blk.N.fc2`), `powerinfer convert`
+and the `predictor` FFN backend.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import PowerInferError
+
+PREDICTORS_FORMAT = "powerinfer.predictors"
+PREDICTORS_VERSION = 1
+
+
+@dataclass
+class PredictorSet:
+    fc1: list[torch.Tensor]  # per layer [r_i, d] float32 (ranks may differ per layer)
+    fc2: list[torch.Tensor]  # per layer [n_ff, r_i] float32
+    threshold: float = 0.0   # logit threshold (PowerInfer GGUF: powerinfer.sparse_threshold)
+    meta: dict = field(default_factory=dict)  # fingerprint, calibration text hash, training report, ...
+
+    def __post_init__(self):
+        if len(self.fc1) != len(self.fc2):
+            raise PowerInferError(f"{len(self.fc1)} fc1 but {len(self.fc2)} fc2 predictor matrices")
+        for i, (a, b) in enumerate(zip(self.fc1, self.fc2)):
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                raise PowerInferError(f"predictor {i}: fc1 {tuple(a.shape)} and fc2 {tuple(b.shape)} do not chain "
+                                      "(expected fc1 [r, d], fc2 [n_ff, r])")
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.fc1)
+
+    def ranks(self) -> list[int]:
+        return [int(a.shape[0]) for a in self.fc1]
+
+    def n_params(self) -> int:
+        return sum(a.numel() + b.numel() for a, b in zip(self.fc1, self.fc2))
+
+    def logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """[T, d] -> [T, n_ff] raw logits of layer `layer`."""
+        fc1, fc2 = self.fc1[layer], self.fc2[layer]
+        return torch.relu(x.to(fc1.dtype) @ fc1.T) @ fc2.T
+
+    def predict(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """[T, d] -> bool [T, n_ff]: the neurons predicted active."""
+        return self.logits(layer, x) >= self.threshold
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file: tensors `layers.N.fc1.weight` / `layers.N.fc2.weight`, the rest as JSON metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, (a, b) in enumerate(zip(self.fc1, self.fc2)):
+            tensors[f"layers.{i}.fc1.weight"] = a.detach().contiguous()
+            tensors[f"layers.{i}.fc2.weight"] = b.detach().contiguous()
+        header = {"format": PREDICTORS_FORMAT, "version": PREDICTORS_VERSION, "threshold": self.threshold,
+                  "meta": self.meta}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"powerinfer": json.dumps(header)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, fingerprint: str | None = None) -> "PredictorSet":
+        """Read a file written by `save`. With `fingerprint`, refuse predictors trained for another model."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise PowerInferError(f"{path}: no such predictor file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get("powerinfer", "{}"))
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, json.JSONDecodeError, OSError) as e:
+            raise PowerInferError(f"{path}: not a predictor file ({e})") from None
+        if header.get("format") != PREDICTORS_FORMAT:
+            raise PowerInferError(f"{path}: not a predictor file (format {header.get('format')!r})")
+        if header.get("version") != PREDICTORS_VERSION:
+            raise PowerInferError(f"{path}: predictor format version {header.get('version')!r}; this powerinfer "
+                                  f"reads version {PREDICTORS_VERSION} (retrain with `powerinfer train-predictors`)")
+        meta = header.get("meta") or {}
+        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+            raise PowerInferError(f"{path}: trained for model {meta.get('fingerprint')}, but this model is "
+                                  f"{fingerprint} (retrain with `powerinfer train-predictors -m MODEL`)")
+        n = len([k for k in tensors if k.endswith(".fc1.weight")])
+        try:
+            fc1 = [tensors[f"layers.{i}.fc1.weight"].float() for i in range(n)]
+            fc2 = [tensors[f"layers.{i}.fc2.weight"].float() for i in range(n)]
+        except KeyError as e:
+            raise PowerInferError(f"{path}: predictor tensor {e} is missing") from None
+        return cls(fc1, fc2, float(header.get("threshold", 0.0)), meta)
