@@ -114,27 +114,29 @@ def _idx(idx) -> torch.Tensor:
     return torch.as_tensor(idx, dtype=torch.int32).contiguous().reshape(-1)
 
 
-def gather(w: QTensor, idx, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gather(w: QTensor, idx, x: torch.Tensor, n_threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
     """Row-sparse dot y[j] = W[idx[j]] . x on the GGUF rows (float32 [len(idx)]); dense activation numerics."""
     data, addr, qtype = _weight(w)
     idx = _idx(idx)
     x = _x(x, w.cols).reshape(-1)
     y = _out((idx.numel(),), out)
-    _C.gather(qtype, addr, w.rows, w.cols, idx.data_ptr(), idx.numel(), x.data_ptr(), y.data_ptr())
+    _C.sparse_run(1, qtype, addr, w.rows, w.cols, idx.data_ptr(), idx.numel(), x.data_ptr(), y.data_ptr(),
+                  n_threads, 0, 0)
     return y
 
 
-def axpy(wt: QTensor, idx, h: torch.Tensor, y: torch.Tensor | None = None, c0: int = 0,
-         c1: int | None = None) -> torch.Tensor:
-    """Neuron-major axpy y[c0:c1] += sum_j h[j] * Wt[idx[j], c0:c1] (y float32 [Wt.cols], zeros if None)."""
+def axpy(wt: QTensor, idx, h: torch.Tensor, y: torch.Tensor | None = None, c0: int = 0, c1: int | None = None,
+         n_threads: int = 1) -> torch.Tensor:
+    """Neuron-major axpy y[c0:c1] += sum_j h[j] * Wt[idx[j], c0:c1] (y float32 [Wt.cols], zeros if None);
+    threads split the index list and their sums are added, as in the decoder."""
     data, addr, qtype = _weight(wt)
     idx = _idx(idx)
     h = h.detach().to(torch.float32).contiguous().reshape(-1)
     if h.numel() != idx.numel():
         raise ValueError(f"{idx.numel()} indices but {h.numel()} values")
     y = torch.zeros(wt.cols, dtype=torch.float32) if y is None else _out((wt.cols,), y)
-    _C.axpy(qtype, addr, wt.rows, wt.cols, idx.data_ptr(), h.data_ptr(), idx.numel(), c0,
-            wt.cols if c1 is None else c1, y.data_ptr())
+    _C.sparse_run(2, qtype, addr, wt.rows, wt.cols, idx.data_ptr(), idx.numel(), h.data_ptr(), y.data_ptr(),
+                  n_threads, c0, wt.cols if c1 is None else c1)
     return y
 
 

@@ -142,15 +142,21 @@ def matvec_ref(w: QTensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- neuron-sparse kernels ----
+def select_rows(w: QTensor, idx: torch.Tensor) -> QTensor:
+    """The rows idx of w as their own QTensor (raw bytes copied; nothing else decoded)."""
+    rows = np.ascontiguousarray(np.asarray(w.data)).reshape(w.rows, -1)  # one row per line, in its own dtype
+    return QTensor(w.name, w.qtype, (int(idx.numel()), w.cols), rows[idx.long().numpy()])
+
+
 def gather_ref(w: QTensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Row-sparse dot: y[j] = W[idx[j]] . x with the dense kernels' activation numerics; float64 [len(idx)]."""
-    return block_terms(w, x)[idx.long()].sum(-1)
+    return block_terms(select_rows(w, idx), x).sum(-1)
 
 
 def axpy_ref(wt: QTensor, idx: torch.Tensor, h: torch.Tensor, c0: int = 0, c1: int | None = None) -> torch.Tensor:
     """Neuron-major axpy: sum_j h[j] * Wt[idx[j], c0:c1] in float64 (h is not quantized)."""
     c1 = wt.cols if c1 is None else c1
-    rows = dequantize(wt)[idx.long(), c0:c1].double()
+    rows = dequantize(select_rows(wt, idx))[:, c0:c1].double()
     return (h.double()[:, None] * rows).sum(0)
 
 

@@ -188,60 +188,10 @@ static int check_idx(const int32_t *idx, int n, int rows) {
     return 0;
 }
 
-/* gather(qtype, w_ptr, rows, cols, idx_ptr, n, x_ptr, y_ptr): y[j] = W[idx[j]] . x (ggml activation numerics) */
-static PyObject *py_gather(PyObject *self, PyObject *args) {
-    int qtype, rows, cols, n;
-    void *w, *idx, *x, *y;
-    if (!PyArg_ParseTuple(args, "iO&iiO&iO&O&", &qtype, pi_conv_ptr, &w, &rows, &cols, pi_conv_ptr, &idx, &n,
-                          pi_conv_ptr, &x, pi_conv_ptr, &y))
-        return NULL;
-    if (check_qtype(qtype)) return NULL;
-    if (!w || !x || !y || (n > 0 && !idx) || rows <= 0 || cols <= 0 || n < 0)
-        return PyErr_Format(PyExc_ValueError, "bad pointer or shape");
-    if (pi_need_of(qtype) == PI_NEED_Q8 && cols % PI_QK) return PyErr_Format(PyExc_ValueError, "cols must be a multiple of 32");
-    if (check_idx(idx, n, rows)) return NULL;
-    pi_mat m;
-    const int need = pi_need_of(qtype);
-    void *mem = pi_aligned_alloc(pi_act_bytes(cols, 1, need));
-    if (!mem || pi_mat_init(&m, qtype, w, rows, cols, 0)) { pi_aligned_free(mem); return PyErr_NoMemory(); }
-    Py_BEGIN_ALLOW_THREADS
-    pi_act a;
-    pi_act_bind(&a, mem, cols, 1, need);
-    pi_act_fill(&a, x, 0, 0, cols, need);
-    pi_mat_gather(&m, idx, n, &a, y);
-    Py_END_ALLOW_THREADS
-    pi_aligned_free(mem);
-    Py_RETURN_NONE;
-}
-
-/* axpy(qtype, w_ptr, rows, cols, idx_ptr, h_ptr, n, c0, c1, y_ptr): y[c0:c1] += sum_j h[j] W[idx[j]][c0:c1] */
-static PyObject *py_axpy(PyObject *self, PyObject *args) {
-    int qtype, rows, cols, n, c0, c1;
-    void *w, *idx, *h, *y;
-    if (!PyArg_ParseTuple(args, "iO&iiO&O&iiiO&", &qtype, pi_conv_ptr, &w, &rows, &cols, pi_conv_ptr, &idx,
-                          pi_conv_ptr, &h, &n, &c0, &c1, pi_conv_ptr, &y))
-        return NULL;
-    if (check_qtype(qtype)) return NULL;
-    if (!w || !y || (n > 0 && (!idx || !h)) || rows <= 0 || cols <= 0 || n < 0 || c0 < 0 || c1 > cols || c0 > c1)
-        return PyErr_Format(PyExc_ValueError, "bad pointer, shape or column range");
-    if (pi_need_of(qtype) == PI_NEED_Q8 && (cols % PI_QK || c0 % PI_QK || c1 % PI_QK))
-        return PyErr_Format(PyExc_ValueError, "block formats need cols, c0 and c1 multiples of 32");
-    if (check_idx(idx, n, rows)) return NULL;
-    pi_mat m;
-    if (pi_mat_init(&m, qtype, w, rows, cols, 0)) return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS
-    pi_mat_axpy(&m, idx, h, n, c0, c1, y);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-/* bench_sparse(kind, qtype, w_ptrs, rows, cols, idx_ptrs, n, vec_ptr, n_threads, iters) -> ns per call.
- * kind 0: dense matvec on the packed copy of each weight copy (our dense path); 1: gather (row-sparse dot,
- * vec = x [cols]); 2: axpy (vec = h [n], y [cols] per thread, summed like the decoder does). Call i uses weight
- * copy i % len(w_ptrs) and index set i % len(idx_ptrs), so with enough copies the weights come from DRAM.
- * Threads split the work as the decoder does: rows (dense), the index list (gather, axpy). */
+/* Threads split the index list as the decoder does: each computes its slice (gather) or its slice's sum into
+ * its own y (axpy; the sums are added afterwards). */
 typedef struct {
-    int kind, nw, ni, n, iters;
+    int kind, nw, ni, n, iters, c0, c1;
     pi_mat *mats;
     const int32_t **idx;
     const pi_act *a;
@@ -265,11 +215,78 @@ static void bs_job(void *varg, int ith, int nth) {
         } else {
             pi_split(s->n, ith, nth, &j0, &j1);
             memset(s->yp[ith], 0, (size_t)m->cols * sizeof(float));
-            pi_mat_axpy(m, idx + j0, s->h + j0, j1 - j0, 0, m->cols, s->yp[ith]);
+            pi_mat_axpy(m, idx + j0, s->h + j0, j1 - j0, s->c0, s->c1, s->yp[ith]);
         }
     }
 }
 
+/* Run job on the shared pool of nth threads (after one untimed call when warm); ns <- time of the timed one. */
+static int run_pool(int nth, void (*job)(void *, int, int), void *arg, int warm, uint64_t *ns) {
+    pthread_mutex_lock(&g_pool_mu);
+    if (g_pool && pi_pool_size(g_pool) != nth) { pi_pool_free(g_pool); g_pool = NULL; }
+    if (!g_pool) g_pool = pi_pool_new(nth);
+    int rc = -1;
+    if (g_pool) {
+        if (warm) pi_pool_run(g_pool, job, arg);
+        const uint64_t t0 = pi_now_ns();
+        pi_pool_run(g_pool, job, arg);
+        if (ns) *ns = pi_now_ns() - t0;
+        rc = 0;
+    }
+    pthread_mutex_unlock(&g_pool_mu);
+    return rc;
+}
+
+/* sparse_run(kind, qtype, w_ptr, rows, cols, idx_ptr, n, vec_ptr, y_ptr, n_threads, c0, c1):
+ * kind 1 gather y[j] = W[idx[j]] . x (ggml activation numerics); kind 2 axpy y[c0:c1] += sum_j h[j] W[idx[j]][c0:c1]. */
+static PyObject *py_sparse_run(PyObject *self, PyObject *args) {
+    int kind, qtype, rows, cols, n, nth, c0, c1;
+    void *w, *idx, *vec, *y;
+    if (!PyArg_ParseTuple(args, "iiO&iiO&iO&O&iii", &kind, &qtype, pi_conv_ptr, &w, &rows, &cols, pi_conv_ptr, &idx,
+                          &n, pi_conv_ptr, &vec, pi_conv_ptr, &y, &nth, &c0, &c1))
+        return NULL;
+    if (check_qtype(qtype)) return NULL;
+    if ((kind != 1 && kind != 2) || !w || !y || (n > 0 && (!idx || !vec)) || rows <= 0 || cols <= 0 || n < 0)
+        return PyErr_Format(PyExc_ValueError, "bad kind, pointer or shape");
+    if (kind == 2 && (c0 < 0 || c1 > cols || c0 > c1))
+        return PyErr_Format(PyExc_ValueError, "column range [%d, %d) outside [0, %d)", c0, c1, cols);
+    if (pi_need_of(qtype) == PI_NEED_Q8 && (cols % PI_QK || (kind == 2 && (c0 % PI_QK || c1 % PI_QK))))
+        return PyErr_Format(PyExc_ValueError, "block formats need cols (and c0, c1) multiples of 32");
+    if (check_idx(idx, n, rows)) return NULL;
+    if (nth < 1) nth = 1;
+    const int need = pi_need_of(qtype);
+    pi_mat m;
+    pi_act a;
+    void *amem = kind == 1 ? pi_aligned_alloc(pi_act_bytes(cols, 1, need)) : NULL;
+    float **yp = calloc((size_t)nth, sizeof(float *));
+    int ok = yp && (kind == 2 || amem) && !pi_mat_init(&m, qtype, w, rows, cols, 0);
+    for (int t = 0; ok && kind == 2 && t < nth; t++) ok = (yp[t] = pi_aligned_alloc((size_t)cols * 4)) != NULL;
+    if (ok) {
+        const int32_t *ip = idx;
+        bs_args s = {kind, 1, 1, n, 1, c0, c1, &m, &ip, &a, vec, y, yp};
+        Py_BEGIN_ALLOW_THREADS
+        if (kind == 1) {
+            pi_act_bind(&a, amem, cols, 1, need);
+            pi_act_fill(&a, vec, 0, 0, cols, need);
+        }
+        ok = !run_pool(nth, bs_job, &s, 0, NULL);
+        if (ok && kind == 2)
+            for (int t = 0; t < nth; t++)
+                for (int c = c0; c < c1; c++) ((float *)y)[c] += yp[t][c];
+        Py_END_ALLOW_THREADS
+    }
+    for (int t = 0; yp && t < nth; t++) pi_aligned_free(yp[t]);
+    free(yp);
+    pi_aligned_free(amem);
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* bench_sparse(kind, qtype, w_ptrs, rows, cols, idx_ptrs, n, vec_ptr, n_threads, iters) -> ns per call.
+ * kind 0: dense matvec on the packed copy of each weight copy (our dense path); 1: gather (row-sparse dot,
+ * vec = x [cols]); 2: axpy (vec = h [n], y [cols] per thread, summed like the decoder does). Call i uses weight
+ * copy i % len(w_ptrs) and index set i % len(idx_ptrs), so with enough copies the weights come from DRAM.
+ * Threads split the work as the decoder does: rows (dense), the index list (gather, axpy). */
 static PyObject *py_bench_sparse(PyObject *self, PyObject *args) {
     int kind, qtype, rows, cols, n, nth, iters;
     PyObject *ows, *ois;
@@ -285,8 +302,8 @@ static PyObject *py_bench_sparse(PyObject *self, PyObject *args) {
     const int nw = (int)PyTuple_GET_SIZE(ows), ni = (int)PyTuple_GET_SIZE(ois);
     const int need = pi_need_of(qtype), vcols = kind == 2 ? rows : cols;
     (void)vcols;
-    bs_args s = {kind, nw, ni, n, iters, calloc(nw, sizeof(pi_mat)), calloc(ni ? ni : 1, sizeof(int32_t *)), NULL, vec,
-                 NULL, calloc(nth, sizeof(float *))};
+    bs_args s = {kind, nw, ni, n, iters, 0, cols, calloc(nw, sizeof(pi_mat)), calloc(ni ? ni : 1, sizeof(int32_t *)),
+                 NULL, vec, NULL, calloc(nth, sizeof(float *))};
     void *amem = pi_aligned_alloc(pi_act_bytes(cols, 1, need));
     float *y = pi_aligned_alloc((size_t)(rows > n ? rows : n) * 4);
     int ok = s.mats && s.idx && s.yp && amem && y;
@@ -307,19 +324,13 @@ static PyObject *py_bench_sparse(PyObject *self, PyObject *args) {
         s.a = &a;
         s.y = y;
         Py_BEGIN_ALLOW_THREADS
-        pthread_mutex_lock(&g_pool_mu);
-        if (g_pool && pi_pool_size(g_pool) != nth) { pi_pool_free(g_pool); g_pool = NULL; }
-        if (!g_pool) g_pool = pi_pool_new(nth);
-        if (g_pool) {
-            const int it = s.iters;
-            s.iters = 1;
-            pi_pool_run(g_pool, bs_job, &s); /* warm */
+        const int it = s.iters;
+        s.iters = 1;
+        uint64_t t = 0;
+        if (!run_pool(nth, bs_job, &s, 1, NULL)) { /* warm-up call, then the timed loop */
             s.iters = it;
-            const uint64_t t0 = pi_now_ns();
-            pi_pool_run(g_pool, bs_job, &s);
-            ns = (double)(pi_now_ns() - t0) / it;
+            if (!run_pool(nth, bs_job, &s, 0, &t)) ns = (double)t / it;
         }
-        pthread_mutex_unlock(&g_pool_mu);
         Py_END_ALLOW_THREADS
     }
     for (int i = 0; s.mats && i < nw; i++) pi_mat_free(&s.mats[i]);
@@ -348,21 +359,14 @@ static PyObject *py_read_bandwidth(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O&nii", pi_conv_ptr, &p, &n, &nth, &iters)) return NULL;
     if (!p || n < 4096 || iters < 1) return PyErr_Format(PyExc_ValueError, "bad buffer or iteration count");
     if (nth < 1) nth = 1;
-    rb_args s = {p, (size_t)n, iters, 0.0};
+    rb_args s = {p, (size_t)n, 1, 0.0};
     double ns = -1.0;
+    uint64_t t = 0;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&g_pool_mu);
-    if (g_pool && pi_pool_size(g_pool) != nth) { pi_pool_free(g_pool); g_pool = NULL; }
-    if (!g_pool) g_pool = pi_pool_new(nth);
-    if (g_pool) {
-        s.iters = 1;
-        pi_pool_run(g_pool, rb_job, &s);
+    if (!run_pool(nth, rb_job, &s, 1, NULL)) {
         s.iters = iters;
-        const uint64_t t0 = pi_now_ns();
-        pi_pool_run(g_pool, rb_job, &s);
-        ns = (double)(pi_now_ns() - t0) / iters;
+        if (!run_pool(nth, rb_job, &s, 0, &t)) ns = (double)t / iters;
     }
-    pthread_mutex_unlock(&g_pool_mu);
     Py_END_ALLOW_THREADS
     if (ns < 0) return PyErr_NoMemory();
     return PyFloat_FromDouble(ns);
@@ -382,10 +386,9 @@ static PyMethodDef methods[] = {
     {"bench_mm", py_bench_mm, METH_VARARGS,
      "bench_mm(qtype, w_ptr, rows, cols, x_ptr, n_tok, y_ptr, n_threads, packed, iters) -> ns per kernel call"},
     {"quantize_q8_0", py_quantize_q8_0, METH_VARARGS, "quantize_q8_0(x_ptr, n, dst_ptr): Q8_0 blocks of n f32 values"},
-    {"gather", py_gather, METH_VARARGS,
-     "gather(qtype, w_ptr, rows, cols, idx_ptr, n, x_ptr, y_ptr): y[j] = W[idx[j]] . x (row-sparse dot)"},
-    {"axpy", py_axpy, METH_VARARGS,
-     "axpy(qtype, w_ptr, rows, cols, idx_ptr, h_ptr, n, c0, c1, y_ptr): y[c0:c1] += sum_j h[j] W[idx[j]][c0:c1]"},
+    {"sparse_run", py_sparse_run, METH_VARARGS,
+     "sparse_run(kind, qtype, w_ptr, rows, cols, idx_ptr, n, vec_ptr, y_ptr, n_threads, c0, c1): kind 1 gather "
+     "y[j] = W[idx[j]] . x; kind 2 axpy y[c0:c1] += sum_j h[j] W[idx[j]][c0:c1]"},
     {"bench_sparse", py_bench_sparse, METH_VARARGS,
      "bench_sparse(kind, qtype, w_ptrs, rows, cols, idx_ptrs, n, vec_ptr, n_threads, iters) -> ns per call "
      "(kind 0 dense packed matvec, 1 gather, 2 axpy)"},

@@ -1,0 +1,119 @@
+"""The runner's neuron-sparse FFN end to end: exactness on ReLU models, agreement with the torch `threshold`
+backend on SwiGLU models, statistics, and the CLI's --sparsity / --verbose on the bundled model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from powerinfer.cli import main
+from powerinfer.formats.loader import load_model
+from powerinfer.runtime import engine
+from powerinfer.runtime.runner import Runner
+from powerinfer.settings import SamplingParams
+from powerinfer.sparse.artifacts import Thresholds, default_thresholds_path, model_fingerprint
+
+
+def _greedy(runner, prompt, n):
+    runner.truncate(0)
+    logits = runner.eval(prompt)
+    toks, all_logits = [], []
+    for _ in range(n):
+        tok = int(torch.argmax(logits))
+        toks.append(tok)
+        logits = runner.eval([tok])
+        all_logits.append(logits.clone())
+    return toks, torch.stack(all_logits)
+
+
+@pytest.mark.parametrize("ffn_kind", ["glu", "dglu"])
+def test_relu_sparse_equals_dense(tiny_gguf, ffn_kind):
+    """ReLU-family model, F32 weights: skipping the zero activations changes nothing but summation order
+    (logits within 1e-4 relative; greedy tokens identical over 64 steps), and neurons really are skipped."""
+    tiny = tiny_gguf(activation="relu", ffn_kind=ffn_kind if ffn_kind != "glu" else None, qtype=Q.F32,
+                     n_layer=3, n_ff=256, context_length=128)
+    loaded = load_model(tiny.path)
+    dense, sparse = Runner(loaded, 96, 2), Runner(loaded, 96, 2)
+    sparse.set_sparse([{"h": 0.0}] * loaded.config.n_layer, "relu")
+    prompt = [1, 5, 9, 33]
+    toks_d, logits_d = _greedy(dense, prompt, 64)
+    toks_s, logits_s = _greedy(sparse, prompt, 64)
+    assert toks_s == toks_d
+    rel = ((logits_s - logits_d).abs().max(-1).values / logits_d.abs().max(-1).values).max().item()
+    assert rel <= 1e-4, rel
+    assert 0.2 < sparse.ffn_sparsity() < 0.9  # random ReLU layers skip about half their neurons
+    assert dense.ffn_sparsity() == 0.0 and dense.ffn_stats() is None
+
+
+def test_threshold_sparse_matches_torch_backend(tiny_gguf):
+    """SwiGLU, F32: the C decoder's thresholded FFN against the torch `threshold` backend at the same
+    thresholds, token by token (all_logits runs decode steps when sparse)."""
+    tiny = tiny_gguf(qtype=Q.F32, n_layer=2, n_ff=256, context_length=128)
+    loaded = load_model(tiny.path)
+    th = [{"h": 0.02}, {"h": 0.03}]
+    c, t = Runner(loaded, 64, 2), Runner(loaded, 64, 1, compute="torch")
+    for r in (c, t):
+        r.set_sparse(th)
+    ids = [1, 7, 3, 22, 9, 41, 5, 17, 2, 60]
+    lc, lt = c.eval(ids, all_logits=True), t.eval(ids, all_logits=True)
+    assert torch.equal(lc.argmax(-1), lt.argmax(-1))
+    assert ((lc - lt).abs().max() / lt.abs().max()).item() < 1e-3
+    assert 0.05 < c.ffn_sparsity() < 0.95
+    stats = c.ffn_stats()
+    assert stats["steps"] == len(ids) and len(stats["sparsity_per_layer"]) == 2
+    assert stats["ffn_bytes_per_token"] < stats["ffn_dense_bytes"] * 1.5  # down_t rows only for kept neurons
+
+
+def test_stream_reports_per_token_sparsity(tiny_gguf):
+    tiny = tiny_gguf(activation="relu", qtype=Q.F32)
+    loaded = load_model(tiny.path)
+    r = Runner(loaded, 64, 1)
+    r.set_sparse([{"h": 0.0}] * loaded.config.n_layer)
+    ids = [1, 2, 3]
+    steps = engine.generate_step(r, ids, SamplingParams(temp=0))
+    next(steps)  # first token: from the dense prefill
+    assert r.last_ffn() is None
+    next(steps)  # second: a sparse decode step
+    s, nbytes = r.last_ffn()
+    assert 0 < s < 1 and nbytes > 0
+    steps.close()
+
+
+def test_cli_sparsity_uses_cached_thresholds(capsys, monkeypatch, tmp_path, bundled_model):
+    """--sparsity S with thresholds already cached (no calibration): the run says which artifact it used and
+    --verbose prints per-layer sparsity."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fp = model_fingerprint(bundled_model)
+    n = bundled_model.config.n_layer
+    th = Thresholds(method="hu", target_sparsity=0.5, values={"h": [0.05] * n}, fingerprint=fp,
+                    calibration={"text": "test", "text_sha256": "0", "n_tokens": 0, "n_ctx": 0})
+    path = th.save(default_thresholds_path(fp, "hu", 0.5))
+    assert str(path).startswith(str(tmp_path))
+    code = main(["run", "-p", "The capital of France is", "-n", "12", "--temp", "0", "--sparsity", "0.5",
+                 "--verbose", "-t", "2"])
+    out = capsys.readouterr()
+    assert code == 0
+    assert "threshold hu S=0.5" in out.err and str(path) in out.err
+    assert "ffn sparsity" in out.err
+    assert len([ln for ln in out.err.splitlines() if ln.strip()[:2].strip().isdigit()]) >= n
+    assert out.out.startswith("The capital of France is")
+
+
+def test_cli_bad_sparsity_value(capsys):
+    code = main(["run", "-p", "x", "--sparsity", "lots"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--sparsity" in err and "Traceback" not in err
+
+
+def test_thresholds_for_another_model_are_refused(tmp_path, bundled_model):
+    from powerinfer.errors import PowerInferError
+    from powerinfer.sparse.artifacts import load_thresholds
+
+    th = Thresholds(method="hu", target_sparsity=0.5, values={"h": [0.1] * 30}, fingerprint="0" * 16,
+                    calibration={})
+    p = th.save(tmp_path / "t.json")
+    with pytest.raises(PowerInferError, match="calibrated for model"):
+        load_thresholds(p, model_fingerprint(bundled_model))
+    assert json.loads(p.read_text())["fingerprint"] == "0" * 16
