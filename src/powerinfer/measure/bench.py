@@ -13,8 +13,9 @@ included, as llama-bench includes llama_decode's.
 Derived numbers (generation tests only):
   * bytes_per_token: weight bytes one decode step reads: every layer matrix (q, k, v, o, gate, up, down) at its
     stored size, the norm vectors and biases, the output norm, the output head and one embedding row. The FFN
-    matrices count in full for a dense decoder; when a sparse runner reports a sparsity s, gate/up/down count
-    (1 - s) of their rows (neurons skipped entirely). KV-cache reads are not counted (they grow with position).
+    matrices count in full for a dense decoder; with --sparsity the FFN counts what the sparse decoder read,
+    averaged over the test's steps (Runner.ffn_stats: gate/up rows or input-major columns, and the down_t rows
+    of the kept neurons, each in its stored format). KV-cache reads are not counted (they grow with position).
   * gb_per_s: bytes_per_token * t/s / 1e9, the effective weight bandwidth.
   * ffn_sparsity: fraction of FFN neurons skipped per token. 0 for the dense decoder. A runner that skips
     neurons exposes `ffn_sparsity()` (fraction skipped over the evals since `reset_ffn_stats()`); it is read
@@ -25,7 +26,7 @@ JSON schema (`--json`, "schema": "powerinfer.bench/1"):
   {"schema": str, "model": {"path", "type", "arch", "size_bytes", "n_params", "n_layer", "d_model", "n_ff",
                             "n_vocab", "activation", "bytes_per_token"},
    "system": {"isa", "cpu", "n_cpus", "python", "torch", "powerinfer"},
-   "settings": {"n_batch", "n_ctx", "repetitions", "warmup", "seed"},
+   "settings": {"n_batch", "n_ctx", "repetitions", "warmup", "seed", "ffn"},
    "results": [{"test": "pp128" | "tg128", "n_prompt", "n_gen", "n_threads", "samples_ns": [int],
                 "samples_ts": [float], "avg_ts", "stddev_ts", "median_ts", "avg_ns", "stddev_ns",
                 "bytes_per_token": int | null, "gb_per_s": float | null, "ffn_sparsity": float,
@@ -86,7 +87,7 @@ def bytes_per_token(weights, ffn_sparsity: float = 0.0) -> int:
 
 def _runner_sparsity(runner) -> tuple[float, str]:
     fn = getattr(runner, "ffn_sparsity", None)
-    if callable(fn):
+    if callable(fn) and getattr(runner, "sparse", True):
         s = fn()
         if s is not None:
             return float(s), "runner"
@@ -182,7 +183,11 @@ def run_bench(runner, weights, tests: list[Test], threads: list[int], repetition
                 "peak_rss_mib": _peak_rss_mib(), "phases_ms_per_token": None,
             }
             if test.kind == "tg":
-                bpt = bytes_per_token(weights, sparsity)
+                ffn = runner.ffn_stats() if hasattr(runner, "ffn_stats") else None
+                if ffn:
+                    bpt = int(bytes_per_token(weights) - ffn["ffn_dense_bytes"] + ffn["ffn_bytes_per_token"])
+                else:
+                    bpt = bytes_per_token(weights, sparsity)
                 r["bytes_per_token"] = bpt
                 r["gb_per_s"] = bpt * r["avg_ts"] / 1e9
                 if profile:
@@ -262,6 +267,10 @@ def add_parser(sub) -> None:
                    help="prompt tokens per prefill call in pp tests (default: 512)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up repetition")
     p.add_argument("-s", "--seed", type=int, default=0, metavar="N", help="seed of the random token ids (default: 0)")
+    p.add_argument("--sparsity", default="off", metavar="auto|off|S",
+                   help="neuron-sparse FFN for the tg tests (as `powerinfer run --sparsity`; default: off)")
+    p.add_argument("--sparse-method", default="hu", metavar="NAME",
+                   help="threshold criterion for SwiGLU models: hu | teal | teal-hu (default: hu)")
     p.add_argument("--profile", action="store_true",
                    help="after each tg test, one more untimed repetition with the decoder's per-phase profiler; "
                         "prints ms per token by phase")
@@ -307,6 +316,14 @@ def func(args) -> int:
     add_bos = md.get("tokenizer.ggml.add_bos_token", spm) and "tokenizer.ggml.tokens" in md
     bos = int(md.get("tokenizer.ggml.bos_token_id", 1)) if add_bos else None
     runner = Runner(loaded, n_ctx, threads[0], min(args.batch_size, n_ctx))
+    sparse_desc = "dense FFN"
+    if args.sparsity != "off":
+        from ..prepare.sparsity import resolve_sparsity
+
+        thresholds, sparse_desc = resolve_sparsity(loaded, args.sparsity, args.sparse_method)
+        if thresholds is not None:
+            runner.set_sparse(thresholds, sparse_desc)
+        print(f"ffn: {sparse_desc}", file=sys.stderr)
 
     size_bytes, n_params = model_size(loaded.weights)
     model = {"path": str(loaded.path), "type": model_type(loaded, n_params), "arch": cfg.arch,
@@ -331,13 +348,14 @@ def func(args) -> int:
                        "cpu": _cpu_name(), "n_cpus": default_threads(), "python": platform.python_version(),
                        "torch": torch.__version__, "powerinfer": powerinfer.__version__},
             "settings": {"n_batch": runner.n_batch, "n_ctx": n_ctx, "repetitions": args.repetitions,
-                         "warmup": not args.no_warmup, "seed": args.seed},
+                         "warmup": not args.no_warmup, "seed": args.seed, "ffn": sparse_desc},
             "results": results, "peak_rss_mib": peak,
         }
         print(json.dumps(doc, indent=1))
         return 0
     print(f"\nGB/s: {model['bytes_per_token'] / 2**20:.1f} MiB of weights per generated token (layer matrices, norms, "
-          f"output head, one embedding row; dense FFN) x t/s. Peak RSS {peak:.0f} MiB. "
+          f"output head, one embedding row; dense FFN{'' if not runner.sparse else '; tg rows: the FFN bytes the sparse decoder read'}) "
+          f"x t/s. FFN: {sparse_desc}. Peak RSS {peak:.0f} MiB. "
           f"{args.repetitions} repetitions{'' if args.no_warmup else ' after 1 warm-up'}, "
           f"random token ids (seed {args.seed}).")
     for r in results:

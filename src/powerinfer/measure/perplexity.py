@@ -133,6 +133,11 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object {ppl, ppl_err, n_tokens_scored, n_chunks, n_ctx, text, seconds, ...} "
                         "instead of the llama.cpp-style lines")
+    p.add_argument("--sparsity", default="off", metavar="auto|off|S",
+                   help="neuron-sparse FFN (as `powerinfer run --sparsity`; default: off). When on, every position "
+                        "is scored through single-token decode steps, so the number is the sparse model's")
+    p.add_argument("--sparse-method", default="hu", metavar="NAME",
+                   help="threshold criterion for SwiGLU models: hu | teal | teal-hu (default: hu)")
     p.add_argument("--logits-out", metavar="FILE.npy",
                    help="save the scored positions' logits (float32 [n_scored, n_vocab]) to FILE.npy and their "
                         "target ids to FILE.tokens.npy, for `powerinfer compare-logits`")
@@ -152,7 +157,8 @@ def func(args) -> int:
         text, source = pydoc_topics("eval"), "default evaluation text (pydoc_data.topics, eval split)"
     log = sys.stderr
 
-    settings = {"n_ctx": args.n_ctx, "n_batch": args.n_batch or args.n_ctx}
+    settings = {"n_ctx": args.n_ctx, "n_batch": args.n_batch or args.n_ctx, "sparsity": args.sparsity,
+                "sparse_method": args.sparse_method}
     if args.n_threads is not None:
         settings["n_threads"] = args.n_threads
     llm = load(args.model, **settings)
@@ -220,9 +226,13 @@ def func(args) -> int:
             "n_ctx": r.n_ctx, "text": describe(text), "seconds": round(r.seconds, 3),
             "nll_mean": r.nll_mean, "n_tokens": r.n_tokens, "text_source": source, "running": r.running,
             "model": str(llm.loaded.path), "n_threads": llm.runner.n_threads, "n_batch": llm.runner.n_batch,
+            "ffn": llm.sparsity, "ffn_sparsity": llm.runner.ffn_sparsity(),
         }))
     else:
         print(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.ppl_err:.5f}")
+        if llm.runner.sparse:
+            print(f"perplexity: ffn {llm.sparsity}, {llm.runner.ffn_sparsity():.1%} of FFN neurons skipped per "
+                  f"token", file=log)
         print(f"perplexity: {r.n_tokens_scored} tokens scored in {r.seconds:.2f} s "
               f"({r.n_chunks * args.n_ctx / r.seconds:.1f} tokens/s evaluated)", file=log)
     return 0
