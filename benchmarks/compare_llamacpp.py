@@ -84,13 +84,24 @@ class LlamaCppRunner:
 
 
 class Ours:
-    def __init__(self, path, n_threads, n_ctx):
+    """powerinfer on one model; `sparse` (per-layer thresholds from prepare.sparsity) is switched on for the
+    prefill of each timed run and off otherwise, so dense and sparse share one loaded model."""
+
+    def __init__(self, path, n_threads, n_ctx, sparse=None):
         import powerinfer
 
         self.llm = powerinfer.load(path, n_threads=n_threads, n_ctx=n_ctx)
         self.runner = self.llm.runner
+        self.sparse = sparse
+
+    def mode(self, sparse):
+        other = Ours.__new__(Ours)
+        other.llm, other.runner, other.sparse = self.llm, self.runner, sparse
+        return other
 
     def prefill(self, ids):
+        if self.runner.sparse_label != (None if self.sparse is None else "bench"):
+            self.runner.set_sparse(self.sparse, "bench")
         self.runner.truncate(0)
         return self.runner.eval(ids)
 
@@ -115,24 +126,38 @@ def time_engine(engine, prompt, n_gen):
     return len(prompt) / (t1 - t0), (n_gen - 1) / (t2 - t1), out
 
 
-def speed_rounds(ours, ref, prompt, n_gen, rounds):
-    """Interleaved rounds (the engine that goes first alternates); medians and median per-round ratios."""
-    rows = []
+def speed_rounds(ours, ref, prompt, n_gen, rounds, sparse=None):
+    """Interleaved rounds (the engines' order rotates every round); medians and median per-round ratios against
+    llama.cpp. With `sparse` thresholds, powerinfer's sparse decode is a third engine in the same rounds."""
+    engines = [("ours", ours.mode(None)), ("llama.cpp", ref)]
+    if sparse is not None:
+        engines.append(("ours sparse", ours.mode(sparse)))
+    rows, sparsity = [], []
     for r in range(rounds):
-        order = [("ours", ours), ("llama.cpp", ref)] if r % 2 == 0 else [("llama.cpp", ref), ("ours", ours)]
-        res = {name: time_engine(eng, prompt, n_gen) for name, eng in order}
+        order = engines[r % len(engines):] + engines[:r % len(engines)]
+        res = {}
+        for name, eng in order:
+            res[name] = time_engine(eng, prompt, n_gen)
+            if name == "ours sparse":
+                sparsity.append(eng.runner.ffn_sparsity())
         rows.append(res)
-        print(f"round {r + 1}: ours pp {res['ours'][0]:.1f} tg {res['ours'][1]:.1f} | llama.cpp pp "
-              f"{res['llama.cpp'][0]:.1f} tg {res['llama.cpp'][1]:.1f} tok/s", file=sys.stderr)
+        print(f"round {r + 1}: " + " | ".join(f"{n} pp {res[n][0]:.1f} tg {res[n][1]:.1f}" for n, _ in engines)
+              + " tok/s", file=sys.stderr)
 
-    def summary(i):
-        return (statistics.median(r["ours"][i] for r in rows), statistics.median(r["llama.cpp"][i] for r in rows),
-                statistics.median(r["ours"][i] / r["llama.cpp"][i] for r in rows))
+    def summary(name, i):
+        return (statistics.median(r[name][i] for r in rows), statistics.median(r["llama.cpp"][i] for r in rows),
+                statistics.median(r[name][i] / r["llama.cpp"][i] for r in rows))
 
     a, b = rows[-1]["ours"][2], rows[-1]["llama.cpp"][2]
-    return dict(pp=summary(0), tg=summary(1), n_prompt=len(prompt), n_gen=n_gen,
-                same=sum(x == y for x, y in zip(a, b)),
-                first_div=next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n_gen))
+    out = dict(pp=summary("ours", 0), tg=summary("ours", 1), n_prompt=len(prompt), n_gen=n_gen,
+               same=sum(x == y for x, y in zip(a, b)),
+               first_div=next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n_gen))
+    if sparse is not None:
+        out["tg_sparse"] = summary("ours sparse", 1)
+        out["tg_sparse_vs_dense"] = statistics.median(r["ours sparse"][1] / r["ours"][1] for r in rows)
+        out["sparsity"] = statistics.median(sparsity)
+    ours.runner.set_sparse(None)
+    return out
 
 
 def log_softmax(x):
@@ -173,6 +198,11 @@ def main(argv=None):
                     help="another model to time the same way (speed only), e.g. a synthetic 7B file; repeatable")
     ap.add_argument("--also-prompt", type=int, default=32, help="prompt tokens for --also models")
     ap.add_argument("--also-gen", type=int, default=16, help="generated tokens for --also models")
+    ap.add_argument("--sparsity", default="off", metavar="auto|off|S",
+                    help="also time powerinfer's sparse decode at this setting (as `powerinfer run --sparsity`) in "
+                         "the same rounds, and measure its perplexity cost; --also models use `auto` (exact "
+                         "skipping on ReLU models) when this is not off")
+    ap.add_argument("--sparse-method", default="hu", help="threshold criterion for SwiGLU models (default: hu)")
     ap.add_argument("--out", help="write a markdown report here")
     args = ap.parse_args(argv)
     path = Path(args.model) if args.model else bundled_model_path()
@@ -181,15 +211,21 @@ def main(argv=None):
 
     ref = LlamaCpp(path, args.threads, n_ctx=1024)
     ours = Ours(str(path), args.threads, n_ctx=1024)
+    from powerinfer.prepare.sparsity import resolve_sparsity
+
+    sparse, sparse_desc = resolve_sparsity(ours.llm.loaded, args.sparsity, args.sparse_method)
     tokens = ref.tokenize(text)
     prompt = tokens[: args.n_prompt]
-    speed = speed_rounds(ours, ref, prompt, args.n_gen, args.rounds)
+    speed = speed_rounds(ours, ref, prompt, args.n_gen, args.rounds, sparse)
     extra = []
     for other in args.also or []:
         o_ref = LlamaCpp(other, args.threads, n_ctx=256)
         o_ours = Ours(other, args.threads, n_ctx=256)
-        extra.append((Path(other), speed_rounds(o_ours, o_ref, o_ref.tokenize(text)[: args.also_prompt], args.also_gen,
-                                                args.rounds)))
+        o_sparse, o_desc = resolve_sparsity(o_ours.llm.loaded, "auto" if args.sparsity != "off" else "off")
+        sp = speed_rounds(o_ours, o_ref, o_ref.tokenize(text)[: args.also_prompt], args.also_gen, args.rounds,
+                          o_sparse)
+        sp["desc"] = o_desc
+        extra.append((Path(other), sp))
         del o_ref, o_ours
 
     breakdown = None
@@ -223,6 +259,11 @@ def main(argv=None):
         # llama-perplexity's own convention (second half of each 512-chunk scored), same tokens, both engines
         chunks = args.ppl_tokens // 512
         q["lp_ours"] = perplexity(ours.runner, tokens, 512, max_chunks=chunks).ppl
+        if sparse is not None:
+            ours.runner.set_sparse(sparse, sparse_desc)
+            q["lp_sparse"] = perplexity(ours.runner, tokens, 512, max_chunks=chunks).ppl
+            q["sparsity"] = ours.runner.ffn_sparsity()
+            ours.runner.set_sparse(None)
         q["lp_ref"] = perplexity(LlamaCppRunner(ref_q, 512), tokens, 512, max_chunks=chunks).ppl
         q["lp_chunks"] = chunks
 
@@ -242,12 +283,18 @@ def main(argv=None):
     for name, sp in [(path.name, speed)] + [(p.name, sp) for p, sp in extra]:
         lines += [f"| `{name}` | prompt {sp['n_prompt']} | {sp['pp'][0]:.1f} | {sp['pp'][1]:.1f} | {sp['pp'][2]:.2f}x |",
                   f"| `{name}` | decode {sp['n_gen']} | {sp['tg'][0]:.1f} | {sp['tg'][1]:.1f} | {sp['tg'][2]:.2f}x |"]
+        if "tg_sparse" in sp:
+            t = sp["tg_sparse"]
+            lines.append(f"| `{name}` | decode {sp['n_gen']}, sparse ({100 * sp['sparsity']:.0f}% of FFN neurons "
+                         f"skipped; {sp['tg_sparse_vs_dense']:.2f}x our dense) | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.2f}x |")
     lines += [
         "",
         f"Greedy continuations on `{path.name}`: {speed['same']}/{args.n_gen} positions equal, first divergence "
         f"at token {speed['first_div']}.",
         "",
-        "Sparse decode: not measured here yet (the sparse FFN backends are not in the C decoder yet).",
+        f"Sparse FFN on `{path.name}`: {sparse_desc}." + "".join(
+            f" On `{p.name}`: {sp['desc']}." for p, sp in extra if "desc" in sp),
+        "Prompt processing is dense in every configuration (batched prefill).",
     ]
     if q:
         lines += [
@@ -264,6 +311,11 @@ def main(argv=None):
             f"`powerinfer perplexity` convention (llama-perplexity's: -c 512, second half of each chunk scored, "
             f"{q['lp_chunks']} chunks): powerinfer {q['lp_ours']:.4f}, llama.cpp's logits {q['lp_ref']:.4f}.",
         ]
+        if "lp_sparse" in q:
+            lines += ["", f"Sparse decode, same convention and tokens: perplexity {q['lp_sparse']:.4f} "
+                          f"({q['lp_sparse'] / q['lp_ours'] - 1:+.2%} vs our dense, "
+                          f"{q['lp_sparse'] / q['lp_ref'] - 1:+.2%} vs llama.cpp), {100 * q['sparsity']:.1f}% of FFN "
+                          "neurons skipped per token."]
     if breakdown:
         stats, wall, sample = breakdown
         c_total = stats.get("total_ns", sum(v for k, v in stats.items() if k.endswith("_ns"))) / 1e6 / args.n_gen
