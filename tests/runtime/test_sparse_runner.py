@@ -117,3 +117,19 @@ def test_thresholds_for_another_model_are_refused(tmp_path, bundled_model):
     with pytest.raises(PowerInferError, match="calibrated for model"):
         load_thresholds(p, model_fingerprint(bundled_model))
     assert json.loads(p.read_text())["fingerprint"] == "0" * 16
+
+
+def test_resolve_sparsity_choices(tiny_gguf, bundled_model):
+    from powerinfer.errors import PowerInferError
+    from powerinfer.prepare.sparsity import resolve_sparsity
+
+    relu = load_model(tiny_gguf(activation="relu", qtype=Q.F32).path)
+    th, desc = resolve_sparsity(relu, "auto")
+    assert th == [{"h": 0.0}] * relu.config.n_layer and "exact" in desc
+    assert resolve_sparsity(relu, "off")[0] is None
+    th, desc = resolve_sparsity(bundled_model, "auto")  # SwiGLU: measured slower than dense, so dense
+    assert th is None and "dense" in desc
+    with pytest.raises(PowerInferError, match="--sparse-method"):
+        resolve_sparsity(bundled_model, "0.5", method="magic")
+    with pytest.raises(PowerInferError, match=r"\[0, 1\)"):
+        resolve_sparsity(bundled_model, "1.5")

@@ -1,11 +1,16 @@
 """`--sparsity auto|off|S`: which neuron-sparse FFN a run uses (run / bench / perplexity / the Python API).
 
   off   dense FFN.
-  auto  ReLU-family models (activation relu: ReGLU, dReLU, ReLU MLPs): exact skipping of the zero activations.
-        SwiGLU/GeGLU models: the `hu` thresholds at AUTO_TARGET, calibrated on first use with the built-in
-        calibration text and cached under ~/.cache/powerinfer/<fingerprint>/.
-  S     (0 <= S < 1) ReLU-family models: exact skipping, plus |h| thresholds at S if S exceeds what the model
-        skips on its own; SwiGLU models: thresholds calibrated to skip S of the neurons per layer.
+  auto  the fastest measured setting within 3 % perplexity. ReLU-family models (activation relu: ReGLU, dReLU,
+        ReLU MLPs): exact skipping of the zero activations (7B-shaped ReLU Q4_0, 90 % inactive: 1.44x our dense
+        decode, benchmarks/RESULTS.md). SwiGLU/GeGLU models: dense, because no threshold point within the
+        budget is faster on this CPU: SmolLM2-135M Q4_1 at S=0.5 (+1-3 % perplexity) decodes at 0.83x our dense
+        path. Skipping a neuron saves its down_t row, an f32 axpy over a Q8_0 row (~3 cycles per 32 weights),
+        while the dense down projection is a VNNI int8 dot over 4-bit weights (~1 cycle per 32): at 50 %
+        sparsity the sparse down reads about as many bytes and does more work.
+  S     (0 < S < 1) SwiGLU models: thresholds calibrated on first use (built-in calibration text, cached under
+        ~/.cache/powerinfer/<fingerprint>/) to skip S of the neurons per layer. ReLU-family models: exact
+        skipping, plus |h| thresholds calibrated to S when S is given.
 The method for SwiGLU models is `--sparse-method` (hu | teal | teal-hu; sparse/artifacts.METHODS).
 """
 from __future__ import annotations
@@ -15,9 +20,6 @@ import sys
 from ..errors import PowerInferError
 from ..sparse.artifacts import METHODS, default_thresholds_path, load_thresholds, model_fingerprint, target_label
 
-# The SwiGLU operating point of `auto`. Measured on SmolLM2-135M (benchmarks/RESULTS.md): hu at S=0.5 costs
-# +2.6 % perplexity (within the 3 % budget); S=0.6 +6 %.
-AUTO_TARGET = 0.5
 DEFAULT_METHOD = "hu"
 
 
@@ -42,16 +44,18 @@ def resolve_sparsity(loaded, spec, method: str | None = None, cache_dir=None,
     """(per-layer thresholds for Runner.set_sparse or None for dense, a one-line description)."""
     spec = parse_sparsity(spec)
     cfg = loaded.config
-    if spec == "off" or spec == 0.0 and cfg.activation != "relu":
+    relu = cfg.activation == "relu"
+    if spec == "off" or spec == 0.0 and not relu:
         return None, "dense FFN"
-    if cfg.activation == "relu":
-        zeros = [{"h": 0.0} for _ in range(cfg.n_layer)]
-        if spec == "auto" or spec == 0.0:
-            return zeros, "relu: exact (zero activations skipped)"
+    if relu and spec in ("auto", 0.0):
+        return [{"h": 0.0} for _ in range(cfg.n_layer)], "relu: exact (zero activations skipped)"
+    if spec == "auto":
+        return None, ("dense FFN (auto: on SwiGLU models no threshold setting within 3% perplexity decodes "
+                      "faster than the dense path on CPUs; --sparsity S forces one)")
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise PowerInferError(f"--sparse-method {method!r}: choose one of {', '.join(METHODS)}")
-    target = AUTO_TARGET if spec == "auto" else float(spec)
+    target = float(spec)
     if method == "teal-hu":
         from .calibrate import site_targets
 
