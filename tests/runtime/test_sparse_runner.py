@@ -133,3 +133,28 @@ def test_resolve_sparsity_choices(tiny_gguf, bundled_model):
         resolve_sparsity(bundled_model, "0.5", method="magic")
     with pytest.raises(PowerInferError, match=r"\[0, 1\)"):
         resolve_sparsity(bundled_model, "1.5")
+
+
+def test_c_predictor_path(tiny_gguf):
+    """The decoder's predictor path on a ReLU model. A perfect predictor (fc1 = gate rows scaled by the FFN norm
+    weight, which has the sign of the gate on the normed input; fc2 = identity) reproduces dense; a predictor
+    that predicts nothing skips every neuron (the FFN contributes nothing) and the result moves."""
+    from powerinfer.sparse.predictor import PredictorSet
+
+    tiny = tiny_gguf(activation="relu", qtype=Q.F32, n_layer=3, n_ff=256, context_length=128)
+    loaded = load_model(tiny.path)
+    cfg = loaded.config
+    fc1 = [lw.gate_proj.dequantize().float() * lw.post_attention_layernorm.dequantize().float().reshape(1, -1)
+           for lw in loaded.weights.layers]
+    fc2 = [torch.eye(cfg.n_ff) for _ in range(cfg.n_layer)]
+    dense, pred = Runner(loaded, 64, 2), Runner(loaded, 64, 2)
+    zeros = [{"h": 0.0}] * cfg.n_layer
+    pred.set_sparse(zeros, "predictor", PredictorSet(fc1, fc2, 0.0))
+    ids = [1, 5, 9, 33, 7, 2, 11]
+    a, b = dense.eval(ids, all_logits=True), pred.eval(ids, all_logits=True)
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+    assert 0.2 < pred.ffn_sparsity() < 0.9
+    pred.set_sparse(zeros, "predictor", PredictorSet(fc1, fc2, 1e9))
+    c = pred.eval(ids, all_logits=True)
+    assert pred.ffn_sparsity() == 1.0
+    assert ((a - c).abs().max() / a.abs().max()).item() > 1e-2

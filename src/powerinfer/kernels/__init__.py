@@ -250,6 +250,8 @@ class SparseFFN:
         self.dec, self.config, self.weights = dec, config, weights
         self._copies: dict[tuple[int, str], QTensor] = {}
         self.thresholds: list[dict[str, float]] | None = None
+        self.predictors = None
+        self._pred_bytes: list[int] = []
         self._kept = torch.zeros(3, config.n_layer, dtype=torch.int32)
 
     def _copy(self, il: int, role: str) -> QTensor:
@@ -268,11 +270,25 @@ class SparseFFN:
         data, addr, qtype = _weight(t)
         return (addr, qtype)
 
-    def on(self, thresholds: list[dict[str, float]] | None = None) -> None:
+    def on(self, thresholds: list[dict[str, float]] | None = None, predictors=None) -> None:
+        """`predictors`: a sparse.predictor.PredictorSet (its fc1/fc2 are bound as f16) or None."""
         n = self.config.n_layer
         thresholds = thresholds or [{} for _ in range(n)]
         if len(thresholds) != n:
             raise ValueError(f"{len(thresholds)} layers of thresholds for a {n}-layer model")
+        if predictors is not None and predictors.n_layer != n:
+            raise ValueError(f"{predictors.n_layer} predictor layers for a {n}-layer model")
+        self._pred_keep, self._pred_bytes = [], [0] * n
+        for il in range(n):
+            if predictors is None:
+                self.dec.set_predictor(il, None, None, 1, 0.0)
+                continue
+            fc1, fc2 = (t.detach().to(torch.float16).contiguous() for t in (predictors.fc1[il], predictors.fc2[il]))
+            self._pred_keep += [fc1, fc2]
+            self._pred_bytes[il] = (fc1.numel() + fc2.numel()) * 2
+            self.dec.set_predictor(il, (fc1.data_ptr(), 1), (fc2.data_ptr(), 1), fc1.shape[0],
+                                   float(predictors.threshold))
+        self.predictors = predictors
         for il, th in enumerate(thresholds):
             t_h, t_x = float(th.get("h", 0.0)), float(th.get("x", 0.0))
             lw = self.weights.layers[il]
@@ -284,7 +300,8 @@ class SparseFFN:
     def off(self) -> None:
         for il in range(self.config.n_layer):
             self.dec.set_sparse(il, None, None, None, 0.0, 0.0)
-        self.thresholds = None
+            self.dec.set_predictor(il, None, None, 1, 0.0)
+        self.thresholds, self.predictors = None, None
 
     def kept(self) -> torch.Tensor:
         """int32 [3, n_layer] of the last decode step: neurons kept (down rows read), FFN input channels kept, up
@@ -296,12 +313,15 @@ class SparseFFN:
         """FFN weight bytes each layer read in a step with these `kept` counts (int64 [n_layer])."""
         if not hasattr(self, "_row_bytes"):
             self._row_bytes = torch.tensor([self._layer_bytes(il) for il in range(self.config.n_layer)],
-                                           dtype=torch.int64)  # [n_layer, 4]: dense gate, x col, up row, down_t row
+                                           dtype=torch.int64)  # [n_layer, 5]: dense gate, x col, up row, down_t row, gate row
         th = self.thresholds or [{}] * self.config.n_layer
         x_on = torch.tensor([t.get("x", 0.0) > 0 for t in th])
         rb = self._row_bytes
         k = kept.to(torch.int64)
-        in_bytes = torch.where(x_on, k[1] * rb[:, 1], rb[:, 0] + k[2] * rb[:, 2])
+        if self.predictors is not None:  # predictor + the candidates' gate and up rows
+            in_bytes = torch.tensor(self._pred_bytes, dtype=torch.int64) + k[2] * (rb[:, 2] + rb[:, 4])
+        else:
+            in_bytes = torch.where(x_on, k[1] * rb[:, 1], rb[:, 0] + k[2] * rb[:, 2])
         return in_bytes + k[0] * rb[:, 3]
 
     def _layer_bytes(self, il: int) -> list[int]:
@@ -310,7 +330,8 @@ class SparseFFN:
         lw, n_ff = self.weights.layers[il], self.config.n_ff
         gate = lw.gate_proj.nbytes if lw.gate_proj is not None else 0
         col = sum(row_bytes(transposed_qtype(t), n_ff) for t in (lw.gate_proj, lw.up_proj) if t is not None)
-        return [gate, col, lw.up_proj.row_bytes, self._copy(il, "down").row_bytes]
+        gate_row = lw.gate_proj.row_bytes if lw.gate_proj is not None else 0
+        return [gate, col, lw.up_proj.row_bytes, self._copy(il, "down").row_bytes, gate_row]
 
     @property
     def copy_bytes(self) -> int:

@@ -49,11 +49,12 @@ class Runner:
             self.model = Transformer(cfg, loaded.weights).to(self.device)
 
     # -- neuron-sparse FFN ---------------------------------------------------------------------------------
-    def set_sparse(self, thresholds: list[dict[str, float]] | None, label: str = "sparse") -> None:
+    def set_sparse(self, thresholds: list[dict[str, float]] | None, label: str = "sparse", predictors=None) -> None:
         """Compute only the FFN neurons that fire in decode steps (None: dense). `thresholds`: per layer
         {"h": t_h, "x": t_x} (sparse/threshold.py); all zeros skip exactly the zero activations, which is the
         exact path of ReLU-family models (sparse/relu.py). Prompt prefill stays dense (batched matmuls); evals
-        that return every position's logits (perplexity) run token by token so they see the sparse FFN."""
+        that return every position's logits (perplexity) run token by token so they see the sparse FFN.
+        `predictors` (sparse.predictor.PredictorSet): only the neurons they predict read their gate/up rows."""
         cfg = self.config
         if thresholds is not None and len(thresholds) != cfg.n_layer:
             raise ValueError(f"{len(thresholds)} layers of thresholds for a {cfg.n_layer}-layer model")
@@ -63,12 +64,15 @@ class Runner:
             if thresholds is None:
                 self._sparse.off()
             else:
-                self._sparse.on(thresholds)
+                self._sparse.on(thresholds, predictors)
         else:
             from ..model.llama import Transformer
 
             if thresholds is None:
                 self.model = Transformer(cfg, self.weights).to(self.device)
+            elif predictors is not None:
+                self.model = Transformer(cfg, self.weights, ffn="predictor",
+                                         ffn_options={"predictors": predictors}).to(self.device)
             else:
                 values = {site: [float(t.get(site, 0.0)) for t in thresholds] for site in ("x", "h")}
                 self.model = Transformer(cfg, self.weights, ffn="threshold",

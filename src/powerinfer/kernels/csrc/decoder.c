@@ -218,7 +218,37 @@ static void ffn_sparse(pi_decoder *D, int il, float *x, int ith, int nth) {
     int nk = 0;
     w->kept_u[il] = n1 - n0; /* up rows read: all of the chunk unless the ReLU gate selects them below */
     memset(w->yp, 0, (size_t)d * sizeof(float));
-    if (n1 > n0) {
+    if (L->fc1.raw) { /* predictor: the hidden layer is split over the threads, then each predicts its chunk */
+        const int r = L->fc1.rows;
+        int r0, r1;
+        pi_act_fill(&w->act, x, 0, 0, d, pi_need_of(L->fc1.qtype));
+        pi_split(r, ith, nth, &r0, &r1);
+        if (r1 > r0) {
+            pi_mat_rows(&L->fc1, r0, r1, &w->act, D->z);
+            for (int i = r0; i < r1; i++) D->z[i] = D->z[i] > 0.0f ? D->z[i] : 0.0f;
+        }
+        pi_dec_barrier(D, ith);
+        int nc = 0;
+        if (n1 > n0) {
+            pi_act_fill(&w->act_z, D->z, 0, 0, r, pi_need_of(L->fc2.qtype));
+            pi_mat_rows(&L->fc2, n0, n1, &w->act_z, u); /* logits of the chunk, in u's slots */
+            for (int i = n0; i < n1; i++)
+                if (u[i] >= L->t_pred) w->idx[nc++] = i;
+        }
+        w->kept_u[il] = nc;
+        if (nc) {
+            pi_act_fill(&w->act, xn, 0, 0, d, L->need_ffn);
+            float *gv = w->hv; /* gate values of the candidates (hv is rewritten below, never ahead of j) */
+            if (L->gate.raw) pi_mat_gather(&L->gate, w->idx, nc, &w->act, gv);
+            pi_mat_gather(&L->up, w->idx, nc, &w->act, w->uv);
+            for (int j = 0; j < nc; j++) {
+                float gj = L->gate.raw ? gv[j] : 0.0f, uj = w->uv[j];
+                pi_ffn_act(D, &gj, &uj, 1);
+                if (keep_h(gj, L->t_h)) { w->idx[nk] = w->idx[j]; w->hv[nk++] = gj; }
+            }
+            pi_mat_axpy(&L->down_t, w->idx, w->hv, nk, 0, d, w->yp);
+        }
+    } else if (n1 > n0) {
         int have_up = 1;
         if (L->t_x > 0.0f) { /* gate/up as axpys over the kept channels' rows of the input-major copies */
             if (L->gate.raw) {
@@ -375,7 +405,7 @@ static void free_threads(pi_decoder *D) {
         pi_aligned_free(D->tw[i].scores);
         pi_aligned_free(D->tw[i].act_mem);
         void *bufs[] = {D->tw[i].idx, D->tw[i].hv, D->tw[i].uv, D->tw[i].yp, D->tw[i].xi, D->tw[i].xv,
-                        D->tw[i].kept_h, D->tw[i].kept_x, D->tw[i].kept_u};
+                        D->tw[i].kept_h, D->tw[i].kept_x, D->tw[i].kept_u, D->tw[i].act_z_mem};
         for (size_t j = 0; j < sizeof bufs / sizeof *bufs; j++) pi_aligned_free(bufs[j]);
     }
     free(D->tw);
@@ -383,6 +413,17 @@ static void free_threads(pi_decoder *D) {
 }
 
 static const int NEED_ALL = PI_NEED_Q8 | PI_NEED_F16 | PI_NEED_BF16 | PI_NEED_F32;
+
+/* Per-thread quantized forms of the predictor's hidden layer (r_max values, rounded up to whole q8 blocks). */
+static int alloc_act_z(pi_decoder *D) {
+    const int n = (D->r_max + PI_QK - 1) / PI_QK * PI_QK;
+    for (int i = 0; D->tw && i < D->nth && n > 0; i++) {
+        pi_aligned_free(D->tw[i].act_z_mem);
+        D->tw[i].act_z_mem = NULL;
+        if (alloc_act(&D->tw[i].act_z, &D->tw[i].act_z_mem, n, 1, NEED_ALL)) return -1;
+    }
+    return 0;
+}
 static void free_prefill(pi_prefill_ws *p);
 
 int pi_decoder_set_threads(pi_decoder *D, int nth) {
@@ -413,6 +454,7 @@ int pi_decoder_set_threads(pi_decoder *D, int nth) {
             !w->kept_x || alloc_act(&w->act, &w->act_mem, D->d, 1, NEED_ALL))
             return -1;
     }
+    if (alloc_act_z(D)) return -1;
     return D->layout_nth == nth ? 0 : relayout(D);
 }
 
@@ -468,7 +510,7 @@ void pi_decoder_free(pi_decoder *D) {
     }
     pi_mat_free(&D->head);
     for (int t = 0; t < PI_MAX_THREADS; t++) pi_arena_free(&D->arena[t]);
-    float *bufs[] = {D->q, D->k, D->v, D->att, D->y, D->g, D->u};
+    float *bufs[] = {D->q, D->k, D->v, D->att, D->y, D->g, D->u, D->z};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) pi_aligned_free(bufs[i]);
     pi_aligned_free(D->mem_att); pi_aligned_free(D->mem_h);
     free_prefill(&D->pf);
@@ -534,5 +576,28 @@ int pi_decoder_set_sparse(pi_decoder *D, int il, const pi_mat *down_t, const pi_
     L->down_t = *down_t;
     L->t_h = t_h;
     L->t_x = t_x;
+    return 0;
+}
+
+int pi_decoder_set_predictor(pi_decoder *D, int il, const pi_mat *fc1, const pi_mat *fc2, float threshold) {
+    pi_layer *L = &D->L[il];
+    memset(&L->fc1, 0, sizeof L->fc1);
+    memset(&L->fc2, 0, sizeof L->fc2);
+    L->t_pred = 0.0f;
+    if (!fc1) return 0;
+    if (!fc2 || fc1->cols != D->d || fc2->rows != D->n_ff || fc2->cols != fc1->rows || fc1->rows <= 0) return -1;
+    if (pi_need_of(fc2->qtype) == PI_NEED_Q8 && fc2->cols % PI_QK) return -1;
+    if (fc1->rows > D->r_max) { /* grow the hidden-layer buffers */
+        const int r = fc1->rows;
+        float *z = pi_aligned_alloc((size_t)r * 4);
+        if (!z) return -1;
+        pi_aligned_free(D->z);
+        D->z = z;
+        D->r_max = r;
+        if (alloc_act_z(D)) return -1;
+    }
+    L->fc1 = *fc1;
+    L->fc2 = *fc2;
+    L->t_pred = threshold;
     return 0;
 }

@@ -29,6 +29,10 @@ typedef struct {
      * |h| < t_h are skipped; down is an axpy over the kept neurons' rows of down_t into a per-thread sum. */
     pi_mat down_t, gate_t, up_t;       /* raw neuron-major [n_ff, d] / input-major [d, n_ff]; owned by Python */
     float t_h, t_x;
+    /* Activation predictor (PowerInfer): logits = fc2 relu(fc1 x_res), x_res the residual before the FFN norm;
+     * only neurons with logit >= t_pred read their gate and up rows (then, as always, h == 0 is skipped). */
+    pi_mat fc1, fc2;                   /* [r, d], [n_ff, r]; fc1.raw NULL = no predictor */
+    float t_pred;
 } pi_layer;
 
 typedef struct {
@@ -40,6 +44,8 @@ typedef struct {
     int32_t *xi;    /* [d] kept input channels (t_x) */
     float *xv;      /* [d] their values */
     int *kept_h, *kept_x, *kept_u; /* [n_layer] neurons / input channels / up rows this thread read last step */
+    pi_act act_z;   /* predictor hidden layer, quantized for fc2 (n = D->r_max) */
+    void *act_z_mem;
     pi_act act;     /* its quantized forms (all needs) */
     float *scores;  /* [n_head/n_head_kv][n_ctx] */
     void *act_mem;
@@ -71,6 +77,8 @@ typedef struct {
     int nth;
     /* decode buffers shared by the threads */
     float *q, *k, *v, *att, *y, *g, *u;
+    float *z;       /* [r_max] predictor hidden layer */
+    int r_max;      /* largest predictor rank bound (0: none) */
     pi_act act_att, act_h;
     void *mem_att, *mem_h;
     pi_tws *tw;
@@ -95,6 +103,8 @@ int pi_decoder_set_output(pi_decoder *D, const float *norm, const void *head, in
  * only when t_x > 0. 0 ok, -1 bad shapes. */
 int pi_decoder_set_sparse(pi_decoder *D, int il, const pi_mat *down_t, const pi_mat *gate_t, const pi_mat *up_t,
                           float t_h, float t_x);
+/* Predictor of layer il (fc1 [r, d], fc2 [n_ff, r]; NULL fc1 removes it); used by the sparse FFN. 0 ok, -1 bad. */
+int pi_decoder_set_predictor(pi_decoder *D, int il, const pi_mat *fc1, const pi_mat *fc2, float threshold);
 const pi_mat *pi_layer_mat(const pi_layer *L, int j); /* MQ .. MDOWN */
 void pi_layer_ranges(const pi_layer *L, int n_ff, int ith, int nth, int u0[M_N], int u1[M_N]);
 

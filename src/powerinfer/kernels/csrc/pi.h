@@ -204,6 +204,8 @@ int pi_mat_unit(const pi_mat *m);
 int pi_mat_units(const pi_mat *m);
 /* Y[t][r] = W X[t] for the rows of segment s (packed if s->p, else the raw-row kernel). */
 void pi_mat_run_seg(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok, float *y, int ldy);
+/* Dense rows [r0, r1) of the raw layout: y[r] = W[r]·x (token 0 of a). */
+void pi_mat_rows(const pi_mat *m, int r0, int r1, const pi_act *a, float *y);
 /* Row-sparse dot on the raw rows: y[j] = W[idx[j]]·x, j < n (token 0 of a). */
 void pi_mat_gather(const pi_mat *m, const int32_t *idx, int n, const pi_act *a, float *y);
 /* Neuron-major axpy on the raw rows (see axpy_rows). */

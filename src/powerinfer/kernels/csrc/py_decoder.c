@@ -149,6 +149,25 @@ static PyObject *Decoder_set_sparse(DecoderObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* set_predictor(layer, fc1, fc2, threshold): (ptr, qtype) tuples, fc1 [r, d], fc2 [n_ff, r]; fc1 None removes it. */
+static PyObject *Decoder_set_predictor(DecoderObject *self, PyObject *args) {
+    int il, r;
+    float thr;
+    PyObject *o1, *o2;
+    if (!PyArg_ParseTuple(args, "iOOif", &il, &o1, &o2, &r, &thr)) return NULL;
+    if (idle(self) || check_layer(self, il)) return NULL;
+    pi_decoder *D = self->D;
+    if (r <= 0) return PyErr_Format(PyExc_ValueError, "predictor rank must be > 0");
+    pi_mat f1, f2;
+    int n1, n2;
+    if ((n1 = parse_mat(o1, r, D->d, &f1, 1, "fc1")) < 0 || (n2 = parse_mat(o2, D->n_ff, r, &f2, 1, "fc2")) < 0)
+        return NULL;
+    if (n1 != n2) return PyErr_Format(PyExc_ValueError, "give both fc1 and fc2, or neither");
+    if (pi_decoder_set_predictor(D, il, n1 ? NULL : &f1, n2 ? NULL : &f2, thr))
+        return PyErr_Format(PyExc_ValueError, "set_predictor(%d): bad shapes or out of memory", il);
+    Py_RETURN_NONE;
+}
+
 /* kept(buf_ptr): int32 [3, n_layer] <- per layer, in the last step: FFN neurons kept (down rows read), input
  * channels kept, up rows read. */
 static PyObject *Decoder_kept(DecoderObject *self, PyObject *args) {
@@ -333,6 +352,8 @@ static PyMethodDef Decoder_methods[] = {
      "matrices (ptr, qtype), gate may be None, biases None or f32 ptr"},
     {"set_sparse", (PyCFunction)Decoder_set_sparse, METH_VARARGS,
      "set_sparse(layer, down_t, gate_t, up_t, t_h, t_x): neuron-sparse FFN for decode ((ptr, qtype) or None)"},
+    {"set_predictor", (PyCFunction)Decoder_set_predictor, METH_VARARGS,
+     "set_predictor(layer, fc1, fc2, rank, threshold): activation predictor for the sparse FFN ((ptr, qtype) or None)"},
     {"kept", (PyCFunction)Decoder_kept, METH_VARARGS,
      "kept(buf_ptr): int32 [3, n_layer] <- FFN neurons kept, input channels kept, up rows read per layer (last step)"},
     {"set_output", (PyCFunction)Decoder_set_output, METH_VARARGS, "set_output(norm_ptr, head_ptr, head_qtype)"},

@@ -282,6 +282,10 @@ void pi_mat_run_seg(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok
     }
 }
 
+void pi_mat_rows(const pi_mat *m, int r0, int r1, const pi_act *a, float *y) {
+    if (r1 > r0) rows_fn(m->qtype)(m, NULL, r0, r1, a, y);
+}
+
 void pi_mat_gather(const pi_mat *m, const int32_t *idx, int n, const pi_act *a, float *y) {
     if (n > 0) rows_fn(m->qtype)(m, idx, 0, n, a, y);
 }
