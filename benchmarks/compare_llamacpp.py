@@ -126,6 +126,11 @@ def time_engine(engine, prompt, n_gen):
     return len(prompt) / (t1 - t0), (n_gen - 1) / (t2 - t1), out
 
 
+# Pause before every timed run so the previous engine's worker threads have parked (llama.cpp's and ours spin
+# for a while after a call; a run that starts while they spin loses a core to them).
+PAUSE_S = 0.5
+
+
 def speed_rounds(ours, ref, prompt, n_gen, rounds, sparse=None):
     """Interleaved rounds (the engines' order rotates every round); medians and median per-round ratios against
     llama.cpp. With `sparse` thresholds, powerinfer's sparse decode is a third engine in the same rounds."""
@@ -137,6 +142,7 @@ def speed_rounds(ours, ref, prompt, n_gen, rounds, sparse=None):
         order = engines[r % len(engines):] + engines[:r % len(engines)]
         res = {}
         for name, eng in order:
+            time.sleep(PAUSE_S)
             res[name] = time_engine(eng, prompt, n_gen)
             if name == "ours sparse":
                 sparsity.append(eng.runner.ffn_sparsity())
