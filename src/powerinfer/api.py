@@ -29,12 +29,11 @@ class LLM:
         self.tokenizer = tokenizer or _tokenizer_for(loaded)
         self.runner = Runner(loaded, settings.n_ctx, settings.n_threads, settings.n_batch)
         self.sparsity = "dense FFN"
-        if settings.sparsity != "off":
-            from .prepare.sparsity import resolve_sparsity
+        if settings.sparsity != "off" or settings.predictors:
+            from .prepare.sparsity import apply_sparsity
 
-            thresholds, self.sparsity = resolve_sparsity(loaded, settings.sparsity, settings.sparse_method)
-            if thresholds is not None:
-                self.runner.set_sparse(thresholds, self.sparsity)
+            self.sparsity = apply_sparsity(self.runner, loaded, settings.sparsity, settings.sparse_method,
+                                           settings.predictors)
 
     @property
     def config(self):

@@ -47,6 +47,9 @@ class ModelSettings:
     sparse_method: str = _opt("hu", "--sparse-method", metavar="NAME",
                               help="threshold criterion for SwiGLU models: hu = |act(gate)*up| per neuron "
                                    "(default), teal = |x| per FFN input channel, teal-hu = both")
+    predictors: str | None = _opt(None, "--predictors", metavar="FILE",
+                                  help="activation predictors for the sparse FFN (a file from `powerinfer "
+                                       "train-predictors`); PowerInfer GGUF files use their own by default")
     verbose: bool = _opt(False, "--verbose", action="store_true",
                          help="print load details and per-layer FFN sparsity / bytes read after generation")
 

@@ -136,25 +136,50 @@ def test_resolve_sparsity_choices(tiny_gguf, bundled_model):
 
 
 def test_c_predictor_path(tiny_gguf):
-    """The decoder's predictor path on a ReLU model. A perfect predictor (fc1 = gate rows scaled by the FFN norm
-    weight, which has the sign of the gate on the normed input; fc2 = identity) reproduces dense; a predictor
-    that predicts nothing skips every neuron (the FFN contributes nothing) and the result moves."""
+    """The decoder's predictor path on a ReLU model. A perfect predictor (fixtures.tiny.perfect_predictor: its
+    logits have the sign of the gate) reproduces dense while reading only the gate/up rows of the neurons it
+    predicts; a predictor that predicts nothing skips every neuron and the result moves."""
+    from fixtures.tiny import perfect_predictor
     from powerinfer.sparse.predictor import PredictorSet
 
     tiny = tiny_gguf(activation="relu", qtype=Q.F32, n_layer=3, n_ff=256, context_length=128)
     loaded = load_model(tiny.path)
     cfg = loaded.config
-    fc1 = [lw.gate_proj.dequantize().float() * lw.post_attention_layernorm.dequantize().float().reshape(1, -1)
-           for lw in loaded.weights.layers]
-    fc2 = [torch.eye(cfg.n_ff) for _ in range(cfg.n_layer)]
+    pairs = [perfect_predictor(lw.gate_proj.dequantize().numpy(), lw.post_attention_layernorm.dequantize().numpy())
+             for lw in loaded.weights.layers]
+    fc1, fc2 = [torch.from_numpy(a) for a, _ in pairs], [torch.from_numpy(b) for _, b in pairs]
     dense, pred = Runner(loaded, 64, 2), Runner(loaded, 64, 2)
     zeros = [{"h": 0.0}] * cfg.n_layer
     pred.set_sparse(zeros, "predictor", PredictorSet(fc1, fc2, 0.0))
     ids = [1, 5, 9, 33, 7, 2, 11]
     a, b = dense.eval(ids, all_logits=True), pred.eval(ids, all_logits=True)
-    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
     assert 0.2 < pred.ffn_sparsity() < 0.9
+    read = pred._ffn_kept[2].sum().item() / (len(ids) * cfg.n_layer * cfg.n_ff)
+    assert 0.1 < read < 0.8  # gate/up rows read only for the predicted neurons
     pred.set_sparse(zeros, "predictor", PredictorSet(fc1, fc2, 1e9))
     c = pred.eval(ids, all_logits=True)
     assert pred.ffn_sparsity() == 1.0
     assert ((a - c).abs().max() / a.abs().max()).item() > 1e-2
+
+
+def test_powerinfer_gguf_with_predictors_runs_sparse(tiny_gguf):
+    """A PowerInfer-layout file (PWRI magic, ffn_down_t, f16 fc1/fc2, sparse_threshold): --sparsity auto uses the
+    file's predictors and its own neuron-major down_t, and matches the dense run of the same file."""
+    from powerinfer.prepare.sparsity import apply_sparsity
+
+    tiny = tiny_gguf(activation="relu", qtype=Q.F16, n_layer=2, n_ff=128, pwri=True, ffn_down_t=True,
+                     predictors=True)
+    loaded = load_model(tiny.path)
+    dense, sparse = Runner(loaded, 64, 2), Runner(loaded, 64, 2)
+    desc = apply_sparsity(sparse, loaded, "auto")
+    assert "predictors" in desc
+    lw = loaded.weights.layers[0]
+    assert lw.down_t is not None and sparse._sparse._copy(0, "down") is lw.down_t
+    ids = [1, 4, 8, 15, 16, 23, 42]
+    a = dense.eval(ids, all_logits=True)
+    b = sparse.eval(ids, all_logits=True)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    # dense reads down_proj (the f16 transpose, exact) with f16-rounded h; sparse reads down_t with f32 h
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-2
+    assert sparse.ffn_sparsity() > 0.2

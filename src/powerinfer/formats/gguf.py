@@ -244,6 +244,7 @@ def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) 
         else:
             down = get(p + "ffn_down.weight", (d, ff))
         layers.append(dict(
+            down_t=down if down.name in transposed else None,
             input_layernorm=get(p + "attn_norm.weight", (d,)),
             q_proj=get(p + "attn_q.weight", (q_dim, d)),
             k_proj=get(p + "attn_k.weight", (kv_dim, d)),
@@ -270,7 +271,8 @@ def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) 
 
     weights = ModelWeights(
         embed_tokens=native(embed),
-        layers=[LayerWeights(**{k: native(t) for k, t in layer.items()}) for layer in layers],
+        layers=[LayerWeights(**{k: (converted.get(t.name, t) if k == "down_t" and t is not None else native(t))
+                                for k, t in layer.items()}) for layer in layers],
         norm=native(norm),
         lm_head=None,
     )

@@ -271,6 +271,8 @@ def add_parser(sub) -> None:
                    help="neuron-sparse FFN for the tg tests (as `powerinfer run --sparsity`; default: off)")
     p.add_argument("--sparse-method", default="hu", metavar="NAME",
                    help="threshold criterion for SwiGLU models: hu | teal | teal-hu (default: hu)")
+    p.add_argument("--predictors", metavar="FILE",
+                   help="activation predictors for the sparse FFN (from `powerinfer train-predictors`)")
     p.add_argument("--profile", action="store_true",
                    help="after each tg test, one more untimed repetition with the decoder's per-phase profiler; "
                         "prints ms per token by phase")
@@ -317,12 +319,10 @@ def func(args) -> int:
     bos = int(md.get("tokenizer.ggml.bos_token_id", 1)) if add_bos else None
     runner = Runner(loaded, n_ctx, threads[0], min(args.batch_size, n_ctx))
     sparse_desc = "dense FFN"
-    if args.sparsity != "off":
-        from ..prepare.sparsity import resolve_sparsity
+    if args.sparsity != "off" or args.predictors:
+        from ..prepare.sparsity import apply_sparsity
 
-        thresholds, sparse_desc = resolve_sparsity(loaded, args.sparsity, args.sparse_method)
-        if thresholds is not None:
-            runner.set_sparse(thresholds, sparse_desc)
+        sparse_desc = apply_sparsity(runner, loaded, args.sparsity, args.sparse_method, args.predictors)
         print(f"ffn: {sparse_desc}", file=sys.stderr)
 
     size_bytes, n_params = model_size(loaded.weights)

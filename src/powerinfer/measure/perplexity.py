@@ -138,6 +138,8 @@ def add_parser(sub) -> None:
                         "is scored through single-token decode steps, so the number is the sparse model's")
     p.add_argument("--sparse-method", default="hu", metavar="NAME",
                    help="threshold criterion for SwiGLU models: hu | teal | teal-hu (default: hu)")
+    p.add_argument("--predictors", metavar="FILE",
+                   help="activation predictors for the sparse FFN (from `powerinfer train-predictors`)")
     p.add_argument("--logits-out", metavar="FILE.npy",
                    help="save the scored positions' logits (float32 [n_scored, n_vocab]) to FILE.npy and their "
                         "target ids to FILE.tokens.npy, for `powerinfer compare-logits`")
@@ -158,7 +160,7 @@ def func(args) -> int:
     log = sys.stderr
 
     settings = {"n_ctx": args.n_ctx, "n_batch": args.n_batch or args.n_ctx, "sparsity": args.sparsity,
-                "sparse_method": args.sparse_method}
+                "sparse_method": args.sparse_method, "predictors": args.predictors}
     if args.n_threads is not None:
         settings["n_threads"] = args.n_threads
     llm = load(args.model, **settings)

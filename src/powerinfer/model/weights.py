@@ -20,6 +20,9 @@ class LayerWeights:
     q_bias: QTensor | None = None
     k_bias: QTensor | None = None
     v_bias: QTensor | None = None
+    # The file's own neuron-major down projection [n_ff, d] (PowerInfer GGUF `ffn_down_t`), kept as stored so the
+    # sparse FFN reads it directly; down_proj is then its transpose, made at load for the dense paths.
+    down_t: QTensor | None = None
 
 
 @dataclass

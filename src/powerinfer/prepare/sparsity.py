@@ -72,3 +72,28 @@ def resolve_sparsity(loaded, spec, method: str | None = None, cache_dir=None,
         where = f"calibrated now, cached {path}"
     thresholds = [th.for_layer(i) for i in range(cfg.n_layer)]
     return thresholds, f"threshold {method} S={target_label(target)} ({where})"
+
+
+def apply_sparsity(runner, loaded, spec, method: str | None = None, predictors: str | None = None,
+                   log=sys.stderr) -> str:
+    """Resolve `spec` and switch the runner's FFN accordingly; returns the description.
+
+    Predictors, when the FFN is sparse: `predictors` = a file written by `powerinfer train-predictors`
+    (checked against the model's fingerprint), else the ones a PowerInfer GGUF carries (blk.N.fc1/fc2)."""
+    from ..sparse.predictor import PredictorSet, predictors_from_gguf
+
+    thresholds, desc = resolve_sparsity(loaded, spec, method, log=log)
+    if thresholds is None:
+        if predictors:
+            raise PowerInferError("--predictors needs a sparse FFN (--sparsity auto or S)")
+        runner.set_sparse(None)
+        return desc
+    if predictors:
+        preds = PredictorSet.load(predictors, model_fingerprint(loaded))
+        desc += f" + predictors {predictors}"
+    else:
+        preds = predictors_from_gguf(loaded)
+        if preds is not None:
+            desc += f" + the file's predictors (logit threshold {preds.threshold:g})"
+    runner.set_sparse(thresholds, desc, preds)
+    return desc

@@ -102,3 +102,22 @@ class PredictorSet:
         except KeyError as e:
             raise PowerInferError(f"{path}: predictor tensor {e} is missing") from None
         return cls(fc1, fc2, float(header.get("threshold", 0.0)), meta)
+
+
+def predictors_from_gguf(loaded) -> PredictorSet | None:
+    """The predictors a PowerInfer GGUF carries (`blk.N.fc1.weight` [r, d], `blk.N.fc2.weight` [n_ff, r], the
+    logit threshold `powerinfer.sparse_threshold`, default 0), or None when the file has none."""
+    extra = loaded.extra_tensors
+    n = loaded.config.n_layer
+    if "blk.0.fc1.weight" not in extra:
+        return None
+    fc1, fc2 = [], []
+    for i in range(n):
+        try:
+            a, b = extra[f"blk.{i}.fc1.weight"], extra[f"blk.{i}.fc2.weight"]
+        except KeyError as e:
+            raise PowerInferError(f"{loaded.path}: predictor tensor {e} is missing (layer {i} of {n})") from None
+        fc1.append(a.dequantize().float().reshape(a.shape))
+        fc2.append(b.dequantize().float().reshape(b.shape))
+    threshold = float(loaded.metadata.get("powerinfer.sparse_threshold", 0.0))
+    return PredictorSet(fc1, fc2, threshold, {"source": f"{loaded.path.name} (PowerInfer GGUF)"})
