@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity.add_parser(sub)
     logits.add_parser(sub)
     bench.add_parser(sub)
-    from .prepare import calibrate; calibrate.add_parser(sub)  # noqa: E702
+    from .prepare import calibrate, profile, train
+    for command in (calibrate, profile, train):
+        command.add_parser(sub)
     return p
 
 

@@ -287,7 +287,7 @@ class SparseFFN:
             self._pred_keep += [fc1, fc2]
             self._pred_bytes[il] = (fc1.numel() + fc2.numel()) * 2
             self.dec.set_predictor(il, (fc1.data_ptr(), 1), (fc2.data_ptr(), 1), fc1.shape[0],
-                                   float(predictors.threshold))
+                                   float(predictors.threshold_of(il)))
         self.predictors = predictors
         for il, th in enumerate(thresholds):
             t_h, t_x = float(th.get("h", 0.0)), float(th.get("x", 0.0))

@@ -101,6 +101,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor):
         h = x + self.attn(self.input_layernorm(x), start_pos, cache, cos, sin)
+        if getattr(self.ffn, "takes_residual", False):  # predictors and profilers also see the pre-norm residual
+            return h + self.ffn(self.post_attention_layernorm(h), residual=h)
         return h + self.ffn(self.post_attention_layernorm(h))
 
 

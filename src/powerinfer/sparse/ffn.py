@@ -81,3 +81,6 @@ class DenseFFN(nn.Module):
 
 # Sparse backends register themselves on import; imported last because they use the helpers above.
 from . import relu, threshold  # noqa: E402,F401
+from .predictor import _register_backend  # noqa: E402
+
+PredictorFFN = _register_backend()

@@ -27,6 +27,10 @@ class PredictorSet:
     fc2: list[torch.Tensor]  # per layer [n_ff, r_i] float32
     threshold: float = 0.0   # logit threshold (PowerInfer GGUF: powerinfer.sparse_threshold)
     meta: dict = field(default_factory=dict)  # fingerprint, calibration text hash, training report, ...
+    thresholds: list[float] | None = None  # per-layer logit thresholds (ours); None = `threshold` everywhere
+
+    def threshold_of(self, layer: int) -> float:
+        return self.thresholds[layer] if self.thresholds is not None else self.threshold
 
     def __post_init__(self):
         if len(self.fc1) != len(self.fc2):
@@ -53,7 +57,7 @@ class PredictorSet:
 
     def predict(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """[T, d] -> bool [T, n_ff]: the neurons predicted active."""
-        return self.logits(layer, x) >= self.threshold
+        return self.logits(layer, x) >= self.threshold_of(layer)
 
     def save(self, path: str | Path) -> Path:
         """One safetensors file: tensors `layers.N.fc1.weight` / `layers.N.fc2.weight`, the rest as JSON metadata."""
@@ -66,7 +70,7 @@ class PredictorSet:
             tensors[f"layers.{i}.fc1.weight"] = a.detach().contiguous()
             tensors[f"layers.{i}.fc2.weight"] = b.detach().contiguous()
         header = {"format": PREDICTORS_FORMAT, "version": PREDICTORS_VERSION, "threshold": self.threshold,
-                  "meta": self.meta}
+                  "thresholds": self.thresholds, "meta": self.meta}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"powerinfer": json.dumps(header)})
         tmp.replace(path)
@@ -101,7 +105,7 @@ class PredictorSet:
             fc2 = [tensors[f"layers.{i}.fc2.weight"].float() for i in range(n)]
         except KeyError as e:
             raise PowerInferError(f"{path}: predictor tensor {e} is missing") from None
-        return cls(fc1, fc2, float(header.get("threshold", 0.0)), meta)
+        return cls(fc1, fc2, float(header.get("threshold", 0.0)), meta, header.get("thresholds"))
 
 
 def predictors_from_gguf(loaded) -> PredictorSet | None:
@@ -121,3 +125,67 @@ def predictors_from_gguf(loaded) -> PredictorSet | None:
         fc2.append(b.dequantize().float().reshape(b.shape))
     threshold = float(loaded.metadata.get("powerinfer.sparse_threshold", 0.0))
     return PredictorSet(fc1, fc2, threshold, {"source": f"{loaded.path.name} (PowerInfer GGUF)"})
+
+
+def _register_backend():
+    """The `predictor` FFN backend (torch path): registered on import of sparse.ffn."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from ..model.llama import dense
+    from .ffn import activation_fn, register_ffn
+    from .relu import SparsityStats, row_bytes
+
+    @register_ffn("predictor")
+    class PredictorFFN(nn.Module):
+        """Only the neurons the layer's predictor names (logit >= threshold on the pre-norm residual) are
+        computed: their gate and up rows, then the down rows of those whose h != 0. Misses (neurons active in the
+        dense computation, h != 0 / |h| >= t_h, but not predicted) are counted in `misses`; the torch path
+        computes the dense h to count them, the C decoder does not."""
+
+        takes_residual = True
+
+        def __init__(self, lw, config, dtype=torch.float32, layer: int = 0, predictors: PredictorSet | None = None,
+                     t_h: float = 0.0):
+            super().__init__()
+            if predictors is None:
+                raise PowerInferError("the predictor backend needs predictors=PredictorSet")
+            self.kind, self.layer, self.t_h = config.ffn_kind, layer, t_h
+            self.act = activation_fn(config.activation)
+            self.register_buffer("gate_proj", dense(lw.gate_proj if self.kind != "mlp" else None, dtype))
+            self.register_buffer("up_proj", dense(lw.up_proj, dtype))
+            self.register_buffer("down_proj", dense(lw.down_proj, dtype))
+            self.register_buffer("fc1", predictors.fc1[layer].to(dtype))
+            self.register_buffer("fc2", predictors.fc2[layer].to(dtype))
+            self.threshold = predictors.threshold_of(layer)
+            n_ff, d = lw.up_proj.rows, lw.up_proj.cols
+            per_neuron = lw.up_proj.row_bytes + (lw.gate_proj.row_bytes if lw.gate_proj is not None else 0)
+            self._in_row, self._down_row = per_neuron, row_bytes(lw.down_proj.qtype, d)
+            self.stats = SparsityStats({"h": n_ff, "up": n_ff}, lw.up_proj.nbytes + lw.down_proj.nbytes + (
+                lw.gate_proj.nbytes if lw.gate_proj is not None else 0))
+            self.misses = 0  # truly active neurons not predicted
+            self.active = 0  # truly active neurons
+
+        def forward(self, x, residual=None):
+            lead = x.shape[:-1]
+            x = x.reshape(-1, x.shape[-1])
+            r = (residual if residual is not None else x).reshape(-1, x.shape[-1])
+            predicted = (torch.relu(r @ self.fc1.T) @ self.fc2.T) >= self.threshold
+            u = F.linear(x, self.up_proj)
+            if self.kind == "mlp":
+                h = self.act(u)
+            elif self.kind == "dglu":
+                h = self.act(F.linear(x, self.gate_proj)) * self.act(u)
+            else:
+                h = self.act(F.linear(x, self.gate_proj)) * u
+            true = (h != 0) & (h.abs() >= self.t_h)
+            self.active += int(true.sum())
+            self.misses += int((true & ~predicted).sum())
+            keep = true & predicted
+            out = F.linear(h * keep, self.down_proj)
+            kept = keep.sum(1)
+            n_pred = predicted.sum(1)
+            self.stats.record({"h": kept, "up": n_pred}, n_pred * self._in_row + kept * self._down_row)
+            return out.reshape(*lead, out.shape[-1])
+
+    return PredictorFFN

@@ -1,0 +1,192 @@
+"""`powerinfer train-predictors`: per-layer activation predictors fc2 · relu(fc1 · x) (no biases; PowerInfer's
+layout, reference/powerinfer.md 4) trained on a profile's samples (prepare/profile.py).
+
+Per layer: the profile's (residual, firing mask) samples, the last HELD_OUT of them held out. Loss: binary cross
+entropy on the logits with each entry weighted y (1 - w) + w, w = mean(y) + 0.005, which raises the weight of
+the (rarer) firings so training favours recall (the ProSparse team's recipe, reference/powerinfer.md 4.3); Adam.
+Per layer the logit threshold is set to keep --recall of the held-out firings, and the rank (from RANKS, up to
+the layer's share of the budget) is the one with the highest predicted sparsity at that recall. The total predictor size stays within --budget of the model's
+parameters (default 10 %, the paper's bound) by capping every layer's rank at the same value.
+Per-layer results are written as they finish (resumable: a rerun skips finished layers of the same profile).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import PowerInferError
+from ..sparse.artifacts import model_fingerprint
+from ..sparse.predictor import PredictorSet
+from .profile import Profile, default_profile_dir, load_profile
+
+RANKS = (16, 32, 64, 128, 256, 512, 1024)
+TRAIN_SCHEME = 3  # bump when training changes, so resumed runs do not mix layers from two schemes
+HELD_OUT = 0.1
+EPOCHS = 12
+BATCH = 512
+LR = 3e-3
+
+
+def _train_one(x: torch.Tensor, y: torch.Tensor, rank: int, epochs: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """fc1 [rank, d], fc2 [n_ff, rank] for inputs x (already standardized) and firing masks y."""
+    g = torch.Generator().manual_seed(seed)
+    d, n_ff = x.shape[1], y.shape[1]
+    fc1 = (torch.randn(rank, d, generator=g) / d ** 0.5).requires_grad_()
+    fc2 = (torch.randn(n_ff, rank, generator=g) / rank ** 0.5).requires_grad_()
+    opt = torch.optim.Adam([fc1, fc2], lr=LR)
+    w = y.float().mean().item() + 0.005
+    n = x.shape[0]
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, BATCH):
+            b = perm[i:i + BATCH]
+            xb, yb = x[b], y[b].float()
+            logits = torch.relu(xb @ fc1.T) @ fc2.T
+            loss = F.binary_cross_entropy_with_logits(logits, yb, weight=yb * (1 - w) + w)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return fc1.detach(), fc2.detach()
+
+
+def evaluate(fc1: torch.Tensor, fc2: torch.Tensor, x: torch.Tensor, y: torch.Tensor, threshold: float = 0.0) -> dict:
+    """Recall (firings predicted), precision, predicted sparsity and true sparsity on (x, y)."""
+    with torch.no_grad():
+        pred = (torch.relu(x @ fc1.T) @ fc2.T) >= threshold
+    tp = (pred & y).sum().item()
+    return {"recall": tp / max(1, y.sum().item()), "precision": tp / max(1, pred.sum().item()),
+            "predicted_sparsity": 1 - pred.float().mean().item(), "true_sparsity": 1 - y.float().mean().item(),
+            "threshold": threshold}
+
+
+def recall_threshold(fc1, fc2, x, y, recall: float) -> float:
+    """The largest logit threshold that keeps `recall` of the firings in (x, y)."""
+    with torch.no_grad():
+        logits = torch.relu(x @ fc1.T) @ fc2.T
+    pos = logits[y].float()
+    if pos.numel() == 0:
+        return 0.0
+    k = int((1 - recall) * pos.numel())  # at most this many firings fall below the threshold
+    return float(pos.kthvalue(k + 1).values) if k < pos.numel() else float(pos.max())
+
+
+def train_layer(profile: Profile, layer: int, recall: float, max_rank: int, epochs: int = EPOCHS,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Ranks in increasing order; each gets the logit threshold that keeps `recall` of the held-out firings, and
+    the rank with the highest predicted sparsity at that recall wins (larger ranks stop once they gain < 1 %).
+    Inputs are scaled per channel to unit RMS for training (residual streams have outlier channels) and the scale is
+    folded back into fc1, so the predictor reads the raw residual as the runtime gives it."""
+    xs, ys = profile.samples(layer)
+    x, y = torch.from_numpy(np.asarray(xs)).float(), torch.from_numpy(ys)
+    n_held = max(1, int(len(x) * HELD_OUT))
+    scale = x[:-n_held].pow(2).mean(0).sqrt().clamp_min(1e-6)  # per-channel RMS (a constant channel has std 0)
+    xt, yt, xh, yh = x[:-n_held] / scale, y[:-n_held], x[-n_held:], y[-n_held:]
+    best = None
+    for rank in [r for r in RANKS if r <= max_rank] or [max_rank]:
+        fc1, fc2 = _train_one(xt, yt, rank, epochs, seed + layer)
+        fc1 = fc1 / scale[None, :]
+        t = recall_threshold(fc1, fc2, xh, yh, recall)
+        ev = evaluate(fc1, fc2, xh, yh, t)
+        ev["rank"] = rank
+        if best is not None and ev["predicted_sparsity"] < best[2]["predicted_sparsity"] + 0.01:
+            if ev["predicted_sparsity"] > best[2]["predicted_sparsity"]:
+                best = (fc1, fc2, ev)
+            break
+        best = (fc1, fc2, ev)
+    return best
+
+
+def train_predictors(loaded, profile: Profile, out: Path, recall: float = 0.95, budget: float = 0.10,
+                     epochs: int = EPOCHS, progress: bool | None = None, log=sys.stderr) -> PredictorSet:
+    from tqdm import tqdm
+
+    cfg = loaded.config
+    n_params = sum(t.rows * t.cols for lw in loaded.weights.layers for t in vars(lw).values()
+                   if t is not None and len(t.shape) == 2)
+    per_layer = budget * n_params / cfg.n_layer
+    max_rank = max(1, int(per_layer // (cfg.d_model + cfg.n_ff)))
+    work = out.with_suffix(".parts")
+    work.mkdir(parents=True, exist_ok=True)
+    key = {"scheme": TRAIN_SCHEME, "profile": profile.meta["fingerprint"], "n_samples": profile.meta["n_samples"],
+           "text": profile.meta["calibration"].get("text_sha256"), "recall": recall, "max_rank": max_rank,
+           "epochs": epochs}
+    fc1s, fc2s, report = [], [], []
+    show = sys.stderr.isatty() if progress is None else progress
+    for i in tqdm(range(cfg.n_layer), desc="train-predictors", unit="layer", disable=not show, file=sys.stderr):
+        part, meta_path = work / f"layer_{i}.pt", work / f"layer_{i}.json"
+        if part.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
+            t = torch.load(part, weights_only=True)
+            fc1, fc2, ev = t["fc1"], t["fc2"], json.loads(meta_path.read_text())["eval"]
+        else:
+            fc1, fc2, ev = train_layer(profile, i, recall, max_rank, epochs)
+            torch.save({"fc1": fc1, "fc2": fc2}, part)
+            meta_path.write_text(json.dumps({"key": key, "eval": ev}))
+        fc1s.append(fc1)
+        fc2s.append(fc2)
+        report.append({"layer": i, **ev})
+    ps = PredictorSet(fc1s, fc2s, 0.0, thresholds=[r["threshold"] for r in report], meta={
+        "fingerprint": model_fingerprint(loaded), "profile": str(profile.directory),
+        "calibration": profile.meta["calibration"], "criterion": profile.meta["criterion"],
+        "recall_target": recall, "budget": budget, "report": report})
+    ps.save(out)
+    frac = ps.n_params() / n_params
+    print(f"train-predictors: {ps.n_params() / 1e6:.2f} M parameters ({frac:.1%} of the model's matrices); "
+          f"wrote {out}", file=log)
+    return ps
+
+
+def print_report(ps: PredictorSet, log=sys.stdout) -> None:
+    print("layer  rank  recall  precision  predicted-sparsity  true-sparsity   (held-out tokens; threshold and "
+          "rank chosen on them)", file=log)
+    for r in ps.meta["report"]:
+        print(f"{r['layer']:5d}  {r['rank']:4d}  {r['recall']:6.1%}  {r['precision']:9.1%}  "
+              f"{r['predicted_sparsity']:18.1%}  {r['true_sparsity']:13.1%}", file=log)
+    rs = ps.meta["report"]
+    print(f"mean   {'':4}  {np.mean([r['recall'] for r in rs]):6.1%}  {np.mean([r['precision'] for r in rs]):9.1%}  "
+          f"{np.mean([r['predicted_sparsity'] for r in rs]):18.1%}  {np.mean([r['true_sparsity'] for r in rs]):13.1%}",
+          file=log)
+
+
+def default_predictors_path(fingerprint: str, cache_dir=None) -> Path:
+    return default_profile_dir(fingerprint, cache_dir).parent / "predictors.safetensors"
+
+
+# -- CLI -------------------------------------------------------------------------------------------------------
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train-predictors", help="train per-layer activation predictors from a profile",
+                       description="Train fc2 relu(fc1 x) per layer on `powerinfer profile`'s samples: the "
+                                   "smallest rank reaching --recall on held-out tokens, within --budget of the "
+                                   "model's parameters. Resumable; prints per-layer recall, precision and "
+                                   "predicted sparsity.")
+    p.add_argument("-m", "--model", metavar="PATH", help="GGUF file or HF directory (default: the bundled model)")
+    p.add_argument("--profile", metavar="DIR", help="profile directory (default: the model's cached profile)")
+    p.add_argument("--recall", type=float, default=0.95, help="held-out recall target per layer (default: 0.95)")
+    p.add_argument("--budget", type=float, default=0.10,
+                   help="largest total predictor size, as a fraction of the model's parameters (default: 0.10)")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs per rank (default: {EPOCHS})")
+    p.add_argument("-t", "--threads", dest="n_threads", type=int, default=None, metavar="N", help="torch threads")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="predictor file (default: ~/.cache/powerinfer/<fingerprint>/predictors.safetensors)")
+    p.set_defaults(func=func)
+
+
+def func(args) -> int:
+    from ..formats.loader import load_model
+
+    if not 0 < args.recall <= 1 or not 0 < args.budget <= 1 or args.epochs < 1:
+        raise PowerInferError("--recall and --budget must be in (0, 1], --epochs >= 1")
+    if args.n_threads:
+        torch.set_num_threads(args.n_threads)
+    loaded = load_model(args.model)
+    fp = model_fingerprint(loaded)
+    profile = load_profile(args.profile or default_profile_dir(fp), fp)
+    out = Path(args.output).expanduser() if args.output else default_predictors_path(fp)
+    ps = train_predictors(loaded, profile, out, args.recall, args.budget, args.epochs)
+    print_report(ps)
+    return 0
