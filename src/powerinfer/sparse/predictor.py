@@ -77,6 +77,35 @@ class PredictorSet:
         return path
 
     @classmethod
+    def from_upstream_dir(cls, path: str | Path) -> "PredictorSet":
+        """An upstream predictor directory: model_0.pt .. model_{L-1}.pt (state dicts with fc1.weight [r, d] and
+        fc2.weight [n_ff, r]) and an optional config.json with sparse_threshold. Tensors only: weights_only=True."""
+        path = Path(path).expanduser()
+        files = {}
+        for p in path.glob("model_*.pt"):
+            stem = p.stem[len("model_"):]
+            if stem.isdigit():
+                files[int(stem)] = p
+        if not files:
+            raise PowerInferError(f"{path}: no model_N.pt predictor files")
+        if sorted(files) != list(range(len(files))):
+            raise PowerInferError(f"{path}: predictor files are not model_0.pt .. model_{len(files) - 1}.pt")
+        fc1, fc2 = [], []
+        for i in range(len(files)):  # by layer number, never by file-name order
+            try:
+                sd = torch.load(files[i], map_location="cpu", weights_only=True)
+                fc1.append(sd["fc1.weight"].float())
+                fc2.append(sd["fc2.weight"].float())
+            except KeyError as e:
+                raise PowerInferError(f"{files[i]}: no {e} in the state dict") from None
+            except Exception as e:
+                raise PowerInferError(f"{files[i]}: not a tensor-only state dict ({e.__class__.__name__})") from None
+        threshold = 0.0
+        if (path / "config.json").is_file():
+            threshold = float(json.loads((path / "config.json").read_text()).get("sparse_threshold", 0.0))
+        return cls(fc1, fc2, threshold, {"source": f"{path} (upstream predictor directory)"})
+
+    @classmethod
     def load(cls, path: str | Path, fingerprint: str | None = None) -> "PredictorSet":
         """Read a file written by `save`. With `fingerprint`, refuse predictors trained for another model."""
         from safetensors import SafetensorError, safe_open
@@ -124,7 +153,9 @@ def predictors_from_gguf(loaded) -> PredictorSet | None:
         fc1.append(a.dequantize().float().reshape(a.shape))
         fc2.append(b.dequantize().float().reshape(b.shape))
     threshold = float(loaded.metadata.get("powerinfer.sparse_threshold", 0.0))
-    return PredictorSet(fc1, fc2, threshold, {"source": f"{loaded.path.name} (PowerInfer GGUF)"})
+    per_layer = loaded.metadata.get("powerinfer.sparse_thresholds")  # ours: per-layer logit thresholds
+    return PredictorSet(fc1, fc2, threshold, {"source": f"{loaded.path.name} (PowerInfer GGUF)"},
+                        [float(t) for t in per_layer] if per_layer is not None else None)
 
 
 def _register_backend():

@@ -1,0 +1,123 @@
+"""Writing PowerInfer GGUF files (reference/powerinfer.md 2): a GGUF v3 with the magic patched to `PWRI`, every
+`blk.N.ffn_down.weight` replaced by its transpose `blk.N.ffn_down_t.weight` (one row per neuron), the
+predictors as `blk.N.fc1.weight` [r, d] / `blk.N.fc2.weight` [n_ff, r], and `powerinfer.sparse_threshold`.
+
+Formats (--outtype): `same` copies every tensor as stored, except down_t, which is transposed exactly for
+F32/F16/BF16 and requantized to Q8_0 for block formats (a second 4-bit rounding along the other axis would add
+as much error as the first; formats/quants.transpose); f32/f16/q8_0/q4_0 convert every 2-D weight. Predictors
+are f16, or Q4_0 when the outtype is q4_0 and their shapes allow (upstream's quantizer does the same).
+Per-layer predictor thresholds (ours) have no upstream key: they go to `powerinfer.sparse_thresholds` (read by
+this package), and upstream readers see `powerinfer.sparse_threshold` = their minimum (more neurons computed:
+recall kept, sparsity lower).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q, GGUFValueType, GGUFWriter
+from gguf.quants import quantize
+
+from ..errors import PowerInferError
+from . import quants
+from .gguf import open_gguf
+
+OUTTYPES = {"same": None, "f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
+
+
+def _encode(values: np.ndarray, qtype: Q) -> np.ndarray:
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if qtype == Q.F32:
+        return values
+    if qtype == Q.F16:
+        return values.astype(np.float16)
+    return quantize(values, qtype)
+
+
+def _fits(qtype: Q, cols: int) -> bool:
+    return qtype in (Q.F32, Q.F16) or cols % 32 == 0
+
+
+def _copy_metadata(reader, writer: GGUFWriter, skip: set[str]) -> None:
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name in skip:
+            continue
+        vtype = f.types[0]
+        if vtype == GGUFValueType.ARRAY:
+            writer.add_key_value(f.name, f.contents(), vtype, f.types[-1])
+        else:
+            writer.add_key_value(f.name, f.contents(), vtype)
+
+
+def write_powerinfer_gguf(src: str | Path, out: str | Path, predictors=None, outtype: str = "same",
+                          progress: bool | None = None, log=sys.stderr) -> Path:
+    """Convert the GGUF `src` (optionally with a sparse.predictor.PredictorSet) into a PowerInfer GGUF."""
+    from tqdm import tqdm
+
+    if outtype not in OUTTYPES:
+        raise PowerInferError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    src, out = Path(src), Path(out)
+    if src.is_dir():
+        raise PowerInferError(f"{src}: convert reads GGUF files; convert an HF directory to GGUF first "
+                              "(llama.cpp's convert_hf_to_gguf.py)")
+    reader, _ = open_gguf(src)
+    target = OUTTYPES[outtype]
+    fields = {f.name: f for f in reader.fields.values()}
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    tmp = out.with_name(out.name + ".tmp")
+    writer = GGUFWriter(str(tmp), arch)
+    skip = {"general.architecture", "powerinfer.sparse_threshold", "powerinfer.sparse_thresholds"}
+    _copy_metadata(reader, writer, skip)
+    if predictors is not None:
+        ths = [predictors.threshold_of(i) for i in range(predictors.n_layer)]
+        writer.add_float32("powerinfer.sparse_threshold", float(min(ths)))
+        if predictors.thresholds is not None:
+            writer.add_array("powerinfer.sparse_thresholds", [float(t) for t in ths])
+    report = quants.ConversionReport()
+    show = sys.stderr.isatty() if progress is None else progress
+    names = {t.name for t in reader.tensors}
+    for t in tqdm(reader.tensors, desc="convert", unit="tensor", disable=not show, file=sys.stderr):
+        if t.name.endswith(".fc1.weight") or t.name.endswith(".fc2.weight"):
+            if predictors is not None:
+                continue  # replaced by the given predictors below
+        qt = Q(t.tensor_type)
+        rows, cols = int(t.shape[-1]) if len(t.shape) > 1 else 1, int(t.shape[0])
+        data = np.asarray(t.data)
+        if t.name.endswith("ffn_down.weight") and f"{t.name[:-len('ffn_down.weight')]}ffn_down_t.weight" not in names:
+            from .tensor import QTensor
+
+            qt_src = QTensor(t.name, qt, (rows, cols), data)
+            new = quants.transpose(qt_src, report)  # [n_ff, d]: exact for floats, Q8_0 for block formats
+            name = t.name.replace("ffn_down.weight", "ffn_down_t.weight")
+            if target is not None and target != new.qtype and _fits(target, new.cols):
+                stored = _encode(new.dequantize().numpy().reshape(new.shape), target)
+                writer.add_tensor(name, stored, raw_dtype=target if stored.dtype == np.uint8 else None)
+            else:
+                stored = np.asarray(new.data)
+                writer.add_tensor(name, stored, raw_dtype=new.qtype if stored.dtype == np.uint8 else None)
+            continue
+        if target is not None and len(t.shape) > 1 and qt != target and _fits(target, cols):
+            values = quants.to_float(qt, data).reshape(rows, cols)
+            stored = _encode(values, target)
+            writer.add_tensor(t.name, stored, raw_dtype=target if stored.dtype == np.uint8 else None)
+        else:
+            writer.add_tensor(t.name, data, raw_dtype=qt if data.dtype == np.uint8 else None)
+    if predictors is not None:
+        pq = Q.Q4_0 if target == Q.Q4_0 else Q.F16
+        for i in range(predictors.n_layer):
+            for name, m in ((f"blk.{i}.fc1.weight", predictors.fc1[i]), (f"blk.{i}.fc2.weight", predictors.fc2[i])):
+                values = m.detach().float().numpy()
+                q = pq if _fits(pq, values.shape[1]) else Q.F16
+                stored = _encode(values, q)
+                writer.add_tensor(name, stored, raw_dtype=q if stored.dtype == np.uint8 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with open(tmp, "r+b") as fh:
+        fh.write(b"PWRI")
+    tmp.replace(out)
+    if report:
+        print(f"convert: {report}", file=log)
+    return out

@@ -1,0 +1,111 @@
+"""PowerInfer GGUF: `powerinfer convert` round trip, gguf-py reading the result, upstream's exact layout (written
+by scripts/make_upstream_tiny.py) running with its perfect predictors, upstream predictor directories."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from powerinfer.cli import main
+from powerinfer.formats.loader import load_model
+from powerinfer.formats.powerinfer_gguf import write_powerinfer_gguf
+from powerinfer.prepare.sparsity import apply_sparsity
+from powerinfer.runtime.runner import Runner
+from powerinfer.sparse.predictor import PredictorSet, predictors_from_gguf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _gguf_py(path: Path, tmp_path: Path) -> gguf.GGUFReader:
+    """Stock gguf-py refuses the PWRI magic: read a copy with the magic patched back, as upstream advises."""
+    copy = tmp_path / (path.name + ".gguf-magic")
+    shutil.copy(path, copy)
+    with open(copy, "r+b") as fh:
+        fh.write(b"GGUF")
+    return gguf.GGUFReader(copy)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0])
+def test_convert_round_trip(tiny_gguf, tmp_path, qtype):
+    tiny = tiny_gguf(activation="relu", qtype=qtype, n_ff=128)
+    src = load_model(tiny.path)
+    rng = np.random.default_rng(0)
+    preds = PredictorSet([torch.from_numpy(rng.standard_normal((32, 64)).astype(np.float32)) for _ in range(2)],
+                         [torch.from_numpy(rng.standard_normal((128, 32)).astype(np.float32)) for _ in range(2)],
+                         0.0, thresholds=[0.5, -0.25])
+    out = write_powerinfer_gguf(tiny.path, tmp_path / "t.powerinfer.gguf", preds, progress=False)
+    assert out.read_bytes()[:4] == b"PWRI"
+    back = load_model(out)
+    assert back.powerinfer_gguf
+    for a, b in zip(src.weights.layers, back.weights.layers):
+        np.testing.assert_array_equal(np.asarray(a.up_proj.data), np.asarray(b.up_proj.data))  # copied as stored
+        dt = b.down_t.dequantize().numpy()
+        ref = a.down_proj.dequantize().numpy().T
+        tol = 0 if qtype in (Q.F32, Q.F16) else 0.01 * np.abs(ref).max()  # block formats: Q8_0 requantized
+        assert np.abs(dt - ref).max() <= tol
+        assert b.down_t.qtype == (qtype if qtype in (Q.F32, Q.F16) else Q.Q8_0)
+    got = predictors_from_gguf(back)
+    assert got.thresholds == [0.5, -0.25] and got.threshold == -0.25
+    for i in range(2):
+        assert torch.allclose(got.fc1[i], preds.fc1[i], atol=2e-3) and torch.allclose(got.fc2[i], preds.fc2[i],
+                                                                                      atol=2e-3)
+    # gguf-py reads the same tensors
+    r = _gguf_py(out, tmp_path)
+    names = {t.name: t for t in r.tensors}
+    assert "blk.0.ffn_down_t.weight" in names and "blk.0.ffn_down.weight" not in names
+    np.testing.assert_array_equal(np.asarray(names["blk.1.ffn_up.weight"].data).reshape(-1),
+                                  np.asarray(back.weights.layers[1].up_proj.data).reshape(-1))
+    np.testing.assert_array_equal(np.asarray(names["blk.0.ffn_down_t.weight"].data).reshape(-1),
+                                  np.asarray(back.weights.layers[0].down_t.data).reshape(-1))
+
+
+def test_upstream_layout_runs_and_matches_dense_with_perfect_predictors(tmp_path):
+    path = tmp_path / "tiny.powerinfer.gguf"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_upstream_tiny.py"), "-o", str(path)], check=True,
+                   capture_output=True)
+    loaded = load_model(path)
+    assert loaded.powerinfer_gguf and loaded.config.activation == "relu"
+    dense, sparse = Runner(loaded, 64, 2), Runner(loaded, 64, 2)
+    desc = apply_sparsity(sparse, loaded, "auto")
+    assert "the file's predictors" in desc
+    ids = [3, 14, 15, 92, 65, 35, 89, 79]
+    a, b = dense.eval(ids, all_logits=True), sparse.eval(ids, all_logits=True)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-2
+    assert sparse.ffn_sparsity() > 0.3
+
+
+def test_upstream_predictor_directory(tmp_path):
+    rng = np.random.default_rng(1)
+    d = tmp_path / "ReluLLaMA-Predictor"
+    d.mkdir()
+    for i in (0, 1, 2, 10, 3, 4, 5, 6, 7, 8, 9):  # eleven layers: model_10.pt sorts before model_2.pt as a string
+        torch.save({"fc1.weight": torch.full((4, 8), float(i)), "fc2.weight": torch.zeros(16, 4)},
+                   d / f"model_{i}.pt")
+    (d / "config.json").write_text('{"sparse_threshold": 0.25}')
+    ps = PredictorSet.from_upstream_dir(d)
+    assert ps.n_layer == 11 and ps.threshold == 0.25
+    assert [int(f[0, 0]) for f in ps.fc1] == list(range(11))  # layer i from model_i.pt
+    (d / "model_5.pt").unlink()
+    with pytest.raises(Exception, match="model_0.pt .. model_9.pt"):
+        PredictorSet.from_upstream_dir(d)
+
+
+def test_convert_cli_errors(capsys, tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"nope")
+    assert main(["convert", "-m", str(bad), "-o", str(tmp_path / "o.gguf")]) == 1
+    assert "not a GGUF" in capsys.readouterr().err
+    code = None
+    try:
+        code = main(["convert", "--outtype", "q3", "-o", str(tmp_path / "o.gguf")])
+    except SystemExit as e:
+        code = e.code
+    assert code not in (0, None)
