@@ -279,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity.add_parser(sub)
     logits.add_parser(sub)
     bench.add_parser(sub)
-    from .prepare import calibrate, convert, profile, solve, train
-    for command in (calibrate, profile, train, solve, convert):
+    from .prepare import calibrate, convert, pipeline, profile, solve, train
+    for command in (calibrate, profile, train, solve, convert, pipeline):
         command.add_parser(sub)
     return p
 
