@@ -57,6 +57,18 @@ static void quant_q8(const float *x, int nblocks, int8_t *qs, float *d, float *s
     }
 }
 
+/* Rows arrive in index order, each a short stream (SmolLM2: 612 B of Q8_0), so the hardware prefetcher has
+ * nothing to run ahead on: while a pass reads its 4 rows, the rows PF_ROWS positions later are prefetched,
+ * spread over the pass in step with its own reads (PF_ROWS = 8: two passes ahead, ~100 ns at SmolLM2 sizes). */
+#define PF_ROWS 8
+AI void row_prefetch_ptrs(const pi_mat *m, const int32_t *idx, int n, int j, const uint8_t *pf[4]) {
+    for (int k = 0; k < 4; k++) pf[k] = j + k < n ? m->raw + (size_t)PI_ROW(idx, j + k) * m->row_bytes : NULL;
+}
+AI void row_prefetch(const uint8_t *const pf[4], size_t off) {
+    for (int k = 0; k < 4; k++)
+        if (pf[k]) _mm_prefetch((const char *)pf[k] + off, _MM_HINT_T0);
+}
+
 /* ---- raw layout: 4 rows per pass, one 32-value block per ymm (ggml's form, with VNNI) ---- */
 AI __m256i unpack_q4(const uint8_t *qs) { /* 16 bytes -> 32 nibbles in element order */
     const __m128i v = _mm_loadu_si128((const __m128i *)qs);
@@ -76,7 +88,10 @@ AI __m256i lane0(int v) { return _mm256_zextsi128_si256(_mm_cvtsi32_si128(v)); }
                 w[j] = (const BLK *)(m->raw + (size_t)PI_ROW(idx, r + j) * m->row_bytes);                           \
                 acc[j] = _mm256_setzero_ps();                                                            \
             }                                                                                            \
+            const uint8_t *pf[4];                                                                        \
+            row_prefetch_ptrs(m, idx, r1, r + PF_ROWS, pf);                                              \
             for (int b = 0; b < nb; b++) {                                                               \
+                if (idx) row_prefetch(pf, (size_t)b * sizeof(BLK));                                      \
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(a->qs + b * PI_QK));              \
                 const float dx = a->d[b];                                                                \
                 _Pragma("GCC unroll 16") for (int j = 0; j < 4; j++) { const BLK *wb = w[j] + b; BODY }                           \
@@ -140,8 +155,11 @@ AI __m512 ld_f32(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, 
                 w[j] = (const T *)(m->raw + (size_t)PI_ROW(idx, r + (j < nr ? j : 0)) * m->row_bytes);              \
                 acc[j] = _mm512_setzero_ps();                                                            \
             }                                                                                            \
+            const uint8_t *pf[4];                                                                        \
+            row_prefetch_ptrs(m, idx, r1, r + PF_ROWS, pf);                                              \
             for (int c = 0; c < n; c += 16) {                                                            \
                 const __mmask16 k = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1); \
+                if (idx) row_prefetch(pf, (size_t)c * sizeof(T));                                        \
                 const __m512 x = LD(xv + c, k);                                                          \
                 _Pragma("GCC unroll 16") for (int j = 0; j < 4; j++) acc[j] = _mm512_fmadd_ps(LD(w[j] + c, k), x, acc[j]);       \
             }                                                                                            \
@@ -169,18 +187,6 @@ AI __mmask16 tail16(int left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask
     }                                                                                                    \
     const uint8_t *pf[4];                                                                                \
     row_prefetch_ptrs(m, idx, n, j + PF_ROWS, pf);
-
-/* Rows arrive in index order, each a short stream (SmolLM2: 612 B of Q8_0), so the hardware prefetcher has
- * nothing to run ahead on: while a pass reads its 4 rows, the rows PF_ROWS positions later are prefetched,
- * spread over the pass in step with its own reads (PF_ROWS = 8: two passes ahead, ~100 ns at SmolLM2 sizes). */
-#define PF_ROWS 8
-AI void row_prefetch_ptrs(const pi_mat *m, const int32_t *idx, int n, int j, const uint8_t *pf[4]) {
-    for (int k = 0; k < 4; k++) pf[k] = j + k < n ? m->raw + (size_t)PI_ROW(idx, j + k) * m->row_bytes : NULL;
-}
-AI void row_prefetch(const uint8_t *const pf[4], size_t off) {
-    for (int k = 0; k < 4; k++)
-        if (pf[k]) _mm_prefetch((const char *)pf[k] + off, _MM_HINT_T0);
-}
 
 #define AXPYF(NAME, T, LD)                                                                               \
     static void NAME(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) { \
