@@ -210,14 +210,13 @@ AXPYF(axpy_rows_f32, float, ld_f32)
 AXPYF(axpy_rows_f16, uint16_t, ld_f16)
 AXPYF(axpy_rows_bf16, uint16_t, ld_bf16)
 
-AI __m512 cvt_u8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
 AI __m512 cvt_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
 
 /* QT: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0 */
 AI void axpy_blocks(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y,
                     const int QT) {
     const int b0 = c0 / PI_QK, b1 = (c1 + PI_QK - 1) / PI_QK;
-    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m512 nib = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int j = 0; j < n; j += 4) {
         AXPY_SETUP(uint8_t)
         const size_t bb = QT == 2 ? sizeof(pi_blk_q8_0) : QT == 1 ? sizeof(pi_blk_q4_1) : sizeof(pi_blk_q4_0);
@@ -242,10 +241,12 @@ AI void axpy_blocks(const pi_mat *m, const int32_t *idx, const float *h, int n, 
                         const pi_blk_q4_1 *blk = (const pi_blk_q4_1 *)w[k] + b;
                         qs = blk->qs; sd = hs[k] * h2f(blk->d); off += hs[k] * h2f(blk->m);
                     }
-                    const __m128i v = _mm_loadu_si128((const __m128i *)qs);
+                    /* nibble -> float by table lookup: vpermps reads only the low 4 bits of each index lane,
+                     * so the widened bytes index the table directly (low nibble), and after a shift (high) */
+                    const __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
                     const __m512 s = _mm512_set1_ps(sd);
-                    y0 = _mm512_fmadd_ps(cvt_u8(_mm_and_si128(v, m4)), s, y0);
-                    y1 = _mm512_fmadd_ps(cvt_u8(_mm_and_si128(_mm_srli_epi16(v, 4), m4)), s, y1);
+                    y0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(t, nib), s, y0);
+                    y1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(t, 4), nib), s, y1);
                 }
             }
             if (QT != 2) {
