@@ -219,6 +219,16 @@ def cmd_info(args) -> int:
                       f" (pre: {loaded.metadata.get('tokenizer.ggml.pre', '-')})"),
         ("chat template", f"{len(tmpl)} chars" if tmpl else "none (ChatML fallback)"),
     ]
+    if loaded.powerinfer_gguf or any(lw.down_t is not None for lw in w.layers):
+        from .sparse.predictor import predictors_from_gguf
+
+        preds = predictors_from_gguf(loaded)
+        rows += [("PowerInfer GGUF", "yes (PWRI magic)" if loaded.powerinfer_gguf else "no"),
+                 ("ffn_down_t", "yes (neuron-major down projection, used by the sparse FFN)"
+                  if w.layers[0].down_t is not None else "no"),
+                 ("predictors", "none" if preds is None else
+                  f"{preds.n_layer} layers, ranks {min(preds.ranks())}..{max(preds.ranks())}, "
+                  f"{preds.n_params() / 1e6:.2f} M parameters, logit threshold {preds.threshold:g}")]
     if args.json:
         print(json.dumps({k: (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in rows}, indent=1))
     else:

@@ -109,3 +109,12 @@ def test_convert_cli_errors(capsys, tmp_path):
     except SystemExit as e:
         code = e.code
     assert code not in (0, None)
+
+
+def test_info_describes_powerinfer_files(capsys, tmp_path):
+    path = tmp_path / "tiny.powerinfer.gguf"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_upstream_tiny.py"), "-o", str(path)], check=True,
+                   capture_output=True)
+    assert main(["info", "-m", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "PWRI magic" in out and "ffn_down_t" in out and "2 layers, ranks 512..512" in out
