@@ -118,3 +118,29 @@ def test_info_describes_powerinfer_files(capsys, tmp_path):
     assert main(["info", "-m", str(path)]) == 0
     out = capsys.readouterr().out
     assert "PWRI magic" in out and "ffn_down_t" in out and "2 layers, ranks 512..512" in out
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_convert_from_hf_directory(tiny_hf_dir, tmp_path, activation):
+    """HF llama directory -> PowerInfer GGUF (q/k permuted to GGUF's RoPE order, down transposed): the file's
+    logits equal the HF directory's, through the same runner."""
+    hf_dir, tiny = tiny_hf_dir(activation=activation)
+    out = write_powerinfer_gguf(hf_dir, tmp_path / "hf.powerinfer.gguf", None, progress=False)
+    a, b = load_model(hf_dir), load_model(out)
+    assert b.powerinfer_gguf and b.config.activation == a.config.activation
+    ids = [1, 7, 3, 22, 9, 41, 5, 17]
+    la = Runner(a, 32, 1, compute="torch").eval(ids, all_logits=True)
+    lb = Runner(b, 32, 1, compute="torch").eval(ids, all_logits=True)
+    assert ((la - lb).abs().max() / la.abs().max()).item() < 1e-5
+
+
+def test_convert_bundled_swiglu_model_keeps_its_activation(bundled_model_path, tmp_path):
+    """A PWRI file without powerinfer.ffn_activation means ReLU to readers, so convert always writes the key;
+    the converted SmolLM2 greedy-decodes like the original (down_t is Q8_0 from Q4_1: close, not equal)."""
+    out = write_powerinfer_gguf(bundled_model_path, tmp_path / "smol.powerinfer.gguf", None, progress=False)
+    a, b = load_model(bundled_model_path), load_model(out)
+    assert b.powerinfer_gguf and b.config.activation == "silu" and b.weights.layers[0].down_t is not None
+    ids = [1, 504, 3458, 1792, 1085, 359, 253, 3300]
+    la = Runner(a, 64, 2).eval(ids, all_logits=True)
+    lb = Runner(b, 64, 2).eval(ids, all_logits=True)
+    assert (la.argmax(-1) == lb.argmax(-1)).float().mean().item() >= 0.85

@@ -59,8 +59,7 @@ def write_powerinfer_gguf(src: str | Path, out: str | Path, predictors=None, out
         raise PowerInferError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     src, out = Path(src), Path(out)
     if src.is_dir():
-        raise PowerInferError(f"{src}: convert reads GGUF files; convert an HF directory to GGUF first "
-                              "(llama.cpp's convert_hf_to_gguf.py)")
+        return _write_from_hf(src, out, predictors, outtype, progress, log)
     reader, _ = open_gguf(src)
     target = OUTTYPES[outtype]
     fields = {f.name: f for f in reader.fields.values()}
@@ -69,6 +68,10 @@ def write_powerinfer_gguf(src: str | Path, out: str | Path, predictors=None, out
     writer = GGUFWriter(str(tmp), arch)
     skip = {"general.architecture", "powerinfer.sparse_threshold", "powerinfer.sparse_thresholds"}
     _copy_metadata(reader, writer, skip)
+    if "powerinfer.ffn_activation" not in fields:  # readers take a PWRI file without it for a ReLU model
+        from .loader import load_model
+
+        writer.add_string("powerinfer.ffn_activation", load_model(src).config.activation)
     if predictors is not None:
         ths = [predictors.threshold_of(i) for i in range(predictors.n_layer)]
         writer.add_float32("powerinfer.sparse_threshold", float(min(ths)))
@@ -120,4 +123,110 @@ def write_powerinfer_gguf(src: str | Path, out: str | Path, predictors=None, out
     tmp.replace(out)
     if report:
         print(f"convert: {report}", file=log)
+    return out
+
+
+def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF q/k rows (rotate-half pairs) -> GGUF llama order (adjacent pairs), as llama.cpp's converter does."""
+    rows, cols = w.shape
+    return w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _write_from_hf(src: Path, out: Path, predictors, outtype: str, progress, log) -> Path:
+    """An HF llama-family directory (config.json + safetensors, byte-level BPE tokenizer.json) as a PowerInfer
+    GGUF with llama.cpp's names and metadata: q/k rows permuted to GGUF's RoPE pair order, down transposed."""
+    from tqdm import tqdm
+
+    from .hf_tokenizer import metadata_from_hf_dir
+    from .loader import load_model
+
+    loaded = load_model(src)
+    cfg, w = loaded.config, loaded.weights
+    if cfg.arch != "llama":
+        raise PowerInferError(f"{src}: convert writes llama-architecture GGUF from HF directories; this is {cfg.arch}")
+    if cfg.rope_scaling.kind != "none":
+        raise PowerInferError(f"{src}: RoPE scaling {cfg.rope_scaling.kind!r} is not written by convert yet")
+    target = OUTTYPES[outtype]
+    tmp = out.with_name(out.name + ".tmp")
+    wr = GGUFWriter(str(tmp), "llama")
+    wr.add_name(cfg.name or src.name)
+    wr.add_block_count(cfg.n_layer)
+    wr.add_context_length(cfg.context_length)
+    wr.add_embedding_length(cfg.d_model)
+    wr.add_feed_forward_length(cfg.n_ff)
+    wr.add_head_count(cfg.n_head)
+    wr.add_head_count_kv(cfg.n_head_kv)
+    wr.add_rope_freq_base(cfg.rope_theta)
+    wr.add_rope_dimension_count(cfg.rope_dim)
+    wr.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.head_dim * cfg.n_head != cfg.d_model:
+        wr.add_key_length(cfg.head_dim)
+        wr.add_value_length(cfg.head_dim)
+    wr.add_string("powerinfer.ffn_activation", cfg.activation)  # PWRI without it would mean ReLU
+    try:
+        tok = metadata_from_hf_dir(src)
+    except PowerInferError as e:
+        tok = {}
+        print(f"convert: no tokenizer written ({e})", file=log)
+    for k, v in tok.items():
+        if isinstance(v, bool):
+            wr.add_bool(k, v)
+        elif isinstance(v, int):
+            wr.add_uint32(k, v)
+        elif isinstance(v, float):
+            wr.add_float32(k, v)
+        elif isinstance(v, str):
+            wr.add_string(k, v)
+        elif isinstance(v, (list, tuple)) and v:
+            wr.add_array(k, list(v))
+    if predictors is not None:
+        ths = [predictors.threshold_of(i) for i in range(predictors.n_layer)]
+        wr.add_float32("powerinfer.sparse_threshold", float(min(ths)))
+        if predictors.thresholds is not None:
+            wr.add_array("powerinfer.sparse_thresholds", [float(t) for t in ths])
+
+    def put(name: str, t, transform=None):
+        values = t.dequantize().numpy().reshape(t.shape) if len(t.shape) > 1 else \
+            t.dequantize().numpy().reshape(-1)
+        if transform is not None:
+            values = transform(values)
+        qt = Q.F32 if values.ndim == 1 else (target or (t.qtype if t.qtype in (Q.F32, Q.F16) else Q.F16))
+        if not _fits(qt, values.shape[-1]):
+            qt = Q.F16
+        stored = _encode(values, qt) if values.ndim > 1 else np.ascontiguousarray(values, dtype=np.float32)
+        wr.add_tensor(name, stored, raw_dtype=qt if stored.dtype == np.uint8 else None)
+
+    items = [("token_embd.weight", w.embed_tokens, None)]
+    for i, lw in enumerate(w.layers):
+        b = f"blk.{i}."
+        items += [(b + "attn_norm.weight", lw.input_layernorm, None),
+                  (b + "attn_q.weight", lw.q_proj, lambda a: _permute_qk(a, cfg.n_head)),
+                  (b + "attn_k.weight", lw.k_proj, lambda a: _permute_qk(a, cfg.n_head_kv)),
+                  (b + "attn_v.weight", lw.v_proj, None), (b + "attn_output.weight", lw.o_proj, None),
+                  (b + "ffn_norm.weight", lw.post_attention_layernorm, None),
+                  (b + "ffn_up.weight", lw.up_proj, None),
+                  (b + "ffn_down_t.weight", lw.down_proj, lambda a: np.ascontiguousarray(a.T))]
+        if lw.gate_proj is not None:
+            items.append((b + "ffn_gate.weight", lw.gate_proj, None))
+    items.append(("output_norm.weight", w.norm, None))
+    if w.lm_head is not w.embed_tokens:
+        items.append(("output.weight", w.lm_head, None))
+    show = sys.stderr.isatty() if progress is None else progress
+    for name, t, fn in tqdm(items, desc="convert", unit="tensor", disable=not show, file=sys.stderr):
+        put(name, t, fn)
+    if predictors is not None:
+        pq = Q.Q4_0 if target == Q.Q4_0 else Q.F16
+        for i in range(predictors.n_layer):
+            for name, m in ((f"blk.{i}.fc1.weight", predictors.fc1[i]), (f"blk.{i}.fc2.weight", predictors.fc2[i])):
+                values = m.detach().float().numpy()
+                q = pq if _fits(pq, values.shape[1]) else Q.F16
+                stored = _encode(values, q)
+                wr.add_tensor(name, stored, raw_dtype=q if stored.dtype == np.uint8 else None)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    with open(tmp, "r+b") as fh:
+        fh.write(b"PWRI")
+    tmp.replace(out)
     return out

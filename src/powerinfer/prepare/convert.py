@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
                        description="Convert a GGUF model plus predictors (ours from `powerinfer train-predictors`, "
                                    "or an upstream predictor directory of model_N.pt files) into PowerInfer's GGUF "
                                    "layout, readable by upstream PowerInfer and by powerinfer.")
-    p.add_argument("-m", "--model", metavar="PATH", help="GGUF file (default: the bundled model)")
+    p.add_argument("-m", "--model", metavar="PATH",
+                   help="GGUF file or HF llama-family directory (default: the bundled model)")
     p.add_argument("--predictors", metavar="FILE_OR_DIR",
                    help="predictor file (.safetensors from train-predictors) or upstream directory (model_N.pt); "
                         "default: the model's cached predictors if any, else none (ffn_down_t only)")
