@@ -88,3 +88,36 @@ def test_predictors_vs_dense_on_fresh_tokens(pipeline):
           f"predictors {ppl[1]:.3f}, FFN sparsity {pred.ffn_sparsity():.3f}")
     assert agree >= 0.9 and ppl[1] <= ppl[0] * 1.05
     assert pred.ffn_sparsity() > 0.85
+
+
+def test_solve_convert_run_chain(pipeline, tmp_path):
+    """The rest of the chain on the same model: placement from the profile, a PowerInfer GGUF with the trained
+    predictors, and that file run with its own predictors against the original dense model."""
+    from powerinfer.formats.powerinfer_gguf import write_powerinfer_gguf
+    from powerinfer.prepare.sparsity import apply_sparsity
+    from powerinfer.prepare.solve import model_parts, read_gpuidx, solve_placement, write_gpuidx
+    from powerinfer.sparse.predictor import predictors_from_gguf
+
+    loaded, prof, ps, root = pipeline
+    cfg = loaded.config
+    parts, per_neuron = model_parts(loaded, 256, ps.n_params() * 2)
+    budget = sum(b for _, b in parts) + 100 * per_neuron[0]
+    ours, up = solve_placement(list(prof.counts), prof.n_tokens, per_neuron, parts, budget)
+    assert ours.used <= budget and sum(map(len, ours.hot)) == 100
+    chosen = np.concatenate([prof.counts[l][h] for l, h in enumerate(ours.hot)])
+    rest = np.concatenate([np.delete(prof.counts[l], h) for l, h in enumerate(ours.hot)])
+    assert chosen.min() >= rest.max()  # equal bytes per neuron: the 100 most frequent neurons of the model
+    hot, _ = read_gpuidx(write_gpuidx(tmp_path / "m.gpuidx", ours.hot, cfg.n_ff, budget))
+    assert [h.tolist() for h in hot] == [h.tolist() for h in ours.hot]
+
+    out = write_powerinfer_gguf(loaded.path, tmp_path / "m.powerinfer.gguf", ps, progress=False)
+    conv = load_model(out)
+    got = predictors_from_gguf(conv)
+    assert got.thresholds == pytest.approx(ps.thresholds)
+    ids = [int(t) for t in np.random.default_rng(2).integers(0, 96, 120)]
+    dense = Runner(loaded, 256, 2)
+    sparse = Runner(conv, 256, 2)
+    assert "the file's predictors" in apply_sparsity(sparse, conv, "auto")
+    a, b = dense.eval(ids, all_logits=True), sparse.eval(ids, all_logits=True)
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    assert agree >= 0.9 and sparse.ffn_sparsity() > 0.85, (agree, sparse.ffn_sparsity())
