@@ -5,8 +5,8 @@ Deja Vu, arXiv 2310.17157, for the row/column gather).
 Per token the gate is computed densely; a neuron is active iff relu(gate) > 0, and only the active neurons'
 rows of up_proj and of the neuron-major down projection (`down_t`, i.e. columns of `down_proj`) are read.
 Inactive neurons contribute exactly 0 to the dense sum, so the output equals dense up to summation order.
-The torch code gathers rows with `index_select`, which is what the C kernels will do without the copy
-(reference/sparsity-anchors.md section 10: never materialise the gathered weights in a fast path).
+The torch code gathers rows with `index_select`; the C decoder's sparse FFN (kernels/csrc/decoder.c) reads
+them in place (reference/sparsity-anchors.md section 10: never materialise the gathered weights in a fast path).
 For a batch of tokens (prefill) the union of the tokens' active sets is gathered and each token's own
 inactive neurons are exact zeros inside it; statistics are per token, as a one-token kernel would see them.
 

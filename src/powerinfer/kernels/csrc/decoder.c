@@ -6,6 +6,9 @@
  *   its q heads: bias, RoPE, attention over 0..pos, output quantized for o_proj |
  *   its o_proj rows, x += |  every thread: rmsnorm; its 32-neuron chunks of gate/up, act, quantized |
  *   its down rows, x += |
+ * With the neuron-sparse FFN on (ffn_sparse, pi_layer.down_t), the FFN phase instead is: every thread, for its
+ * 32-neuron chunks: gate (or the predictor), the selected neurons' up rows, h, and an axpy of the kept
+ * neurons' down_t rows into its own sum | its slice of x += the threads' sums |
  * Numerics follow llama.cpp (flash_attn off, f16 cache): rmsnorm sums in double; q is rounded to f16 for the
  * q.K dot (ggml converts src1 to K's vec_dot_type); softmax in f32 with a double sum; the probabilities are
  * rounded to f16 before the V product (ggml converts kq to f16 for mul_mat with the f16 V). Measured top-1
