@@ -300,7 +300,7 @@ def main(argv=None):
         "",
         f"Sparse FFN on `{path.name}`: {sparse_desc}." + "".join(
             f" On `{p.name}`: {sp['desc']}." for p, sp in extra if "desc" in sp),
-        "Prompt processing is dense in every configuration (batched prefill).",
+        "Prompt processing (prompts longer than 8 tokens) is dense in every configuration (batched prefill).",
     ]
     if q:
         lines += [

@@ -183,3 +183,29 @@ def test_powerinfer_gguf_with_predictors_runs_sparse(tiny_gguf):
     # dense reads down_proj (the f16 transpose, exact) with f16-rounded h; sparse reads down_t with f32 h
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-2
     assert sparse.ffn_sparsity() > 0.2
+
+
+@pytest.mark.parametrize("kw", [dict(activation="relu", qtype=Q.F32), dict(activation="relu", ffn_kind="dglu",
+                                                                             qtype=Q.Q8_0), dict(qtype=Q.Q4_0)])
+def test_small_prompts_run_sparse_over_the_union(tiny_gguf, kw):
+    """A prompt of <= 8 tokens goes through the sparse FFN over the union of its tokens' active neurons and gives
+    what the same tokens give as single sparse decode steps; a longer one is prefilled dense."""
+    tiny = tiny_gguf(n_layer=2, n_ff=256, context_length=64, **kw)
+    loaded = load_model(tiny.path)
+    th = [{"h": 0.0 if kw.get("activation") == "relu" else 0.05}] * loaded.config.n_layer
+    for n_threads in (1, 2):
+        for ids in ([1, 5, 9, 33, 7, 2], list(range(3, 15))):
+            batch, steps, dense = (Runner(loaded, 64, n_threads) for _ in range(3))
+            batch.set_sparse(th)
+            steps.set_sparse(th)
+            lb = batch.eval(ids).clone()
+            for t in ids:
+                ls = steps.eval([t]).clone()
+            ld = dense.eval(ids).clone()
+            rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+            if len(ids) <= 8:
+                assert rel(lb, ls) < 1e-5
+            else:
+                assert rel(lb, ld) < 1e-6  # dense prefill
+            if kw.get("activation") != "relu":
+                assert rel(ls, ld) > 1e-4  # the thresholds do change the result

@@ -52,8 +52,10 @@ class Runner:
     def set_sparse(self, thresholds: list[dict[str, float]] | None, label: str = "sparse", predictors=None) -> None:
         """Compute only the FFN neurons that fire in decode steps (None: dense). `thresholds`: per layer
         {"h": t_h, "x": t_x} (sparse/threshold.py); all zeros skip exactly the zero activations, which is the
-        exact path of ReLU-family models (sparse/relu.py). Prompt prefill stays dense (batched matmuls); evals
-        that return every position's logits (perplexity) run token by token so they see the sparse FFN.
+        exact path of ReLU-family models (sparse/relu.py). Prompt chunks of up to 8 tokens run the sparse FFN over
+        the union of their tokens' active neurons; longer ones are prefilled dense (batched matmuls read each
+        weight once per 4 tokens). Evals that return every position's logits (perplexity) run token by token so
+        every position sees the sparse FFN.
         `predictors` (sparse.predictor.PredictorSet): only the neurons they predict read their gate/up rows."""
         cfg = self.config
         if thresholds is not None and len(thresholds) != cfg.n_layer:

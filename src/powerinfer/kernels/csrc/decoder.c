@@ -427,7 +427,6 @@ static int alloc_act_z(pi_decoder *D) {
     }
     return 0;
 }
-static void free_prefill(pi_prefill_ws *p);
 
 int pi_decoder_set_threads(pi_decoder *D, int nth) {
     if (nth < 1) nth = 1;
@@ -435,7 +434,7 @@ int pi_decoder_set_threads(pi_decoder *D, int nth) {
     if (D->pool && D->nth == nth) return 0;
     if (D->pool) pi_pool_free(D->pool);
     free_threads(D);
-    free_prefill(&D->pf); /* per-thread scratch: reallocated by the next prefill */
+    pi_prefill_free(&D->pf); /* per-thread scratch: reallocated by the next prefill */
     D->nth = nth;
     D->pool = pi_pool_new(nth);
     D->tw = calloc((size_t)nth, sizeof(pi_tws));
@@ -491,8 +490,13 @@ pi_decoder *pi_decoder_new(int n_layer, int d, int n_head, int n_head_kv, int hd
     return D;
 }
 
-static void free_prefill(pi_prefill_ws *p) {
-    for (int t = 0; t < PI_MAX_THREADS; t++) pi_aligned_free(p->tile_scratch[t]);
+void pi_prefill_free(pi_prefill_ws *p) {
+    for (int t = 0; t < PI_MAX_THREADS; t++) {
+        pi_aligned_free(p->tile_scratch[t]);
+        pi_aligned_free(p->yp[t]);
+        pi_aligned_free(p->uv[t]);
+        pi_aligned_free(p->kept[t]);
+    }
     float *bufs[] = {p->xn, p->q, p->k, p->v, p->att, p->y, p->g, p->u};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) pi_aligned_free(bufs[i]);
     pi_aligned_free(p->mem_x); pi_aligned_free(p->mem_att); pi_aligned_free(p->mem_h);
@@ -516,7 +520,7 @@ void pi_decoder_free(pi_decoder *D) {
     float *bufs[] = {D->q, D->k, D->v, D->att, D->y, D->g, D->u, D->z};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) pi_aligned_free(bufs[i]);
     pi_aligned_free(D->mem_att); pi_aligned_free(D->mem_h);
-    free_prefill(&D->pf);
+    pi_prefill_free(&D->pf);
     free(D);
 }
 

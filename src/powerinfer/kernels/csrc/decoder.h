@@ -8,6 +8,9 @@
 
 #define PI_MAX_HEAD_DIM 512
 #define PI_MAX_THREADS 64
+/* Prompts of at most this many tokens run the neuron-sparse FFN over the union of their active neurons when it
+ * is on; longer ones use the dense batched FFN (its weights are read once per 4 tokens). */
+#define PI_SPARSE_BATCH 8
 /* a layer's matrices in the order one thread streams them */
 enum { MQ, MK, MV, MO, MGATE, MUP, MDOWN, M_N };
 enum { ROPE_NORM = 0, ROPE_NEOX = 1 };
@@ -55,6 +58,9 @@ typedef struct {
     int n_tok_cap;
     float *tile_scratch[PI_MAX_THREADS]; /* attention tiles (pi_attn_tile_scratch floats each) */
     float *xn, *q, *k, *v, *att, *y, *g, *u;
+    float *yp[PI_MAX_THREADS]; /* sparse FFN of small batches: each thread's down sums [n_tok][d] */
+    float *uv[PI_MAX_THREADS]; /* and its gathered up values [n_tok][n_ff] */
+    int32_t *kept[PI_MAX_THREADS]; /* and one token's kept neurons [n_ff] */
     pi_act act_x, act_att, act_h;
     void *mem_x, *mem_att, *mem_h;
 } pi_prefill_ws;
@@ -98,6 +104,7 @@ int pi_decoder_set_layer(pi_decoder *D, int il, const float *attn_norm, const pi
                          const pi_mat *v, const pi_mat *o, const float *ffn_norm, const pi_mat *gate,
                          const pi_mat *up, const pi_mat *down, const float *bq, const float *bk, const float *bv);
 
+void pi_prefill_free(pi_prefill_ws *p); /* frees every buffer and zeroes p */
 int pi_decoder_set_output(pi_decoder *D, const float *norm, const void *head, int qtype);
 /* Turn the neuron-sparse FFN of layer il on (down_t given) or off (NULL). gate_t/up_t (input-major) are needed
  * only when t_x > 0. 0 ok, -1 bad shapes. */

@@ -90,6 +90,8 @@ static inline int pi_need_of(int qtype) {
 size_t pi_act_bytes(int n, int n_tok, int need);
 /* Carve the arrays of `a` out of `mem` (64-byte aligned, pi_act_bytes long). */
 void pi_act_bind(pi_act *a, void *mem, int n, int n_tok, int need);
+/* The view of token t of a multi-token pi_act as a one-token one. */
+pi_act pi_act_token(const pi_act *a, int t);
 /* Quantize values [i0, i1) of token t (i0, i1 multiples of 32 unless need has no Q8) from x (token row). */
 void pi_act_fill(pi_act *a, const float *x, int t, int i0, int i1, int need);
 

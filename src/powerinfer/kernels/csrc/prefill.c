@@ -2,7 +2,9 @@
  * unpacked once per 4 tokens), same numerics as n decode steps. Phases per layer (| = barrier):
  *   tokens split: rmsnorm, quantize | rows split: q/k/v for all tokens | tokens split: bias, RoPE, K/V rows |
  *   tokens split (interleaved, causal cost grows with t): attention, quantize | rows split: o_proj, x += |
- *   tokens split: rmsnorm, quantize | 32-neuron chunks: gate/up, act, quantize | rows split: down, x += | */
+ *   tokens split: rmsnorm, quantize | 32-neuron chunks: gate/up, act, quantize | rows split: down, x += |
+ * With the neuron-sparse FFN on and at most PI_SPARSE_BATCH tokens, the FFN runs over the union of the tokens'
+ * active neurons instead (ffn_sparse_batch). */
 #include <math.h>
 #include <stdlib.h>
 
@@ -34,19 +36,18 @@ static int ensure_prefill(pi_decoder *D, int n) {
     for (int t = 0; t < D->nth; t++)
         ok = ok && (fresh.tile_scratch[t] = pi_aligned_alloc(pi_attn_tile_scratch(D->n_ctx) * 4)) != NULL;
 #endif
+    const size_t ts = (size_t)(n < PI_SPARSE_BATCH ? n : PI_SPARSE_BATCH);
+    for (int t = 0; t < D->nth; t++) {
+        ok = ok && (fresh.yp[t] = pi_aligned_alloc(ts * D->d * 4)) != NULL;
+        ok = ok && (fresh.uv[t] = pi_aligned_alloc(ts * D->n_ff * 4)) != NULL;
+        ok = ok && (fresh.kept[t] = pi_aligned_alloc((size_t)D->n_ff * 4)) != NULL;
+    }
     /* swap in (old buffers freed whether or not the new ones were allocated) */
     pi_prefill_ws old = *p;
     *p = fresh;
-    for (int t = 0; t < PI_MAX_THREADS; t++) pi_aligned_free(old.tile_scratch[t]);
-    float *bufs[] = {old.xn, old.q, old.k, old.v, old.att, old.y, old.g, old.u};
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) pi_aligned_free(bufs[i]);
-    pi_aligned_free(old.mem_x); pi_aligned_free(old.mem_att); pi_aligned_free(old.mem_h);
+    pi_prefill_free(&old);
     if (!ok) {
-        float *nb[] = {p->xn, p->q, p->k, p->v, p->att, p->y, p->g, p->u};
-        for (size_t i = 0; i < sizeof nb / sizeof *nb; i++) pi_aligned_free(nb[i]);
-        pi_aligned_free(p->mem_x); pi_aligned_free(p->mem_att); pi_aligned_free(p->mem_h);
-        for (int t = 0; t < PI_MAX_THREADS; t++) pi_aligned_free(p->tile_scratch[t]);
-        memset(p, 0, sizeof *p);
+        pi_prefill_free(p);
         return -1;
     }
     pi_act_bind(&p->act_x, p->mem_x, D->d, n, NEED_ALL);
@@ -57,6 +58,8 @@ static int ensure_prefill(pi_decoder *D, int n) {
 }
 
 typedef struct { pi_decoder *D; float *x; int n, pos0; float *logits; } prefill_args;
+
+static void ffn_sparse_batch(pi_decoder *D, const pi_layer *L, float *x, int n, int n0, int n1, int ith, int nth);
 
 /* This thread's rows of matrix j for all n tokens: Y[t][r] = W X[t]; optionally x[t][r] += Y[t][r] */
 static void rows_all_tokens(const pi_layer *L, int j, const pi_act *a, int n, float *Y, int ldy, float *x, int ldx,
@@ -142,6 +145,10 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
     const int nff = D->n_ff, nchunk = (nff + PI_QK - 1) / PI_QK;
     pi_split(nchunk, ith, nth, &c0, &c1);
     const int n0 = c0 * PI_QK, n1 = c1 * PI_QK < nff ? c1 * PI_QK : nff;
+    if (L->down_t.raw && !L->fc1.raw && L->t_x == 0.0f && n <= PI_SPARSE_BATCH) {
+        ffn_sparse_batch(D, L, x, n, n0, n1, ith, nth);
+        return;
+    }
     if (n1 > n0) {
         if (L->gate.raw) rows_all_tokens(L, MGATE, &P->act_x, n, P->g, nff, NULL, 0, ith);
         rows_all_tokens(L, MUP, &P->act_x, n, P->u, nff, NULL, 0, ith);
@@ -154,6 +161,63 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
     }
     pi_dec_barrier(D, ith);
     rows_all_tokens(L, MDOWN, &P->act_h, n, P->y, d, x, d, ith);
+    pi_dec_barrier(D, ith);
+}
+
+/* The decoder's neuron-sparse FFN for a few tokens at once (decoder.c, ffn_sparse): gate for every token
+ * (dense, batched); with a ReLU gate, the up rows of the union of the tokens' active neurons, read by each
+ * token's row-sparse dot (the union is small and stays in cache after the first token); then per token, h,
+ * its kept neurons, and an axpy of their down_t rows into this thread's sums | x += the threads' sums |.
+ * Each token's own inactive neurons are skipped exactly, so a token sees what a decode step would. */
+static void ffn_sparse_batch(pi_decoder *D, const pi_layer *L, float *x, int n, int n0, int n1, int ith, int nth) {
+    pi_prefill_ws *P = &D->pf;
+    pi_tws *w = &D->tw[ith];
+    const int d = D->d, nff = D->n_ff, relu_gate = D->act == ACT_RELU && D->ffn_kind != FFN_MLP;
+    float *yp = P->yp[ith], *uv = P->uv[ith];
+    memset(yp, 0, (size_t)n * d * sizeof(float));
+    if (n1 > n0) {
+        if (L->gate.raw) rows_all_tokens(L, MGATE, &P->act_x, n, P->g, nff, NULL, 0, ith);
+        int nu = 0;
+        if (relu_gate) { /* union of the tokens' active neurons in this chunk */
+            for (int i = n0; i < n1; i++)
+                for (int t = 0; t < n; t++)
+                    if (P->g[(size_t)t * nff + i] > 0.0f) { w->idx[nu++] = i; break; }
+            for (int t = 0; t < n; t++) {
+                const pi_act at = pi_act_token(&P->act_x, t);
+                pi_mat_gather(&L->up, w->idx, nu, &at, uv + (size_t)t * nff);
+            }
+        } else {
+            rows_all_tokens(L, MUP, &P->act_x, n, P->u, nff, NULL, 0, ith);
+        }
+        int32_t *kept = P->kept[ith];
+        for (int t = 0; t < n; t++) {
+            float *g = P->g + (size_t)t * nff;
+            int nk = 0;
+            if (relu_gate) {
+                const float *ut = uv + (size_t)t * nff;
+                for (int j = 0; j < nu; j++) {
+                    const int i = w->idx[j];
+                    if (g[i] <= 0.0f) continue;
+                    const float hj = D->ffn_kind == FFN_DGLU ? g[i] * (ut[j] > 0.0f ? ut[j] : 0.0f) : g[i] * ut[j];
+                    if (hj != 0.0f && fabsf(hj) >= L->t_h) { w->hv[nk] = hj; kept[nk++] = i; }
+                }
+            } else {
+                pi_ffn_act(D, g + n0, P->u + (size_t)t * nff + n0, n1 - n0);
+                for (int i = n0; i < n1; i++)
+                    if (g[i] != 0.0f && fabsf(g[i]) >= L->t_h) { w->hv[nk] = g[i]; kept[nk++] = i; }
+            }
+            pi_mat_axpy(&L->down_t, kept, w->hv, nk, 0, d, yp + (size_t)t * d);
+        }
+    }
+    pi_dec_barrier(D, ith);
+    int r0, r1;
+    pi_split(d, ith, nth, &r0, &r1);
+    for (int th = 0; th < nth; th++)
+        for (int t = 0; t < n; t++) {
+            const float *src = P->yp[th] + (size_t)t * d;
+            float *xt = x + (size_t)t * d;
+            for (int r = r0; r < r1; r++) xt[r] += src[r];
+        }
     pi_dec_barrier(D, ith);
 }
 

@@ -245,7 +245,7 @@ void pi_mat_free(pi_mat *m) {
 int pi_mat_unit(const pi_mat *m) { return pi_is_packable(m->qtype) ? PI_G : 4; }
 int pi_mat_units(const pi_mat *m) { const int u = pi_mat_unit(m); return (m->rows + u - 1) / u; }
 
-static pi_act act_token(const pi_act *a, int t) {
+pi_act pi_act_token(const pi_act *a, int t) {
     pi_act v = *a;
     const size_t n = (size_t)a->n, nb = n / PI_QK;
     if (v.qs) { v.qs += t * n; v.d += t * nb; v.s += t * nb; v.sum += t * nb; }
@@ -277,7 +277,7 @@ void pi_mat_run_seg(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok
     const pi_rows_fn f = rows_fn(m->qtype);
     const int r0 = s->u0 * 4, r1 = s->u1 * 4 < m->rows ? s->u1 * 4 : m->rows;
     for (int t = 0; t < n_tok; t++) {
-        pi_act at = act_token(a, t);
+        pi_act at = pi_act_token(a, t);
         f(m, NULL, r0, r1, &at, y + (size_t)t * ldy);
     }
 }
@@ -309,7 +309,7 @@ static void run_raw_blocks(const pi_mat *m, int u0, int u1, const pi_act *a, int
     const pi_rows_fn f = rows_fn(m->qtype);
     const int r0 = u0 * PI_G, r1 = u1 * PI_G < m->rows ? u1 * PI_G : m->rows;
     for (int t = 0; t < n_tok; t++) {
-        pi_act at = act_token(a, t);
+        pi_act at = pi_act_token(a, t);
         f(m, NULL, r0, r1, &at, y + (size_t)t * ldy);
     }
 }
