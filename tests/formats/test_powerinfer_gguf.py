@@ -83,7 +83,6 @@ def test_upstream_layout_runs_and_matches_dense_with_perfect_predictors(tmp_path
 
 
 def test_upstream_predictor_directory(tmp_path):
-    rng = np.random.default_rng(1)
     d = tmp_path / "ReluLLaMA-Predictor"
     d.mkdir()
     for i in (0, 1, 2, 10, 3, 4, 5, 6, 7, 8, 9):  # eleven layers: model_10.pt sorts before model_2.pt as a string

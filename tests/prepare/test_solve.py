@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from powerinfer.cli import main
-from powerinfer.prepare.solve import (fill_neurons, read_gpuidx, saving, solve_placement, upstream_neurons,
+from powerinfer.prepare.solve import (fill_neurons, read_gpuidx, saving, solve_placement,
                                       write_gpuidx)
 
 FAST, SLOW = 900e9, 30e9

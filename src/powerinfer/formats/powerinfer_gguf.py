@@ -39,6 +39,34 @@ def _fits(qtype: Q, cols: int) -> bool:
     return qtype in (Q.F32, Q.F16) or cols % 32 == 0
 
 
+def _add_thresholds(writer: GGUFWriter, predictors) -> None:
+    if predictors is None:
+        return
+    ths = [predictors.threshold_of(i) for i in range(predictors.n_layer)]
+    writer.add_float32("powerinfer.sparse_threshold", float(min(ths)))
+    if predictors.thresholds is not None:
+        writer.add_array("powerinfer.sparse_thresholds", [float(t) for t in ths])
+
+
+def _finish(writer: GGUFWriter, tmp: Path, out: Path, predictors, target) -> None:
+    """Append the predictors (f16, or Q4_0 for a q4_0 target when the rows allow), write, patch the magic."""
+    if predictors is not None:
+        pq = Q.Q4_0 if target == Q.Q4_0 else Q.F16
+        for i in range(predictors.n_layer):
+            for name, m in ((f"blk.{i}.fc1.weight", predictors.fc1[i]), (f"blk.{i}.fc2.weight", predictors.fc2[i])):
+                values = m.detach().float().numpy()
+                q = pq if _fits(pq, values.shape[1]) else Q.F16
+                stored = _encode(values, q)
+                writer.add_tensor(name, stored, raw_dtype=q if stored.dtype == np.uint8 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with open(tmp, "r+b") as fh:  # upstream's converters write a GGUF, then patch the magic
+        fh.write(b"PWRI")
+    tmp.replace(out)
+
+
 def _copy_metadata(reader, writer: GGUFWriter, skip: set[str]) -> None:
     for f in reader.fields.values():
         if f.name.startswith("GGUF.") or f.name in skip:
@@ -72,11 +100,7 @@ def write_powerinfer_gguf(src: str | Path, out: str | Path, predictors=None, out
         from .loader import load_model
 
         writer.add_string("powerinfer.ffn_activation", load_model(src).config.activation)
-    if predictors is not None:
-        ths = [predictors.threshold_of(i) for i in range(predictors.n_layer)]
-        writer.add_float32("powerinfer.sparse_threshold", float(min(ths)))
-        if predictors.thresholds is not None:
-            writer.add_array("powerinfer.sparse_thresholds", [float(t) for t in ths])
+    _add_thresholds(writer, predictors)
     report = quants.ConversionReport()
     show = sys.stderr.isatty() if progress is None else progress
     names = {t.name for t in reader.tensors}
@@ -106,21 +130,7 @@ def write_powerinfer_gguf(src: str | Path, out: str | Path, predictors=None, out
             writer.add_tensor(t.name, stored, raw_dtype=target if stored.dtype == np.uint8 else None)
         else:
             writer.add_tensor(t.name, data, raw_dtype=qt if data.dtype == np.uint8 else None)
-    if predictors is not None:
-        pq = Q.Q4_0 if target == Q.Q4_0 else Q.F16
-        for i in range(predictors.n_layer):
-            for name, m in ((f"blk.{i}.fc1.weight", predictors.fc1[i]), (f"blk.{i}.fc2.weight", predictors.fc2[i])):
-                values = m.detach().float().numpy()
-                q = pq if _fits(pq, values.shape[1]) else Q.F16
-                stored = _encode(values, q)
-                writer.add_tensor(name, stored, raw_dtype=q if stored.dtype == np.uint8 else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with open(tmp, "r+b") as fh:
-        fh.write(b"PWRI")
-    tmp.replace(out)
+    _finish(writer, tmp, out, predictors, target)
     if report:
         print(f"convert: {report}", file=log)
     return out
@@ -179,11 +189,7 @@ def _write_from_hf(src: Path, out: Path, predictors, outtype: str, progress, log
             wr.add_string(k, v)
         elif isinstance(v, (list, tuple)) and v:
             wr.add_array(k, list(v))
-    if predictors is not None:
-        ths = [predictors.threshold_of(i) for i in range(predictors.n_layer)]
-        wr.add_float32("powerinfer.sparse_threshold", float(min(ths)))
-        if predictors.thresholds is not None:
-            wr.add_array("powerinfer.sparse_thresholds", [float(t) for t in ths])
+    _add_thresholds(wr, predictors)
 
     def put(name: str, t, transform=None):
         values = t.dequantize().numpy().reshape(t.shape) if len(t.shape) > 1 else \
@@ -214,19 +220,5 @@ def _write_from_hf(src: Path, out: Path, predictors, outtype: str, progress, log
     show = sys.stderr.isatty() if progress is None else progress
     for name, t, fn in tqdm(items, desc="convert", unit="tensor", disable=not show, file=sys.stderr):
         put(name, t, fn)
-    if predictors is not None:
-        pq = Q.Q4_0 if target == Q.Q4_0 else Q.F16
-        for i in range(predictors.n_layer):
-            for name, m in ((f"blk.{i}.fc1.weight", predictors.fc1[i]), (f"blk.{i}.fc2.weight", predictors.fc2[i])):
-                values = m.detach().float().numpy()
-                q = pq if _fits(pq, values.shape[1]) else Q.F16
-                stored = _encode(values, q)
-                wr.add_tensor(name, stored, raw_dtype=q if stored.dtype == np.uint8 else None)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
-    with open(tmp, "r+b") as fh:
-        fh.write(b"PWRI")
-    tmp.replace(out)
+    _finish(wr, tmp, out, predictors, target)
     return out

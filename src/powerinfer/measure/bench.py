@@ -267,12 +267,9 @@ def add_parser(sub) -> None:
                    help="prompt tokens per prefill call in pp tests (default: 512)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up repetition")
     p.add_argument("-s", "--seed", type=int, default=0, metavar="N", help="seed of the random token ids (default: 0)")
-    p.add_argument("--sparsity", default="off", metavar="auto|off|S",
-                   help="neuron-sparse FFN for the tg tests (as `powerinfer run --sparsity`; default: off)")
-    p.add_argument("--sparse-method", default="hu", metavar="NAME",
-                   help="threshold criterion for SwiGLU models: hu | teal | teal-hu (default: hu)")
-    p.add_argument("--predictors", metavar="FILE",
-                   help="activation predictors for the sparse FFN (from `powerinfer train-predictors`)")
+    from ..prepare.sparsity import add_sparsity_arguments
+
+    add_sparsity_arguments(p, "; the tg tests decode with it")
     p.add_argument("--profile", action="store_true",
                    help="after each tg test, one more untimed repetition with the decoder's per-phase profiler; "
                         "prints ms per token by phase")

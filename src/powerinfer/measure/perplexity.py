@@ -133,13 +133,10 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object {ppl, ppl_err, n_tokens_scored, n_chunks, n_ctx, text, seconds, ...} "
                         "instead of the llama.cpp-style lines")
-    p.add_argument("--sparsity", default="off", metavar="auto|off|S",
-                   help="neuron-sparse FFN (as `powerinfer run --sparsity`; default: off). When on, every position "
-                        "is scored through single-token decode steps, so the number is the sparse model's")
-    p.add_argument("--sparse-method", default="hu", metavar="NAME",
-                   help="threshold criterion for SwiGLU models: hu | teal | teal-hu (default: hu)")
-    p.add_argument("--predictors", metavar="FILE",
-                   help="activation predictors for the sparse FFN (from `powerinfer train-predictors`)")
+    from ..prepare.sparsity import add_sparsity_arguments
+
+    add_sparsity_arguments(p, "; when on, every position is scored through single-token decode steps, so the "
+                              "number is the sparse model's")
     p.add_argument("--logits-out", metavar="FILE.npy",
                    help="save the scored positions' logits (float32 [n_scored, n_vocab]) to FILE.npy and their "
                         "target ids to FILE.tokens.npy, for `powerinfer compare-logits`")

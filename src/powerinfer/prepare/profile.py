@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import PowerInferError
 from ..model.llama import Transformer, dense
 from ..sparse.artifacts import DEFAULT_CACHE_DIR, model_fingerprint, text_sha256
-from ..sparse.ffn import activation_fn
+from ..sparse.ffn import activation_fn, ffn_hidden
 
 PROFILE_FORMAT = "powerinfer.profile"
 PROFILE_VERSION = 1
@@ -57,13 +57,7 @@ class RecordingFFN(nn.Module):
         self.samples = samples  # SampleWriter or None
 
     def forward(self, x, residual=None):
-        u = F.linear(x, self.up_proj)
-        if self.kind == "mlp":
-            h = self.act(u)
-        elif self.kind == "dglu":
-            h = self.act(F.linear(x, self.gate_proj)) * self.act(u)
-        else:
-            h = self.act(F.linear(x, self.gate_proj)) * u
+        h = ffn_hidden(self.kind, self.act, x, self.gate_proj, self.up_proj)
         fired = (h != 0) & (h.abs() >= self.t_h)
         flat = fired.reshape(-1, fired.shape[-1])
         self.counts += flat.sum(0)

@@ -55,6 +55,16 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     raise ValueError(f"unknown activation {name!r}")
 
 
+def ffn_hidden(kind: str, act, x: torch.Tensor, gate_proj: torch.Tensor | None, up_proj: torch.Tensor) -> torch.Tensor:
+    """The FFN's hidden activations: act(gate x) * up x (glu), act(gate x) * act(up x) (dglu: dReLU, Bamboo),
+    act(up x) (mlp). Every torch backend computes h with this, in this order, so they agree bit for bit."""
+    u = F.linear(x, up_proj)
+    if kind == "mlp":
+        return act(u)
+    g = F.linear(x, gate_proj)
+    return act(g) * act(u) if kind == "dglu" else act(g) * u
+
+
 @register_ffn("dense")
 class DenseFFN(nn.Module):
     """Every neuron, every token: down(act(gate(x)) * up(x)) for glu, act(gate)*act(up) for dglu
@@ -69,14 +79,7 @@ class DenseFFN(nn.Module):
         self.register_buffer("down_proj", lw.down_proj.dequantize().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up = F.linear(x, self.up_proj)
-        if self.kind == "mlp":
-            h = self.act(up)
-        elif self.kind == "dglu":
-            h = self.act(F.linear(x, self.gate_proj)) * self.act(up)
-        else:
-            h = self.act(F.linear(x, self.gate_proj)) * up
-        return F.linear(h, self.down_proj)
+        return F.linear(ffn_hidden(self.kind, self.act, x, self.gate_proj, self.up_proj), self.down_proj)
 
 
 # Sparse backends register themselves on import; imported last because they use the helpers above.

@@ -164,7 +164,7 @@ def _register_backend():
     from torch import nn
 
     from ..model.llama import dense
-    from .ffn import activation_fn, register_ffn
+    from .ffn import activation_fn, ffn_hidden, register_ffn
     from .relu import SparsityStats, row_bytes
 
     @register_ffn("predictor")
@@ -202,13 +202,7 @@ def _register_backend():
             x = x.reshape(-1, x.shape[-1])
             r = (residual if residual is not None else x).reshape(-1, x.shape[-1])
             predicted = (torch.relu(r @ self.fc1.T) @ self.fc2.T) >= self.threshold
-            u = F.linear(x, self.up_proj)
-            if self.kind == "mlp":
-                h = self.act(u)
-            elif self.kind == "dglu":
-                h = self.act(F.linear(x, self.gate_proj)) * self.act(u)
-            else:
-                h = self.act(F.linear(x, self.gate_proj)) * u
+            h = ffn_hidden(self.kind, self.act, x, self.gate_proj, self.up_proj)
             true = (h != 0) & (h.abs() >= self.t_h)
             self.active += int(true.sum())
             self.misses += int((true & ~predicted).sum())

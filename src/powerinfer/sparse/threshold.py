@@ -26,7 +26,7 @@ from ..model.config import ModelConfig
 from ..model.llama import dense
 from ..model.weights import LayerWeights
 from .artifacts import Thresholds
-from .ffn import activation_fn, register_ffn
+from .ffn import activation_fn, ffn_hidden, register_ffn
 from .relu import SparsityStats, row_bytes
 
 SITES = ("x", "h")
@@ -85,15 +85,7 @@ class ThresholdFFN(nn.Module):
                 up = up.index_select(1, cols)
         else:
             kept_x = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
-        # The same operations, in the same order, as DenseFFN.
-        u = F.linear(x, up)
-        if self.kind == "mlp":
-            h = self.act(u)
-        elif self.kind == "dglu":
-            h = self.act(F.linear(x, gate)) * self.act(u)
-        else:
-            h = self.act(F.linear(x, gate)) * u
-        return h, kept_x
+        return ffn_hidden(self.kind, self.act, x, gate, up), kept_x  # as DenseFFN, operation for operation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.capture is not None:
