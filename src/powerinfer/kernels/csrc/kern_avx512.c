@@ -61,6 +61,9 @@ static void quant_q8(const float *x, int nblocks, int8_t *qs, float *d, float *s
  * nothing to run ahead on: while a pass reads its 4 rows, the rows PF_ROWS positions later are prefetched,
  * spread over the pass in step with its own reads (PF_ROWS = 8: two passes ahead, ~100 ns at SmolLM2 sizes). */
 #define PF_ROWS 8
+/* Rows per pass of the block-format kernels: 8 streams in flight (vs 4, 7B s=0.9 from DRAM: row-sparse dot
+ * Q8_0/Q4_0 22 -> 24.5 GB/s). */
+#define PAIR_ROWS 8
 AI void row_prefetch_ptrs(const pi_mat *m, const int32_t *idx, int n, int j, const uint8_t *pf[4]) {
     for (int k = 0; k < 4; k++) pf[k] = j + k < n ? m->raw + (size_t)PI_ROW(idx, j + k) * m->row_bytes : NULL;
 }
@@ -150,7 +153,6 @@ ROWS4(rows_q8_0_1, pi_blk_q8_0,
  * +128: -128 sum x) start the accumulator. About half the instructions of the one-block ymm form, which makes the
  * row-sparse dot DRAM-bound instead of compute-bound (sparse_kernel_bench). Used when the block count is even. */
 #define PI_MAX_PAIRS 256
-#define PAIR_ROWS 8 /* rows per pass: 8 streams in flight (vs 4: Q8_0/Q4_0 at 7B s=0.9, 22 -> 24.5 GB/s) */
 
 AI __m512i q4_pair(const uint8_t *qs0, const uint8_t *qs1) {
     const __m256i two = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)qs1), _mm_loadu_si128((const __m128i *)qs0));
@@ -317,15 +319,25 @@ AI void axpy_blocks(const pi_mat *m, const int32_t *idx, const float *h, int n, 
                     const int QT) {
     const int b0 = c0 / PI_QK, b1 = (c1 + PI_QK - 1) / PI_QK;
     const __m512 nib = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int j = 0; j < n; j += 4) {
-        AXPY_SETUP(uint8_t)
+    for (int j = 0; j < n; j += PAIR_ROWS) {
+        const int nr = n - j < PAIR_ROWS ? n - j : PAIR_ROWS;
+        const uint8_t *w[PAIR_ROWS];
+        float hs[PAIR_ROWS];
+        _Pragma("GCC unroll 8") for (int k = 0; k < PAIR_ROWS; k++) {
+            w[k] = m->raw + (size_t)idx[j + (k < nr ? k : 0)] * m->row_bytes;
+            hs[k] = k < nr ? h[j + k] : 0.0f;
+        }
+        const uint8_t *pf[4], *pg[4];
+        row_prefetch_ptrs(m, idx, n, j + PF_ROWS, pf);
+        row_prefetch_ptrs(m, idx, n, j + PF_ROWS + 4, pg);
         const size_t bb = QT == 2 ? sizeof(pi_blk_q8_0) : QT == 1 ? sizeof(pi_blk_q4_1) : sizeof(pi_blk_q4_0);
         for (int b = b0; b < b1; b++) {
             float *yb = y + (size_t)b * PI_QK;
             row_prefetch_lines(pf, (size_t)b * bb, bb);
+            row_prefetch_lines(pg, (size_t)b * bb, bb);
             __m512 y0 = _mm512_loadu_ps(yb), y1 = _mm512_loadu_ps(yb + 16);
             float off = 0.0f;
-            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+            _Pragma("GCC unroll 8") for (int k = 0; k < PAIR_ROWS; k++) {
                 if (QT == 2) {
                     const pi_blk_q8_0 *blk = (const pi_blk_q8_0 *)w[k] + b;
                     const __m512 s = _mm512_set1_ps(hs[k] * h2f(blk->d));
