@@ -240,8 +240,8 @@ def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1) ->
 
 
 class SparseFFN:
-    """The neuron-sparse FFN of a bound Decoder (decode steps; prefill stays dense): per layer a neuron-major
-    down_t (the model's own `down_t` when the file has one, else a transposed copy) and thresholds
+    """The neuron-sparse FFN of a bound Decoder (decode steps, and prompts of up to 8 tokens): per layer a
+    neuron-major down_t (the model's own `down_t` when the file has one, else a transposed copy) and thresholds
     {"h": t_h, "x": t_x} (0 = off; with t_h = t_x = 0 only exact zeros are skipped, which is the exact ReLU
     path). Input-major gate/up copies are made only for layers with t_x > 0. Copies are cached, so changing
     thresholds is cheap; `off()` returns the decoder to the dense FFN."""
@@ -251,14 +251,16 @@ class SparseFFN:
         self._copies: dict[tuple[int, str], QTensor] = {}
         self.thresholds: list[dict[str, float]] | None = None
         self.predictors = None
+        self._pred_keep: list[torch.Tensor] = []  # the f16 predictor matrices the decoder reads
         self._pred_bytes: list[int] = []
+        self._row_bytes: torch.Tensor | None = None  # [n_layer, 5], see bytes_per_layer
         self._kept = torch.zeros(3, config.n_layer, dtype=torch.int32)
 
     def _copy(self, il: int, role: str) -> QTensor:
         key = (il, role)
         if key not in self._copies:
             lw = self.weights.layers[il]
-            own = getattr(lw, "down_t", None) if role == "down" else None
+            own = lw.down_t if role == "down" else None
             src = {"down": lw.down_proj, "gate": lw.gate_proj, "up": lw.up_proj}[role]
             self._copies[key] = own if own is not None else transposed(src, f"blk.{il}.{role}_t")
         return self._copies[key]
@@ -311,9 +313,9 @@ class SparseFFN:
 
     def bytes_per_layer(self, kept: torch.Tensor) -> torch.Tensor:
         """FFN weight bytes each layer read in a step with these `kept` counts (int64 [n_layer])."""
-        if not hasattr(self, "_row_bytes"):
+        if self._row_bytes is None:  # per layer: dense gate, input-major column, up row, down_t row, gate row
             self._row_bytes = torch.tensor([self._layer_bytes(il) for il in range(self.config.n_layer)],
-                                           dtype=torch.int64)  # [n_layer, 5]: dense gate, x col, up row, down_t row, gate row
+                                           dtype=torch.int64)
         th = self.thresholds or [{}] * self.config.n_layer
         x_on = torch.tensor([t.get("x", 0.0) > 0 for t in th])
         rb = self._row_bytes
@@ -332,11 +334,6 @@ class SparseFFN:
         col = sum(row_bytes(transposed_qtype(t), n_ff) for t in (lw.gate_proj, lw.up_proj) if t is not None)
         gate_row = lw.gate_proj.row_bytes if lw.gate_proj is not None else 0
         return [gate, col, lw.up_proj.row_bytes, self._copy(il, "down").row_bytes, gate_row]
-
-    @property
-    def copy_bytes(self) -> int:
-        own = {id(getattr(lw, "down_t", None)) for lw in self.weights.layers}
-        return sum(t.nbytes for t in self._copies.values() if id(t) not in own)
 
 
 __all__ = ["Decoder", "isa", "set_isa", "cpu_features", "available_isas", "address", "dequantize", "matvec",

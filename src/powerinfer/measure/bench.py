@@ -351,7 +351,7 @@ def func(args) -> int:
         print(json.dumps(doc, indent=1))
         return 0
     print(f"\nGB/s: {model['bytes_per_token'] / 2**20:.1f} MiB of weights per generated token (layer matrices, norms, "
-          f"output head, one embedding row; dense FFN{'' if not runner.sparse else '; tg rows: the FFN bytes the sparse decoder read'}) "
+          f"output head, one embedding row; {'dense FFN' if not runner.sparse else 'tg: the FFN bytes read'}) "
           f"x t/s. FFN: {sparse_desc}. Peak RSS {peak:.0f} MiB. "
           f"{args.repetitions} repetitions{'' if args.no_warmup else ' after 1 warm-up'}, "
           f"random token ids (seed {args.seed}).")

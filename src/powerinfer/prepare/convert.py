@@ -45,6 +45,6 @@ def func(args) -> int:
     if preds is not None and preds.n_layer != loaded.config.n_layer:
         raise PowerInferError(f"{preds.n_layer} predictor layers for a {loaded.config.n_layer}-layer model")
     out = write_powerinfer_gguf(src, Path(args.output).expanduser(), preds, args.outtype)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; predictors: "
-          f"{'none' if preds is None else f'{preds.n_layer} layers, ranks {min(preds.ranks())}..{max(preds.ranks())}'})")
+    ranks = "none" if preds is None else f"{preds.n_layer} layers, ranks {min(preds.ranks())}..{max(preds.ranks())}"
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; predictors: {ranks})")
     return 0

@@ -1,13 +1,14 @@
-"""`powerinfer train-predictors`: per-layer activation predictors fc2 · relu(fc1 · x) (no biases; PowerInfer's
-layout, reference/powerinfer.md 4) trained on a profile's samples (prepare/profile.py).
+"""`powerinfer train-predictors`: per-layer activation predictors fc2 · relu(fc1 · x) (no biases; PowerInfer's layout,
+reference/powerinfer.md 4) trained on a profile's samples (prepare/profile.py).
 
 Per layer: the profile's (residual, firing mask) samples, the last HELD_OUT of them held out. Loss: binary cross
-entropy on the logits with each entry weighted y (1 - w) + w, w = mean(y) + 0.005, which raises the weight of
-the (rarer) firings so training favours recall (the ProSparse team's recipe, reference/powerinfer.md 4.3); Adam.
-Per layer the logit threshold is set to keep --recall of the held-out firings, and the rank (from RANKS, up to
-the layer's share of the budget) is the one with the highest predicted sparsity at that recall. The total predictor size stays within --budget of the model's
-parameters (default 10 %, the paper's bound) by capping every layer's rank at the same value.
-Per-layer results are written as they finish (resumable: a rerun skips finished layers of the same profile).
+entropy on the logits with each entry weighted y (1 - w) + w, w = mean(y) + 0.005, which raises the weight of the
+(rarer) firings so training favours recall (the ProSparse team's recipe, reference/powerinfer.md 4.3); Adam. Per
+layer the logit threshold is set to keep --recall of the held-out firings, and the rank (from RANKS, up to the
+layer's share of the budget) is the one with the highest predicted sparsity at that recall. The total predictor size
+stays within --budget of the model's parameters (default 10 %, the paper's bound) by capping every layer's rank at
+the same value. Per-layer results are written as they finish (resumable: a rerun skips finished layers of the same
+profile).
 """
 from __future__ import annotations
 
