@@ -1,205 +1,319 @@
-"""`powerinfer solve`: which weights live on the fast tier (GPU) under a byte budget (reference/powerinfer.md 5).
+"""`powerinfer solve`: which weights get a copy on the fast tier (GPU) under a byte budget (reference/powerinfer.md
+5, 6.1, 2.6-2.7).
 
-Fill order, as upstream's allocator: attention (layer by layer) -> predictors -> norms -> output head -> KV cache
--> hot FFN neurons; each non-FFN part goes to the fast tier whole if it still fits.
-FFN neurons, cost model: neuron i of layer l costs b_l bytes (its gate row + up row + down_t row in their stored
-formats) and, when it sits on the fast tier, saves f_i * b_l * (1/B_slow - 1/B_fast) seconds per token, f_i its
-profiled firing frequency (a silent neuron is never read, a firing one is read from the tier it lives on). The
-saving per byte is f_i * const, so the best fill takes neurons by frequency, individually (not in groups),
-skipping one that no longer fits for smaller ones. Upstream's solver (global top-K groups of 256 neurons by
-summed count, reference 5.2) is computed on the same inputs, and the placement with the larger saving is kept,
-so ours never scores below it; the budget is respected to the byte.
-Layers are always identified by their number (upstream's export sorts activation_N.pt names as strings, so
-layer 10 read layer 2's statistics; reference 3).
+Fill order, as upstream's allocator (6.1): attention tensors of every layer (q, k, v, o, biases, attention norm)
+-> predictors (fc1, fc2) -> FFN norms -> output head and final norm -> KV cache (V, then K) -> hot FFN neurons.
+Each non-FFN tensor goes to the fast tier whole; the fill stops at the first one that does not fit.
+
+Cost model for FFN neurons (explicit, per token of decode):
+  bytes   b_l = the neuron's gate row + up row + down_t row in their stored formats (the same in every row of a layer)
+  value   f_i * b_l * (1/B_slow - 1/B_fast) seconds saved per token: a neuron is read only when it fires (f_i, its
+          profiled firing frequency), and then from the tier it lives on (B_fast, B_slow: read bandwidths).
+  not modelled: the per-layer CPU/GPU synchronisation (the paper's communication constraint; upstream's solver
+          drops it too) and compute time (decode FFNs are bound by weight reads).
+The value per byte is f_i * (1/B_slow - 1/B_fast): the bandwidths scale the score but do not change which
+neurons win (as long as the fast tier is faster), so the fill is a 0-1 knapsack solved greedily by frequency.
+Neurons go in groups of `align` (1 = each on its own; 32 keeps every layer's count a multiple of 32, which
+upstream's CUDA transpose-GEMM asserts); a group that no longer fits is skipped for smaller later ones.
+
+Upstream's rule (5.2, `upstream_placement`): per layer, neurons sorted by count and cut into groups of 256; the
+groups with the largest summed counts across all layers are taken, top-K, with K the most that fit (upstream sizes
+K with a neuron-count heuristic; here it is held to the same byte budget); no FFN split at all unless every
+non-FFN part fit. With equal bytes per neuron in every layer and 256 % align == 0, our greedy takes the top
+groups of a finer partition, which dominates. For other inputs (layers in different formats), a greedy knapsack
+can lose to a lucky fixed grouping, so `solve_placement` also scores upstream's groups on the same remaining
+budget and keeps them when they score higher: ours never scores below upstream's.
+Layers are identified by their number (upstream's export sorted activation_N.pt names as strings, so layer 10
+read layer 2's statistics; reference 3).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..errors import PowerInferError
+from ..formats.gpuidx import GPUIDX_SUFFIX, read_gpuidx, read_placement, write_gpuidx, write_placement
 from ..sparse.artifacts import DEFAULT_CACHE_DIR, model_fingerprint
 
-PLACEMENT_FORMAT = "powerinfer.placement"
-PLACEMENT_VERSION = 1
-UPSTREAM_GROUP = 256
+UPSTREAM_GROUP = 256  # upstream solver's --batch default, never overridden by its loader (reference 5.2)
 GIB = 1 << 30
+KV_BYTES = 2  # f16 KV cache, llama.cpp's default type
+DEFAULT_GPU_BW = 900e9  # assumed when no CUDA device can be measured (an A100/4090-class card reads ~0.9-1 TB/s)
 
 
 @dataclass
 class Placement:
-    hot: list[np.ndarray]  # per layer: sorted ids of the FFN neurons on the fast tier
-    parts: dict[str, int] = field(default_factory=dict)  # non-FFN parts placed: name -> bytes
+    hot: list[np.ndarray]  # per layer: ascending ids of the FFN neurons copied to the fast tier
+    neuron_bytes: list[int]  # per layer: bytes of one neuron's gate + up + down_t rows
+    parts: dict[str, int] = field(default_factory=dict)  # non-FFN parts placed: name -> bytes, in fill order
     budget: int = 0
-    ffn_bytes: int = 0
-    rule: str = "ours"
+    rule: str = ""
+
+    @property
+    def ffn_bytes(self) -> int:
+        return sum(len(h) * b for h, b in zip(self.hot, self.neuron_bytes))
 
     @property
     def used(self) -> int:
         return sum(self.parts.values()) + self.ffn_bytes
 
 
-def saving(hot: list[np.ndarray], freq: list[np.ndarray], neuron_bytes: list[int], fast_bw: float,
-           slow_bw: float) -> float:
-    """Seconds per token saved by serving these neurons from the fast tier (the cost model above)."""
-    k = 1.0 / slow_bw - 1.0 / fast_bw
-    return float(sum(freq[l][h].sum() * neuron_bytes[l] for l, h in enumerate(hot)) * k)
+class Solution(NamedTuple):
+    ours: Placement
+    upstream: Placement
 
 
-def fill_neurons(freq: list[np.ndarray], neuron_bytes: list[int], budget: int) -> tuple[list[np.ndarray], int]:
-    """Neurons by descending frequency (ties: lower layer, lower id), each taken if it still fits."""
-    lay = np.concatenate([np.full(len(f), l, dtype=np.int64) for l, f in enumerate(freq)])
-    ids = np.concatenate([np.arange(len(f), dtype=np.int64) for f in freq])
-    fr = np.concatenate(freq)
-    order = np.lexsort((ids, lay, -fr))
-    cost = np.asarray(neuron_bytes, dtype=np.int64)[lay[order]]
-    take = np.zeros(len(order), dtype=bool)
-    if len(set(neuron_bytes)) == 1:  # equal costs: a prefix
-        n = min(len(order), budget // max(1, neuron_bytes[0]))
-        take[:n] = True
-    else:
-        left = budget
-        for j in range(len(order)):
-            if cost[j] <= left:
-                take[j] = True
-                left -= cost[j]
+# -- scoring ------------------------------------------------------------------------------------------------
+
+def _bytes_weighted_firings(hot: list[np.ndarray], counts: list[np.ndarray], neuron_bytes: list[int]) -> float:
+    """sum over hot neurons of count * bytes, correctly rounded (math.fsum), so equal sets score equal and a
+    larger true sum never scores lower."""
+    terms = [np.asarray(c, dtype=np.float64)[h] * b for c, h, b in zip(counts, hot, neuron_bytes) if len(h)]
+    return math.fsum(np.concatenate(terms)) if terms else 0.0
+
+
+def score(placement: Placement, counts: list[np.ndarray], n_tokens: int, fast_bw: float = DEFAULT_GPU_BW,
+          slow_bw: float = 30e9) -> float:
+    """Expected seconds per token saved by the placement's FFN neurons (the module's cost model)."""
+    per_byte = 1.0 / slow_bw - 1.0 / fast_bw
+    return _bytes_weighted_firings(placement.hot, counts, placement.neuron_bytes) / max(1, n_tokens) * per_byte
+
+
+def firings_served(placement: Placement, counts: list[np.ndarray]) -> float:
+    """Expected firings (profiled counts) served by the fast tier, correctly rounded."""
+    return _bytes_weighted_firings(placement.hot, counts, [1] * len(counts))
+
+
+# -- the fills ----------------------------------------------------------------------------------------------
+
+def place_parts(parts: list[tuple[str, int]], budget: int) -> tuple[dict[str, int], int, bool]:
+    """Non-FFN parts in priority order, each whole, stopping at the first that does not fit (upstream's
+    allocator). Returns (placed name -> bytes, bytes left, whether every part fit)."""
+    placed, left = {}, budget
+    for name, nbytes in parts:
+        if nbytes > left:
+            return placed, left, False
+        placed[name] = nbytes
+        left -= nbytes
+    return placed, left, True
+
+
+def _hottest_first(c: np.ndarray) -> np.ndarray:
+    """Neuron ids by descending count, ties by ascending id (torch.topk leaves ties unspecified)."""
+    return np.lexsort((np.arange(len(c)), -c))
+
+
+def _take_in_order(cost: np.ndarray, budget: int) -> np.ndarray:
+    """Walk the items in order, taking each one that still fits (a mask). Vectorised: take the longest prefix
+    that fits, skip the item after it, drop every item costlier than what is left, repeat."""
+    take = np.zeros(len(cost), dtype=bool)
+    left = int(budget)
+    idx = np.arange(len(cost))
+    while len(idx):
+        csum = np.cumsum(cost[idx])
+        n = int(np.searchsorted(csum, left, side="right"))
+        take[idx[:n]] = True
+        if n:
+            left -= int(csum[n - 1])
+        idx = idx[n + 1:]
+        idx = idx[cost[idx] <= left]
+    return take
+
+
+def _fill_by_frequency(counts: list[np.ndarray], neuron_bytes: list[int], budget: int,
+                       align: int) -> list[np.ndarray]:
+    """Groups of `align` neurons (a layer's hottest first; its last group may be smaller) by descending mean
+    count, i.e. value per byte, each taken if it still fits."""
+    orders, dens, cost, lay, grp = [], [], [], [], []
+    for l, c in enumerate(counts):
+        order = _hottest_first(c)
+        orders.append(order)
+        if not len(c):
+            continue
+        starts = np.arange(0, len(c), align)
+        size = np.diff(np.append(starts, len(c)))
+        dens.append(np.add.reduceat(c[order], starts) / size)
+        cost.append(size.astype(np.int64) * neuron_bytes[l])
+        lay.append(np.full(len(starts), l))
+        grp.append(np.arange(len(starts)))
+    if not dens:
+        return [np.zeros(0, dtype=np.int64) for _ in counts]
+    dens, cost, lay, grp = map(np.concatenate, (dens, cost, lay, grp))
+    order = np.lexsort((grp, lay, -dens))
+    take = _take_in_order(cost[order], budget)
     chosen = order[take]
-    hot = [np.sort(ids[chosen][lay[chosen] == l]) for l in range(len(freq))]
-    return hot, int(cost[take].sum())
-
-
-def upstream_neurons(counts: list[np.ndarray], neuron_bytes: list[int], budget: int,
-                     group: int = UPSTREAM_GROUP) -> tuple[list[np.ndarray], int]:
-    """Upstream's rule: per layer, neurons sorted by count cut into groups of `group`; the groups with the
-    largest summed counts across all layers are taken while they fit; a layer's k groups are its top k*group
-    neurons (ties: lower id). Layers by number."""
-    groups = []  # (summed count, layer, index within layer)
-    for l, c in enumerate(counts):
-        s = np.sort(c)[::-1]
-        for g in range(len(c) // group):
-            groups.append((float(s[g * group:(g + 1) * group].sum()), l, g))
-    groups.sort(key=lambda t: (-t[0], t[1], t[2]))
-    k = [0] * len(counts)
-    left = budget
-    for _, l, g in groups:
-        size = group * neuron_bytes[l]
-        if size <= left and g == k[l]:  # a layer's groups come in order (they are sorted within the layer)
-            k[l] += 1
-            left -= size
+    by_layer = np.split(grp[chosen][np.argsort(lay[chosen], kind="stable")],
+                        np.cumsum(np.bincount(lay[chosen], minlength=len(counts)))[:-1])
     hot = []
+    for o, gs in zip(orders, by_layer):
+        taken = np.zeros(-(-len(o) // align), dtype=bool)
+        taken[gs] = True
+        hot.append(np.sort(o[taken[np.arange(len(o)) // align]]))  # a neuron is in group rank // align
+    return hot
+
+
+def _upstream_neurons(counts: list[np.ndarray], neuron_bytes: list[int], budget: int,
+                      group: int = UPSTREAM_GROUP) -> list[np.ndarray]:
+    """Upstream's FFN rule on `budget` bytes: global top-K groups of `group` by summed count (module doc).
+    Where n_ff is not a multiple of `group` (upstream's view(-1, 256) fails), the coldest remainder forms no group."""
+    if not counts:
+        return []
+    orders, sums, lay, grp = [], [], [], []
     for l, c in enumerate(counts):
-        order = np.lexsort((np.arange(len(c)), -c))
-        hot.append(np.sort(order[:k[l] * group]))
-    return hot, budget - left
+        order = _hottest_first(c)
+        orders.append(order)
+        n = len(c) // group
+        sums.append(c[order[:n * group]].reshape(n, group).sum(1))
+        lay.append(np.full(n, l))
+        grp.append(np.arange(n))
+    sums, lay, grp = map(np.concatenate, (sums, lay, grp))
+    order = np.lexsort((grp, lay, -sums))  # layers by number on ties
+    cost = np.asarray(neuron_bytes, dtype=np.int64)[lay[order]] * group
+    k = int(np.searchsorted(np.cumsum(cost), budget, side="right"))  # the top-K that fit
+    per_layer = np.bincount(lay[order[:k]], minlength=len(counts))
+    return [np.sort(o[:per_layer[l] * group]) for l, o in enumerate(orders)]
+
+
+def _checked(counts, neuron_bytes: list[int], budget: int) -> list[np.ndarray]:
+    """The counts as float64 arrays, after checking every input."""
+    counts = [np.asarray(c, dtype=np.float64).reshape(-1) for c in counts]
+    if any(len(c) and not (np.isfinite(c).all() and c.min() >= 0) for c in counts):
+        raise PowerInferError("firing counts must be finite and >= 0")
+    if len(neuron_bytes) != len(counts):
+        raise PowerInferError(f"{len(counts)} layers of counts but {len(neuron_bytes)} neuron sizes")
+    if any(int(b) != b or b <= 0 for b in neuron_bytes):
+        raise PowerInferError("bytes per neuron must be positive integers")
+    if budget < 0:
+        raise PowerInferError(f"the budget must be >= 0 bytes, got {budget}")
+    return counts
+
+
+def upstream_placement(counts: list[np.ndarray], neuron_bytes: list[int], parts: list[tuple[str, int]],
+                       budget: int, group: int = UPSTREAM_GROUP) -> Placement:
+    """Upstream PowerInfer's placement (reference 5.2, 6.1): the non-FFN parts, then, only if all of them fit,
+    the global top-K groups of `group` neurons by summed count, layers in numeric order."""
+    counts = _checked(counts, neuron_bytes, budget)
+    placed, left, complete = place_parts(parts, budget)
+    hot = _upstream_neurons(counts, neuron_bytes, left, group) if complete else \
+        [np.zeros(0, dtype=np.int64) for _ in counts]
+    return Placement(hot, list(neuron_bytes), placed, budget, f"upstream (top-K groups of {group})")
 
 
 def solve_placement(counts: list[np.ndarray], n_tokens: int, neuron_bytes: list[int], parts: list[tuple[str, int]],
-                    budget: int, fast_bw: float = 900e9, slow_bw: float = 30e9) -> tuple[Placement, Placement]:
-    """(ours, upstream's) placements. `parts`: the non-FFN parts in priority order as (name, bytes)."""
-    if budget < 0:
-        raise PowerInferError("the budget must be >= 0")
-    placed, left = {}, budget
-    for name, nbytes in parts:
-        if nbytes <= left:
-            placed[name] = nbytes
-            left -= nbytes
-    freq = [np.asarray(c, dtype=np.float64) / max(1, n_tokens) for c in counts]
-    hot, used = fill_neurons(freq, neuron_bytes, left)
-    up_hot, up_used = upstream_neurons([np.asarray(c, dtype=np.float64) for c in counts], neuron_bytes, left)
-    ours = Placement(hot, dict(placed), budget, used, "ours")
-    theirs = Placement(up_hot, dict(placed), budget, up_used, "upstream (top-K groups of 256)")
-    if saving(up_hot, freq, neuron_bytes, fast_bw, slow_bw) > saving(hot, freq, neuron_bytes, fast_bw, slow_bw):
-        ours = Placement(up_hot, dict(placed), budget, up_used, "ours (upstream's groups scored higher)")
-    return ours, theirs
+                    budget: int, fast_bw: float = DEFAULT_GPU_BW, slow_bw: float = 30e9,
+                    align: int = 1) -> Solution:
+    """Our placement and upstream's on the same inputs. `parts`: the non-FFN parts in priority order as
+    (name, bytes); `counts[l]`: layer l's per-neuron firing counts over `n_tokens` tokens."""
+    if align < 1 or UPSTREAM_GROUP % align:
+        raise PowerInferError(f"align must divide {UPSTREAM_GROUP}, got {align}")
+    counts = _checked(counts, neuron_bytes, budget)
+    upstream = upstream_placement(counts, neuron_bytes, parts, budget)
+    placed, left, _ = place_parts(parts, budget)
+    if not 1.0 / slow_bw - 1.0 / fast_bw > 0:  # the "fast" tier is not faster: every neuron costs time there
+        hot = [np.zeros(0, dtype=np.int64) for _ in counts]
+        return Solution(Placement(hot, list(neuron_bytes), placed, budget, "none (fast tier not faster)"), upstream)
+    # Unlike upstream, neurons also use what is left when a non-FFN part did not fit: it is still budget.
+    hot = _fill_by_frequency(counts, neuron_bytes, left, align)
+    rule = f"ours (groups of {align} by firing frequency)"
+    theirs = _upstream_neurons(counts, neuron_bytes, left)
+    if _bytes_weighted_firings(theirs, counts, neuron_bytes) > _bytes_weighted_firings(hot, counts, neuron_bytes):
+        hot, rule = theirs, "ours (upstream's groups of 256 scored higher on these inputs)"
+    return Solution(Placement(hot, list(neuron_bytes), placed, budget, rule), upstream)
 
 
-def model_parts(loaded, n_ctx: int, predictor_bytes: int = 0) -> tuple[list[tuple[str, int]], list[int]]:
-    """Non-FFN parts in upstream's priority order, and FFN bytes per neuron per layer (gate + up + down_t rows)."""
+# -- the model's parts ------------------------------------------------------------------------------------------
+
+def model_parts(loaded, n_ctx: int, predictor_bytes: int | None = None) -> tuple[list[tuple[str, int]], list[int]]:
+    """Non-FFN parts in upstream's priority order as (category.layer.tensor, bytes), and the bytes per FFN neuron
+    of each layer. Predictors: `predictor_bytes` as one part (0: none), or by default the file's fc1/fc2 if any."""
     cfg, w = loaded.config, loaded.weights
-    parts = [(f"attention.{i}", sum(t.nbytes for t in (lw.q_proj, lw.k_proj, lw.v_proj, lw.o_proj, lw.q_bias,
-                                                        lw.k_bias, lw.v_bias) if t is not None))
-             for i, lw in enumerate(w.layers)]
-    if predictor_bytes:
-        parts.append(("predictors", predictor_bytes))
-    parts.append(("norms", sum(t.nbytes for lw in w.layers for t in (lw.input_layernorm,
-                                                                       lw.post_attention_layernorm)) + w.norm.nbytes))
-    parts.append(("output", w.lm_head.nbytes))
-    parts.append(("kv_cache", 2 * cfg.n_layer * n_ctx * cfg.n_head_kv * cfg.head_dim * 2))
+    parts = []
+    for i, lw in enumerate(w.layers):
+        for name in ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias"):
+            t = getattr(lw, name)
+            if t is not None:
+                parts.append((f"attention.{i}.{name}", t.nbytes))
+    if predictor_bytes is not None:
+        parts += [("predictors", int(predictor_bytes))] if predictor_bytes > 0 else []
+    else:
+        for i in range(cfg.n_layer):
+            for name in ("fc1", "fc2"):
+                t = loaded.extra_tensors.get(f"blk.{i}.{name}.weight")
+                if t is not None:
+                    parts.append((f"predictors.{i}.{name}", t.nbytes))
+    parts += [(f"norms.{i}.post_attention_layernorm", lw.post_attention_layernorm.nbytes)
+              for i, lw in enumerate(w.layers)]
+    parts += [("output.lm_head", w.lm_head.nbytes), ("output.norm", w.norm.nbytes)]
+    kv = n_ctx * cfg.n_head_kv * cfg.head_dim * KV_BYTES
+    parts += [(f"kv_cache.v.{i}", kv) for i in range(cfg.n_layer)]  # upstream places V before K
+    parts += [(f"kv_cache.k.{i}", kv) for i in range(cfg.n_layer)]
     per_neuron = []
     for lw in w.layers:
-        down = lw.down_t.row_bytes if lw.down_t is not None else lw.down_proj.nbytes // cfg.n_ff
+        # A down row is one neuron's column of down_proj; in a block format it costs nbytes / n_ff (rounded up).
+        down = lw.down_t.row_bytes if lw.down_t is not None else -(-lw.down_proj.nbytes // lw.down_proj.cols)
         per_neuron.append(lw.up_proj.row_bytes + (lw.gate_proj.row_bytes if lw.gate_proj is not None else 0) + down)
     return parts, per_neuron
 
 
-# -- upstream's activation files and .gpuidx ------------------------------------------------------------------
+# -- inputs ---------------------------------------------------------------------------------------------------
 
-def load_activation_dir(directory, n_layer: int) -> list[np.ndarray]:
-    """activation_0.pt .. activation_{L-1}.pt by layer number (tensors only: weights_only=True)."""
+def load_activation_dir(directory, n_layer: int, n_ff: int | None = None) -> list[np.ndarray]:
+    """Upstream's activation_0.pt .. activation_{L-1}.pt, by layer number (tensors only: weights_only=True)."""
     directory = Path(directory).expanduser()
+    hint = "run `powerinfer profile -m MODEL` first (it writes activation/activation_N.pt)"
+    if not directory.is_dir():
+        raise PowerInferError(f"{directory}: no activation counts here; {hint}")
+    if (directory / f"activation_{n_layer}.pt").exists():
+        raise PowerInferError(f"{directory}: has activation_{n_layer}.pt, but the model has {n_layer} layers "
+                              "(counts of another model?)")
     out = []
     for i in range(n_layer):
         p = directory / f"activation_{i}.pt"
         if not p.is_file():
-            raise PowerInferError(f"{p}: missing (run `powerinfer profile -m MODEL`, which writes "
-                                  f"activation/activation_N.pt)")
+            raise PowerInferError(f"{p}: missing; {hint}")
         try:
-            t = torch.load(p, weights_only=True)
-        except Exception as e:  # a pickle with code, or not a torch file at all
+            t = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle with code in it, or not a torch file at all
             raise PowerInferError(f"{p}: not a tensor file ({e.__class__.__name__})") from None
-        out.append(np.asarray(t, dtype=np.float64).reshape(-1))
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or (n_ff is not None and t.numel() != n_ff):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise PowerInferError(f"{p}: expected a 1-D tensor of {n_ff or 'n_ff'} counts, got {shape}")
+        c = t.double().numpy()
+        if not (np.isfinite(c).all() and (c >= 0).all()):
+            raise PowerInferError(f"{p}: counts must be finite and >= 0")
+        out.append(c)
     return out
 
 
-def write_gpuidx(path, hot: list[np.ndarray], n_ff: int, vram_capacity: int) -> Path:
-    """Upstream's `<model>.generated.gpuidx`: a GGUF (arch generic.gpu_index) with per layer blk.N.gpu_idx (I32
-    [n_ff] 0/1) then blk.N.gpu_bucket (I32 sorted ids), split.vram_capacity, and the PWRI magic."""
-    from gguf import GGUFWriter
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    wr = GGUFWriter(str(tmp), "generic.gpu_index")
-    wr.add_uint32("generic.gpu_index.block_count", len(hot))
-    wr.add_uint64("split.vram_capacity", int(vram_capacity))
-    for i, h in enumerate(hot):
-        idx = np.zeros(n_ff, dtype=np.int32)
-        idx[h] = 1
-        wr.add_tensor(f"blk.{i}.gpu_idx", idx)
-        bucket = np.sort(h).astype(np.int32)
-        wr.add_tensor(f"blk.{i}.gpu_bucket", bucket if len(bucket) else np.zeros(0, dtype=np.int32))
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
-    with open(tmp, "r+b") as fh:
-        fh.write(b"PWRI")
-    tmp.replace(path)
-    return path
+def counts_sha256(counts: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for c in counts:
+        h.update(np.ascontiguousarray(c, dtype=np.float64).tobytes())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
-def read_gpuidx(path) -> tuple[list[np.ndarray], int]:
-    """(per-layer hot neuron ids, split.vram_capacity) of a .gpuidx; tensors read by position like upstream."""
-    from ..formats.gguf import open_gguf
-
-    reader, _ = open_gguf(path)
-    fields = {f.name: f for f in reader.fields.values()}
-    cap = int(fields["split.vram_capacity"].parts[-1][0]) if "split.vram_capacity" in fields else 0
-    ts = reader.tensors
-    if len(ts) % 2:
-        raise PowerInferError(f"{path}: {len(ts)} tensors; a .gpuidx has two per layer")
-    hot = []
-    for i in range(len(ts) // 2):
-        idx, bucket = ts[2 * i], ts[2 * i + 1]
-        b = np.asarray(bucket.data, dtype=np.int64).reshape(-1)
-        if not np.array_equal(np.flatnonzero(np.asarray(idx.data).reshape(-1)), np.sort(b)):
-            raise PowerInferError(f"{path}: layer {i}: gpu_idx and gpu_bucket disagree")
-        hot.append(b)
-    return hot, cap
+def measure_read_bandwidth(device: str = "cpu", nbytes: int = 128 << 20, repeats: int = 3) -> float:
+    """Bytes per second of one streaming reduction over a buffer larger than the caches (best of `repeats`)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first pass faults the pages in
+        sync()
+        t = time.perf_counter()
+        x.sum()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
 
 
 # -- CLI -------------------------------------------------------------------------------------------------------
@@ -207,80 +321,189 @@ def read_gpuidx(path) -> tuple[list[np.ndarray], int]:
 def add_parser(sub) -> None:
     p = sub.add_parser("solve", help="place hot FFN neurons on the fast tier (GPU) under a VRAM budget",
                        description="Fill the fast tier in upstream's priority order (attention, predictors, norms, "
-                                   "output head, KV cache, then hot FFN neurons by profiled firing frequency) and "
-                                   "write the placement plus an upstream-compatible <model>.generated.gpuidx.")
+                                   "output head, KV cache, then hot FFN neurons by profiled firing frequency); "
+                                   "write an upstream-compatible <model>.generated.gpuidx and our placement file.")
     p.add_argument("-m", "--model", metavar="PATH", help="GGUF file or HF directory (default: the bundled model)")
     p.add_argument("--vram-budget", type=float, required=True, metavar="GiB", help="fast-tier budget in GiB")
-    p.add_argument("--activation", metavar="DIR", help="directory of activation_N.pt (default: the model's "
-                   "cached profile, ~/.cache/powerinfer/<fingerprint>/profile/activation)")
+    p.add_argument("--activation", metavar="DIR", help="directory of activation_N.pt (default: the model's cached "
+                   "profile, ~/.cache/powerinfer/<fingerprint>/profile/activation)")
     p.add_argument("-c", "--ctx-size", dest="n_ctx", type=int, default=4096, metavar="N",
                    help="context the KV cache is sized for (default: 4096)")
-    p.add_argument("--gpu-bandwidth", type=float, default=900.0, metavar="GB/s",
-                   help="fast-tier read bandwidth (default: 900)")
-    p.add_argument("--cpu-bandwidth", type=float, default=30.0, metavar="GB/s",
-                   help="slow-tier read bandwidth (default: 30, one Zen 4 core from DRAM)")
-    p.add_argument("--predictor-bytes", type=int, default=0, metavar="N", help="bytes of predictors to place")
-    p.add_argument("--reset-gpu-index", action="store_true", help="re-solve even if the output exists")
+    p.add_argument("--gpu-bandwidth", type=float, metavar="GB/s",
+                   help="fast-tier read bandwidth (default: measured on CUDA, else 900)")
+    p.add_argument("--cpu-bandwidth", type=float, metavar="GB/s", help="slow-tier read bandwidth (default: measured)")
+    p.add_argument("--predictor-bytes", type=int, metavar="N",
+                   help="bytes of predictors to place (default: the model file's fc1/fc2, else the cached "
+                        "predictors of `powerinfer train-predictors` as f16, else none)")
+    p.add_argument("--align", type=int, default=32, metavar="N",
+                   help="place neurons in groups of N (a divisor of 256; default 32, upstream's CUDA path needs "
+                        "multiples of 32 per layer; 1 = finest)")
+    p.add_argument("--reset-gpu-index", action="store_true", help="solve again even if the output is up to date")
     p.add_argument("--disable-gpu-index", action="store_true",
-                   help="place no FFN neurons (all stay on the CPU); the other parts are still placed")
+                   help="place no FFN neurons (the other parts are still placed); the .gpuidx is not touched")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="the .gpuidx to write (default: ~/.cache/powerinfer/<fingerprint>/<model>.generated.gpuidx; "
-                        "the placement JSON goes beside it)")
+                        "the placement file <name>.placement.json goes beside it)")
     p.set_defaults(func=func)
+
+
+def _cached_predictor_bytes(fp: str) -> int:
+    from .train import default_predictors_path
+
+    path = default_predictors_path(fp)
+    if not path.is_file():
+        return 0
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:  # shapes only, no tensor data
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) * 2  # as f16 on the fast tier
+    except Exception as e:
+        raise PowerInferError(f"{path}: unreadable predictors ({e.__class__.__name__}); retrain them or give "
+                              "--predictor-bytes") from None
+
+
+def _profile_tokens(act_dir: Path, fp: str) -> int | None:
+    """n_tokens of the profile that wrote act_dir (profile.json beside it), refusing another model's profile."""
+    meta_path = act_dir.parent / "profile.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PowerInferError(f"{meta_path}: unreadable ({e})") from None
+    if meta.get("fingerprint") not in (None, fp):
+        raise PowerInferError(f"{meta_path}: profiled model {meta.get('fingerprint')}, but this model is {fp} "
+                              "(re-run `powerinfer profile -m MODEL`)")
+    return int(meta["n_tokens"]) if meta.get("n_tokens") else None
+
+
+def _reuse(gpuidx: Path, placement: Path, fp: str, key: dict, cfg) -> tuple[list[np.ndarray] | None, str]:
+    """The cached hot sets if both files exist and were solved from exactly `key`; else (None, why not)."""
+    if not gpuidx.is_file():
+        return None, ""
+    try:
+        idx = read_gpuidx(gpuidx, cfg.n_layer, cfg.n_ff)
+        doc = read_placement(placement, fp)
+    except PowerInferError as e:
+        return None, f"{e}: solving again"
+    if idx.vram_capacity != key["budget_bytes"]:
+        return None, (f"{gpuidx} was solved for {idx.vram_capacity / GIB:.4g} GiB, not "
+                      f"{key['budget_bytes'] / GIB:.4g} GiB: solving again")
+    changed = [k for k, v in key.items() if doc.get("inputs", {}).get(k) != v]
+    if changed or any(not np.array_equal(a, b) for a, b in zip(idx.hot_index, doc["hot_index"])):
+        return None, f"{placement}: solved from other inputs ({', '.join(changed) or 'hot sets'}): solving again"
+    return idx.hot_index, f"{gpuidx} is up to date; reusing it (--reset-gpu-index solves again)"
+
+
+def _bandwidths(args) -> tuple[dict, tuple[float, float]]:
+    """Fast and slow tier read bandwidths in bytes/s: given, else measured, else (no CUDA) assumed."""
+    slow_bw = args.cpu_bandwidth * 1e9 if args.cpu_bandwidth else measure_read_bandwidth("cpu")
+    slow_note = "given" if args.cpu_bandwidth else "measured"
+    if args.gpu_bandwidth:
+        fast_bw, fast_note = args.gpu_bandwidth * 1e9, "given"
+    elif torch.cuda.is_available():
+        fast_bw, fast_note = measure_read_bandwidth("cuda"), "measured"
+    else:
+        fast_bw, fast_note = DEFAULT_GPU_BW, "assumed: no CUDA device"
+    record = {"fast_bytes_per_s": fast_bw, "slow_bytes_per_s": slow_bw, "fast": fast_note, "slow": slow_note}
+    return record, (fast_bw, slow_bw)
 
 
 def func(args) -> int:
     from ..formats.loader import load_model
+    from .profile import default_profile_dir
 
-    if not args.vram_budget >= 0:
-        raise PowerInferError(f"--vram-budget must be >= 0 GiB, got {args.vram_budget}")
-    if args.gpu_bandwidth <= 0 or args.cpu_bandwidth <= 0:
-        raise PowerInferError("bandwidths must be > 0")
+    align = getattr(args, "align", 32)
+    if not (math.isfinite(args.vram_budget) and args.vram_budget >= 0):
+        raise PowerInferError(f"--vram-budget must be a finite number of GiB >= 0, got {args.vram_budget}")
+    for name in ("gpu_bandwidth", "cpu_bandwidth"):
+        v = getattr(args, name, None)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise PowerInferError(f"--{name.replace('_', '-')} must be > 0 GB/s, got {v}")
+    if align < 1 or UPSTREAM_GROUP % align:
+        raise PowerInferError(f"--align must divide {UPSTREAM_GROUP}, got {align}")
+    if args.n_ctx < 1:
+        raise PowerInferError(f"--ctx-size must be >= 1, got {args.n_ctx}")
+    log = sys.stderr
     loaded = load_model(args.model)
-    cfg = loaded.config
-    fp = model_fingerprint(loaded)
+    cfg, fp = loaded.config, model_fingerprint(loaded)
     budget = int(args.vram_budget * GIB)
+    pred = args.predictor_bytes if args.predictor_bytes is not None else \
+        (None if "blk.0.fc1.weight" in loaded.extra_tensors else _cached_predictor_bytes(fp))
+    parts, per_neuron = model_parts(loaded, args.n_ctx, pred)
     out = Path(args.output).expanduser() if args.output else \
-        DEFAULT_CACHE_DIR.expanduser() / fp / f"{loaded.path.name}.generated.gpuidx"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.is_file() and not args.reset_gpu_index and not args.disable_gpu_index:
-        _, cap = read_gpuidx(out)
-        if cap == budget:
-            print(f"solve: {out} was solved for this budget ({cap} bytes); reusing it (--reset-gpu-index re-solves)",
-                  file=sys.stderr)
-            return 0
-        print(f"solve: {out} was solved for {cap / GIB:.2f} GiB, not {args.vram_budget:g} GiB: re-solving",
-              file=sys.stderr)
-    act_dir = Path(args.activation).expanduser() if args.activation else \
-        DEFAULT_CACHE_DIR.expanduser() / fp / "profile" / "activation"
-    counts = load_activation_dir(act_dir, cfg.n_layer)
-    profile_json = act_dir.parent / "profile.json"
-    n_tokens = json.loads(profile_json.read_text())["n_tokens"] if profile_json.is_file() else \
-        int(max(c.max() for c in counts)) or 1
-    parts, per_neuron = model_parts(loaded, args.n_ctx, args.predictor_bytes)
-    ours, up = solve_placement(counts, n_tokens, per_neuron, parts, budget,
-                               args.gpu_bandwidth * 1e9, args.cpu_bandwidth * 1e9)
-    if args.disable_gpu_index:
-        ours = Placement([np.zeros(0, dtype=np.int64) for _ in range(cfg.n_layer)], ours.parts, budget, 0,
-                         "disabled")
-    freq = [c / n_tokens for c in counts]
-    s_ours = saving(ours.hot, freq, per_neuron, args.gpu_bandwidth * 1e9, args.cpu_bandwidth * 1e9)
-    s_up = saving(up.hot, freq, per_neuron, args.gpu_bandwidth * 1e9, args.cpu_bandwidth * 1e9)
-    write_gpuidx(out, ours.hot, cfg.n_ff, budget)
-    doc = {"format": PLACEMENT_FORMAT, "version": PLACEMENT_VERSION, "fingerprint": fp, "budget_bytes": budget,
-           "gpu_bandwidth": args.gpu_bandwidth, "cpu_bandwidth": args.cpu_bandwidth, "n_ctx": args.n_ctx,
-           "rule": ours.rule, "parts": ours.parts, "ffn_bytes": ours.ffn_bytes, "used_bytes": ours.used,
-           "hot": [h.tolist() for h in ours.hot], "saving_s_per_token": s_ours,
-           "upstream_saving_s_per_token": s_up, "activation": str(act_dir), "gpuidx": str(out)}
-    meta_path = out.with_suffix(".placement.json")
-    meta_path.write_text(json.dumps(doc) + "\n")
-    total = [c.sum() for c in counts]
-    print("layer  hot neurons  hot MiB  firings covered")
-    for i, h in enumerate(ours.hot):
-        cov = counts[i][h].sum() / max(1.0, total[i])
-        print(f"{i:5d}  {len(h):11d}  {len(h) * per_neuron[i] / 2**20:7.2f}  {cov:15.1%}")
-    print(f"fast tier: {ours.used / GIB:.3f} of {args.vram_budget:g} GiB used ({ours.ffn_bytes / 2**20:.1f} MiB hot "
-          f"FFN neurons; non-FFN parts placed: {len(ours.parts)}); expected saving {1e3 * s_ours:.3f} ms/token vs "
-          f"upstream's rule {1e3 * s_up:.3f} ms/token")
-    print(f"wrote {out} and {meta_path}")
+        DEFAULT_CACHE_DIR.expanduser() / fp / (loaded.path.name + GPUIDX_SUFFIX)
+    placement_path = out.with_name(out.name.removesuffix(GPUIDX_SUFFIX).removesuffix(".gpuidx") + ".placement.json")
+
+    if args.disable_gpu_index:  # upstream: no solve, no index file; every FFN neuron stays on the slow tier
+        bandwidths, _ = _bandwidths(args)
+        placed, _, _ = place_parts(parts, budget)
+        p = Placement([np.zeros(0, dtype=np.int64) for _ in range(cfg.n_layer)], per_neuron, placed, budget,
+                      "disabled (--disable-gpu-index)")
+        write_placement(placement_path, fp, p.hot, {"inputs": {"budget_bytes": budget, "ffn": "disabled"},
+                                                    "parts": p.parts, "bandwidths": bandwidths, "rule": p.rule})
+        _print_parts(p, parts)
+        print(f"FFN neurons: none on the fast tier (--disable-gpu-index); {out} not touched; wrote {placement_path}")
+        return 0
+
+    act_dir = Path(args.activation).expanduser() if args.activation else default_profile_dir(fp) / "activation"
+    counts = load_activation_dir(act_dir, cfg.n_layer, cfg.n_ff)
+    n_tokens = _profile_tokens(act_dir, fp)
+    if n_tokens is None:
+        n_tokens = max(1, int(math.ceil(max(c.max() for c in counts))))
+        print(f"solve: no profile.json beside {act_dir}: frequencies taken relative to the largest count "
+              f"({n_tokens}); this scales the reported times only", file=log)
+    bandwidths, (fast_bw, slow_bw) = _bandwidths(args)
+    fast_note, bw_note = bandwidths["fast"], bandwidths["slow"]
+    key = {"budget_bytes": budget, "n_ctx": args.n_ctx, "align": align, "parts": [list(p) for p in parts],
+           "neuron_bytes": per_neuron, "counts_sha256": counts_sha256(counts), "fast_faster": fast_bw > slow_bw}
+    sol = solve_placement(counts, n_tokens, per_neuron, parts, budget, fast_bw, slow_bw, align)
+    ours = sol.ours
+    cached, why = (None, "") if args.reset_gpu_index else _reuse(out, placement_path, fp, key, cfg)
+    if why:
+        print(f"solve: {why}", file=log)
+    if cached is not None:
+        ours = Placement(cached, per_neuron, ours.parts, budget, ours.rule)
+    s_ours = score(ours, counts, n_tokens, fast_bw, slow_bw)
+    s_up = score(sol.upstream, counts, n_tokens, fast_bw, slow_bw)
+    if cached is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_gpuidx(out, ours.hot, cfg.n_ff, budget)
+        record = {"inputs": key, "activation": str(act_dir), "n_tokens": n_tokens, "bandwidths": bandwidths,
+                  "rule": ours.rule, "parts": ours.parts, "ffn_bytes": ours.ffn_bytes, "used_bytes": ours.used,
+                  "saving_s_per_token": s_ours, "upstream_saving_s_per_token": s_up, "gpuidx": str(out)}
+        write_placement(placement_path, fp, ours.hot, record)
+    _print_table(ours, sol.upstream, counts)
+    _print_parts(ours, parts)
+    print(f"fast tier: {ours.used:,} of {budget:,} bytes used ({ours.ffn_bytes / 2**20:.2f} MiB hot FFN neurons); "
+          f"expected FFN read time saved {1e3 * s_ours:.4f} ms/token vs upstream's rule {1e3 * s_up:.4f} ms/token "
+          f"(fast tier {fast_bw / 1e9:.0f} GB/s {fast_note}, slow tier {slow_bw / 1e9:.1f} GB/s {bw_note}; "
+          f"{n_tokens} profiled tokens)")
+    if cached is None:
+        print(f"wrote {out} and {placement_path}")
     return 0
+
+
+def _print_table(ours: Placement, upstream: Placement, counts: list[np.ndarray]) -> None:
+    print("layer  hot neurons  hot MiB  firings covered  | upstream: hot  covered")
+    for i, (h, u, c) in enumerate(zip(ours.hot, upstream.hot, counts)):
+        total = max(1e-300, c.sum())
+        print(f"{i:5d}  {len(h):11d}  {len(h) * ours.neuron_bytes[i] / 2**20:7.2f}  {c[h].sum() / total:15.1%}  "
+              f"| {len(u):13d}  {c[u].sum() / total:7.1%}")
+    total = max(1e-300, math.fsum(c.sum() for c in counts))
+    print(f"total  {sum(map(len, ours.hot)):11d}  {ours.ffn_bytes / 2**20:7.2f}  "
+          f"{firings_served(ours, counts) / total:15.1%}  | {sum(map(len, upstream.hot)):13d}  "
+          f"{firings_served(upstream, counts) / total:7.1%}")
+
+
+def _print_parts(p: Placement, parts: list[tuple[str, int]]) -> None:
+    """Non-FFN parts placed per category, in fill order."""
+    cats: dict[str, list[int]] = {}
+    for name, nbytes in parts:
+        row = cats.setdefault(name.split(".")[0], [0, 0, 0, 0])  # tensors placed, tensors, bytes placed, bytes
+        on = name in p.parts
+        row[:] = [a + b for a, b in zip(row, (on, 1, nbytes * on, nbytes))]
+    print("non-FFN parts on the fast tier, in fill order:")
+    for k, (n, of, b, total) in cats.items():
+        print(f"  {k:10s} {n:5d} of {of:5d} tensors  {b / 2**20:9.2f} of {total / 2**20:9.2f} MiB")
