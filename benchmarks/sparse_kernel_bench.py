@@ -1,6 +1,6 @@
 """Neuron-sparse kernels against our dense path and the machine's DRAM bandwidth, weights streaming from DRAM.
 
-    python benchmarks/sparse_kernel_bench.py [--shape 7b|smollm2] [--sparsity 0.5 0.9 0.99] [--threads 1]
+    python benchmarks/sparse_kernel_bench.py [--shape 7b|smollm2] [--sparsity 0.5 0.9 0.99] [--threads 2 1]
                                              [--formats F32 F16 BF16 Q8_0 Q4_0 Q4_1] [--repeats 5]
 
 Per format, at the layer shape (7B: 11008 neurons x d_model 4096):
@@ -9,7 +9,9 @@ Per format, at the layer shape (7B: 11008 neurons x d_model 4096):
   gather  row-sparse dot of the k = (1-s) * n_ff active neurons' rows (gate/up of the active neurons);
   axpy    neuron-major axpy over the same k rows of down_t (the down projection of the active neurons).
 GB/s = bytes of the rows touched / time; "%DRAM" divides by the read bandwidth measured in the same run (an
-AVX-512 sum over 1 GiB with the same thread count). "x dense" = dense time / sparse time.
+AVX-512 sum over 1 GiB with the same thread count). "x dense" = dense time / sparse time. One table per thread
+count: with every core of the machine (the default's first), the kernels against the machine's read bandwidth;
+with one, a core's share (one core does not saturate DRAM, and on an SMT pair two threads share one core's units).
 Cold: every call reads another copy of the weights (copies total >= 512 MiB, 16 random sorted index sets), so
 nothing is reused from the 32 MiB L3. Each number is the median of --repeats interleaved runs.
 """
@@ -70,14 +72,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=list(SHAPES), default="7b")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.9, 0.99])
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="one table per thread count")
     p.add_argument("--formats", nargs="+", default=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
+    for threads in args.threads:
+        table(args, threads)
+        print()
+    return 0
+
+
+def table(args, threads: int) -> None:
     n_ff, d = SHAPES[args.shape]
     rng = np.random.default_rng(0)
-    bw = dram_bandwidth(args.threads, args.repeats)
-    print(f"shape {args.shape}: {n_ff} neurons x d_model {d}; {args.threads} thread(s); ISA {kernels.isa()}; "
+    bw = dram_bandwidth(threads, args.repeats)
+    print(f"shape {args.shape}: {n_ff} neurons x d_model {d}; {threads} thread(s); ISA {kernels.isa()}; "
           f"DRAM read bandwidth {bw / 1e9:.1f} GB/s (median of {args.repeats})\n")
     print("| format | s | dense us | gather us | gather GB/s | %DRAM | x dense | axpy us | axpy GB/s | %DRAM | x dense |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -96,14 +105,14 @@ def main(argv=None) -> int:
             times[("gather", s)], times[("axpy", s)] = [], []
         for _ in range(args.repeats):  # interleaved: every kernel once per repeat
             times[("dense",)].append(_C.bench_sparse(0, int(qtype), addrs(dense_mat), d, n_ff, (), 0, h.data_ptr(),
-                                                     args.threads, iters))
+                                                     threads, iters))
             for s in args.sparsity:
                 ids = tuple(i.data_ptr() for i in idx_sets[s])
                 k = idx_sets[s][0].numel()
                 times[("gather", s)].append(_C.bench_sparse(1, int(qtype), addrs(rows_mat), n_ff, d, ids, k,
-                                                            x.data_ptr(), args.threads, iters))
+                                                            x.data_ptr(), threads, iters))
                 times[("axpy", s)].append(_C.bench_sparse(2, int(qtype), addrs(rows_mat), n_ff, d, ids, k,
-                                                          h.data_ptr(), args.threads, iters))
+                                                          h.data_ptr(), threads, iters))
         dense = statistics.median(times[("dense",)])
         for s in args.sparsity:
             k = idx_sets[s][0].numel()
@@ -114,7 +123,6 @@ def main(argv=None) -> int:
                 cells += [f"{t / 1e3:.1f}", f"{gbs:.1f}", f"{gbs * 1e9 / bw:.0%}", f"{dense / t:.1f}"]
             print("| " + " | ".join(cells) + " |", flush=True)
         del rows_mat, dense_mat
-    return 0
 
 
 if __name__ == "__main__":
