@@ -62,12 +62,6 @@ def addrs(arrays):
     return tuple(kernels.address(a) for a in arrays)
 
 
-def dram_bandwidth(n_threads: int, repeats: int) -> float:
-    buf = np.ones(1 << 30, dtype=np.uint8)
-    ns = statistics.median(_C.read_bandwidth(kernels.address(buf), 1 << 30, n_threads, 2) for _ in range(repeats))
-    return (1 << 30) / ns * 1e9  # bytes per second
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=list(SHAPES), default="7b")
@@ -85,7 +79,7 @@ def main(argv=None) -> int:
 def table(args, threads: int) -> None:
     n_ff, d = SHAPES[args.shape]
     rng = np.random.default_rng(0)
-    bw = dram_bandwidth(threads, args.repeats)
+    bw = kernels.read_bandwidth(threads, repeats=args.repeats)
     print(f"shape {args.shape}: {n_ff} neurons x d_model {d}; {threads} thread(s); ISA {kernels.isa()}; "
           f"DRAM read bandwidth {bw / 1e9:.1f} GB/s (median of {args.repeats})\n")
     print("| format | s | dense us | gather us | gather GB/s | %DRAM | x dense | axpy us | axpy GB/s | %DRAM | x dense |")

@@ -180,6 +180,17 @@ def transposed(t: QTensor, name: str | None = None) -> QTensor:
     return QTensor(name or f"{t.name}.T", QT(qtype), (t.cols, t.rows), data)
 
 
+def read_bandwidth(n_threads: int = 1, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second of a plain sequential read over a buffer far larger than the caches, split over
+    n_threads (median of `repeats` passes after one that faults the pages in): the DRAM bandwidth the sparse
+    kernels are measured against and the slow tier's speed in the placement cost model."""
+    import statistics
+
+    buf = np.ones(nbytes, dtype=np.uint8)
+    ns = statistics.median(_C.read_bandwidth(address(buf), nbytes, n_threads, 1) for _ in range(repeats))
+    return nbytes / ns * 1e9
+
+
 def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1) -> "_C.Decoder":
     """A Decoder bound to ModelWeights / KVCache / ModelConfig; the arrays it reads are kept alive on it
     (`dec._keep`). Block-format matrices are repacked once (dec.packed_bytes) for the 16-row kernels."""

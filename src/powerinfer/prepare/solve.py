@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -302,10 +303,15 @@ def counts_sha256(counts: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def measure_read_bandwidth(device: str = "cpu", nbytes: int = 128 << 20, repeats: int = 3) -> float:
-    """Bytes per second of one streaming reduction over a buffer larger than the caches (best of `repeats`)."""
+def measure_read_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, repeats: int = 3) -> float:
+    """Bytes per second of one streaming read over a buffer larger than the caches: on the CPU the kernels' probe
+    with every core (decode runs on all of them), on CUDA a torch reduction (best of `repeats`)."""
+    if device == "cpu":
+        from ..kernels import read_bandwidth
+
+        return read_bandwidth(len(os.sched_getaffinity(0)), nbytes, repeats)
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = torch.cuda.synchronize
     best = math.inf
     for _ in range(repeats + 1):  # the first pass faults the pages in
         sync()
