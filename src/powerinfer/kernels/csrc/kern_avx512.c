@@ -350,7 +350,10 @@ AI __m512 cvt_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v))
 AI void axpy_blocks(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y,
                     const int QT) {
     const int b0 = c0 / PI_QK, b1 = (c1 + PI_QK - 1) / PI_QK;
-    const __m512 nib = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    /* nibble values; Q4_0's -8 is in the table, Q4_1's m goes into the per-block offset */
+    const float z = QT == 0 ? -8.0f : 0.0f;
+    const __m512 nib = _mm512_add_ps(_mm512_set1_ps(z),
+                                     _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     for (int j = 0; j < n; j += PAIR_ROWS) {
         const int nr = n - j < PAIR_ROWS ? n - j : PAIR_ROWS;
         const uint8_t *w[PAIR_ROWS];
@@ -380,10 +383,12 @@ AI void axpy_blocks(const pi_mat *m, const int32_t *idx, const float *h, int n, 
                     float sd;
                     if (QT == 0) {
                         const pi_blk_q4_0 *blk = (const pi_blk_q4_0 *)w[k] + b;
-                        qs = blk->qs; sd = hs[k] * h2f(blk->d); off -= 8.0f * sd;
+                        qs = blk->qs; sd = hs[k] * _mm_cvtss_f32(_mm_cvtph_ps(_mm_loadu_si32(blk)));
                     } else {
                         const pi_blk_q4_1 *blk = (const pi_blk_q4_1 *)w[k] + b;
-                        qs = blk->qs; sd = hs[k] * h2f(blk->d); off += hs[k] * h2f(blk->m);
+                        const __m128 dm = _mm_cvtph_ps(_mm_loadu_si32(blk)); /* d, m */
+                        qs = blk->qs; sd = hs[k] * _mm_cvtss_f32(dm);
+                        off += hs[k] * _mm_cvtss_f32(_mm_movehdup_ps(dm));
                     }
                     /* nibble -> float by table lookup: vpermps reads only the low 4 bits of each index lane,
                      * so the widened bytes index the table directly (low nibble), and after a shift (high) */
@@ -397,7 +402,7 @@ AI void axpy_blocks(const pi_mat *m, const int32_t *idx, const float *h, int n, 
                     y1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(t, 4), nib), s, y1);
                 }
             }
-            if (QT != 2) {
+            if (QT == 1) {
                 const __m512 o = _mm512_set1_ps(off);
                 y0 = _mm512_add_ps(y0, o);
                 y1 = _mm512_add_ps(y1, o);
