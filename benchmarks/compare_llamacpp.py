@@ -184,7 +184,7 @@ def quality(ours, ref, tokens, chunk=512):
     """Perplexity of both engines on the same chunks, their top-1 agreement, and as the yardstick for that
     agreement, llama.cpp against itself: its batched logits vs its one-token-per-call logits, which differ only in
     the order of floating-point sums (and where those flip an activation's 8-bit rounding)."""
-    nll_a, nll_b, agree, self_agree, kl, n = 0.0, 0.0, 0, 0, 0.0, 0
+    nll_a, nll_b, agree, self_agree, kl, self_kl, n = 0.0, 0.0, 0, 0, 0.0, 0.0, 0
     for start in range(0, len(tokens) - chunk + 1, chunk):
         ids = tokens[start:start + chunk]
         la, lb = log_softmax(ours.all_logits(ids)[:-1]), log_softmax(ref.all_logits(ids)[:-1])
@@ -193,13 +193,15 @@ def quality(ours, ref, tokens, chunk=512):
         nll_a -= la[rows, tgt].sum()
         nll_b -= lb[rows, tgt].sum()
         agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
-        self_agree += int((ref.stepwise_logits(ids)[:-1].argmax(-1) == lb.argmax(-1)).sum())
+        ls = log_softmax(ref.stepwise_logits(ids)[:-1])
+        self_agree += int((ls.argmax(-1) == lb.argmax(-1)).sum())
+        self_kl += float((np.exp(lb) * (lb - ls)).sum())
         kl += float((np.exp(lb) * (lb - la)).sum())
         n += len(tgt)
         print(f"  chunk {start // chunk + 1}: ppl ours {np.exp(nll_a / n):.4f} llama.cpp {np.exp(nll_b / n):.4f}",
               file=sys.stderr)
     return dict(n=n, ppl_ours=float(np.exp(nll_a / n)), ppl_ref=float(np.exp(nll_b / n)),
-                top1=agree / n, top1_self=self_agree / n, kl=kl / n)
+                top1=agree / n, top1_self=self_agree / n, kl=kl / n, kl_self=self_kl / n)
 
 
 def main(argv=None):
@@ -330,7 +332,8 @@ def main(argv=None):
             "",
             f"Perplexity ratio {q['ppl_ours'] / q['ppl_ref']:.4f}; top-1 agreement {100 * q['top1']:.2f}%; "
             f"mean KL(llama.cpp || ours) {q['kl']:.5f} nats. For scale, llama.cpp against itself (its batched "
-            f"logits vs the same tokens one per call) agrees on {100 * q['top1_self']:.2f}% of top-1 tokens.",
+            f"logits vs the same tokens one per call) agrees on {100 * q['top1_self']:.2f}% of top-1 tokens, mean KL "
+            f"{q['kl_self']:.5f} nats.",
             "",
             f"`powerinfer perplexity` convention (llama-perplexity's: -c 512, second half of each chunk scored, "
             f"{q['lp_chunks']} chunks): powerinfer {q['lp_ours']:.4f}, llama.cpp's logits {q['lp_ref']:.4f}.",
