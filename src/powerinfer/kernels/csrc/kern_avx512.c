@@ -273,35 +273,45 @@ ROWSF(rows_f16, uint16_t, a->h, ld_f16)
 ROWSF(rows_bf16, uint16_t, a->bh, ld_bf16)
 ROWSF(rows_f32_4, float, a->f, ld_f32)
 
-/* F32 rows of 6 KiB and more (7B: 16 KiB): one row at a time, each line prefetched ROW_PF_BYTES ahead, running on
- * into the next selected row near the end. One long stream at a time reads closer to the sequential rate than
- * four interleaved ones (7B s=0.9 from DRAM, 1 thread: 27.4 -> 29.8 GB/s; 1, 2, 3, 4, 6 and 8 KiB ahead gave
- * 25.3, 28.2, 28.2, 29.8, 29.9 and 28.3). */
-#define ROW_PF_BYTES 6144
+/* F32 rows of 2 KiB and more (7B: 16 KiB), 4 per pass, each line prefetched ROW_PF_BYTES ahead in the same rows,
+ * running on into the next pass's rows near the end, instead of the same columns two passes later (7B s=0.9 from
+ * DRAM: 1 thread 27.4 -> 32.5 GB/s, 2 threads 54 -> 63.5 GB/s when the host gives 80; one row at a time with 6
+ * KiB ahead reached 29.8 and 58; 4 KiB ahead 30.6). F16/BF16 rows stay as they are: converting the rows binds
+ * them (F16 26.9 GB/s this way vs 29 GB/s). */
+#define ROW_PF_BYTES 2048
 static void rows_f32(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y) {
     const int n = m->cols;
     const size_t rb = (size_t)n * sizeof(float);
-    if (!idx || n % 64 || rb < ROW_PF_BYTES) {
+    if (!idx || n % 16 || rb < ROW_PF_BYTES) {
         rows_f32_4(m, idx, r0, r1, a, y);
         return;
     }
     const float *xv = a->f;
-    for (int r = r0; r < r1; r++) {
-        const char *w = (const char *)(m->raw + (size_t)PI_ROW(idx, r) * m->row_bytes);
-        const char *next = r + 1 < r1 ? (const char *)(m->raw + (size_t)PI_ROW(idx, r + 1) * m->row_bytes) : NULL;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int c = 0; c < n; c += 64) { /* 256 bytes: 4 lines */
-            const size_t ahead = (size_t)c * sizeof(float) + ROW_PF_BYTES;
-            const char *pf = ahead < rb ? w + ahead : next ? next + (ahead - rb) : NULL;
-            if (pf)
-                for (int l = 0; l < 4; l++) _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
-            const float *wc = (const float *)w + c;
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wc), _mm512_loadu_ps(xv + c), a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wc + 16), _mm512_loadu_ps(xv + c + 16), a1);
-            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wc + 32), _mm512_loadu_ps(xv + c + 32), a2);
-            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wc + 48), _mm512_loadu_ps(xv + c + 48), a3);
+    const __mmask16 all = 0xFFFF;
+    for (int r = r0; r < r1; r += 4) {
+        const int nr = r1 - r < 4 ? r1 - r : 4;
+        const float *w[4];
+        const char *nx[4];
+        __m512 acc[4];
+        for (int k = 0; k < 4; k++) {
+            w[k] = (const float *)(m->raw + (size_t)PI_ROW(idx, r + (k < nr ? k : 0)) * m->row_bytes);
+            nx[k] = r + 4 + k < r1 ? (const char *)(m->raw + (size_t)PI_ROW(idx, r + 4 + k) * m->row_bytes) : NULL;
+            acc[k] = _mm512_setzero_ps();
         }
-        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        for (int c = 0; c < n; c += 16) {
+            const size_t ahead = (size_t)c * sizeof(float) + ROW_PF_BYTES;
+            if (((ahead - 1) >> 6) != ((ahead + 16 * sizeof(float) - 1) >> 6)) {
+                if (ahead < rb) {
+                    for (int k = 0; k < 4; k++) _mm_prefetch((const char *)w[k] + ahead, _MM_HINT_T0);
+                } else {
+                    for (int k = 0; k < 4; k++)
+                        if (nx[k]) _mm_prefetch(nx[k] + (ahead - rb), _MM_HINT_T0);
+                }
+            }
+            const __m512 x = ld_f32(xv + c, all);
+            for (int k = 0; k < 4; k++) acc[k] = _mm512_fmadd_ps(ld_f32(w[k] + c, all), x, acc[k]);
+        }
+        for (int k = 0; k < nr; k++) y[r + k] = _mm512_reduce_add_ps(acc[k]);
     }
 }
 
@@ -341,49 +351,58 @@ AI __mmask16 tail16(int left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask
         }                                                                                                \
     }
 AXPYF(axpy_rows_f32_4, float, ld_f32)
-/* F32 column ranges of 2 KiB and more: the 4 rows' lines prefetched AXPY_PF_BYTES ahead, running on into the
+AXPYF(axpy_rows_f16_4, uint16_t, ld_f16)
+AXPYF(axpy_rows_bf16_4, uint16_t, ld_bf16)
+
+/* Float column ranges of 2 KiB and more: the 4 rows' lines prefetched AXPY_PF_BYTES ahead, running on into the
  * next pass's rows near the end, instead of the same columns two passes later (7B s=0.9 from DRAM, 1 thread:
- * 28 -> 35.5 GB/s; 1, 2, 3 and 6 KiB ahead gave 33.5, 35.6, 35.3 and 33.0). */
+ * F32 28 -> 35.5 GB/s, 1, 2, 3 and 6 KiB ahead gave 33.5, 35.6, 35.3 and 33.0; F16 and BF16 28 -> 32). */
 #define AXPY_PF_BYTES 2048
-static void axpy_rows_f32(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) {
-    const size_t span = (size_t)(c1 - c0) * sizeof(float);
-    if ((c1 - c0) % 16 || span < AXPY_PF_BYTES) {
-        axpy_rows_f32_4(m, idx, h, n, c0, c1, y);
-        return;
+#define AXPY_LONG(NAME, T, LD, SHORT)                                                                    \
+    static void NAME(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) { \
+        const size_t span = (size_t)(c1 - c0) * sizeof(T);                                               \
+        if ((c1 - c0) % 16 || span < AXPY_PF_BYTES) {                                                    \
+            SHORT(m, idx, h, n, c0, c1, y);                                                              \
+            return;                                                                                      \
+        }                                                                                                \
+        const __mmask16 all = 0xFFFF;                                                                    \
+        for (int j = 0; j < n; j += 4) {                                                                 \
+            const int nr = n - j < 4 ? n - j : 4;                                                        \
+            const T *w[4];                                                                               \
+            const char *nx[4];                                                                           \
+            float hs[4];                                                                                 \
+            for (int k = 0; k < 4; k++) {                                                                \
+                w[k] = (const T *)(m->raw + (size_t)idx[j + (k < nr ? k : 0)] * m->row_bytes) + c0;      \
+                hs[k] = k < nr ? h[j + k] : 0.0f;                                                        \
+                nx[k] = j + 4 + k < n ? (const char *)(m->raw + (size_t)idx[j + 4 + k] * m->row_bytes) + \
+                                            (size_t)c0 * sizeof(T)                                       \
+                                      : NULL;                                                            \
+            }                                                                                            \
+            const __m512 h0 = _mm512_set1_ps(hs[0]), h1 = _mm512_set1_ps(hs[1]);                        \
+            const __m512 h2 = _mm512_set1_ps(hs[2]), h3 = _mm512_set1_ps(hs[3]);                        \
+            float *yc = y + c0;                                                                          \
+            for (int c = 0; c < c1 - c0; c += 16) {                                                      \
+                const size_t ahead = (size_t)c * sizeof(T) + AXPY_PF_BYTES;                              \
+                if (((ahead - 1) >> 6) != ((ahead + 16 * sizeof(T) - 1) >> 6)) { /* a new line */        \
+                    if (ahead < span) {                                                                  \
+                        for (int k = 0; k < 4; k++) _mm_prefetch((const char *)w[k] + ahead, _MM_HINT_T0); \
+                    } else {                                                                             \
+                        for (int k = 0; k < 4; k++)                                                      \
+                            if (nx[k]) _mm_prefetch(nx[k] + (ahead - span), _MM_HINT_T0);                \
+                    }                                                                                    \
+                }                                                                                        \
+                __m512 acc = _mm512_loadu_ps(yc + c);                                                    \
+                acc = _mm512_fmadd_ps(LD(w[0] + c, all), h0, acc);                                       \
+                acc = _mm512_fmadd_ps(LD(w[1] + c, all), h1, acc);                                       \
+                acc = _mm512_fmadd_ps(LD(w[2] + c, all), h2, acc);                                       \
+                acc = _mm512_fmadd_ps(LD(w[3] + c, all), h3, acc);                                       \
+                _mm512_storeu_ps(yc + c, acc);                                                           \
+            }                                                                                            \
+        }                                                                                                \
     }
-    for (int j = 0; j < n; j += 4) {
-        const int nr = n - j < 4 ? n - j : 4;
-        const float *w[4];
-        const char *nx[4];
-        float hs[4];
-        for (int k = 0; k < 4; k++) {
-            w[k] = (const float *)(m->raw + (size_t)idx[j + (k < nr ? k : 0)] * m->row_bytes) + c0;
-            hs[k] = k < nr ? h[j + k] : 0.0f;
-            nx[k] = j + 4 + k < n ? (const char *)(m->raw + (size_t)idx[j + 4 + k] * m->row_bytes) + (size_t)c0 * 4
-                                  : NULL;
-        }
-        const __m512 h0 = _mm512_set1_ps(hs[0]), h1 = _mm512_set1_ps(hs[1]);
-        const __m512 h2 = _mm512_set1_ps(hs[2]), h3 = _mm512_set1_ps(hs[3]);
-        float *yc = y + c0;
-        for (int c = 0; c < c1 - c0; c += 16) {
-            const size_t ahead = (size_t)c * sizeof(float) + AXPY_PF_BYTES;
-            if (ahead < span) {
-                for (int k = 0; k < 4; k++) _mm_prefetch((const char *)w[k] + ahead, _MM_HINT_T0);
-            } else {
-                for (int k = 0; k < 4; k++)
-                    if (nx[k]) _mm_prefetch(nx[k] + (ahead - span), _MM_HINT_T0);
-            }
-            __m512 acc = _mm512_loadu_ps(yc + c);
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(w[0] + c), h0, acc);
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(w[1] + c), h1, acc);
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(w[2] + c), h2, acc);
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(w[3] + c), h3, acc);
-            _mm512_storeu_ps(yc + c, acc);
-        }
-    }
-}
-AXPYF(axpy_rows_f16, uint16_t, ld_f16)
-AXPYF(axpy_rows_bf16, uint16_t, ld_bf16)
+AXPY_LONG(axpy_rows_f32, float, ld_f32, axpy_rows_f32_4)
+AXPY_LONG(axpy_rows_f16, uint16_t, ld_f16, axpy_rows_f16_4)
+AXPY_LONG(axpy_rows_bf16, uint16_t, ld_bf16, axpy_rows_bf16_4)
 
 AI __m512 cvt_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
 
