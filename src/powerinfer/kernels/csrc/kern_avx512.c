@@ -426,6 +426,10 @@ AI void axpy_blocks(const pi_mat *m, const int32_t *idx, const float *h, int n, 
         row_prefetch_ptrs(m, idx, n, j + PF_ROWS, pf);
         row_prefetch_ptrs(m, idx, n, j + PF_ROWS + 4, pg);
         const size_t bb = QT == 2 ? sizeof(pi_blk_q8_0) : QT == 1 ? sizeof(pi_blk_q4_1) : sizeof(pi_blk_q4_0);
+        /* per row, its nibble table times h: the lookup yields h (q - 8) (Q4_0) or h q (Q4_1), one multiply
+         * fewer per row and block (7B s=0.9 from L2, 1 thread: Q4_0 27.1 -> 28.0 GB/s, Q4_1 24.7 -> 26.0) */
+        __m512 tab[PAIR_ROWS];
+        _Pragma("GCC unroll 8") for (int k = 0; k < PAIR_ROWS; k++) tab[k] = _mm512_mul_ps(nib, _mm512_set1_ps(hs[k]));
         for (int b = b0; b < b1; b++) {
             float *yb = y + (size_t)b * PI_QK;
             row_prefetch_lines(pf, (size_t)b * bb, bb);
@@ -443,23 +447,23 @@ AI void axpy_blocks(const pi_mat *m, const int32_t *idx, const float *h, int n, 
                     float sd;
                     if (QT == 0) {
                         const pi_blk_q4_0 *blk = (const pi_blk_q4_0 *)w[k] + b;
-                        qs = blk->qs; sd = hs[k] * _mm_cvtss_f32(_mm_cvtph_ps(_mm_loadu_si32(blk)));
+                        qs = blk->qs; sd = _mm_cvtss_f32(_mm_cvtph_ps(_mm_loadu_si32(blk)));
                     } else {
                         const pi_blk_q4_1 *blk = (const pi_blk_q4_1 *)w[k] + b;
                         const __m128 dm = _mm_cvtph_ps(_mm_loadu_si32(blk)); /* d, m */
-                        qs = blk->qs; sd = hs[k] * _mm_cvtss_f32(dm);
+                        qs = blk->qs; sd = _mm_cvtss_f32(dm);
                         off += hs[k] * _mm_cvtss_f32(_mm_movehdup_ps(dm));
                     }
-                    /* nibble -> float by table lookup: vpermps reads only the low 4 bits of each index lane,
-                     * so the widened bytes index the table directly (low nibble), and after a shift (high) */
+                    /* nibble -> h * value by table lookup: vpermps reads only the low 4 bits of each index
+                     * lane, so the widened bytes index the table directly (low nibble), and after a shift (high) */
                     const __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
                     /* the scale goes through memory so the FMAs broadcast it from a load: a register
                      * broadcast is one more shuffle per row and block, and the shuffle units bind here
                      * (7B s=0.9 Q4_0 from L2, 1 thread: 19.4 -> 21.7 GB/s; Q8_0 is faster without it) */
                     volatile float sdm = sd;
                     const __m512 s = _mm512_broadcastss_ps(_mm_load_ss((const float *)&sdm));
-                    y0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(t, nib), s, y0);
-                    y1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(t, 4), nib), s, y1);
+                    y0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(t, tab[k]), s, y0);
+                    y1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(t, 4), tab[k]), s, y1);
                 }
             }
             if (QT == 1) {
