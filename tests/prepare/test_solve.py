@@ -332,6 +332,7 @@ def test_cli_default_paths(capsys, tmp_path, monkeypatch, tiny_llama_gguf):
     """Without --activation / -o / --predictor-bytes: the profile and the trained predictors under
     ~/.cache/powerinfer/<fingerprint>/, and the index beside them."""
     from powerinfer.formats.loader import load_model
+    from powerinfer.prepare.profile import PROFILE_FORMAT, PROFILE_VERSION
     from powerinfer.prepare.train import default_predictors_path
     from powerinfer.sparse.predictor import PredictorSet
 
@@ -342,9 +343,10 @@ def test_cli_default_paths(capsys, tmp_path, monkeypatch, tiny_llama_gguf):
     assert "powerinfer profile" in _one_line_error(capsys, main(args))
     prof = tmp_path / ".cache" / "powerinfer" / fp / "profile"
     _write_activation(prof / "activation", [np.arange(512) for _ in range(12)])
-    (prof / "profile.json").write_text(json.dumps({"fingerprint": "0123456789abcdef", "n_tokens": 5000}))
+    meta = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "n_tokens": 5000}
+    (prof / "profile.json").write_text(json.dumps({**meta, "fingerprint": "0123456789abcdef"}))
     assert "profiled model 0123456789abcdef" in _one_line_error(capsys, main(args))
-    (prof / "profile.json").write_text(json.dumps({"fingerprint": fp, "n_tokens": 5000}))
+    (prof / "profile.json").write_text(json.dumps({**meta, "fingerprint": fp}))
     preds = PredictorSet([torch.zeros(8, 64) for _ in range(12)], [torch.zeros(512, 8) for _ in range(12)])
     preds.save(default_predictors_path(fp))
     assert main(args) == 0

@@ -13,13 +13,13 @@ from (model fingerprint, budget, tier bandwidths, hash of the firing counts, ...
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import PowerInferError
+from .artifact import read_json_artifact, write_json_artifact
 from .gguf import PWRI_MAGIC, open_gguf
 
 GPUIDX_ARCH = "generic.gpu_index"
@@ -111,34 +111,16 @@ def read_gpuidx(path: str | Path, n_layer: int | None = None, n_ff: int | None =
 def write_placement(path: str | Path, fingerprint: str, hot_index: list[np.ndarray], record: dict) -> Path:
     """Write the placement artifact atomically. `record` holds what it was solved from and what it scored
     (budget_bytes, bandwidths, counts hash, parts placed, ...): plain JSON values."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": PLACEMENT_FORMAT, "version": PLACEMENT_VERSION, "fingerprint": fingerprint, **record,
            "hot_index": [np.asarray(h, dtype=np.int64).tolist() for h in hot_index]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_json_artifact(path, doc)
 
 
 def read_placement(path: str | Path, fingerprint: str) -> dict:
     """The artifact's record with `hot_index` as int64 arrays; PowerInferError if it is missing, malformed,
     another format version, or made for another model."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise PowerInferError(f"{path}: no such placement file")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PowerInferError(f"{path}: not a placement file ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != PLACEMENT_FORMAT:
-        raise PowerInferError(f"{path}: not a placement file (expected format {PLACEMENT_FORMAT!r})")
-    if doc.get("version") != PLACEMENT_VERSION:
-        raise PowerInferError(f"{path}: placement format version {doc.get('version')!r}; this powerinfer reads "
-                              f"version {PLACEMENT_VERSION} (re-run `powerinfer solve`)")
-    if doc.get("fingerprint") != fingerprint:
-        raise PowerInferError(f"{path}: solved for model {doc.get('fingerprint')}, but this model is {fingerprint} "
-                              "(re-run `powerinfer solve -m MODEL`)")
+    doc = read_json_artifact(path, kind="placement", fmt=PLACEMENT_FORMAT, version=PLACEMENT_VERSION,
+                             fingerprint=fingerprint, made="solved for model", remake="powerinfer solve")
     try:
         doc["hot_index"] = [np.asarray(h, dtype=np.int64).reshape(-1) for h in doc["hot_index"]]
     except (KeyError, TypeError, ValueError) as e:

@@ -19,7 +19,6 @@ Output directory (default ~/.cache/powerinfer/<fingerprint>/profile):
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PowerInferError
+from ..formats.artifact import read_json_artifact, write_json_artifact
 from ..model.llama import Transformer, dense
 from ..sparse.artifacts import DEFAULT_CACHE_DIR, model_fingerprint, text_sha256
 from ..sparse.ffn import activation_fn, ffn_hidden
@@ -123,12 +123,8 @@ def load_profile(directory, fingerprint: str | None = None) -> Profile:
     path = directory / "profile.json"
     if not path.is_file():
         raise PowerInferError(f"{directory}: no profile here (run `powerinfer profile -m MODEL` first)")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != PROFILE_FORMAT or meta.get("version") != PROFILE_VERSION:
-        raise PowerInferError(f"{path}: not a version-{PROFILE_VERSION} profile (re-run `powerinfer profile`)")
-    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
-        raise PowerInferError(f"{path}: profiled model {meta.get('fingerprint')}, but this model is {fingerprint} "
-                              "(re-run `powerinfer profile -m MODEL`)")
+    meta = read_json_artifact(path, kind="profile", fmt=PROFILE_FORMAT, version=PROFILE_VERSION,
+                              fingerprint=fingerprint, made="profiled model", remake="powerinfer profile")
     return Profile(directory, meta, np.load(directory / "counts.npy"))
 
 
@@ -223,7 +219,7 @@ def run_profile(loaded, tokens: list[int], text_info: dict, out_dir: Path, n_tok
     act_dir.mkdir(exist_ok=True)
     for i in range(cfg.n_layer):  # upstream's layout, unpadded names
         torch.save(torch.from_numpy(counts[i].copy()), act_dir / f"activation_{i}.pt")
-    (out_dir / "profile.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_json_artifact(out_dir / "profile.json", meta, indent=1)
     plots = plot(counts, n_tok, out_dir, loaded.path.name)
     print(f"profile: {n_tok} tokens, criterion {criterion}; wrote {out_dir} ({', '.join(p.name for p in plots)})",
           file=log)

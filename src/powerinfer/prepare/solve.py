@@ -29,7 +29,6 @@ read layer 2's statistics; reference 3).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import sys
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import PowerInferError
+from ..formats.artifact import read_json_artifact
 from ..formats.gpuidx import GPUIDX_SUFFIX, read_gpuidx, read_placement, write_gpuidx, write_placement
 from ..sparse.artifacts import DEFAULT_CACHE_DIR, model_fingerprint
 
@@ -370,17 +370,15 @@ def _cached_predictor_bytes(fp: str) -> int:
 
 
 def _profile_tokens(act_dir: Path, fp: str) -> int | None:
-    """n_tokens of the profile that wrote act_dir (profile.json beside it), refusing another model's profile."""
+    """n_tokens of the profile that wrote act_dir (profile.json beside it; upstream's directories have none),
+    refusing another model's profile."""
+    from .profile import PROFILE_FORMAT, PROFILE_VERSION
+
     meta_path = act_dir.parent / "profile.json"
     if not meta_path.is_file():
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PowerInferError(f"{meta_path}: unreadable ({e})") from None
-    if meta.get("fingerprint") not in (None, fp):
-        raise PowerInferError(f"{meta_path}: profiled model {meta.get('fingerprint')}, but this model is {fp} "
-                              "(re-run `powerinfer profile -m MODEL`)")
+    meta = read_json_artifact(meta_path, kind="profile", fmt=PROFILE_FORMAT, version=PROFILE_VERSION,
+                              fingerprint=fp, made="profiled model", remake="powerinfer profile")
     return int(meta["n_tokens"]) if meta.get("n_tokens") else None
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PowerInferError
+from ..formats.artifact import read_json_artifact, write_json_artifact
 
 THRESHOLDS_FORMAT = "powerinfer.thresholds"
 THRESHOLDS_VERSION = 1
@@ -126,34 +127,15 @@ class Thresholds:
         return {"format": THRESHOLDS_FORMAT, "version": THRESHOLDS_VERSION, **asdict(self)}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)  # never leave a half-written artifact behind
-        return path
+        return write_json_artifact(path, self.to_json(), indent=1)
 
 
 def load_thresholds(path: str | Path, fingerprint: str) -> Thresholds:
     """Read a thresholds artifact made for the model with `fingerprint` (model_fingerprint(loaded)).
 
     PowerInferError for a missing or malformed file, another format version, or another model."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise PowerInferError(f"{path}: no such thresholds file")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PowerInferError(f"{path}: not a thresholds file ({e})") from None
-    if not isinstance(d, dict) or d.get("format") != THRESHOLDS_FORMAT:
-        found = d.get("format") if isinstance(d, dict) else type(d).__name__
-        raise PowerInferError(f"{path}: not a thresholds file (format {found!r}, expected {THRESHOLDS_FORMAT!r})")
-    if d.get("version") != THRESHOLDS_VERSION:
-        raise PowerInferError(f"{path}: thresholds format version {d.get('version')!r}; this powerinfer reads "
-                              f"version {THRESHOLDS_VERSION} (recalibrate with `powerinfer calibrate`)")
-    if d.get("fingerprint") != fingerprint:
-        raise PowerInferError(f"{path}: calibrated for model {d.get('fingerprint')}, but this model is {fingerprint} "
-                              f"(recalibrate with `powerinfer calibrate -m MODEL`)")
+    d = read_json_artifact(path, kind="thresholds", fmt=THRESHOLDS_FORMAT, version=THRESHOLDS_VERSION,
+                           fingerprint=fingerprint, made="calibrated for model", remake="powerinfer calibrate")
     fields = {k: d[k] for k in ("method", "target_sparsity", "values", "fingerprint", "calibration", "achieved",
                                 "evaluation", "model") if k in d}
     try:
