@@ -444,14 +444,14 @@ AI void axpy_blocks(const pi_mat *m, const int32_t *idx, const float *h, int n, 
                     y1 = _mm512_fmadd_ps(cvt_i8(_mm_loadu_si128((const __m128i *)(blk->qs + 16))), s, y1);
                 } else {
                     const uint8_t *qs;
-                    float sd;
+                    float d;
                     if (QT == 0) {
                         const pi_blk_q4_0 *blk = (const pi_blk_q4_0 *)w[k] + b;
-                        qs = blk->qs; sd = _mm_cvtss_f32(_mm_cvtph_ps(_mm_loadu_si32(blk)));
+                        qs = blk->qs; d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_loadu_si32(blk)));
                     } else {
                         const pi_blk_q4_1 *blk = (const pi_blk_q4_1 *)w[k] + b;
                         const __m128 dm = _mm_cvtph_ps(_mm_loadu_si32(blk)); /* d, m */
-                        qs = blk->qs; sd = _mm_cvtss_f32(dm);
+                        qs = blk->qs; d = _mm_cvtss_f32(dm);
                         off += hs[k] * _mm_cvtss_f32(_mm_movehdup_ps(dm));
                     }
                     /* nibble -> h * value by table lookup: vpermps reads only the low 4 bits of each index
@@ -460,8 +460,8 @@ AI void axpy_blocks(const pi_mat *m, const int32_t *idx, const float *h, int n, 
                     /* the scale goes through memory so the FMAs broadcast it from a load: a register
                      * broadcast is one more shuffle per row and block, and the shuffle units bind here
                      * (7B s=0.9 Q4_0 from L2, 1 thread: 19.4 -> 21.7 GB/s; Q8_0 is faster without it) */
-                    volatile float sdm = sd;
-                    const __m512 s = _mm512_broadcastss_ps(_mm_load_ss((const float *)&sdm));
+                    volatile float dv = d;
+                    const __m512 s = _mm512_broadcastss_ps(_mm_load_ss((const float *)&dv));
                     y0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(t, tab[k]), s, y0);
                     y1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(t, 4), tab[k]), s, y1);
                 }
