@@ -8,6 +8,8 @@ see bf16-rounded activations as in ggml (vec_dot_type BF16). The slow twins are 
 """
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import torch
 
@@ -184,8 +186,6 @@ def read_bandwidth(n_threads: int = 1, nbytes: int = 1 << 30, repeats: int = 5) 
     """Bytes per second of a plain sequential read over a buffer far larger than the caches, split over
     n_threads (median of `repeats` passes after one that faults the pages in): the DRAM bandwidth the sparse
     kernels are measured against and the slow tier's speed in the placement cost model."""
-    import statistics
-
     buf = np.ones(nbytes, dtype=np.uint8)
     ns = statistics.median(_C.read_bandwidth(address(buf), nbytes, n_threads, 1) for _ in range(repeats))
     return nbytes / ns * 1e9

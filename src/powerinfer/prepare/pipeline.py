@@ -71,13 +71,13 @@ def func(args) -> int:
     ps = train_predictors(loaded, prof, out, args.recall, args.budget, log=log)
     print_report(ps)
     if args.vram_budget is not None:
-        from types import SimpleNamespace
-
         from . import solve
 
-        solve.func(SimpleNamespace(model=args.model, vram_budget=args.vram_budget, activation=None, n_ctx=4096,
-                                   gpu_bandwidth=900.0, cpu_bandwidth=30.0, predictor_bytes=ps.n_params() * 2,
-                                   reset_gpu_index=args.force, disable_gpu_index=False, output=None))
+        argv = ["--vram-budget", str(args.vram_budget), "--gpu-bandwidth", "900", "--cpu-bandwidth", "30",
+                "--predictor-bytes", str(ps.n_params() * 2)]
+        argv += ["-m", args.model] if args.model else []
+        argv += ["--reset-gpu-index"] if args.force else []
+        solve.func(solve.parse_args(argv))
     print(f"prepare: done in {time.perf_counter() - t0:.0f} s; predictors {out}; plots {prof_dir}/power_law.png, "
           f"{prof_dir}/sparsity.png. Use them with: powerinfer run --sparsity {args.target_sparsity if th else 'auto'} "
           f"--predictors {out}", file=log)

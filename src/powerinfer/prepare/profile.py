@@ -123,9 +123,13 @@ def load_profile(directory, fingerprint: str | None = None) -> Profile:
     path = directory / "profile.json"
     if not path.is_file():
         raise PowerInferError(f"{directory}: no profile here (run `powerinfer profile -m MODEL` first)")
-    meta = read_json_artifact(path, kind="profile", fmt=PROFILE_FORMAT, version=PROFILE_VERSION,
+    return Profile(directory, read_profile_meta(path, fingerprint), np.load(directory / "counts.npy"))
+
+
+def read_profile_meta(path, fingerprint: str | None = None) -> dict:
+    """profile.json, checked (format, version and, when given, the model fingerprint)."""
+    return read_json_artifact(path, kind="profile", fmt=PROFILE_FORMAT, version=PROFILE_VERSION,
                               fingerprint=fingerprint, made="profiled model", remake="powerinfer profile")
-    return Profile(directory, meta, np.load(directory / "counts.npy"))
 
 
 def coverage_curve(counts: np.ndarray, points: int = 101) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,6 @@ import numpy as np
 import torch
 
 from ..errors import PowerInferError
-from ..formats.artifact import read_json_artifact
 from ..formats.gpuidx import GPUIDX_SUFFIX, read_gpuidx, read_placement, write_gpuidx, write_placement
 from ..sparse.artifacts import DEFAULT_CACHE_DIR, model_fingerprint
 
@@ -305,11 +303,12 @@ def counts_sha256(counts: list[np.ndarray]) -> str:
 
 def measure_read_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, repeats: int = 3) -> float:
     """Bytes per second of one streaming read over a buffer larger than the caches: on the CPU the kernels' probe
-    with every core (decode runs on all of them), on CUDA a torch reduction (best of `repeats`)."""
+    with decode's default thread count, on CUDA a torch reduction (best of `repeats`)."""
     if device == "cpu":
         from ..kernels import read_bandwidth
+        from ..settings import default_threads
 
-        return read_bandwidth(len(os.sched_getaffinity(0)), nbytes, repeats)
+        return read_bandwidth(default_threads(), nbytes, repeats)
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     sync = torch.cuda.synchronize
     best = math.inf
@@ -324,11 +323,28 @@ def measure_read_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, repeats
 
 # -- CLI -------------------------------------------------------------------------------------------------------
 
+DESCRIPTION = ("Fill the fast tier in upstream's priority order (attention, predictors, norms, output head, KV cache, "
+               "then hot FFN neurons by profiled firing frequency); write an upstream-compatible "
+               "<model>.generated.gpuidx and our placement file.")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("solve", help="place hot FFN neurons on the fast tier (GPU) under a VRAM budget",
-                       description="Fill the fast tier in upstream's priority order (attention, predictors, norms, "
-                                   "output head, KV cache, then hot FFN neurons by profiled firing frequency); "
-                                   "write an upstream-compatible <model>.generated.gpuidx and our placement file.")
+                       description=DESCRIPTION)
+    _add_arguments(p)
+    p.set_defaults(func=func)
+
+
+def parse_args(argv: list[str]):
+    """`powerinfer solve` flags as the CLI parses them (for callers such as `powerinfer prepare`)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="powerinfer solve", description=DESCRIPTION)
+    _add_arguments(p)
+    return p.parse_args(argv)
+
+
+def _add_arguments(p) -> None:
     p.add_argument("-m", "--model", metavar="PATH", help="GGUF file or HF directory (default: the bundled model)")
     p.add_argument("--vram-budget", type=float, required=True, metavar="GiB", help="fast-tier budget in GiB")
     p.add_argument("--activation", metavar="DIR", help="directory of activation_N.pt (default: the model's cached "
@@ -350,7 +366,6 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", metavar="FILE",
                    help="the .gpuidx to write (default: ~/.cache/powerinfer/<fingerprint>/<model>.generated.gpuidx; "
                         "the placement file <name>.placement.json goes beside it)")
-    p.set_defaults(func=func)
 
 
 def _cached_predictor_bytes(fp: str) -> int:
@@ -372,13 +387,12 @@ def _cached_predictor_bytes(fp: str) -> int:
 def _profile_tokens(act_dir: Path, fp: str) -> int | None:
     """n_tokens of the profile that wrote act_dir (profile.json beside it; upstream's directories have none),
     refusing another model's profile."""
-    from .profile import PROFILE_FORMAT, PROFILE_VERSION
+    from .profile import read_profile_meta
 
     meta_path = act_dir.parent / "profile.json"
     if not meta_path.is_file():
         return None
-    meta = read_json_artifact(meta_path, kind="profile", fmt=PROFILE_FORMAT, version=PROFILE_VERSION,
-                              fingerprint=fp, made="profiled model", remake="powerinfer profile")
+    meta = read_profile_meta(meta_path, fp)
     return int(meta["n_tokens"]) if meta.get("n_tokens") else None
 
 
@@ -418,11 +432,11 @@ def func(args) -> int:
     from ..formats.loader import load_model
     from .profile import default_profile_dir
 
-    align = getattr(args, "align", 32)
+    align = args.align
     if not (math.isfinite(args.vram_budget) and args.vram_budget >= 0):
         raise PowerInferError(f"--vram-budget must be a finite number of GiB >= 0, got {args.vram_budget}")
     for name in ("gpu_bandwidth", "cpu_bandwidth"):
-        v = getattr(args, name, None)
+        v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and v > 0):
             raise PowerInferError(f"--{name.replace('_', '-')} must be > 0 GB/s, got {v}")
     if align < 1 or UPSTREAM_GROUP % align:
