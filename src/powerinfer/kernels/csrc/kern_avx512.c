@@ -273,6 +273,17 @@ ROWSF(rows_f16, uint16_t, a->h, ld_f16)
 ROWSF(rows_bf16, uint16_t, a->bh, ld_bf16)
 ROWSF(rows_f32_4, float, a->f, ld_f32)
 
+/* The line `ahead` bytes into each of a pass's 4 row streams (`span` bytes long), or past their end the same
+ * distance into the next pass's rows `nx` (NULL: none). */
+AI void prefetch_ahead4(const char *const w[4], const char *const nx[4], size_t ahead, size_t span) {
+    if (ahead < span) {
+        for (int k = 0; k < 4; k++) _mm_prefetch(w[k] + ahead, _MM_HINT_T0);
+    } else {
+        for (int k = 0; k < 4; k++)
+            if (nx[k]) _mm_prefetch(nx[k] + (ahead - span), _MM_HINT_T0);
+    }
+}
+
 /* F32 rows of 2 KiB and more (7B: 16 KiB), 4 per pass, each line prefetched ROW_PF_BYTES ahead in the same rows,
  * running on into the next pass's rows near the end, instead of the same columns two passes later (7B s=0.9 from
  * DRAM: 1 thread 27.4 -> 32.5 GB/s, 2 threads 54 -> 63.5 GB/s when the host gives 80; one row at a time with 6
@@ -300,14 +311,8 @@ static void rows_f32(const pi_mat *m, const int32_t *idx, int r0, int r1, const 
         }
         for (int c = 0; c < n; c += 16) {
             const size_t ahead = (size_t)c * sizeof(float) + ROW_PF_BYTES;
-            if (((ahead - 1) >> 6) != ((ahead + 16 * sizeof(float) - 1) >> 6)) {
-                if (ahead < rb) {
-                    for (int k = 0; k < 4; k++) _mm_prefetch((const char *)w[k] + ahead, _MM_HINT_T0);
-                } else {
-                    for (int k = 0; k < 4; k++)
-                        if (nx[k]) _mm_prefetch(nx[k] + (ahead - rb), _MM_HINT_T0);
-                }
-            }
+            if (((ahead - 1) >> 6) != ((ahead + 16 * sizeof(float) - 1) >> 6))
+                prefetch_ahead4((const char *const *)w, nx, ahead, rb);
             const __m512 x = ld_f32(xv + c, all);
             for (int k = 0; k < 4; k++) acc[k] = _mm512_fmadd_ps(ld_f32(w[k] + c, all), x, acc[k]);
         }
@@ -383,14 +388,8 @@ AXPYF(axpy_rows_bf16_4, uint16_t, ld_bf16)
             float *yc = y + c0;                                                                          \
             for (int c = 0; c < c1 - c0; c += 16) {                                                      \
                 const size_t ahead = (size_t)c * sizeof(T) + AXPY_PF_BYTES;                              \
-                if (((ahead - 1) >> 6) != ((ahead + 16 * sizeof(T) - 1) >> 6)) { /* a new line */        \
-                    if (ahead < span) {                                                                  \
-                        for (int k = 0; k < 4; k++) _mm_prefetch((const char *)w[k] + ahead, _MM_HINT_T0); \
-                    } else {                                                                             \
-                        for (int k = 0; k < 4; k++)                                                      \
-                            if (nx[k]) _mm_prefetch(nx[k] + (ahead - span), _MM_HINT_T0);                \
-                    }                                                                                    \
-                }                                                                                        \
+                if (((ahead - 1) >> 6) != ((ahead + 16 * sizeof(T) - 1) >> 6)) /* a new line */         \
+                    prefetch_ahead4((const char *const *)w, nx, ahead, span);                            \
                 __m512 acc = _mm512_loadu_ps(yc + c);                                                    \
                 acc = _mm512_fmadd_ps(LD(w[0] + c, all), h0, acc);                                       \
                 acc = _mm512_fmadd_ps(LD(w[1] + c, all), h1, acc);                                       \
