@@ -12,6 +12,9 @@ Protocols (chosen to match reference/baselines.md so numbers are comparable):
 - quality: the first `--ppl-tokens` tokens of the eval split (llama.cpp's tokenizer, no BOS), cut into
   chunks of 512, each evaluated from an empty context; NLL over the 511 next-token predictions of every
   chunk; PPL = exp(mean NLL). Top-1 agreement compares the two engines' argmax at every scored position.
+  Two yardsticks for that agreement come from the same chunks: llama.cpp against itself (batched vs one token
+  per call), and the model's exact math (the same weights in float64, float64 KV, no 8-bit activation
+  rounding) against each engine.
 """
 from __future__ import annotations
 
@@ -72,6 +75,24 @@ class LlamaCpp:
         for t in ids:
             self.llm.eval([t])
         return np.array(self.llm.scores[: len(ids)], dtype=np.float64)
+
+
+class Exact:
+    """The model's exact math: the torch reference model with the same dequantized weights in float64 and a
+    float64 KV cache, no 8-bit rounding of activations (which both engines apply before every quantized matmul)."""
+
+    def __init__(self, loaded):
+        from powerinfer.model.kvcache import KVCache
+        from powerinfer.model.llama import Transformer
+
+        cfg = loaded.config
+        self.model = Transformer(cfg, loaded.weights, "dense", dtype=torch.float64)
+        self.new_cache = lambda n: KVCache.allocate(cfg.n_layer, n, cfg.n_head_kv * cfg.head_dim,
+                                                    dtype=torch.float64)
+
+    def all_logits(self, ids):
+        with torch.inference_mode():
+            return self.model(torch.tensor(ids), 0, self.new_cache(len(ids))).numpy()
 
 
 class LlamaCppRunner:
@@ -146,7 +167,7 @@ def speed_rounds(ours, ref, prompt, n_gen, rounds, sparse=None):
     engines = [("ours", ours.mode(None)), ("llama.cpp", ref)]
     if sparse is not None:
         engines.append(("ours sparse", ours.mode(sparse)))
-    rows, sparsity = [], []
+    rows, sparsity, ffn_stats = [], [], None
     for r in range(rounds):
         order = engines[r % len(engines):] + engines[:r % len(engines)]
         res = {}
@@ -155,6 +176,7 @@ def speed_rounds(ours, ref, prompt, n_gen, rounds, sparse=None):
             res[name] = time_engine(eng, prompt, n_gen)
             if name == "ours sparse":
                 sparsity.append(eng.runner.ffn_sparsity())
+                ffn_stats = eng.runner.ffn_stats()
         rows.append(res)
         print(f"round {r + 1}: " + " | ".join(f"{n} pp {res[n][0]:.1f} tg {res[n][1]:.1f}" for n, _ in engines)
               + " tok/s", file=sys.stderr)
@@ -171,8 +193,23 @@ def speed_rounds(ours, ref, prompt, n_gen, rounds, sparse=None):
         out["tg_sparse"] = summary("ours sparse", 1)
         out["tg_sparse_vs_dense"] = statistics.median(r["ours sparse"][1] / r["ours"][1] for r in rows)
         out["sparsity"] = statistics.median(sparsity)
+        if ffn_stats is not None:
+            out["bytes"] = byte_bounds(ours.runner.weights, ffn_stats)
     ours.runner.set_sparse(None)
     return out
+
+
+def byte_bounds(weights, ffn_stats):
+    """Weight bytes per decode step, dense and as the sparse decoder read them, and what they bound: decode
+    streams its weights from DRAM, so at equal bandwidth the sparse decoder is at most dense/sparse times faster
+    than the dense one. `predicted` is the read had the gate rows been skipped too (a predictor choosing the
+    same neurons at no cost), the bound for any skipping of this FFN that leaves attention dense."""
+    from powerinfer.measure.bench import bytes_per_token
+
+    dense = bytes_per_token(weights)
+    ffn_dense, ffn_sparse = ffn_stats["ffn_dense_bytes"], ffn_stats["ffn_bytes_per_token"]
+    return dict(dense=dense, sparse=dense - ffn_dense + ffn_sparse,
+                predicted=dense - ffn_dense * ffn_stats["sparsity"], ffn_dense=ffn_dense, ffn_sparse=ffn_sparse)
 
 
 def log_softmax(x):
@@ -180,28 +217,38 @@ def log_softmax(x):
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def quality(ours, ref, tokens, chunk=512):
-    """Perplexity of both engines on the same chunks, their top-1 agreement, and as the yardstick for that
-    agreement, llama.cpp against itself: its batched logits vs its one-token-per-call logits, which differ only in
-    the order of floating-point sums (and where those flip an activation's 8-bit rounding)."""
-    nll_a, nll_b, agree, self_agree, kl, self_kl, n = 0.0, 0.0, 0, 0, 0.0, 0.0, 0
+def quality(ours, ref, tokens, exact=None, chunk=512):
+    """Perplexity of both engines on the same chunks, their top-1 agreement, and as yardsticks for that
+    agreement: llama.cpp against itself (its batched logits vs its one-token-per-call logits, which differ only
+    in the order of floating-point sums and where those flip an activation's 8-bit rounding), and with `exact`,
+    the model's exact math against each engine."""
+    acc = dict.fromkeys(("nll_a", "nll_b", "agree", "self_agree", "kl", "self_kl", "exact_ref", "exact_ours"), 0.0)
+    n = 0
     for start in range(0, len(tokens) - chunk + 1, chunk):
         ids = tokens[start:start + chunk]
         la, lb = log_softmax(ours.all_logits(ids)[:-1]), log_softmax(ref.all_logits(ids)[:-1])
+        ls = log_softmax(ref.stepwise_logits(ids)[:-1])
         tgt = np.array(ids[1:])
         rows = np.arange(len(tgt))
-        nll_a -= la[rows, tgt].sum()
-        nll_b -= lb[rows, tgt].sum()
-        agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
-        ls = log_softmax(ref.stepwise_logits(ids)[:-1])
-        self_agree += int((ls.argmax(-1) == lb.argmax(-1)).sum())
-        self_kl += float((np.exp(lb) * (lb - ls)).sum())
-        kl += float((np.exp(lb) * (lb - la)).sum())
+        top_a, top_b = la.argmax(-1), lb.argmax(-1)
+        acc["nll_a"] -= la[rows, tgt].sum()
+        acc["nll_b"] -= lb[rows, tgt].sum()
+        acc["agree"] += int((top_a == top_b).sum())
+        acc["self_agree"] += int((ls.argmax(-1) == top_b).sum())
+        acc["self_kl"] += float((np.exp(lb) * (lb - ls)).sum())
+        acc["kl"] += float((np.exp(lb) * (lb - la)).sum())
+        if exact is not None:
+            top_x = exact.all_logits(ids)[:-1].argmax(-1)
+            acc["exact_ref"] += int((top_x == top_b).sum())
+            acc["exact_ours"] += int((top_x == top_a).sum())
         n += len(tgt)
-        print(f"  chunk {start // chunk + 1}: ppl ours {np.exp(nll_a / n):.4f} llama.cpp {np.exp(nll_b / n):.4f}",
-              file=sys.stderr)
-    return dict(n=n, ppl_ours=float(np.exp(nll_a / n)), ppl_ref=float(np.exp(nll_b / n)),
-                top1=agree / n, top1_self=self_agree / n, kl=kl / n, kl_self=self_kl / n)
+        print(f"  chunk {start // chunk + 1}: ppl ours {np.exp(acc['nll_a'] / n):.4f} "
+              f"llama.cpp {np.exp(acc['nll_b'] / n):.4f}", file=sys.stderr)
+    out = dict(n=n, ppl_ours=float(np.exp(acc["nll_a"] / n)), ppl_ref=float(np.exp(acc["nll_b"] / n)),
+               top1=acc["agree"] / n, top1_self=acc["self_agree"] / n, kl=acc["kl"] / n, kl_self=acc["self_kl"] / n)
+    if exact is not None:
+        out.update(top1_exact_ref=acc["exact_ref"] / n, top1_exact_ours=acc["exact_ours"] / n)
+    return out
 
 
 def main(argv=None):
@@ -278,7 +325,7 @@ def main(argv=None):
         from powerinfer.measure.perplexity import perplexity
 
         ref_q = LlamaCpp(path, args.threads, n_ctx=512, logits_all=True)
-        q = quality(ours, ref_q, tokens[: args.ppl_tokens])
+        q = quality(ours, ref_q, tokens[: args.ppl_tokens], Exact(ours.llm.loaded))
         # llama-perplexity's own convention (second half of each 512-chunk scored), same tokens, both engines
         chunks = args.ppl_tokens // 512
         q["lp_ours"] = perplexity(ours.runner, tokens, 512, max_chunks=chunks).ppl
@@ -321,6 +368,14 @@ def main(argv=None):
             f" On `{p.name}`: {sp['desc']}." for p, sp in extra if "desc" in sp),
         "Prompt processing (prompts longer than 8 tokens) is dense in every configuration (batched prefill).",
     ]
+    for name, sp in [(path.name, speed)] + [(p.name, sp) for p, sp in extra]:
+        if "bytes" in sp:
+            b, mib = sp["bytes"], 2 ** 20
+            lines += ["", f"Weights read per decode step on `{name}`: dense {b['dense'] / mib:.0f} MiB, sparse "
+                          f"{b['sparse'] / mib:.0f} MiB (FFN {b['ffn_sparse'] / mib:.0f} of {b['ffn_dense'] / mib:.0f}"
+                          f" MiB). At equal bandwidth the sparse decode is bounded by {b['dense'] / b['sparse']:.2f}x "
+                          f"our dense; skipping the gate rows too (a free, perfect predictor) would read "
+                          f"{b['predicted'] / mib:.0f} MiB, a bound of {b['dense'] / b['predicted']:.2f}x."]
     if q:
         lines += [
             "",
@@ -333,7 +388,9 @@ def main(argv=None):
             f"Perplexity ratio {q['ppl_ours'] / q['ppl_ref']:.4f}; top-1 agreement {100 * q['top1']:.2f}%; "
             f"mean KL(llama.cpp || ours) {q['kl']:.5f} nats. For scale, llama.cpp against itself (its batched "
             f"logits vs the same tokens one per call) agrees on {100 * q['top1_self']:.2f}% of top-1 tokens, mean KL "
-            f"{q['kl_self']:.5f} nats.",
+            f"{q['kl_self']:.5f} nats. The model's exact math (the same weights in float64, no 8-bit activation "
+            f"rounding) agrees with llama.cpp on {100 * q['top1_exact_ref']:.2f}% and with powerinfer on "
+            f"{100 * q['top1_exact_ours']:.2f}%.",
             "",
             f"`powerinfer perplexity` convention (llama-perplexity's: -c 512, second half of each chunk scored, "
             f"{q['lp_chunks']} chunks): powerinfer {q['lp_ours']:.4f}, llama.cpp's logits {q['lp_ref']:.4f}.",
