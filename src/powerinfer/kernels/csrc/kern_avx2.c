@@ -228,7 +228,8 @@ static void axpy_rows_q8_0(const pi_mat *m, const int32_t *idx, const float *h, 
     axpy_blocks(m, idx, h, n, c0, c1, y, 2);
 }
 
-/* Software prefetch distance of the packed stream (as kern_avx512.c: 16 KiB measured best on Zen 4). */
+/* Software prefetch distance of the packed stream: kern_avx512.c's PF_DIST. Its longer distance for long
+ * segments (PF_DIST_LONG) is measured on the AVX-512 kernels only and not applied here. */
 #define PF_DIST 16384
 
 /* ---- packed: half `hf` (rows 8*hf .. 8*hf+7) of a group; QT 0 = Q4_0, 1 = Q4_1, 2 = Q8_0 ---- */
