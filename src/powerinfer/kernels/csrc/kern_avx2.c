@@ -228,9 +228,6 @@ static void axpy_rows_q8_0(const pi_mat *m, const int32_t *idx, const float *h, 
     axpy_blocks(m, idx, h, n, c0, c1, y, 2);
 }
 
-/* Software prefetch distance of the packed stream: kern_avx512.c's PF_DIST. Its longer distance for long
- * segments (PF_DIST_LONG) is measured on the AVX-512 kernels only and not applied here. */
-#define PF_DIST 16384
 
 /* ---- packed: half `hf` (rows 8*hf .. 8*hf+7) of a group; QT 0 = Q4_0, 1 = Q4_1, 2 = Q8_0 ---- */
 AI void half_group(const uint8_t *q0, int nb, int qt, int hf, const pi_act *a, int t, float *y,
@@ -274,14 +271,15 @@ AI void half_group(const uint8_t *q0, int nb, int qt, int hf, const pi_act *a, i
 AI void packed_qt(const pi_mat *m, const pi_seg *sg, const pi_act *a, int n_tok, float *y, int ldy, int qt) {
     const int nb = m->cols / PI_QK;
     const size_t pstep = ((m->gstride + nb - 1) / nb + 63) & ~(size_t)63;
-    for (size_t k = 0; k < PF_DIST && sg->p + k < sg->pf_end; k += 64) _mm_prefetch((const char *)sg->p + k, _MM_HINT_T0);
+    const size_t dist = pi_pf_distance(m, sg);
+    for (size_t k = 0; k < dist && sg->p + k < sg->pf_end; k += 64) _mm_prefetch((const char *)sg->p + k, _MM_HINT_T0);
     for (int g = sg->u0; g < sg->u1; g++) {
         const uint8_t *q = sg->p + (size_t)(g - sg->u0) * m->gstride;
         const int left = m->rows - g * PI_G;
         for (int t = 0; t < n_tok; t++) {
             float tmp[PI_G], *yt = y + (size_t)t * ldy + (size_t)g * PI_G;
             float *dst = left >= PI_G ? yt : tmp;
-            half_group(q, nb, qt, 0, a, t, dst, t == 0 ? q + PF_DIST : NULL, sg->pf_end, pstep);
+            half_group(q, nb, qt, 0, a, t, dst, t == 0 ? q + dist : NULL, sg->pf_end, pstep);
             half_group(q, nb, qt, 1, a, t, dst + 8, NULL, NULL, 0);
             if (dst == tmp) for (int r = 0; r < left; r++) yt[r] = tmp[r];
         }

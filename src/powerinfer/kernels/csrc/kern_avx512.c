@@ -6,7 +6,7 @@
  * scale vector, no horizontal sums. That is ~5x fewer instructions per weight than the row-wise ggml
  * form, which is compute-bound on this core (kernel_bench, SmolLM2 gate 1536x576 in cache: Q4_1 rows
  * 15 GB/s vs packed 90-105 GB/s), so decode is bound by DRAM bandwidth instead. The stream is software-
- * prefetched 16 KiB ahead (PF_DIST). Tokens are register-blocked 4 at a time for prefill (weights
+ * prefetched ahead (pi_pf_distance in pi.h). Tokens are register-blocked 4 at a time for prefill (weights
  * unpacked once per 4 tokens). The GGUF-row kernels below serve matvec on unpacked weights. */
 #include "pi.h"
 
@@ -17,18 +17,6 @@
 
 #define AI static inline __attribute__((always_inline))
 
-/* Software prefetch of the packed stream this far ahead. Measured on a cold 56 MB Q4_1 matrix, one core:
- * none 17 GB/s (hardware prefetch alone stops at page boundaries), 4 KiB 28, 8 KiB 32, 16 KiB 37-41,
- * 32 KiB 30-33 GB/s; raw streaming reads reach 43-50 GB/s. (The "prefetch hurts" finding in kernels.md was
- * for 4-row kernels over randomly gathered rows, not for this sequential stream.)
- * A thread's segment of 1 MiB or more (7B matrices: 4.7-12 MB per thread; SmolLM2's output head) runs
- * PF_DIST_LONG ahead instead. Decode tok/s, 2 threads, 6 alternating process pairs each, median ratio:
- * 7B Q4_0 64 KiB vs 16 KiB everywhere 1.15x (1.12-1.26), 64 vs 32 KiB 1.02x; SmolLM2 (segments of
- * 100-280 KB) 64 vs 16 KiB 0.90x, 32 vs 16 KiB 0.99x. The stream start issues the whole distance at once,
- * which short segments pay for without the long run that hides it. */
-#define PF_DIST 16384
-#define PF_DIST_LONG 65536
-#define PF_LONG_SEGMENT (1u << 20)
 
 AI void pf_lines(const uint8_t *p, const uint8_t *end, size_t n) {
     for (size_t k = 0; k < n && p + k < end; k += 64) _mm_prefetch((const char *)p + k, _MM_HINT_T0);
@@ -569,15 +557,13 @@ AI __mmask16 group_mask(const pi_mat *m, int g) {
 }
 
 /* The segment's groups stream through memory in order; the first token tile of each group prefetches
- * PF_DIST (long segments: PF_DIST_LONG) ahead, up to s->pf_end (past the segment when the same thread reads
- * on from there). */
+ * pi_pf_distance ahead, up to s->pf_end (past the segment when the same thread reads on from there). */
 #define PACKED(NAME, CALL)                                                                               \
     static void NAME(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok, float *y, int ldy) {  \
         const int nb = m->cols / PI_QK;                                                                  \
         const uint8_t *end = s->pf_end;                                                                  \
         const size_t pstep = ((m->gstride + nb - 1) / nb + 63) & ~(size_t)63;                            \
-        const size_t seg_bytes = (size_t)(s->u1 - s->u0) * m->gstride;                                  \
-        const size_t dist = seg_bytes >= PF_LONG_SEGMENT ? PF_DIST_LONG : PF_DIST;                       \
+        const size_t dist = pi_pf_distance(m, s);                                                        \
         pf_lines(s->p, end, dist);                                                                       \
         for (int g = s->u0; g < s->u1; g++) {                                                            \
             const uint8_t *q = s->p + (size_t)(g - s->u0) * m->gstride;                                  \
