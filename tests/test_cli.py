@@ -56,8 +56,19 @@ def test_unsupported_architecture(capsys, tmp_path):
 
 
 def test_prompt_longer_than_context(capsys):
-    code, _, err = run_cli(capsys, "run", "-c", "16", "-p", "word " * 100, "-n", "4")
+    code, out, err = run_cli(capsys, "run", "-c", "16", "-p", "word " * 100, "-n", "4")
     assert_one_line_error(code, err, "context")
+    assert out.endswith("\n")  # the echoed prompt's line is ended before the error
+
+
+def test_empty_prompt_is_explained(capsys, tmp_path):
+    # SmolLM2 adds no BOS token, so an empty prompt leaves nothing to continue from
+    code, _, err = run_cli(capsys, "run", "-p", "", "-n", "4")
+    assert_one_line_error(code, err, "prompt is empty")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, _, err = run_cli(capsys, "run", "-f", str(empty), "-n", "4")
+    assert_one_line_error(code, err, "prompt is empty")
 
 
 def test_prompt_file_missing(capsys, tmp_path):

@@ -81,20 +81,24 @@ def cmd_run(args) -> int:
     if prompt is None and not args.interactive:
         raise PowerInferError("no prompt: give one with -p TEXT or -f FILE, or chat with -cnv / -i")
     llm = _load(args)
-    text = prompt or ""
+    text = prompt  # None: interactive, waiting for the first line; "" goes to the engine (BOS or a clear error)
     while True:
-        if text:
+        if text is not None:
             if text is prompt:
                 sys.stdout.write(text)
                 sys.stdout.flush()
-            reply, last = _echo(llm.stream(text))
+            try:
+                reply, last = _echo(llm.stream(text))
+            except PowerInferError:
+                print()  # end the echoed prompt's line, so the error starts a line of its own
+                raise
             text += reply  # the next turn re-uses all of this from the KV cache
             if not args.no_stats:
                 _print_stats(last, llm.runner, llm.settings.verbose)
         if not args.interactive:
             break
         try:
-            text += input("\n> ") + "\n"
+            text = (text or "") + input("\n> ") + "\n"
         except EOFError:
             break
     print()
