@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from gguf import GGUFWriter
 
 from powerinfer.cli import main
@@ -129,3 +130,19 @@ def test_prompt_file_batch_writes_jsonl(capsys, tmp_path):
     recs = [json.loads(ln) for ln in out_file.read_text().splitlines()]
     assert code == 0 and [r["prompt"] for r in recs] == ["The capital of France is", "One, two, three,"]
     assert all(r["completion_tokens"] >= 1 for r in recs)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--top-p", "2"], "--top-p must be in [0, 1]"),
+    (["--min-p", "-0.5"], "--min-p must be in [0, 1]"),
+    (["--top-k", "-3"], "--top-k must be >= 0"),
+    (["--repeat-penalty", "0"], "--repeat-penalty must be > 0"),
+    (["--repeat-last-n", "-5"], "--repeat-last-n must be >= -1"),
+    (["-c", "-5"], "--ctx-size must be >= 0"),
+    (["-b", "0"], "--batch-size must be > 0"),
+    (["--sparsity", "2"], "--sparsity must be in [0, 1)"),
+    (["--sparsity", "abc"], "expected auto, off or a fraction"),
+])
+def test_bad_setting_is_one_line(capsys, argv, needle):
+    code, _, err = run_cli(capsys, "run", "-p", "hi", "-n", "2", *argv)
+    assert_one_line_error(code, err, needle)

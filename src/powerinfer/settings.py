@@ -107,6 +107,8 @@ class SamplingParams:
             raise PowerInferError(f"--top-k must be >= 0, got {self.top_k}")
         if self.repeat_penalty <= 0:
             raise PowerInferError(f"--repeat-penalty must be > 0, got {self.repeat_penalty}")
+        if self.repeat_last_n < -1:
+            raise PowerInferError(f"--repeat-last-n must be >= -1 (-1 = context size), got {self.repeat_last_n}")
 
 
 def field_names(cls) -> set[str]:
