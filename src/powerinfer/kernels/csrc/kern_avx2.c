@@ -228,7 +228,6 @@ static void axpy_rows_q8_0(const pi_mat *m, const int32_t *idx, const float *h, 
     axpy_blocks(m, idx, h, n, c0, c1, y, 2);
 }
 
-
 /* ---- packed: half `hf` (rows 8*hf .. 8*hf+7) of a group; QT 0 = Q4_0, 1 = Q4_1, 2 = Q8_0 ---- */
 AI void half_group(const uint8_t *q0, int nb, int qt, int hf, const pi_act *a, int t, float *y,
                    const uint8_t *pf, const uint8_t *pf_end, size_t pstep) {

@@ -17,7 +17,6 @@
 
 #define AI static inline __attribute__((always_inline))
 
-
 AI void pf_lines(const uint8_t *p, const uint8_t *end, size_t n) {
     for (size_t k = 0; k < n && p + k < end; k += 64) _mm_prefetch((const char *)p + k, _MM_HINT_T0);
 }

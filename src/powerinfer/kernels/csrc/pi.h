@@ -120,10 +120,10 @@ typedef struct { int u0, u1; const uint8_t *p, *pf_end; } pi_seg;
  * core: none 17 GB/s (hardware prefetch alone stops at page boundaries), 4 KiB 28, 8 KiB 32, 16 KiB 37-41,
  * 32 KiB 30-33 GB/s; raw streaming reads reach 43-50 GB/s. A segment of 1 MiB or more (7B matrices: 4.7-12 MB
  * per thread; SmolLM2's output head) runs 64 KiB ahead instead. Decode tok/s, 2 threads, alternating process
- * pairs, median ratio: 7B Q4_0 64 vs 16 KiB everywhere 1.15x (AVX2 kernels 1.08x), 64 vs 32 KiB 1.02x;
- * SmolLM2, whose layer segments are 100-280 KB, 64 vs 16 KiB everywhere 0.90x and 32 vs 16 KiB 0.99x, with
- * this rule 0.99x (AVX2 1.00x): a stream's start issues the whole distance at once, which short segments
- * pay for without the long run that hides it. */
+ * pairs, median ratio against 16 KiB everywhere: 7B Q4_0 with 64 KiB everywhere 1.15x, with this rule 1.10x
+ * (AVX2 kernels 1.08x); SmolLM2, whose layer segments are 100-280 KB, with 64 KiB everywhere 0.90x, 32 KiB
+ * 0.99x, this rule 0.99x (AVX2 1.00x). On 7B, 64 vs 32 KiB: 1.02x. A stream's start issues the whole
+ * distance at once, which short segments pay for without the long run that hides it. */
 #define PI_PF_DIST ((size_t)16384)
 #define PI_PF_DIST_LONG ((size_t)65536)
 #define PI_PF_LONG_SEGMENT ((size_t)1 << 20)
