@@ -102,6 +102,21 @@ def test_sparsity_zero_axpy_equals_dense_product():
     assert torch.allclose(y.double(), dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("rows, cols", [(576, 1536), (4096, 1024)])
+def test_transposed_is_dequantize_transpose_quantize(qtype, rows, cols):
+    """down_t of a block-format down_proj, made tile by tile in C, is byte for byte the Q8_0 quantization of
+    the transposed dequantized matrix."""
+    rng = np.random.default_rng(rows + cols)
+    w = random_weights(qtype, rows, cols, rng)
+    t = kernels.transposed(w)
+    expect = kernels.quantize_q8_0(R.dequantize(w).t().contiguous())
+    assert int(t.qtype) == int(Q.Q8_0) and (t.rows, t.cols) == (cols, rows)
+    assert np.array_equal(np.asarray(t.data), expect)
+    with pytest.raises(ValueError, match="multiples of 32"):  # a transposed row must hold whole Q8_0 blocks
+        kernels.transposed(random_weights(qtype, 48, 64, rng))
+
+
 def test_bad_arguments():
     rng = np.random.default_rng(0)
     w = random_weights(Q.Q8_0, 64, 64, rng)

@@ -169,16 +169,19 @@ def transposed(t: QTensor, name: str | None = None) -> QTensor:
     """The [cols, rows] copy of a weight (down_proj -> down_t, gate/up -> input-major) in TRANSPOSE_FORMAT."""
     from gguf import GGMLQuantizationType as QT
 
-    dense = dequantize(t).t().contiguous()
     qtype = int(transposed_qtype(t))
+    if qtype == 8:  # tile by tile in C, without full-size f32 copies (needs t.rows, the new row length, % 32 == 0)
+        src, addr, src_qtype = _weight(t)
+        data = np.empty((t.cols, t.rows // 32 * 34), dtype=np.uint8)
+        _C.transpose_q8_0(src_qtype, addr, t.rows, t.cols, address(data))
+        return QTensor(name or f"{t.name}.T", QT(qtype), (t.cols, t.rows), data)
+    dense = dequantize(t).t().contiguous()
     if qtype == 0:
         data = dense.numpy()
     elif qtype == 1:
         data = dense.to(torch.float16).numpy()
-    elif qtype == 30:
-        data = dense.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     else:
-        data = quantize_q8_0(dense)
+        data = dense.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     return QTensor(name or f"{t.name}.T", QT(qtype), (t.cols, t.rows), data)
 
 

