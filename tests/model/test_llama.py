@@ -70,9 +70,13 @@ def test_f16_cache_stays_close_and_holds_the_rows(tiny_llama_gguf):
     loaded = load_model(tiny.path)
     cfg = loaded.config
     cache = KVCache.allocate(cfg.n_layer, 16, cfg.n_head_kv * cfg.head_dim)
+    for t in cache.k + cache.v:  # the cache is allocated uninitialized: no reader may look past the last row
+        t.fill_(float("nan"))
     model = Transformer(cfg, loaded.weights)
-    model(TOKENS[:5], 0, cache)
-    assert cache.k[0][:5].abs().sum(-1).gt(0).all() and cache.k[0][5:].eq(0).all()
+    logits = model(TOKENS[:5], 0, cache)
+    assert torch.isfinite(logits).all()
+    assert cache.k[0][:5].isfinite().all() and cache.k[0][:5].abs().sum(-1).gt(0).all()
+    assert cache.k[0][5:].isnan().all() and cache.v[0][5:].isnan().all()
     # V rows are v_proj(input_layernorm(embedding)) for layer 0: no RoPE, no mixing.
     x = model.layers[0].input_layernorm(model.embed_tokens[TOKENS[:5]])
     torch.testing.assert_close(cache.v[0][:5].float(), x @ model.layers[0].attn.v_proj.T, atol=2e-3, rtol=1e-3)

@@ -21,6 +21,8 @@ def test_c_runner_matches_torch_runner(tiny_llama_gguf, qtype, activation):
     loaded = load_model(tiny_llama_gguf(qtype, activation=activation).path)
     c = Runner(loaded, n_ctx=64, n_threads=2, n_batch=4, compute="c")
     ref = Runner(loaded, n_ctx=64, n_threads=1, compute="torch")
+    for t in c.kv.k + c.kv.v + ref.kv.k + ref.kv.v:  # the cache starts uninitialized: rows past the last
+        t.fill_(float("nan"))                        # written position must never be read
     ids = [3, 17, 42, 5, 8, 60, 1, 33, 90, 12]
     # prefill 7 tokens (two chunks of n_batch=4 and 3), then 3 single steps
     got = [c.eval(ids[:7]).clone()] + [c.eval([t]).clone() for t in ids[7:]]
