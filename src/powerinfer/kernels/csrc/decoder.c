@@ -159,14 +159,25 @@ static int make_seg(pi_arena *a, const pi_mat *m, int u0, int u1, pi_seg *s) {
     return 0;
 }
 
+/* Each thread packs its own rows into its own arena: the copies run side by side, and the pages are first
+ * touched by the thread that streams them in decode. 7B Q4_0, 2 threads: binding all 32 layers 7.4 -> 3.9 s
+ * (medians of 4 alternating runs; most of it is the kernel zeroing fresh pages). */
+typedef struct { pi_decoder *D; int il; int failed[PI_MAX_THREADS]; } layout_args;
+
+static void layout_job(void *arg, int ith, int nth) {
+    layout_args *a = arg;
+    pi_layer *L = &a->D->L[a->il];
+    int u0[M_N], u1[M_N];
+    pi_layer_ranges(L, a->D->n_ff, ith, nth, u0, u1);
+    for (int j = 0; j < M_N && !a->failed[ith]; j++)
+        a->failed[ith] = make_seg(&a->D->arena[ith], pi_layer_mat(L, j), u0[j], u1[j], &L->seg[j][ith]);
+}
+
 static int layout_layer(pi_decoder *D, int il) {
-    pi_layer *L = &D->L[il];
-    for (int t = 0; t < D->nth; t++) {
-        int u0[M_N], u1[M_N];
-        pi_layer_ranges(L, D->n_ff, t, D->nth, u0, u1);
-        for (int j = 0; j < M_N; j++)
-            if (make_seg(&D->arena[t], pi_layer_mat(L, j), u0[j], u1[j], &L->seg[j][t])) return -1;
-    }
+    layout_args a = {.D = D, .il = il};
+    pi_pool_run(D->pool, layout_job, &a);
+    for (int t = 0; t < D->nth; t++)
+        if (a.failed[t]) return -1;
     return 0;
 }
 
