@@ -1,4 +1,5 @@
 """GGUF loading: the real bundled model, PowerInfer files, load-time conversion, and every error path."""
+import mmap
 import shutil
 from pathlib import Path
 
@@ -52,7 +53,10 @@ def test_bundled_tensors_stay_mapped_in_torch_order(bundled_model):
     assert w.embed_tokens.shape == (49152, 576) and w.embed_tokens.data.shape == (49152, 612)
     down = w.layers[0].down_proj
     assert down.qtype == Q.Q4_1 and down.shape == (576, 1536) and down.data.shape == (576, 1536 // 32 * 20)
-    assert isinstance(down.data, np.memmap) and not down.data.flags.writeable
+    base = down.data  # a read-only view whose base chain ends at the file's mmap: no copy was made
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, mmap.mmap) and not down.data.flags.writeable
     norm = w.layers[0].input_layernorm
     assert norm.qtype == Q.F32 and norm.data.dtype == np.float32 and norm.shape == (576,)
 
