@@ -139,7 +139,12 @@ def test_convert_bundled_swiglu_model_keeps_its_activation(bundled_model_path, t
     out = write_powerinfer_gguf(bundled_model_path, tmp_path / "smol.powerinfer.gguf", None, progress=False)
     a, b = load_model(bundled_model_path), load_model(out)
     assert b.powerinfer_gguf and b.config.activation == "silu" and b.weights.layers[0].down_t is not None
-    ids = [1, 504, 3458, 1792, 1085, 359, 253, 3300]
+    # "The quick brown fox ... data science and automation." (39 tokens with BOS): on 8 tokens one near-tie
+    # flipped by the ISA's summation order already moved top-1 agreement by 12 points.
+    ids = [1, 504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30, 5905, 314, 253, 6256, 1789, 338, 13144, 346,
+           746, 3112, 284, 12131, 1734, 540, 4025, 43, 357, 314, 804, 327, 3877, 1421, 28, 940, 2092, 284, 15370, 30]
     la = Runner(a, 64, 2).eval(ids, all_logits=True)
     lb = Runner(b, 64, 2).eval(ids, all_logits=True)
-    assert (la.argmax(-1) == lb.argmax(-1)).float().mean().item() >= 0.85
+    kl = torch.nn.functional.kl_div(lb.log_softmax(-1), la.log_softmax(-1), log_target=True, reduction="none")
+    assert kl.sum(-1).mean().item() < 0.03  # measured 0.011 (AVX2 and portable kernels)
+    assert (la.argmax(-1) == lb.argmax(-1)).float().mean().item() >= 0.85  # measured 0.92-0.97
