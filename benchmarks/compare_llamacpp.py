@@ -345,7 +345,8 @@ def main(argv=None):
     lines = [
         "# powerinfer vs llama.cpp",
         "",
-        f"Machine: {_cpu_name()}, {args.threads} threads, Python {platform.python_version()}, "
+        f"Machine: {_cpu_name()} (our kernels: {kernels.isa()}), {args.threads} threads, "
+        f"Python {platform.python_version()}, "
         f"torch {torch.__version__}, llama-cpp-python {__import__('llama_cpp').__version__}.",
         f"Model: `{path.name}`. Command: `python benchmarks/compare_llamacpp.py {' '.join(argv or sys.argv[1:])}`",
         f"Text: pydoc_data.topics eval split ({describe(text)}), llama.cpp tokens.",
