@@ -180,7 +180,7 @@ def transposed(t: QTensor, name: str | None = None) -> QTensor:
         data = dense.numpy()
     elif qtype == 1:
         data = dense.to(torch.float16).numpy()
-    else:
+    else:  # 30, BF16: the last exact format in TRANSPOSE_FORMAT
         data = dense.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     return QTensor(name or f"{t.name}.T", QT(qtype), (t.cols, t.rows), data)
 
