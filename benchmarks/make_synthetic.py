@@ -304,7 +304,7 @@ def write(spec: Spec, out: Path, name: str) -> None:
 # -- calibration and verification with the torch reference model ---------------------------------------
 
 def _embed_rows(qt, ids):
-    from powerinfer.formats.tensor import QTensor
+    from powerinfer.core.tensor import QTensor
 
     rows = np.asarray(qt.data)[np.asarray(ids)]
     return QTensor(qt.name, qt.qtype, (len(ids), qt.cols), rows).dequantize()

@@ -8,10 +8,10 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
 from powerinfer import kernels
-from powerinfer.formats.tensor import QTensor
-from powerinfer.model.config import ModelConfig
+from powerinfer.core.tensor import QTensor
+from powerinfer.core.config import ModelConfig
 from powerinfer.model.kvcache import KVCache
-from powerinfer.model.weights import LayerWeights, ModelWeights
+from powerinfer.core.weights import LayerWeights, ModelWeights
 
 ISAS = kernels.available_isas()
 FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16, Q.BF16, Q.F32]

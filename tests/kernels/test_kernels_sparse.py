@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 
 from kernel_helpers import FORMATS, ISAS, new_kv, rope_tables, tiny_model
 from powerinfer import kernels
-from powerinfer.formats.tensor import QTensor
+from powerinfer.core.tensor import QTensor
 from powerinfer.kernels import reference as R
 
 RTOL = 4e-6

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from fixtures.tiny import permute_qk
-from powerinfer.model.config import ModelConfig, RopeScaling
+from powerinfer.core.config import ModelConfig, RopeScaling
 from powerinfer.model.rope import apply_rope, rope_angles, rope_inv_freq, rope_tables
 
 

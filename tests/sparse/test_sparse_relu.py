@@ -7,7 +7,8 @@ from fixtures.tiny import stepwise_logits
 from powerinfer.formats.loader import load_model
 from powerinfer.model.llama import Transformer
 from powerinfer.sparse.ffn import make_ffn
-from powerinfer.sparse.relu import ffn_stats, row_bytes, summarize_stats
+from powerinfer.core.tensor import row_bytes
+from powerinfer.sparse.relu import ffn_stats, summarize_stats
 
 TOKENS = torch.tensor([3, 17, 42, 5, 88, 61, 0, 95, 23, 23, 7, 50])
 

@@ -9,7 +9,7 @@ from powerinfer.formats.loader import load_model
 from powerinfer.model.llama import Transformer
 from powerinfer.sparse.artifacts import Thresholds
 from powerinfer.sparse.ffn import make_ffn
-from powerinfer.sparse.relu import row_bytes
+from powerinfer.core.tensor import row_bytes
 
 TOKENS = torch.tensor([3, 17, 42, 5, 88, 61, 0, 95, 23, 23, 7, 50])
 

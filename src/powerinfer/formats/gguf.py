@@ -15,10 +15,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType as Q, GGUFReader, LlamaFileType
 
 from ..errors import ModelFormatError
-from ..model.config import ModelConfig, RopeScaling
-from ..model.weights import LayerWeights, ModelWeights
+from ..core.config import ModelConfig, RopeScaling
+from ..core.weights import LayerWeights, ModelWeights
 from . import quants
-from .tensor import QTensor
+from ..core.tensor import QTensor
 
 PWRI_MAGIC = b"PWRI"
 SUPPORTED_ARCHS = ("llama", "bamboo", "qwen2")

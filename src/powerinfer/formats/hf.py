@@ -15,9 +15,9 @@ from gguf import GGMLQuantizationType as Q
 from safetensors import SafetensorError, safe_open
 
 from ..errors import ModelFormatError
-from ..model.config import ModelConfig, RopeScaling
-from ..model.weights import LayerWeights, ModelWeights
-from .tensor import QTensor
+from ..core.config import ModelConfig, RopeScaling
+from ..core.weights import LayerWeights, ModelWeights
+from ..core.tensor import QTensor
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _DTYPES = {"F32": (Q.F32, np.float32), "F16": (Q.F16, np.float16), "BF16": (Q.BF16, np.uint16)}

@@ -5,10 +5,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelFormatError
-from ..model.config import ModelConfig
-from ..model.weights import ModelWeights
+from ..core.config import ModelConfig
+from ..core.weights import ModelWeights
 from .quants import ConversionReport
-from .tensor import QTensor
+from ..core.tensor import QTensor
 
 
 @dataclass

@@ -112,7 +112,7 @@ def write_powerinfer_gguf(src: str | Path, out: str | Path, predictors=None, out
         rows, cols = int(t.shape[-1]) if len(t.shape) > 1 else 1, int(t.shape[0])
         data = np.asarray(t.data)
         if t.name.endswith("ffn_down.weight") and f"{t.name[:-len('ffn_down.weight')]}ffn_down_t.weight" not in names:
-            from .tensor import QTensor
+            from ..core.tensor import QTensor
 
             qt_src = QTensor(t.name, qt, (rows, cols), data)
             new = quants.transpose(qt_src, report)  # [n_ff, d]: exact for floats, Q8_0 for block formats

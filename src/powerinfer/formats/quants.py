@@ -37,7 +37,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import Q4_K, dequantize, quantize
 
 from ..errors import ModelFormatError
-from .tensor import NATIVE_TYPES, QTensor
+from ..core.tensor import NATIVE_TYPES, QTensor
 
 TARGET: dict[Q, Q] = {
     Q.F64: Q.F32,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import _C
-from ..formats.tensor import QTensor
+from ..core.tensor import QTensor
 
 Decoder = _C.Decoder
 isa = _C.isa
@@ -341,7 +341,7 @@ class SparseFFN:
         return in_bytes + k[0] * rb[:, 3]
 
     def _layer_bytes(self, il: int) -> list[int]:
-        from ..sparse.relu import row_bytes
+        from ..core.tensor import row_bytes
 
         lw, n_ff = self.weights.layers[il], self.config.n_ff
         gate = lw.gate_proj.nbytes if lw.gate_proj is not None else 0

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from ..formats.tensor import QTensor
+from ..core.tensor import QTensor
 
 QK = 32
 _BLOCK_BYTES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q8_0: 34}

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.tensor import QTensor
-from .config import ModelConfig
+from ..core.tensor import QTensor
+from ..core.config import ModelConfig
 from .kvcache import KVCache
 from .rope import apply_rope, rope_tables
-from .weights import LayerWeights, ModelWeights
+from ..core.weights import LayerWeights, ModelWeights
 
 
 def dense(t: QTensor | None, dtype=torch.float32) -> torch.Tensor | None:

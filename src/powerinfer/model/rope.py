@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .config import ModelConfig
+from ..core.config import ModelConfig
 
 YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0

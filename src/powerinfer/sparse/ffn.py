@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.config import ModelConfig
-from ..model.weights import LayerWeights
+from ..core.config import ModelConfig
+from ..core.weights import LayerWeights
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

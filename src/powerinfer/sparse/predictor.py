@@ -165,7 +165,8 @@ def _register_backend():
 
     from ..model.llama import dense
     from .ffn import activation_fn, ffn_hidden, register_ffn
-    from .relu import SparsityStats, row_bytes
+    from ..core.tensor import row_bytes
+    from .relu import SparsityStats
 
     @register_ffn("predictor")
     class PredictorFFN(nn.Module):

@@ -19,23 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from ..model.config import ModelConfig
+from ..core.config import ModelConfig
+from ..core.tensor import row_bytes
 from ..model.llama import dense
-from ..model.weights import LayerWeights
-
-
-def row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
-    """Bytes of one row of `n` values in `qtype`'s block layout (QTensor.row_bytes for another row length).
-
-    Used for the layouts a sparse kernel reads: a neuron of `down_t` is a row of d_model values, an input
-    channel of a column-major gate/up copy is a row of n_ff values."""
-    block, nbytes = GGML_QUANT_SIZES[qtype]
-    if n % block:
-        raise ValueError(f"a row of {n} values does not fill whole {qtype.name} blocks of {block}")
-    return n // block * nbytes
+from ..core.weights import LayerWeights
 
 
 @dataclass

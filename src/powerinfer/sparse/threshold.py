@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.config import ModelConfig
+from ..core.config import ModelConfig
 from ..model.llama import dense
-from ..model.weights import LayerWeights
+from ..core.weights import LayerWeights
 from .artifacts import Thresholds
 from .ffn import activation_fn, ffn_hidden, register_ffn
-from .relu import SparsityStats, row_bytes
+from ..core.tensor import row_bytes
+from .relu import SparsityStats
 
 SITES = ("x", "h")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..formats.tensor import QTensor
+from .tensor import QTensor
 
 
 @dataclass

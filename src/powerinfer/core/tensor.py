@@ -22,6 +22,17 @@ NATIVE_TYPES = (
 )
 
 
+def row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
+    """Bytes of one row of `n` values in `qtype`'s block layout (QTensor.row_bytes for another row length).
+
+    Used for the layouts a sparse kernel reads: a neuron of `down_t` is a row of d_model values, an input
+    channel of a column-major gate/up copy is a row of n_ff values."""
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    if n % block:
+        raise ValueError(f"a row of {n} values does not fill whole {qtype.name} blocks of {block}")
+    return n // block * nbytes
+
+
 @dataclass
 class QTensor:
     name: str
@@ -39,8 +50,7 @@ class QTensor:
 
     @property
     def row_bytes(self) -> int:
-        block, nbytes = GGML_QUANT_SIZES[self.qtype]
-        return self.cols // block * nbytes
+        return row_bytes(self.qtype, self.cols)
 
     @property
     def nbytes(self) -> int:
