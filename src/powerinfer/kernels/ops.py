@@ -1,0 +1,185 @@
+"""Wrappers of the compiled kernels (`powerinfer._C`): ISA selection, addresses of arrays, and one call per
+kernel (dequantize, matvec, matmul, row gather, neuron-major axpy, Q8_0 quantization, the neuron-major
+transpose, the DRAM read probe). The C functions take raw addresses (Python ints); these extract them once
+and check shapes. The slow twins are in `reference.py`."""
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import torch
+
+from .. import _C
+from ..core.tensor import QTensor
+
+isa = _C.isa
+set_isa = _C.set_isa
+cpu_features = _C.cpu_features
+
+
+def available_isas() -> list[str]:
+    """ISA paths this CPU can run, best first (the first is what `import` selected)."""
+    current, out = _C.isa(), []
+    for name in ("avx512", "avx2", "portable"):
+        try:
+            _C.set_isa(name)
+            out.append(name)
+        except ValueError:
+            pass
+    _C.set_isa(current)
+    return out
+
+
+def address(a) -> int:
+    """Data address of a torch tensor or numpy array (read-only memmaps included)."""
+    if isinstance(a, torch.Tensor):
+        return a.data_ptr()
+    return a.__array_interface__["data"][0]
+
+
+def _f32_vec(t) -> torch.Tensor | np.ndarray:
+    """A C-contiguous float32 version of a QTensor / tensor / array (the original if already so)."""
+    if isinstance(t, QTensor):
+        if int(t.qtype) != 0:
+            return t.dequantize().reshape(-1).contiguous()
+        t = t.data
+    if isinstance(t, torch.Tensor):
+        return t.detach().to(torch.float32).contiguous()
+    a = np.asarray(t)
+    return a if a.dtype == np.float32 and a.flags["C_CONTIGUOUS"] else np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _weight(t: QTensor) -> tuple[np.ndarray, int, int]:
+    """(contiguous data, address, qtype) of a weight matrix, checked against its declared size."""
+    data = np.asarray(t.data)
+    if not data.flags["C_CONTIGUOUS"]:
+        data = np.ascontiguousarray(data)
+    if data.nbytes != t.nbytes:
+        raise ValueError(f"{t.name}: {data.nbytes} bytes of data, expected {t.rows} x {t.row_bytes}")
+    return data, address(data), int(t.qtype)
+
+
+def _out(shape, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32)
+    if out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(shape)}")
+    return out
+
+
+def _x(x: torch.Tensor, cols: int) -> torch.Tensor:
+    x = x.detach().to(torch.float32).contiguous()
+    if x.shape[-1] != cols:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {cols} columns")
+    return x
+
+
+def dequantize(t: QTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 tensor of t.shape via the C dequantizer."""
+    data, addr, qtype = _weight(t)
+    y = _out(t.shape, out)
+    _C.dequantize(qtype, addr, t.rows * t.cols, y.data_ptr())
+    return y
+
+
+def matvec(w: QTensor, x: torch.Tensor, n_threads: int = 1, out: torch.Tensor | None = None,
+           packed: bool = False) -> torch.Tensor:
+    """y = W x with ggml's activation quantization (float32 [rows]). packed=True repacks W first (tests)."""
+    data, addr, qtype = _weight(w)
+    x = _x(x, w.cols).reshape(-1)
+    y = _out((w.rows,), out)
+    _C.matvec(qtype, addr, w.rows, w.cols, x.data_ptr(), y.data_ptr(), n_threads, packed)
+    return y
+
+
+def matmul(w: QTensor, x: torch.Tensor, n_threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Y = X W^T for X [n_tok, cols] (float32 [n_tok, rows]), same numerics as matvec per token."""
+    data, addr, qtype = _weight(w)
+    x = _x(x, w.cols)
+    if x.dim() != 2:
+        raise ValueError("x must be [n_tok, cols]")
+    y = _out((x.shape[0], w.rows), out)
+    _C.matmul(qtype, addr, w.rows, w.cols, x.data_ptr(), x.shape[0], y.data_ptr(), n_threads)
+    return y
+
+
+def _idx(idx) -> torch.Tensor:
+    return torch.as_tensor(idx, dtype=torch.int32).contiguous().reshape(-1)
+
+
+def gather(w: QTensor, idx, x: torch.Tensor, n_threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-sparse dot y[j] = W[idx[j]] . x on the GGUF rows (float32 [len(idx)]); dense activation numerics."""
+    data, addr, qtype = _weight(w)
+    idx = _idx(idx)
+    x = _x(x, w.cols).reshape(-1)
+    y = _out((idx.numel(),), out)
+    _C.sparse_run(1, qtype, addr, w.rows, w.cols, idx.data_ptr(), idx.numel(), x.data_ptr(), y.data_ptr(),
+                  n_threads, 0, 0)
+    return y
+
+
+def axpy(wt: QTensor, idx, h: torch.Tensor, y: torch.Tensor | None = None, c0: int = 0, c1: int | None = None,
+         n_threads: int = 1) -> torch.Tensor:
+    """Neuron-major axpy y[c0:c1] += sum_j h[j] * Wt[idx[j], c0:c1] (y float32 [Wt.cols], zeros if None);
+    threads split the index list and their sums are added, as in the decoder."""
+    data, addr, qtype = _weight(wt)
+    idx = _idx(idx)
+    h = h.detach().to(torch.float32).contiguous().reshape(-1)
+    if h.numel() != idx.numel():
+        raise ValueError(f"{idx.numel()} indices but {h.numel()} values")
+    y = torch.zeros(wt.cols, dtype=torch.float32) if y is None else _out((wt.cols,), y)
+    _C.sparse_run(2, qtype, addr, wt.rows, wt.cols, idx.data_ptr(), idx.numel(), h.data_ptr(), y.data_ptr(),
+                  n_threads, c0, wt.cols if c1 is None else c1)
+    return y
+
+
+def quantize_q8_0(x: torch.Tensor) -> np.ndarray:
+    """Q8_0 blocks (uint8 [rows, cols/32*34]) of a float32 [rows, cols] tensor, with ggml's x86 rounding."""
+    x = x.detach().to(torch.float32).contiguous()
+    rows, cols = x.shape
+    if cols % 32:
+        raise ValueError("Q8_0 rows must be a multiple of 32 long")
+    out = np.empty((rows, cols // 32 * 34), dtype=np.uint8)
+    _C.quantize_q8_0(x.data_ptr(), rows * cols, address(out))
+    return out
+
+
+# Neuron-major copies of block-format matrices are requantized to Q8_0: a second 4-bit rounding along the other
+# axis would add as much error as the original quantization, while 8 bits add ~1/254 of a block's range.
+TRANSPOSE_FORMAT = {0: 0, 1: 1, 30: 30}  # F32, F16, BF16 transpose exactly; the rest -> Q8_0 (8)
+
+
+def transposed_qtype(t: QTensor):
+    """The format `transposed(t)` stores."""
+    from gguf import GGMLQuantizationType as QT
+
+    return QT(TRANSPOSE_FORMAT.get(int(t.qtype), 8))
+
+
+def transposed(t: QTensor, name: str | None = None) -> QTensor:
+    """The [cols, rows] copy of a weight (down_proj -> down_t, gate/up -> input-major) in TRANSPOSE_FORMAT."""
+    from gguf import GGMLQuantizationType as QT
+
+    qtype = int(transposed_qtype(t))
+    if qtype == 8:  # tile by tile in C, without full-size f32 copies (needs t.rows, the new row length, % 32 == 0)
+        src, addr, src_qtype = _weight(t)
+        data = np.empty((t.cols, t.rows // 32 * 34), dtype=np.uint8)
+        _C.transpose_q8_0(src_qtype, addr, t.rows, t.cols, address(data))
+        return QTensor(name or f"{t.name}.T", QT(qtype), (t.cols, t.rows), data)
+    dense = dequantize(t).t().contiguous()
+    if qtype == 0:
+        data = dense.numpy()
+    elif qtype == 1:
+        data = dense.to(torch.float16).numpy()
+    else:  # 30, BF16: the last exact format in TRANSPOSE_FORMAT
+        data = dense.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return QTensor(name or f"{t.name}.T", QT(qtype), (t.cols, t.rows), data)
+
+
+def read_bandwidth(n_threads: int = 1, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second of a plain sequential read over a buffer far larger than the caches, split over
+    n_threads (median of `repeats` passes after one that faults the pages in): the DRAM bandwidth the sparse
+    kernels are measured against and the slow tier's speed in the placement cost model."""
+    buf = np.ones(nbytes, dtype=np.uint8)
+    ns = statistics.median(_C.read_bandwidth(address(buf), nbytes, n_threads, 1) for _ in range(repeats))
+    return nbytes / ns * 1e9
