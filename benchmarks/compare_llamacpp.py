@@ -131,8 +131,8 @@ class Ours:
         return other
 
     def prefill(self, ids):
-        if self.runner.sparse_label != (None if self.sparse is None else "bench"):
-            self.runner.set_sparse(self.sparse, "bench")
+        if self.runner.spec != self.sparse:
+            self.runner.set_sparse(self.sparse)
         self.runner.truncate(0)
         return self.runner.eval(ids)
 
@@ -280,7 +280,7 @@ def main(argv=None):
 
     ref = LlamaCpp(path, args.threads, n_ctx=1024)
     ours = Ours(str(path), args.threads, n_ctx=1024)
-    from powerinfer.prepare.sparsity import resolve_sparsity
+    from powerinfer.runtime.sparsity import resolve_sparsity
 
     sparse, sparse_desc = resolve_sparsity(ours.llm.loaded, args.sparsity, args.sparse_method)
     tokens = ref.tokenize(text)
@@ -335,7 +335,7 @@ def main(argv=None):
         chunks = args.ppl_tokens // 512
         q["lp_ours"] = perplexity(ours.runner, tokens, 512, max_chunks=chunks).ppl
         if sparse is not None:
-            ours.runner.set_sparse(sparse, sparse_desc)
+            ours.runner.set_sparse(sparse)
             q["lp_sparse"] = perplexity(ours.runner, tokens, 512, max_chunks=chunks).ppl
             q["sparsity"] = ours.runner.ffn_sparsity()
             ours.runner.set_sparse(None)

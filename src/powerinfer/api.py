@@ -12,11 +12,13 @@ from dataclasses import replace
 
 from .errors import PowerInferError
 from .formats.chat import render_chat
-from .formats.loader import LoadedModel, load_model
+from .formats.loader import LoadedModel, load_model, load_tokenizer
 from .formats.tokenizer import Tokenizer
 from .runtime import engine
 from .runtime.engine import Response
-from .runtime.runner import Runner
+from .runtime.runner import make_runner
+from .runtime.sparsity import apply_sparsity
+from .prepare.calibrate import calibrate_default
 from .settings import ModelSettings, SamplingParams, field_names, split_settings
 
 
@@ -26,14 +28,12 @@ class LLM:
         self.loaded = loaded
         self.settings = settings
         self.defaults = defaults
-        self.tokenizer = tokenizer or _tokenizer_for(loaded)
-        self.runner = Runner(loaded, settings.n_ctx, settings.n_threads, settings.n_batch)
+        self.tokenizer = tokenizer or load_tokenizer(loaded)
+        self.runner = make_runner(loaded, settings.n_ctx, settings.n_threads, settings.n_batch)
         self.sparsity = "dense FFN"
         if settings.sparsity != "off" or settings.predictors:
-            from .prepare.sparsity import apply_sparsity
-
             self.sparsity = apply_sparsity(self.runner, loaded, settings.sparsity, settings.sparse_method,
-                                           settings.predictors)
+                                           settings.predictors, calibrate=calibrate_default)
 
     @property
     def config(self):
@@ -72,15 +72,6 @@ class LLM:
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
-
-
-def _tokenizer_for(loaded: LoadedModel) -> Tokenizer:
-    meta = loaded.metadata
-    if "tokenizer.ggml.model" not in meta and loaded.path.is_dir():
-        from .formats.hf_tokenizer import metadata_from_hf_dir
-
-        meta = {**meta, **metadata_from_hf_dir(loaded.path)}
-    return Tokenizer.from_gguf_metadata(meta)
 
 
 def _piece(tok: Tokenizer, token_id: int | None) -> str:

@@ -7,25 +7,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from .errors import PowerInferError
+from .textdata import read_text
 from .settings import ModelSettings, SamplingParams, add_arguments, from_namespace
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def _read_text(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise PowerInferError(f"{path}: no such file")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PowerInferError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _load(args):
@@ -73,7 +63,7 @@ def _echo(responses) -> tuple[str, object]:
 def cmd_run(args) -> int:
     if args.prompt is not None and args.file is not None:
         raise PowerInferError("give the prompt with -p or -f, not both")
-    prompt = _read_text(args.file) if args.file is not None else args.prompt
+    prompt = read_text(args.file) if args.file is not None else args.prompt
     if args.prompt_file_batch:
         return _run_batch(args)
     if args.conversation:
@@ -131,7 +121,7 @@ def _run_conversation(args, first_message: str | None) -> int:
 
 
 def _run_batch(args) -> int:
-    lines = [ln for ln in _read_text(args.prompt_file_batch).splitlines() if ln.strip()]
+    lines = [ln for ln in read_text(args.prompt_file_batch).splitlines() if ln.strip()]
     if not lines:
         raise PowerInferError(f"{args.prompt_file_batch}: no prompts (one prompt per non-empty line)")
     llm = _load(args)
@@ -159,14 +149,13 @@ def _run_batch(args) -> int:
 # -- tokenize ------------------------------------------------------------------------------------------
 
 def cmd_tokenize(args) -> int:
-    from .api import _tokenizer_for
-    from .formats.loader import load_model
+    from .formats.loader import load_model, load_tokenizer
 
     if (args.prompt is None) == (args.file is None):
         raise PowerInferError("give the text with exactly one of -p TEXT or -f FILE")
-    text = _read_text(args.file) if args.file is not None else args.prompt
+    text = read_text(args.file) if args.file is not None else args.prompt
     loaded = load_model(args.model)
-    tok = _tokenizer_for(loaded)
+    tok = load_tokenizer(loaded)
     add_bos = False if args.no_bos else None
     parse_special = not args.no_parse_special
     if args.lines:

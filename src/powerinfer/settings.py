@@ -12,6 +12,25 @@ from dataclasses import MISSING, dataclass, field, fields
 from .errors import PowerInferError
 
 
+DEFAULT_SPARSE_METHOD = "hu"
+
+
+def parse_sparsity(text: str | float | None) -> str | float:
+    """--sparsity: 'auto' | 'off' | a float in [0, 1) (runtime/sparsity.py says what each means)."""
+    if text is None:
+        return "off"
+    t = str(text).strip().lower()
+    if t in ("auto", "off"):
+        return t
+    try:
+        v = float(t)
+    except ValueError:
+        raise PowerInferError(f"--sparsity: expected auto, off or a fraction such as 0.5, got {text!r}") from None
+    if not 0 <= v < 1:
+        raise PowerInferError(f"--sparsity must be in [0, 1), got {text}")
+    return v
+
+
 def _opt(default, *flags, help, group="model", metavar=None, **kw):
     return field(default=default, metadata=dict(flags=flags, help=help, group=group, metavar=metavar, **kw))
 
@@ -58,8 +77,6 @@ class ModelSettings:
             self.n_threads = default_threads()
         if self.n_ctx < 0:
             raise PowerInferError(f"--ctx-size must be >= 0, got {self.n_ctx}")
-        from .prepare.sparsity import parse_sparsity
-
         self.sparsity = parse_sparsity(self.sparsity)
         if self.n_batch <= 0:
             raise PowerInferError(f"--batch-size must be > 0, got {self.n_batch}")

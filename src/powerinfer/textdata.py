@@ -7,6 +7,9 @@ the first 39 are the calibration split, the last 40 the evaluation split; entrie
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
+
+from .errors import PowerInferError
 
 
 def pydoc_topics(split: str = "eval") -> str:
@@ -25,3 +28,19 @@ def pydoc_topics(split: str = "eval") -> str:
 def describe(text: str) -> str:
     """Short provenance string for reports: size and sha256 prefix."""
     return f"{len(text)} chars, sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def read_text(path: str) -> str:
+    """A user's text file (prompt, calibration or evaluation text) as UTF-8, with one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise PowerInferError(f"{path}: no such file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PowerInferError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_texts(paths: list[str]) -> tuple[str, str]:
+    """Several text files joined by blank lines, and their names for reports."""
+    return "\n\n".join(read_text(p) for p in paths), ", ".join(paths)

@@ -16,8 +16,8 @@ from gguf import GGMLQuantizationType as Q
 from powerinfer.cli import main
 from powerinfer.formats.loader import load_model
 from powerinfer.formats.powerinfer_gguf import write_powerinfer_gguf
-from powerinfer.prepare.sparsity import apply_sparsity
-from powerinfer.runtime.runner import Runner
+from powerinfer.runtime.sparsity import apply_sparsity
+from powerinfer.runtime.runner import make_runner
 from powerinfer.sparse.predictor import PredictorSet, predictors_from_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def test_upstream_layout_runs_and_matches_dense_with_perfect_predictors(tmp_path
                    capture_output=True)
     loaded = load_model(path)
     assert loaded.powerinfer_gguf and loaded.config.activation == "relu"
-    dense, sparse = Runner(loaded, 64, 2), Runner(loaded, 64, 2)
+    dense, sparse = make_runner(loaded, 64, 2), make_runner(loaded, 64, 2)
     desc = apply_sparsity(sparse, loaded, "auto")
     assert "the file's predictors" in desc
     ids = [3, 14, 15, 92, 65, 35, 89, 79]
@@ -128,8 +128,8 @@ def test_convert_from_hf_directory(tiny_hf_dir, tmp_path, activation):
     a, b = load_model(hf_dir), load_model(out)
     assert b.powerinfer_gguf and b.config.activation == a.config.activation
     ids = [1, 7, 3, 22, 9, 41, 5, 17]
-    la = Runner(a, 32, 1, compute="torch").eval(ids, all_logits=True)
-    lb = Runner(b, 32, 1, compute="torch").eval(ids, all_logits=True)
+    la = make_runner(a, 32, 1, compute="torch").eval(ids, all_logits=True)
+    lb = make_runner(b, 32, 1, compute="torch").eval(ids, all_logits=True)
     assert ((la - lb).abs().max() / la.abs().max()).item() < 1e-5
 
 
@@ -143,8 +143,8 @@ def test_convert_bundled_swiglu_model_keeps_its_activation(bundled_model_path, t
     # flipped by the ISA's summation order already moved top-1 agreement by 12 points.
     ids = [1, 504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30, 5905, 314, 253, 6256, 1789, 338, 13144, 346,
            746, 3112, 284, 12131, 1734, 540, 4025, 43, 357, 314, 804, 327, 3877, 1421, 28, 940, 2092, 284, 15370, 30]
-    la = Runner(a, 64, 2).eval(ids, all_logits=True)
-    lb = Runner(b, 64, 2).eval(ids, all_logits=True)
+    la = make_runner(a, 64, 2).eval(ids, all_logits=True)
+    lb = make_runner(b, 64, 2).eval(ids, all_logits=True)
     kl = torch.nn.functional.kl_div(lb.log_softmax(-1), la.log_softmax(-1), log_target=True, reduction="none")
     assert kl.sum(-1).mean().item() < 0.03  # measured 0.011 (AVX2 and portable kernels)
     assert (la.argmax(-1) == lb.argmax(-1)).float().mean().item() >= 0.85  # measured 0.92-0.97

@@ -15,6 +15,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from kernel_helpers import FORMATS, ISAS, new_kv, rope_tables, tiny_model
+from powerinfer.core.sparse_spec import SparseSpec
 from powerinfer import kernels
 from powerinfer.core.tensor import QTensor
 from powerinfer.kernels import reference as R
@@ -153,7 +154,7 @@ def test_decoder_sparse_ffn_matches_reference(use_isa, isa, name):
         sp = kernels.SparseFFN(dec, cfg, w)
         xs = torch.from_numpy(np.random.default_rng(3).standard_normal((4, cfg.d_model)).astype(np.float32))
         for th in THRESHOLDS:
-            sp.on([th] * cfg.n_layer)
+            sp.on(SparseSpec.uniform(cfg.n_layer, **th))
             ref_kv = new_kv(cfg, N_CTX)
             for pos in range(4):
                 x = xs[pos].clone()
@@ -166,11 +167,11 @@ def test_decoder_sparse_ffn_matches_reference(use_isa, isa, name):
                     err = (x.double() - xr.double()).abs().max().item()
                     assert err <= TOL * xr.abs().max().item(), f"{name} t={n_threads} {th} pos {pos} layer {il}"
             kept = sp.kept()
-            assert kept[0].max() <= cfg.n_ff and kept[1].max() <= cfg.d_model
+            assert kept.neurons.max() <= cfg.n_ff and kept.inputs.max() <= cfg.d_model
             if th.get("x"):
-                assert (kept[1] < cfg.d_model).all()  # the input site dropped channels
+                assert (kept.inputs < cfg.d_model).all()  # the input site dropped channels
             if th["h"] > 0 or cfg.activation == "relu":
-                assert (kept[0] < cfg.n_ff).all()  # neurons were skipped
+                assert (kept.neurons < cfg.n_ff).all()  # neurons were skipped
         sp.off()
 
 
@@ -183,7 +184,7 @@ def test_decoder_sparse_off_restores_dense():
     dense = x0.clone()
     dec.layer(0, dense.data_ptr(), 0)
     sp = kernels.SparseFFN(dec, cfg, w)
-    sp.on([{"h": 0.1}] * cfg.n_layer)
+    sp.on(SparseSpec.uniform(cfg.n_layer, h=0.1))
     sparse = x0.clone()
     dec.layer(0, sparse.data_ptr(), 0)
     assert not torch.equal(sparse, dense)

@@ -9,7 +9,7 @@ from fixtures.tiny import hf_logits, stepwise_logits
 from powerinfer.formats.loader import load_model
 from powerinfer.model.kvcache import KVCache
 from powerinfer.model.llama import Transformer
-from powerinfer.sparse.ffn import DenseFFN, make_ffn, register_ffn
+from powerinfer.sparse.ffn import DenseFFN, ffn_factory, make_ffn, register_ffn
 
 TOKENS = torch.tensor([3, 17, 42, 5, 88, 61, 0, 95, 23, 23, 7, 50])
 
@@ -115,7 +115,7 @@ def test_ffn_is_injected_by_name_or_factory(tiny_llama_gguf):
             return super().forward(x)
 
     dense = stepwise_logits(Transformer(loaded.config, loaded.weights), loaded.config, TOKENS, 4)
-    named = stepwise_logits(Transformer(loaded.config, loaded.weights, ffn="counting-test"), loaded.config, TOKENS, 4)
+    named = stepwise_logits(Transformer(loaded.config, loaded.weights, ffn=ffn_factory("counting-test")), loaded.config, TOKENS, 4)
     assert torch.equal(named, dense) and len(calls) == loaded.config.n_layer * (1 + len(TOKENS) - 4)
 
     class Zero(nn.Module):
@@ -125,7 +125,7 @@ def test_ffn_is_injected_by_name_or_factory(tiny_llama_gguf):
     model = Transformer(loaded.config, loaded.weights, ffn=lambda lw, cfg, **kw: Zero())
     assert not torch.allclose(stepwise_logits(model, loaded.config, TOKENS, 4), dense)
     with pytest.raises(ValueError, match="unknown FFN backend 'nope'.*dense"):
-        Transformer(loaded.config, loaded.weights, ffn="nope")
+        ffn_factory("nope")
 
 
 def test_bundled_smollm2_predicts_paris(bundled_model):

@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
+from powerinfer.sparse.ffn import ffn_factory
 from powerinfer.cli import main
 from powerinfer.formats.loader import load_model
 from powerinfer.model.kvcache import KVCache
 from powerinfer.model.llama import Transformer
 from powerinfer.prepare.calibrate import calibrate, chunks_of, threshold_model
 from powerinfer.sparse.artifacts import Thresholds, load_thresholds, model_fingerprint, text_sha256
-from powerinfer.sparse.relu import ffn_stats, summarize_stats
+from powerinfer.sparse.stats import ffn_stats, summarize_stats
 from powerinfer.textdata import pydoc_topics
 
 
@@ -36,7 +37,7 @@ def test_thresholds_give_the_target_on_calibration_tokens(tiny_llama_gguf, metho
     assert sorted(values) == sorted(sites) and all(len(v) == 4 for v in values.values())
     # A fresh model built from the thresholds, run the ordinary way over the same tokens.
     th = Thresholds(method, 0.5, values, "0" * 16, {})
-    s = _run(Transformer(loaded.config, loaded.weights, ffn="threshold", ffn_options={"thresholds": th}), chunks)
+    s = _run(Transformer(loaded.config, loaded.weights, ffn=ffn_factory("threshold", thresholds=th)), chunks)
     for site in sites:
         per_layer = s[f"sparsity_{site}"]["per_layer"]
         assert all(abs(v - 0.5) <= 0.02 for v in per_layer), (site, per_layer)
@@ -53,9 +54,9 @@ def test_target_zero_is_dense(tiny_llama_gguf):
 
 def test_bundled_model_target_on_calibration_tokens(bundled_model):
     """The real SmolLM2: 256 calibration tokens, S = 0.5 on |silu(g)*u|, every one of its 30 layers."""
-    from powerinfer.api import _tokenizer_for
+    from powerinfer.formats.loader import load_tokenizer
 
-    tokens = _tokenizer_for(bundled_model).encode(pydoc_topics("calib")[:4000], add_bos=None, parse_special=False)
+    tokens = load_tokenizer(bundled_model).encode(pydoc_topics("calib")[:4000], add_bos=None, parse_special=False)
     chunks = chunks_of(tokens, 256, 256)
     model = threshold_model(bundled_model)
     values, _ = calibrate(model, chunks, "hu", 0.5, progress=False)

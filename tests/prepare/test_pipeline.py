@@ -14,7 +14,8 @@ from powerinfer.errors import PowerInferError
 from powerinfer.formats.loader import load_model
 from powerinfer.prepare.profile import load_profile, run_profile
 from powerinfer.prepare.train import train_predictors
-from powerinfer.runtime.runner import Runner
+from powerinfer.core.sparse_spec import SparseSpec
+from powerinfer.runtime.runner import make_runner
 from powerinfer.sparse.predictor import PredictorSet
 
 
@@ -71,15 +72,15 @@ def test_predictors_vs_dense_on_fresh_tokens(pipeline):
     loaded, prof, ps, root = pipeline
     cfg = loaded.config
     ids = [int(t) for t in np.random.default_rng(1).integers(0, 96, 200)]
-    t = Runner(loaded, 256, 1, compute="torch")
-    t.set_sparse([{"h": 0.0}] * cfg.n_layer, "predictor", ps)
+    t = make_runner(loaded, 256, 1, compute="torch")
+    t.set_sparse(SparseSpec.uniform(cfg.n_layer, predictors=ps, label="predictor"))
     t.eval(ids, all_logits=True)
     misses = sum(b.ffn.misses for b in t.model.layers)
     active = sum(b.ffn.active for b in t.model.layers)
     recall = 1 - misses / active
     assert recall >= 0.9, recall
-    dense, pred = Runner(loaded, 256, 2), Runner(loaded, 256, 2)
-    pred.set_sparse([{"h": 0.0}] * cfg.n_layer, "predictor", ps)
+    dense, pred = make_runner(loaded, 256, 2), make_runner(loaded, 256, 2)
+    pred.set_sparse(SparseSpec.uniform(cfg.n_layer, predictors=ps, label="predictor"))
     a, b = dense.eval(ids, all_logits=True), pred.eval(ids, all_logits=True)
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     tgt = torch.tensor(ids[1:])
@@ -94,7 +95,7 @@ def test_solve_convert_run_chain(pipeline, tmp_path):
     """The rest of the chain on the same model: placement from the profile, a PowerInfer GGUF with the trained
     predictors, and that file run with its own predictors against the original dense model."""
     from powerinfer.formats.powerinfer_gguf import write_powerinfer_gguf
-    from powerinfer.prepare.sparsity import apply_sparsity
+    from powerinfer.runtime.sparsity import apply_sparsity
     from powerinfer.prepare.solve import model_parts, read_gpuidx, solve_placement, write_gpuidx
     from powerinfer.sparse.predictor import predictors_from_gguf
 
@@ -115,8 +116,8 @@ def test_solve_convert_run_chain(pipeline, tmp_path):
     got = predictors_from_gguf(conv)
     assert got.thresholds == pytest.approx(ps.thresholds)
     ids = [int(t) for t in np.random.default_rng(2).integers(0, 96, 120)]
-    dense = Runner(loaded, 256, 2)
-    sparse = Runner(conv, 256, 2)
+    dense = make_runner(loaded, 256, 2)
+    sparse = make_runner(conv, 256, 2)
     assert "the file's predictors" in apply_sparsity(sparse, conv, "auto")
     a, b = dense.eval(ids, all_logits=True), sparse.eval(ids, all_logits=True)
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()

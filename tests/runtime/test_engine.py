@@ -6,7 +6,7 @@ import torch
 import powerinfer
 from powerinfer.errors import ContextOverflowError
 from powerinfer.formats.loader import load_model
-from powerinfer.runtime.runner import Runner
+from powerinfer.runtime.runner import make_runner
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def llm():
 def test_c_runner_matches_torch_runner(tiny_llama_gguf, qtype, activation):
     """The compiled decoder (prefill chunk + single steps) against the torch model on the same file."""
     loaded = load_model(tiny_llama_gguf(qtype, activation=activation).path)
-    c = Runner(loaded, n_ctx=64, n_threads=2, n_batch=4, compute="c")
-    ref = Runner(loaded, n_ctx=64, n_threads=1, compute="torch")
+    c = make_runner(loaded, n_ctx=64, n_threads=2, n_batch=4, compute="c")
+    ref = make_runner(loaded, n_ctx=64, n_threads=1, compute="torch")
     for t in c.kv.k + c.kv.v + ref.kv.k + ref.kv.v:  # the cache starts uninitialized: rows past the last
         t.fill_(float("nan"))                        # written position must never be read
     ids = [3, 17, 42, 5, 8, 60, 1, 33, 90, 12]
@@ -37,7 +37,7 @@ def test_c_runner_matches_torch_runner(tiny_llama_gguf, qtype, activation):
 
 def test_all_logits_equal_stepwise(tiny_llama_gguf):
     loaded = load_model(tiny_llama_gguf("Q8_0").path)
-    r = Runner(loaded, n_ctx=64, n_threads=2)
+    r = make_runner(loaded, n_ctx=64, n_threads=2)
     ids = [5, 6, 7, 8, 9]
     full = r.eval(ids, all_logits=True)
     r.truncate(0)

@@ -11,7 +11,8 @@ from gguf import GGMLQuantizationType as Q
 from powerinfer.cli import main
 from powerinfer.formats.loader import load_model
 from powerinfer.runtime import engine
-from powerinfer.runtime.runner import Runner
+from powerinfer.core.sparse_spec import SparseSpec
+from powerinfer.runtime.runner import make_runner
 from powerinfer.settings import SamplingParams
 from powerinfer.sparse.artifacts import Thresholds, default_thresholds_path, model_fingerprint
 
@@ -35,8 +36,8 @@ def test_relu_sparse_equals_dense(tiny_gguf, ffn_kind):
     tiny = tiny_gguf(activation="relu", ffn_kind=ffn_kind if ffn_kind != "glu" else None, qtype=Q.F32,
                      n_layer=3, n_ff=256, context_length=128)
     loaded = load_model(tiny.path)
-    dense, sparse = Runner(loaded, 96, 2), Runner(loaded, 96, 2)
-    sparse.set_sparse([{"h": 0.0}] * loaded.config.n_layer, "relu")
+    dense, sparse = make_runner(loaded, 96, 2), make_runner(loaded, 96, 2)
+    sparse.set_sparse(SparseSpec.uniform(loaded.config.n_layer, label="relu"))
     prompt = [1, 5, 9, 33]
     toks_d, logits_d = _greedy(dense, prompt, 64)
     toks_s, logits_s = _greedy(sparse, prompt, 64)
@@ -52,8 +53,8 @@ def test_threshold_sparse_matches_torch_backend(tiny_gguf):
     thresholds, token by token (all_logits runs decode steps when sparse)."""
     tiny = tiny_gguf(qtype=Q.F32, n_layer=2, n_ff=256, context_length=128)
     loaded = load_model(tiny.path)
-    th = [{"h": 0.02}, {"h": 0.03}]
-    c, t = Runner(loaded, 64, 2), Runner(loaded, 64, 1, compute="torch")
+    th = SparseSpec.from_sites({"h": [0.02, 0.03]}, method="hu")
+    c, t = make_runner(loaded, 64, 2), make_runner(loaded, 64, 1, compute="torch")
     for r in (c, t):
         r.set_sparse(th)
     ids = [1, 7, 3, 22, 9, 41, 5, 17, 2, 60]
@@ -69,8 +70,8 @@ def test_threshold_sparse_matches_torch_backend(tiny_gguf):
 def test_stream_reports_per_token_sparsity(tiny_gguf):
     tiny = tiny_gguf(activation="relu", qtype=Q.F32)
     loaded = load_model(tiny.path)
-    r = Runner(loaded, 64, 1)
-    r.set_sparse([{"h": 0.0}] * loaded.config.n_layer)
+    r = make_runner(loaded, 64, 1)
+    r.set_sparse(SparseSpec.uniform(loaded.config.n_layer))
     ids = [1, 2, 3]
     steps = engine.generate_step(r, ids, SamplingParams(temp=0))
     next(steps)  # first token: from the dense prefill
@@ -121,11 +122,11 @@ def test_thresholds_for_another_model_are_refused(tmp_path, bundled_model):
 
 def test_resolve_sparsity_choices(tiny_gguf, bundled_model):
     from powerinfer.errors import PowerInferError
-    from powerinfer.prepare.sparsity import resolve_sparsity
+    from powerinfer.runtime.sparsity import resolve_sparsity
 
     relu = load_model(tiny_gguf(activation="relu", qtype=Q.F32).path)
     th, desc = resolve_sparsity(relu, "auto")
-    assert th == [{"h": 0.0}] * relu.config.n_layer and "exact" in desc
+    assert th == SparseSpec.uniform(relu.config.n_layer, method="relu") and "exact" in desc
     assert resolve_sparsity(relu, "off")[0] is None
     th, desc = resolve_sparsity(bundled_model, "auto")  # SwiGLU: measured slower than dense, so dense
     assert th is None and "dense" in desc
@@ -148,16 +149,15 @@ def test_c_predictor_path(tiny_gguf):
     pairs = [perfect_predictor(lw.gate_proj.dequantize().numpy(), lw.post_attention_layernorm.dequantize().numpy())
              for lw in loaded.weights.layers]
     fc1, fc2 = [torch.from_numpy(a) for a, _ in pairs], [torch.from_numpy(b) for _, b in pairs]
-    dense, pred = Runner(loaded, 64, 2), Runner(loaded, 64, 2)
-    zeros = [{"h": 0.0}] * cfg.n_layer
-    pred.set_sparse(zeros, "predictor", PredictorSet(fc1, fc2, 0.0))
+    dense, pred = make_runner(loaded, 64, 2), make_runner(loaded, 64, 2)
+    pred.set_sparse(SparseSpec.uniform(cfg.n_layer, predictors=PredictorSet(fc1, fc2, 0.0)))
     ids = [1, 5, 9, 33, 7, 2, 11]
     a, b = dense.eval(ids, all_logits=True), pred.eval(ids, all_logits=True)
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
     assert 0.2 < pred.ffn_sparsity() < 0.9
-    read = pred._ffn_kept[2].sum().item() / (len(ids) * cfg.n_layer * cfg.n_ff)
+    read = pred._ffn_kept.up_rows.sum().item() / (len(ids) * cfg.n_layer * cfg.n_ff)
     assert 0.1 < read < 0.8  # gate/up rows read only for the predicted neurons
-    pred.set_sparse(zeros, "predictor", PredictorSet(fc1, fc2, 1e9))
+    pred.set_sparse(SparseSpec.uniform(cfg.n_layer, predictors=PredictorSet(fc1, fc2, 1e9)))
     c = pred.eval(ids, all_logits=True)
     assert pred.ffn_sparsity() == 1.0
     assert ((a - c).abs().max() / a.abs().max()).item() > 1e-2
@@ -166,12 +166,12 @@ def test_c_predictor_path(tiny_gguf):
 def test_powerinfer_gguf_with_predictors_runs_sparse(tiny_gguf):
     """A PowerInfer-layout file (PWRI magic, ffn_down_t, f16 fc1/fc2, sparse_threshold): --sparsity auto uses the
     file's predictors and its own neuron-major down_t, and matches the dense run of the same file."""
-    from powerinfer.prepare.sparsity import apply_sparsity
+    from powerinfer.runtime.sparsity import apply_sparsity
 
     tiny = tiny_gguf(activation="relu", qtype=Q.F16, n_layer=2, n_ff=128, pwri=True, ffn_down_t=True,
                      predictors=True)
     loaded = load_model(tiny.path)
-    dense, sparse = Runner(loaded, 64, 2), Runner(loaded, 64, 2)
+    dense, sparse = make_runner(loaded, 64, 2), make_runner(loaded, 64, 2)
     desc = apply_sparsity(sparse, loaded, "auto")
     assert "predictors" in desc
     lw = loaded.weights.layers[0]
@@ -192,10 +192,10 @@ def test_small_prompts_run_sparse_over_the_union(tiny_gguf, kw):
     what the same tokens give as single sparse decode steps; a longer one is prefilled dense."""
     tiny = tiny_gguf(n_layer=2, n_ff=256, context_length=64, **kw)
     loaded = load_model(tiny.path)
-    th = [{"h": 0.0 if kw.get("activation") == "relu" else 0.05}] * loaded.config.n_layer
+    th = SparseSpec.uniform(loaded.config.n_layer, h=0.0 if kw.get("activation") == "relu" else 0.05)
     for n_threads in (1, 2):
         for ids in ([1, 5, 9, 33, 7, 2], list(range(3, 15))):
-            batch, steps, dense = (Runner(loaded, 64, n_threads) for _ in range(3))
+            batch, steps, dense = (make_runner(loaded, 64, n_threads) for _ in range(3))
             batch.set_sparse(th)
             steps.set_sparse(th)
             lb = batch.eval(ids).clone()

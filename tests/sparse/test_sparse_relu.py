@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from fixtures.tiny import stepwise_logits
+from powerinfer.core.sparse_spec import SparseSpec
+from powerinfer.sparse.ffn import ffn_factory
 from powerinfer.formats.loader import load_model
 from powerinfer.model.llama import Transformer
 from powerinfer.sparse.ffn import make_ffn
 from powerinfer.core.tensor import row_bytes
-from powerinfer.sparse.relu import ffn_stats, summarize_stats
+from powerinfer.sparse.stats import ffn_stats, summarize_stats
 
 TOKENS = torch.tensor([3, 17, 42, 5, 88, 61, 0, 95, 23, 23, 7, 50])
 
@@ -17,7 +19,7 @@ TOKENS = torch.tensor([3, 17, 42, 5, 88, 61, 0, 95, 23, 23, 7, 50])
 def test_relu_logits_equal_dense(tiny_llama_gguf, ffn_kind):
     loaded = load_model(tiny_llama_gguf("F32", activation="relu", ffn_kind=ffn_kind).path)
     cfg, w = loaded.config, loaded.weights
-    sparse = Transformer(cfg, w, ffn="relu")
+    sparse = Transformer(cfg, w, ffn=ffn_factory("relu"))
     want = stepwise_logits(Transformer(cfg, w), cfg, TOKENS, n_prefill=6)
     got = stepwise_logits(sparse, cfg, TOKENS, n_prefill=6)
     assert ((got - want).abs().max() / want.abs().max()) < 1e-4
@@ -28,13 +30,14 @@ def test_relu_logits_equal_dense(tiny_llama_gguf, ffn_kind):
 
 
 def test_greedy_tokens_equal_dense_through_the_runner(tiny_llama_gguf):
-    from powerinfer.runtime.runner import Runner
+    from powerinfer.runtime.runner import make_runner
 
     loaded = load_model(tiny_llama_gguf("F32", activation="relu").path)
     runners = []
-    for ffn in ("dense", "relu"):
-        r = Runner(loaded, n_ctx=96, n_threads=1, compute="torch")
-        r.model = Transformer(loaded.config, loaded.weights, ffn=ffn)  # the runner has no backend option yet
+    for spec in (None, SparseSpec.uniform(loaded.config.n_layer, method="relu")):
+        r = make_runner(loaded, n_ctx=96, n_threads=1, compute="torch")
+        r.set_sparse(spec)
+        assert type(r.model.layers[0].ffn).__name__ == ("DenseFFN" if spec is None else "ReluFFN")
         runners.append(r)
     streams = []
     for r in runners:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fixtures.tiny import stepwise_logits
+from powerinfer.sparse.ffn import ffn_factory
 from powerinfer.formats.loader import load_model
 from powerinfer.model.llama import Transformer
 from powerinfer.sparse.artifacts import Thresholds
@@ -20,7 +21,7 @@ def test_zero_thresholds_equal_dense_exactly(tiny_llama_gguf, qtype, thresholds)
     loaded = load_model(tiny_llama_gguf(qtype).path)
     cfg, w = loaded.config, loaded.weights
     want = stepwise_logits(Transformer(cfg, w), cfg, TOKENS, n_prefill=6)
-    got = stepwise_logits(Transformer(cfg, w, ffn="threshold", ffn_options={"thresholds": thresholds}),
+    got = stepwise_logits(Transformer(cfg, w, ffn=ffn_factory("threshold", thresholds=thresholds)),
                           cfg, TOKENS, n_prefill=6)
     assert torch.equal(got, want)
 
@@ -89,8 +90,8 @@ def test_both_sites(layer):
 def test_thresholds_artifact_per_layer_and_layer_count(tiny_llama_gguf):
     loaded = load_model(tiny_llama_gguf("F32").path)
     th = Thresholds("hu", 0.5, {"h": [0.1, 0.2]}, "f" * 16, {})
-    m = Transformer(loaded.config, loaded.weights, ffn="threshold", ffn_options={"thresholds": th})
+    m = Transformer(loaded.config, loaded.weights, ffn=ffn_factory("threshold", thresholds=th))
     assert [b.ffn.thresholds["h"] for b in m.layers] == [0.1, 0.2]
     short = Thresholds("hu", 0.5, {"h": [0.1]}, "f" * 16, {})
     with pytest.raises(Exception, match="cover 1 layers"):
-        Transformer(loaded.config, loaded.weights, ffn="threshold", ffn_options={"thresholds": short})
+        Transformer(loaded.config, loaded.weights, ffn=ffn_factory("threshold", thresholds=short))

@@ -46,3 +46,15 @@ def load_model(path: str | Path | None = None) -> LoadedModel:
     m = load_gguf(path)
     return LoadedModel(m.config, m.weights, m.metadata, path, m.file_type, m.conversion_report,
                        m.powerinfer_gguf, m.extra_tensors)
+
+
+def load_tokenizer(loaded: LoadedModel):
+    """The model's tokenizer (`formats.tokenizer.Tokenizer`): from the GGUF metadata, or an HF directory's files."""
+    from .tokenizer import Tokenizer
+
+    meta = loaded.metadata
+    if "tokenizer.ggml.model" not in meta and loaded.path.is_dir():
+        from .hf_tokenizer import metadata_from_hf_dir
+
+        meta = {**meta, **metadata_from_hf_dir(loaded.path)}
+    return Tokenizer.from_gguf_metadata(meta)

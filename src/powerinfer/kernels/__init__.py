@@ -13,10 +13,10 @@ from .. import _C
 from .decoder import ACTIVATIONS, FFN_KINDS, ROPE_STYLES, bind_decoder
 from .ops import (address, available_isas, axpy, cpu_features, dequantize, gather, isa, matmul, matvec, quantize_q8_0,
                   read_bandwidth, set_isa, transposed, transposed_qtype)
-from .sparse_ffn import SparseFFN
+from .sparse_ffn import Kept, RowBytes, SparseFFN
 
 Decoder = _C.Decoder
 
 __all__ = ["Decoder", "isa", "set_isa", "cpu_features", "available_isas", "address", "dequantize", "matvec",
            "matmul", "gather", "axpy", "quantize_q8_0", "transposed", "transposed_qtype", "read_bandwidth",
-           "bind_decoder", "ROPE_STYLES", "ACTIVATIONS", "FFN_KINDS", "SparseFFN"]
+           "bind_decoder", "ROPE_STYLES", "ACTIVATIONS", "FFN_KINDS", "SparseFFN", "Kept", "RowBytes"]

@@ -2,29 +2,49 @@
 reads, the neuron-major copies it reads them from, and the bytes that costs)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .. import _C
+from ..core.sparse_spec import SparseSpec
 from ..core.tensor import QTensor, row_bytes
 from .ops import _weight, transposed, transposed_qtype
 
 
+class Kept(NamedTuple):
+    """Per-layer counts of one decode step (int tensors [n_layer]); the C decoder writes them in this order."""
+
+    neurons: torch.Tensor  # FFN neurons kept: down_t rows read
+    inputs: torch.Tensor  # FFN input channels kept (the x site)
+    up_rows: torch.Tensor  # up rows read (differs from neurons for dReLU and for predictors' candidates)
+
+
+class RowBytes(NamedTuple):
+    """Per-layer byte sizes of the pieces a sparse FFN reads (int64 tensors [n_layer])."""
+
+    dense_gate: torch.Tensor  # the whole gate matrix (read when the gate is the oracle)
+    input_column: torch.Tensor  # one input channel of the input-major gate and up copies (x site)
+    up_row: torch.Tensor
+    down_row: torch.Tensor  # one neuron of down_t
+    gate_row: torch.Tensor  # one gate row (predictors' candidates)
+
+
 class SparseFFN:
-    """The neuron-sparse FFN of a bound Decoder (decode steps, and prompts of up to 8 tokens): per layer a
-    neuron-major down_t (the model's own `down_t` when the file has one, else a transposed copy) and thresholds
-    {"h": t_h, "x": t_x} (0 = off; with t_h = t_x = 0 only exact zeros are skipped, which is the exact ReLU
-    path). Input-major gate/up copies are made only for layers with t_x > 0. Copies are cached, so changing
-    thresholds is cheap; `off()` returns the decoder to the dense FFN."""
+    """The neuron-sparse FFN of a bound Decoder (decode steps, and prompts of up to 8 tokens), driven by a
+    `SparseSpec`: per layer a neuron-major down_t (the model's own `down_t` when the file has one, else a
+    transposed copy) and the spec's thresholds (h = x = 0 skips only exact zeros, the exact ReLU path).
+    Input-major gate/up copies are made only for layers with x > 0. Copies are cached, so changing specs is
+    cheap; `off()` returns the decoder to the dense FFN."""
 
     def __init__(self, dec: "_C.Decoder", config, weights):
         self.dec, self.config, self.weights = dec, config, weights
         self._copies: dict[tuple[int, str], QTensor] = {}
-        self.thresholds: list[dict[str, float]] | None = None
-        self.predictors = None
+        self.spec: SparseSpec | None = None
         self._pred_keep: list[torch.Tensor] = []  # the f16 predictor matrices the decoder reads
-        self._pred_bytes: list[int] = []
-        self._row_bytes: torch.Tensor | None = None  # [n_layer, 5], see bytes_per_layer
-        self._kept = torch.zeros(3, config.n_layer, dtype=torch.int32)
+        self._pred_bytes = torch.zeros(config.n_layer, dtype=torch.int64)
+        self._row_bytes: RowBytes | None = None
+        self._kept = torch.zeros(len(Kept._fields), config.n_layer, dtype=torch.int32)
 
     def _copy(self, il: int, role: str) -> QTensor:
         key = (il, role)
@@ -42,15 +62,13 @@ class SparseFFN:
         data, addr, qtype = _weight(t)
         return (addr, qtype)
 
-    def on(self, thresholds: list[dict[str, float]] | None = None, predictors=None) -> None:
-        """`predictors`: a sparse.predictor.PredictorSet (its fc1/fc2 are bound as f16) or None."""
+    def on(self, spec: SparseSpec) -> None:
+        """Bind `spec`'s thresholds and predictors (their fc1/fc2 are bound as f16)."""
         n = self.config.n_layer
-        thresholds = thresholds or [{} for _ in range(n)]
-        if len(thresholds) != n:
-            raise ValueError(f"{len(thresholds)} layers of thresholds for a {n}-layer model")
-        if predictors is not None and predictors.n_layer != n:
-            raise ValueError(f"{predictors.n_layer} predictor layers for a {n}-layer model")
-        self._pred_keep, self._pred_bytes = [], [0] * n
+        spec.check(n)
+        predictors = spec.predictors
+        self._pred_keep = []
+        self._pred_bytes.zero_()
         for il in range(n):
             if predictors is None:
                 self.dec.set_predictor(il, None, None, 1, 0.0)
@@ -60,41 +78,37 @@ class SparseFFN:
             self._pred_bytes[il] = (fc1.numel() + fc2.numel()) * 2
             self.dec.set_predictor(il, (fc1.data_ptr(), 1), (fc2.data_ptr(), 1), fc1.shape[0],
                                    float(predictors.threshold_of(il)))
-        self.predictors = predictors
-        for il, th in enumerate(thresholds):
-            t_h, t_x = float(th.get("h", 0.0)), float(th.get("x", 0.0))
+        for il, th in enumerate(spec.layers):
             lw = self.weights.layers[il]
-            gate_t = self._copy(il, "gate") if t_x > 0 and lw.gate_proj is not None else None
-            up_t = self._copy(il, "up") if t_x > 0 else None
-            self.dec.set_sparse(il, self._mat(self._copy(il, "down")), self._mat(gate_t), self._mat(up_t), t_h, t_x)
-        self.thresholds = [dict(t) for t in thresholds]
+            gate_t = self._copy(il, "gate") if th.x > 0 and lw.gate_proj is not None else None
+            up_t = self._copy(il, "up") if th.x > 0 else None
+            self.dec.set_sparse(il, self._mat(self._copy(il, "down")), self._mat(gate_t), self._mat(up_t), th.h, th.x)
+        self.spec = spec
 
     def off(self) -> None:
         for il in range(self.config.n_layer):
             self.dec.set_sparse(il, None, None, None, 0.0, 0.0)
             self.dec.set_predictor(il, None, None, 1, 0.0)
-        self.thresholds, self.predictors = None, None
+        self.spec = None
 
-    def kept(self) -> torch.Tensor:
-        """int32 [3, n_layer] of the last decode step: neurons kept (down rows read), FFN input channels kept, up
-        rows read (a buffer the next call overwrites)."""
+    def kept(self) -> Kept:
+        """Counts of the last decode step (views of a buffer the next call overwrites)."""
         self.dec.kept(self._kept.data_ptr())
-        return self._kept
+        return Kept(*self._kept)
 
-    def bytes_per_layer(self, kept: torch.Tensor) -> torch.Tensor:
+    def bytes_per_layer(self, kept: Kept) -> torch.Tensor:
         """FFN weight bytes each layer read in a step with these `kept` counts (int64 [n_layer])."""
-        if self._row_bytes is None:  # per layer: dense gate, input-major column, up row, down_t row, gate row
-            self._row_bytes = torch.tensor([self._layer_bytes(il) for il in range(self.config.n_layer)],
-                                           dtype=torch.int64)
-        th = self.thresholds or [{}] * self.config.n_layer
-        x_on = torch.tensor([t.get("x", 0.0) > 0 for t in th])
+        if self._row_bytes is None:
+            per_layer = [self._layer_bytes(il) for il in range(self.config.n_layer)]
+            self._row_bytes = RowBytes(*torch.tensor(per_layer, dtype=torch.int64).t())
         rb = self._row_bytes
-        k = kept.to(torch.int64)
-        if self.predictors is not None:  # predictor + the candidates' gate and up rows
-            in_bytes = torch.tensor(self._pred_bytes, dtype=torch.int64) + k[2] * (rb[:, 2] + rb[:, 4])
+        neurons, inputs, up_rows = (k.to(torch.int64) for k in kept)
+        if self.spec is not None and self.spec.predictors is not None:  # predictor + candidates' gate and up rows
+            in_bytes = self._pred_bytes + up_rows * (rb.up_row + rb.gate_row)
         else:
-            in_bytes = torch.where(x_on, k[1] * rb[:, 1], rb[:, 0] + k[2] * rb[:, 2])
-        return in_bytes + k[0] * rb[:, 3]
+            x_on = torch.tensor([t > 0 for t in self.spec.site("x")] if self.spec else [False] * self.config.n_layer)
+            in_bytes = torch.where(x_on, inputs * rb.input_column, rb.dense_gate + up_rows * rb.up_row)
+        return in_bytes + neurons * rb.down_row
 
     def _layer_bytes(self, il: int) -> list[int]:
         lw, n_ff = self.weights.layers[il], self.config.n_ff

@@ -267,7 +267,7 @@ def add_parser(sub) -> None:
                    help="prompt tokens per prefill call in pp tests (default: 512)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up repetition")
     p.add_argument("-s", "--seed", type=int, default=0, metavar="N", help="seed of the random token ids (default: 0)")
-    from ..prepare.sparsity import add_sparsity_arguments
+    from ..runtime.sparsity import add_sparsity_arguments
 
     add_sparsity_arguments(p, "; the tg tests decode with it")
     p.add_argument("--profile", action="store_true",
@@ -285,7 +285,7 @@ def func(args) -> int:
 
     from .. import kernels
     from ..formats.loader import load_model
-    from ..runtime.runner import Runner
+    from ..runtime.runner import make_runner
     from ..settings import default_threads
 
     prompts = [n for n in _int_list("-p/--n-prompt")(args.n_prompt) if n > 0]
@@ -314,10 +314,10 @@ def func(args) -> int:
     spm = md.get("tokenizer.ggml.model") == "llama"
     add_bos = md.get("tokenizer.ggml.add_bos_token", spm) and "tokenizer.ggml.tokens" in md
     bos = int(md.get("tokenizer.ggml.bos_token_id", 1)) if add_bos else None
-    runner = Runner(loaded, n_ctx, threads[0], min(args.batch_size, n_ctx))
+    runner = make_runner(loaded, n_ctx, threads[0], min(args.batch_size, n_ctx))
     sparse_desc = "dense FFN"
     if args.sparsity != "off" or args.predictors:
-        from ..prepare.sparsity import apply_sparsity
+        from ..runtime.sparsity import apply_sparsity
 
         sparse_desc = apply_sparsity(runner, loaded, args.sparsity, args.sparse_method, args.predictors)
         print(f"ffn: {sparse_desc}", file=sys.stderr)

@@ -133,7 +133,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object {ppl, ppl_err, n_tokens_scored, n_chunks, n_ctx, text, seconds, ...} "
                         "instead of the llama.cpp-style lines")
-    from ..prepare.sparsity import add_sparsity_arguments
+    from ..runtime.sparsity import add_sparsity_arguments
 
     add_sparsity_arguments(p, "; when on, every position is scored through single-token decode steps, so the "
                               "number is the sparse model's")
@@ -145,13 +145,12 @@ def add_parser(sub) -> None:
 
 def func(args) -> int:
     from .. import load
-    from ..cli import _read_text  # the CLI's one-line errors for missing / non-UTF-8 files
-    from ..textdata import describe, pydoc_topics
+    from ..textdata import describe, pydoc_topics, read_text
 
     if args.n_ctx <= 0:
         raise PowerInferError(f"--ctx-size must be > 0, got {args.n_ctx}")
     if args.file is not None:
-        text, source = _read_text(args.file), args.file
+        text, source = read_text(args.file), args.file
     else:
         text, source = pydoc_topics("eval"), "default evaluation text (pydoc_data.topics, eval split)"
     log = sys.stderr

@@ -2,7 +2,7 @@
 SmolLM2, Qwen2 (q/k/v biases), ReLU-family variants (ReluLLaMA, ProSparse, Bamboo's dReLU).
 
 This is the reference path (and the prefill / GPU path): weights are dequantized once to `dtype`, the FFN
-is injected by name from sparse/ffn.py, the KV cache is the shared f16 KVCache. No I/O, no sampling.
+is injected as a factory (model/ffn.py's DenseFFN by default), the KV cache is the shared f16 KVCache. No I/O, no sampling.
   x = embed[tokens]
   per layer: h = x + o_proj(attention(rope(q), rope(k), v))   on input_layernorm(x), causal over the cache
              x = h + ffn(post_attention_layernorm(h))
@@ -11,29 +11,17 @@ is injected by name from sparse/ffn.py, the KV cache is the shared f16 KVCache. 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.tensor import QTensor
 from ..core.config import ModelConfig
+from .ffn import DenseFFN, dense
 from .kvcache import KVCache
 from .rope import apply_rope, rope_tables
 from ..core.weights import LayerWeights, ModelWeights
-
-
-def dense(t: QTensor | None, dtype=torch.float32) -> torch.Tensor | None:
-    """A weight as a dense torch tensor of `dtype`, owning its memory (not a view of the read-only file map)."""
-    if t is None:
-        return None
-    with warnings.catch_warnings():
-        # QTensor.dequantize wraps F32 memmaps without copying; torch warns they are read-only. We copy next.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        w = t.dequantize()
-    return w.to(dtype=dtype, copy=True)
 
 
 class RMSNorm(nn.Module):
@@ -107,22 +95,18 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`ffn` is a backend name from sparse/ffn.py's registry, or a factory
-    `(layer_weights, config, dtype=..., layer=i, **ffn_options) -> nn.Module`."""
+    """`ffn` is a factory `(layer_weights, config, dtype=..., layer=i) -> nn.Module` (default: the dense FFN);
+    the runner builds sparse ones by name from sparse/ffn.py's registry (STYLE 2)."""
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, ffn: str | Callable[..., nn.Module] = "dense",
-                 dtype: torch.dtype = torch.float32, ffn_options: dict | None = None):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, ffn: Callable[..., nn.Module] = DenseFFN,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
-        if isinstance(ffn, str):
-            # Imported here: sparse/ sits above model/ and registers its backends on import.
-            from ..sparse.ffn import make_ffn
-
-            name = ffn
-            ffn = lambda lw, cfg, **kw: make_ffn(name, lw, cfg, **kw)  # noqa: E731
+        if not callable(ffn):
+            raise TypeError(f"ffn must be a factory (layer_weights, config, dtype=, layer=), not {ffn!r}")
         self.config = config
         self.register_buffer("embed_tokens", dense(weights.embed_tokens, dtype))
         self.layers = nn.ModuleList(
-            Block(lw, config, i, ffn(lw, config, dtype=dtype, layer=i, **(ffn_options or {})), dtype)
+            Block(lw, config, i, ffn(lw, config, dtype=dtype, layer=i), dtype)
             for i, lw in enumerate(weights.layers))
         self.norm = RMSNorm(dense(weights.norm, dtype), config.norm_eps)
         # Tied head: reuse the embedding tensor instead of dequantizing (and moving) the same matrix twice.

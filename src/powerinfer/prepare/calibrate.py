@@ -34,7 +34,10 @@ from ..model.llama import Transformer
 from ..model.rope import rope_tables
 from ..sparse.artifacts import (METHODS, Thresholds, default_thresholds_path, model_fingerprint, target_label,
                                 text_sha256)
-from ..sparse.relu import ffn_stats, reset_ffn_stats, summarize_stats
+from ..runtime.sparsity import site_targets
+from ..textdata import read_texts
+from ..sparse.ffn import ffn_factory
+from ..sparse.stats import ffn_stats, reset_ffn_stats, summarize_stats
 from ..sparse.threshold import ThresholdFFN
 
 DEFAULT_TOKENS = 8192  # 16 chunks of 512; quantiles over 8192 x 1536 entries per layer are stable to < 0.001
@@ -42,10 +45,6 @@ DEFAULT_CTX = 512  # llama-perplexity's customary chunk, so calibration sees the
 DEFAULT_EVAL_TOKENS = 4096  # 8 chunks of 512 = 2048 scored predictions per probe
 SEARCH_GRID = 0.05  # S resolution of --max-ppl-increase: ~5 probes for [0, 0.9]
 SEARCH_MAX = 0.9  # beyond this SwiGLU models break (baselines.md 5.1: +164 % PPL at 90 %)
-# teal-hu under a PPL bound searches S for the neuron site with the input site at S/2. Measured on SmolLM2
-# (16x512 eval tokens, llama-perplexity convention): at 76.6 % of the FFN bytes, x/h = 0.15/0.4 costs +1.2 % PPL,
-# 0.2/0.3 +1.5 %, 0.1/0.5 +2.7 %; at 73.3 %, 0.2/0.4 costs +2.0 %; at 69.9 %, 0.2/0.5 +3.7 % and 0.25/0.4 +3.5 %.
-TEAL_HU_X_PER_H = 0.5
 
 
 @dataclass
@@ -76,8 +75,7 @@ def chunks_of(tokens: list[int], n_tokens: int, n_ctx: int, bos_id: int | None =
 
 def threshold_model(loaded, thresholds: Thresholds | None = None, dtype=torch.float32) -> Transformer:
     """The torch reference model with the `threshold` FFN backend (zero thresholds: dense, bit for bit)."""
-    return Transformer(loaded.config, loaded.weights, ffn="threshold", dtype=dtype,
-                       ffn_options={"thresholds": thresholds} if thresholds is not None else None)
+    return Transformer(loaded.config, loaded.weights, ffn=ffn_factory("threshold", thresholds=thresholds), dtype=dtype)
 
 
 def _ffns(model: Transformer) -> list[ThresholdFFN]:
@@ -166,9 +164,9 @@ def calibrate(model: Transformer, chunks: list[list[int]], method: str, target: 
 def torch_runner(loaded, model: Transformer, n_ctx: int):
     """A runtime Runner (compute="torch") that runs `model`. Runner has no FFN-backend option yet, so its dense
     reference model is replaced; the runner owns the KV cache and the llama-perplexity driver needs its API."""
-    from ..runtime.runner import Runner
+    from ..runtime.runner import make_runner
 
-    runner = Runner(loaded, n_ctx, torch.get_num_threads(), n_batch=n_ctx, compute="torch")
+    runner = make_runner(loaded, n_ctx, torch.get_num_threads(), n_batch=n_ctx, compute="torch")
     runner.model = model
     return runner
 
@@ -192,13 +190,6 @@ def score(runner, model: Transformer, tokens: list[int], n_ctx: int, bos_id: int
     reset_ffn_stats(model)
     return {"ppl": r.ppl, "ppl_err": r.ppl_err, "nll_mean": r.nll_mean, "n_scored": r.n_tokens_scored,
             "n_chunks": r.n_chunks, "stats": stats}
-
-
-def site_targets(method: str, s: float) -> float | dict[str, float]:
-    """The per-site targets a search probe at S uses (see TEAL_HU_X_PER_H)."""
-    if method == "teal-hu":
-        return {"x": round(s * TEAL_HU_X_PER_H, 4), "h": s}
-    return s
 
 
 def parse_target(text: str, method: str) -> float | dict[str, float]:
@@ -330,12 +321,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=func)
 
 
-def _read_texts(paths: list[str]) -> tuple[str, str]:
-    from ..cli import _read_text  # the CLI's one-line errors for missing / non-UTF-8 files
-
-    return "\n\n".join(_read_text(p) for p in paths), ", ".join(paths)
-
-
 def _token_text(tok, text: str, source: str) -> TokenText:
     from ..textdata import describe
 
@@ -344,7 +329,7 @@ def _token_text(tok, text: str, source: str) -> TokenText:
 
 
 def func(args) -> int:
-    from ..api import _tokenizer_for
+    from ..formats.loader import load_tokenizer
     from ..formats.loader import load_model
     from ..textdata import pydoc_topics
 
@@ -367,10 +352,10 @@ def func(args) -> int:
     if loaded.config.activation == "relu":
         print("note: a ReLU-family model: the 'relu' backend already skips its zero activations exactly; "
               "thresholds below its natural sparsity come out as 0 (no pruning)", file=log)
-    tok = _tokenizer_for(loaded)
+    tok = load_tokenizer(loaded)
     bos = tok.bos_id if tok.add_bos else None
     if args.text:
-        text, source = _read_texts(args.text)
+        text, source = read_texts(args.text)
     else:
         text, source = pydoc_topics("calib"), "default calibration text (pydoc_data.topics, calib split)"
     calib = _token_text(tok, text, source)
@@ -387,7 +372,7 @@ def func(args) -> int:
     evaluation = None
     if evaluate:
         if args.eval_file:
-            etext, esource = _read_texts([args.eval_file])
+            etext, esource = read_texts([args.eval_file])
         else:
             etext, esource = pydoc_topics("eval"), "default evaluation text (pydoc_data.topics, eval split)"
         ev = _token_text(tok, etext, esource)
@@ -439,10 +424,10 @@ def calibrate_default(loaded, method: str, target: float | dict[str, float], cac
                       log=sys.stderr) -> Thresholds:
     """Thresholds of `method` at `target` on the built-in calibration text with the default token count and
     context, saved at the default cached path (what `--sparsity auto|S` uses on first run)."""
-    from ..api import _tokenizer_for
+    from ..formats.loader import load_tokenizer
     from ..textdata import pydoc_topics
 
-    tok = _tokenizer_for(loaded)
+    tok = load_tokenizer(loaded)
     bos = tok.bos_id if tok.add_bos else None
     source = "default calibration text (pydoc_data.topics, calib split)"
     calib = _token_text(tok, pydoc_topics("calib"), source)

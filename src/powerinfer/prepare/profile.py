@@ -264,13 +264,13 @@ def add_parser(sub) -> None:
 
 def model_text(loaded, paths: list[str] | None):
     """(tokens, bos id or None, text description) of the calibration text, as calibrate tokenizes it."""
-    from ..api import _tokenizer_for
+    from ..formats.loader import load_tokenizer
     from ..textdata import describe, pydoc_topics
-    from .calibrate import _read_texts
+    from ..textdata import read_texts
 
-    tok = _tokenizer_for(loaded)
+    tok = load_tokenizer(loaded)
     if paths:
-        text, source = _read_texts(paths)
+        text, source = read_texts(paths)
     else:
         text, source = pydoc_topics("calib"), "default calibration text (pydoc_data.topics, calib split)"
     ids = tok.encode(text, add_bos=None, parse_special=False)

@@ -20,33 +20,27 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..core.config import ModelConfig
-from ..model.llama import dense
 from ..core.weights import LayerWeights
 from .artifacts import Thresholds
-from .ffn import activation_fn, ffn_hidden, register_ffn
+from ..model.ffn import FFNWeights, ffn_hidden
+from .base import register_ffn
 from ..core.tensor import row_bytes
-from .relu import SparsityStats
+from .stats import SparsityStats
 
 SITES = ("x", "h")
 
 
 @register_ffn("threshold")
-class ThresholdFFN(nn.Module):
+class ThresholdFFN(FFNWeights):
     """`thresholds`: a Thresholds artifact (this layer's values are used), a {site: [per-layer values]} dict, or
     None (all zero: dense). Change them later with `set_thresholds`."""
 
     def __init__(self, lw: LayerWeights, config: ModelConfig, dtype=torch.float32, layer: int = 0,
                  thresholds: Thresholds | dict | None = None):
-        super().__init__()
-        self.kind, self.layer = config.ffn_kind, layer
-        self.act = activation_fn(config.activation)
+        super().__init__(lw, config, dtype, layer)
         gate = lw.gate_proj if self.kind != "mlp" else None  # an mlp FFN has no gate
-        self.register_buffer("gate_proj", dense(gate, dtype))
-        self.register_buffer("up_proj", dense(lw.up_proj, dtype))
-        self.register_buffer("down_proj", dense(lw.down_proj, dtype))
         n_ff, d = lw.up_proj.rows, lw.up_proj.cols
         in_mats = [t for t in (gate, lw.up_proj) if t is not None]
         # Bytes per token. Input site: each kept channel reads one n_ff-long column of gate and of up (a row of a

@@ -12,78 +12,81 @@
         ~/.cache/powerinfer/<fingerprint>/) to skip S of the neurons per layer. ReLU-family models: exact
         skipping, plus |h| thresholds calibrated to S when S is given.
 The method for SwiGLU models is `--sparse-method` (hu | teal | teal-hu; sparse/artifacts.METHODS).
+
+This is run-time policy: it reads cached thresholds and predictors. Calibrating thresholds that are not cached
+yet is offline work (prepare/calibrate.py), so the caller injects it (`calibrate=`); the API and CLI pass
+prepare.calibrate.calibrate_default.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
+from collections.abc import Callable
+
+from ..core.sparse_spec import SparseSpec
 from ..errors import PowerInferError
-from ..sparse.artifacts import METHODS, default_thresholds_path, load_thresholds, model_fingerprint, target_label
+from ..settings import DEFAULT_SPARSE_METHOD, parse_sparsity
+from ..sparse.artifacts import (METHODS, TEAL_HU_X_PER_H, default_thresholds_path, load_thresholds,
+                                model_fingerprint, target_label)
 
-DEFAULT_METHOD = "hu"
-
-
-def parse_sparsity(text: str | float | None) -> str | float:
-    """'auto' | 'off' | a float in [0, 1)."""
-    if text is None:
-        return "off"
-    t = str(text).strip().lower()
-    if t in ("auto", "off"):
-        return t
-    try:
-        v = float(t)
-    except ValueError:
-        raise PowerInferError(f"--sparsity: expected auto, off or a fraction such as 0.5, got {text!r}") from None
-    if not 0 <= v < 1:
-        raise PowerInferError(f"--sparsity must be in [0, 1), got {text}")
-    return v
+# calibrate(loaded, method, target, cache_dir, log) -> a sparse.artifacts.Thresholds, saved at the default path
+Calibrate = Callable[..., object]
 
 
-def resolve_sparsity(loaded, spec, method: str | None = None, cache_dir=None,
-                     log=sys.stderr) -> tuple[list[dict[str, float]] | None, str]:
-    """(per-layer thresholds for Runner.set_sparse or None for dense, a one-line description)."""
-    spec = parse_sparsity(spec)
+def site_targets(method: str, s: float) -> float | dict[str, float]:
+    """The per-site targets of `method` at S: teal-hu thresholds inputs at TEAL_HU_X_PER_H * S as well."""
+    if method == "teal-hu":
+        return {"x": round(s * TEAL_HU_X_PER_H, 4), "h": s}
+    return s
+
+
+def resolve_sparsity(loaded, sparsity, method: str | None = None, cache_dir=None, log=sys.stderr,
+                     calibrate: Calibrate | None = None) -> tuple[SparseSpec | None, str]:
+    """(the SparseSpec for Runner.set_sparse, or None for dense; a one-line description)."""
+    sparsity = parse_sparsity(sparsity)
     cfg = loaded.config
     relu = cfg.activation == "relu"
-    if spec == "off" or spec == 0.0 and not relu:
+    if sparsity == "off" or sparsity == 0.0 and not relu:
         return None, "dense FFN"
-    if relu and spec in ("auto", 0.0):
-        return [{"h": 0.0} for _ in range(cfg.n_layer)], "relu: exact (zero activations skipped)"
-    if spec == "auto":
+    if relu and sparsity in ("auto", 0.0):
+        desc = "relu: exact (zero activations skipped)"
+        return SparseSpec.uniform(cfg.n_layer, method="relu", label=desc), desc
+    if sparsity == "auto":
         return None, ("dense FFN (auto: on SwiGLU models no threshold setting within 3% perplexity decodes "
                       "faster than the dense path on CPUs; --sparsity S forces one)")
-    method = method or DEFAULT_METHOD
+    method = method or DEFAULT_SPARSE_METHOD
     if method not in METHODS:
         raise PowerInferError(f"--sparse-method {method!r}: choose one of {', '.join(METHODS)}")
-    target = float(spec)
-    if method == "teal-hu":
-        from .calibrate import site_targets
-
-        target = site_targets(method, target)
+    target = site_targets(method, float(sparsity))
     fingerprint = model_fingerprint(loaded)
     path = default_thresholds_path(fingerprint, method, target, cache_dir)
     if path.is_file():
         th = load_thresholds(path, fingerprint)
         where = f"cached {path}"
-    else:
-        from .calibrate import calibrate_default
-
-        th = calibrate_default(loaded, method, target, cache_dir, log)
+    elif calibrate is not None:
+        th = calibrate(loaded, method, target, cache_dir, log)
         where = f"calibrated now, cached {path}"
-    thresholds = [th.for_layer(i) for i in range(cfg.n_layer)]
-    return thresholds, f"threshold {method} S={target_label(target)} ({where})"
+    else:
+        raise PowerInferError(f"no {method} thresholds for S={target_label(target)} are cached for this model "
+                              f"(run `powerinfer calibrate --method {method} --target-sparsity "
+                              f"{target_label(target)}`)")
+    if th.n_layer != cfg.n_layer:
+        raise PowerInferError(f"{path}: thresholds for {th.n_layer} layers, the model has {cfg.n_layer}")
+    desc = f"threshold {method} S={target_label(target)} ({where})"
+    return SparseSpec.from_sites(th.values, method=method, label=desc), desc
 
 
-def apply_sparsity(runner, loaded, spec, method: str | None = None, predictors: str | None = None,
-                   log=sys.stderr) -> str:
-    """Resolve `spec` and switch the runner's FFN accordingly; returns the description.
+def apply_sparsity(runner, loaded, sparsity, method: str | None = None, predictors: str | None = None,
+                   log=sys.stderr, calibrate: Calibrate | None = None) -> str:
+    """Resolve `sparsity` and switch the runner's FFN accordingly; returns the description.
 
     Predictors, when the FFN is sparse: `predictors` = a file written by `powerinfer train-predictors`
     (checked against the model's fingerprint), else the ones a PowerInfer GGUF carries (blk.N.fc1/fc2)."""
     from ..sparse.predictor import PredictorSet, predictors_from_gguf
 
-    thresholds, desc = resolve_sparsity(loaded, spec, method, log=log)
-    if thresholds is None:
+    spec, desc = resolve_sparsity(loaded, sparsity, method, log=log, calibrate=calibrate)
+    if spec is None:
         if predictors:
             raise PowerInferError("--predictors needs a sparse FFN (--sparsity auto or S)")
         runner.set_sparse(None)
@@ -95,7 +98,7 @@ def apply_sparsity(runner, loaded, spec, method: str | None = None, predictors: 
         preds = predictors_from_gguf(loaded)
         if preds is not None:
             desc += f" + the file's predictors (logit threshold {preds.threshold:g})"
-    runner.set_sparse(thresholds, desc, preds)
+    runner.set_sparse(replace(spec, predictors=preds, label=desc))
     return desc
 
 

@@ -1,0 +1,134 @@
+"""`CRunner`: the compiled CPU decoder (kernels/). One C call per decode step (`Decoder.step` runs every layer
+and the output head), one per prompt chunk (`Decoder.prefill`); weights and the KV cache are bound once
+(DESIGN decision 3: torch-eager glue costs 120-230 us per layer)."""
+from __future__ import annotations
+
+import torch
+
+from .. import _C, kernels
+from ..core.sparse_spec import SparseSpec
+from ..formats.loader import LoadedModel
+from ..model.kvcache import KVCache
+from ..model.rope import rope_tables
+from .runner import CachedSequence
+
+
+class CRunner(CachedSequence):
+    compute = "c"
+    device = torch.device("cpu")
+
+    def __init__(self, loaded: LoadedModel, n_ctx: int, n_threads: int, n_batch: int = 512):
+        cfg = loaded.config
+        super().__init__(cfg, n_ctx, n_threads, n_batch)
+        self.weights = loaded.weights
+        self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim)
+        self.rope_cos, self.rope_sin = rope_tables(cfg, self.n_ctx)
+        self.decoder = kernels.bind_decoder(cfg, loaded.weights, self.kv, self.rope_cos, self.rope_sin, n_threads)
+        self._x = torch.empty(n_batch, cfg.d_model, dtype=torch.float32)
+        self._embed_base = kernels.address(loaded.weights.embed_tokens.data)
+        self._logits = torch.empty(cfg.n_vocab, dtype=torch.float32)
+        self._sparse: kernels.SparseFFN | None = None
+        self._last_step = False
+        self.reset_ffn_stats()
+
+    # -- neuron-sparse FFN ---------------------------------------------------------------------------------
+    def set_sparse(self, spec: SparseSpec | None) -> None:
+        """Compute only the FFN neurons that fire in decode steps (None: dense). Prompt chunks of up to 8 tokens
+        run the sparse FFN over the union of their tokens' active neurons; longer ones are prefilled dense
+        (batched matmuls read each weight once per 4 tokens). Evals that return every position's logits
+        (perplexity) run token by token so every position sees the sparse FFN."""
+        if spec is not None:
+            spec.check(self.config.n_layer)
+            if self._sparse is None:
+                self._sparse = kernels.SparseFFN(self.decoder, self.config, self.weights)
+            self._sparse.on(spec)
+        elif self._sparse is not None:
+            self._sparse.off()
+        self.spec = spec
+        self.reset_ffn_stats()
+
+    def reset_ffn_stats(self) -> None:
+        self._ffn_steps = 0
+        self._ffn_kept = kernels.Kept(*torch.zeros(len(kernels.Kept._fields), self.config.n_layer,
+                                                   dtype=torch.int64))
+
+    def _record_ffn(self) -> None:
+        if self._sparse is None or not self.sparse:
+            return
+        for total, step in zip(self._ffn_kept, self._sparse.kept()):
+            total += step
+        self._ffn_steps += 1
+
+    def ffn_sparsity(self) -> float:
+        """Fraction of FFN neurons skipped per decode step since reset_ffn_stats() (0 when dense)."""
+        if not self._ffn_steps:
+            return 0.0
+        cfg = self.config
+        return 1.0 - self._ffn_kept.neurons.sum().item() / (self._ffn_steps * cfg.n_layer * cfg.n_ff)
+
+    def ffn_stats(self) -> dict | None:
+        """Per-layer averages over the decode steps since reset_ffn_stats(): sparsity (neurons skipped), input
+        sparsity (channels skipped), FFN weight bytes read per token; None when dense or nothing ran."""
+        if not self.sparse or not self._ffn_steps or self._sparse is None:
+            return None
+        cfg, n = self.config, self._ffn_steps
+        mean = kernels.Kept(*(k.double() / n for k in self._ffn_kept))
+        layer_bytes = self._sparse.bytes_per_layer(mean).double()
+        dense = sum(t.nbytes for lw in self.weights.layers for t in (lw.gate_proj, lw.up_proj, lw.down_proj)
+                    if t is not None)
+        return {"steps": n, "sparsity": 1.0 - mean.neurons.sum().item() / (cfg.n_layer * cfg.n_ff),
+                "sparsity_per_layer": (1.0 - mean.neurons / cfg.n_ff).tolist(),
+                "input_sparsity_per_layer": (1.0 - mean.inputs / cfg.d_model).tolist(),
+                "ffn_bytes_per_token": layer_bytes.sum().item(), "ffn_dense_bytes": dense}
+
+    def last_ffn(self) -> tuple[float, int] | None:
+        """(sparsity, FFN weight bytes read) of the last eval if it was a sparse decode step, else None."""
+        if not self.sparse or self._sparse is None or not self._last_step:
+            return None
+        kept = self._sparse.kept()
+        return (1.0 - kept.neurons.sum().item() / (self.config.n_layer * self.config.n_ff),
+                int(self._sparse.bytes_per_layer(kept).sum()))
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def _forward(self, ids, all_logits):
+        self._last_step = len(ids) == 1 and not all_logits
+        pos = self.n_past
+        if all_logits and self.sparse:  # one decode step per token, so every position sees the sparse FFN
+            out = torch.empty(len(ids), self.config.n_vocab, dtype=torch.float32)
+            for i, tok in enumerate(ids):
+                self._embed_into([tok])
+                self.decoder.step(self._x.data_ptr(), pos + i, out[i].data_ptr())
+                self._record_ffn()
+            return out
+        if all_logits:
+            # Batched like llama.cpp's logits_all: prefill each chunk, then the output head on every row.
+            out = torch.empty(len(ids), self.config.n_vocab, dtype=torch.float32)
+            for start in range(0, len(ids), self.n_batch):
+                chunk = ids[start:start + self.n_batch]
+                self._embed_into(chunk)
+                self.decoder.prefill(self._x.data_ptr(), len(chunk), pos + start, 0)
+                for i in range(len(chunk)):
+                    self.decoder.head(self._x[i].data_ptr(), out[start + i].data_ptr())
+            return out
+        if len(ids) == 1:
+            self._embed_into(ids)
+            self.decoder.step(self._x.data_ptr(), pos, self._logits.data_ptr())
+            self._record_ffn()
+            return self._logits
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start:start + self.n_batch]
+            last = start + len(chunk) == len(ids)
+            self._embed_into(chunk)
+            self.decoder.prefill(self._x.data_ptr(), len(chunk), pos + start,
+                                 self._logits.data_ptr() if last else 0)
+        return self._logits
+
+    def _embed_into(self, ids) -> None:
+        # One row of the (usually quantized) embedding table per token, dequantized by the C kernel.
+        emb = self.weights.embed_tokens
+        for i, tok in enumerate(ids):
+            _C.dequantize(int(emb.qtype), self._embed_base + tok * emb.row_bytes, emb.cols, self._x[i].data_ptr())
+
+    def set_threads(self, n: int) -> None:
+        self.n_threads = n
+        self.decoder.set_threads(n)
