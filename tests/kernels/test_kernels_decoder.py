@@ -34,6 +34,8 @@ CONFIGS = {
     "mlp-gelu-hd48": dict(d=96, n_head=2, n_head_kv=2, head_dim=48, n_ff=128, rope_dim=32, ffn_kind="mlp",
                           activation="gelu", n_vocab=77, head_type=Q.Q4_0,
                           types=dict(q=Q.Q8_0, k=Q.Q8_0, v=Q.Q8_0, o=Q.Q8_0, up=Q.Q4_0, down=Q.Q4_1)),
+    # Gemma-like GeGLU with ggml's tanh GELU (the erf form above is HF "gelu"), MQA, one layer
+    "geglu-tanh": dict(d=64, n_head=2, n_head_kv=1, n_ff=96, n_vocab=50, n_layer=1, activation="gelu_tanh"),
 }
 
 

@@ -22,6 +22,8 @@ from ..core.tensor import QTensor
 
 PWRI_MAGIC = b"PWRI"
 SUPPORTED_ARCHS = ("llama", "bamboo", "qwen2")
+# ModelConfig names, as powerinfer.ffn_activation stores them: "gelu" is erf, "gelu_tanh" is ggml_gelu. None of
+# SUPPORTED_ARCHS uses GELU in llama.cpp; one that did would default to "gelu_tanh", llama.cpp's form.
 ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh")
 FFN_KINDS = ("glu", "dglu", "mlp")
 

@@ -6,10 +6,12 @@ import torch
 
 from .. import _C
 from ..core.tensor import QTensor
+from ..errors import ModelFormatError
 from .ops import _f32_vec, _weight, address
 
 ROPE_STYLES = {"norm": 0, "neox": 1}
-ACTIVATIONS = {"silu": 0, "relu": 1, "gelu": 2}
+# ModelConfig.activation names: "gelu" is the erf form (HF "gelu"), "gelu_tanh" the tanh one (ggml_gelu).
+ACTIVATIONS = {"silu": 0, "relu": 1, "gelu_tanh": 2, "gelu": 3}
 FFN_KINDS = {"glu": 0, "dglu": 1, "mlp": 2}
 
 
@@ -17,8 +19,10 @@ def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1) ->
     """A Decoder bound to ModelWeights / KVCache / ModelConfig; the arrays it reads are kept alive on it
     (`dec._keep`). Block-format matrices are repacked once (dec.packed_bytes) for the 16-row kernels."""
     c = config
-    for name, table, choices in (("rope_style", c.rope_style, ROPE_STYLES), ("activation", c.activation, ACTIVATIONS),
-                                 ("ffn_kind", c.ffn_kind, FFN_KINDS)):
+    if c.activation not in ACTIVATIONS:  # a property of the model file, not a caller's mistake
+        raise ModelFormatError(f"FFN activation {c.activation!r} is not supported by the C decoder "
+                               f"({', '.join(ACTIVATIONS)})")
+    for name, table, choices in (("rope_style", c.rope_style, ROPE_STYLES), ("ffn_kind", c.ffn_kind, FFN_KINDS)):
         if table not in choices:
             raise ValueError(f"{name} {table!r} is not supported by the C decoder ({', '.join(choices)})")
     kv_dim = c.n_head_kv * c.head_dim

@@ -10,7 +10,7 @@ everything after them is float64, so the C kernels' f32 accumulation order is th
 KV cache): rmsnorm with weight, q/k/v projections (+ biases), RoPE from the given tables, K/V[pos] stored as
 f16, q rounded to f16 for the q.K dot, softmax over 0..pos, probabilities rounded to f16 for the V product,
 GQA (kv head = q head // (n_head/n_head_kv)), scale 1/sqrt(head_dim), residual; FFN act(gate)*up |
-act(gate)*act(up) | act(up) with silu | relu | gelu(tanh), residual.
+act(gate)*act(up) | act(up) with silu | relu | gelu (erf) | gelu_tanh, residual.
 """
 from __future__ import annotations
 
@@ -204,9 +204,13 @@ def rope_ref(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) 
 def act_ref(x: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
         return torch.relu(x)
-    if activation == "gelu":
+    if activation == "gelu_tanh":  # ggml_gelu, HF "gelu_pytorch_tanh"
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * x * (1.0 + 0.044715 * x * x)))
-    return x * torch.sigmoid(x)
+    if activation == "gelu":  # erf form, HF "gelu"
+        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    if activation == "silu":
+        return x * torch.sigmoid(x)
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 def ffn_ref(g: torch.Tensor | None, u: torch.Tensor, activation: str, ffn_kind: str) -> torch.Tensor:

@@ -84,7 +84,8 @@ void pi_attend_heads(const pi_decoder *D, const float *q, int h0, int h1, const 
 static inline float act1(int act, float x) {
     switch (act) {
     case ACT_RELU: return x > 0.0f ? x : 0.0f;
-    case ACT_GELU: return 0.5f * x * (1.0f + tanhf(0.79788456080286535588f * x * (1.0f + 0.044715f * x * x)));
+    case ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.79788456080286535588f * x * (1.0f + 0.044715f * x * x)));
+    case ACT_GELU_ERF: return 0.5f * x * (1.0f + erff(0.70710678118654752440f * x)); /* sqrt(1/2) */
     default: return x / (1.0f + expf(-x));
     }
 }

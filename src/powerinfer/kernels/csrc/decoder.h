@@ -14,7 +14,8 @@
 /* a layer's matrices in the order one thread streams them */
 enum { MQ, MK, MV, MO, MGATE, MUP, MDOWN, M_N };
 enum { ROPE_NORM = 0, ROPE_NEOX = 1 };
-enum { ACT_SILU = 0, ACT_RELU = 1, ACT_GELU = 2 };
+/* GELU comes in two forms that differ by up to ~1e-3: tanh (ggml_gelu, HF "gelu_pytorch_tanh") and erf (HF "gelu") */
+enum { ACT_SILU = 0, ACT_RELU = 1, ACT_GELU_TANH = 2, ACT_GELU_ERF = 3 };
 enum { FFN_GLU = 0, FFN_DGLU = 1, FFN_MLP = 2 };
 enum { PH_ATTN_PROJ, PH_ATTN_CORE, PH_O_PROJ, PH_FFN, PH_HEAD, PH_BARRIER, PH_N };
 

@@ -24,8 +24,8 @@ static int Decoder_init(DecoderObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiifiiiii|i", kws, &nl, &d, &nh, &nkv, &hd, &nff, &nv, &eps, &rd,
                                      &rs, &act, &fk, &nctx, &nth))
         return -1;
-    if (rs < 0 || rs > 1 || act < 0 || act > 2 || fk < 0 || fk > 2) {
-        PyErr_SetString(PyExc_ValueError, "rope_style 0|1, activation 0|1|2, ffn_kind 0|1|2");
+    if (rs < 0 || rs > 1 || act < 0 || act > 3 || fk < 0 || fk > 2) {
+        PyErr_SetString(PyExc_ValueError, "rope_style 0|1, activation 0|1|2|3, ffn_kind 0|1|2");
         return -1;
     }
     if (self->D) { pi_decoder_free(self->D); self->D = NULL; }
