@@ -18,6 +18,7 @@ from ..errors import ModelFormatError
 from ..core.config import ModelConfig, RopeScaling
 from ..core.weights import LayerWeights, ModelWeights
 from . import quants
+from .names import gguf_name
 from ..core.tensor import QTensor
 
 PWRI_MAGIC = b"PWRI"
@@ -246,32 +247,24 @@ def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) 
 
     d, ff, v = cfg.d_model, cfg.n_ff, cfg.n_vocab
     q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
-    embed = get("token_embd.weight", (v, d))
-    norm = get("output_norm.weight", (d,))
-    lm_head = embed if cfg.tie_embeddings else get("output.weight", (v, d))
+    embed = get(gguf_name("embed_tokens"), (v, d))
+    norm = get(gguf_name("norm"), (d,))
+    lm_head = embed if cfg.tie_embeddings else get(gguf_name("lm_head"), (v, d))
+    shapes = dict(input_layernorm=(d,), q_proj=(q_dim, d), k_proj=(kv_dim, d), v_proj=(kv_dim, d),
+                  o_proj=(d, q_dim), post_attention_layernorm=(d,), gate_proj=(ff, d), up_proj=(ff, d),
+                  q_bias=(q_dim,), k_bias=(kv_dim,), v_bias=(kv_dim,))
+    optional = dict(gate_proj=cfg.ffn_kind == "mlp", q_bias=not cfg.attn_bias, k_bias=not cfg.attn_bias,
+                    v_bias=not cfg.attn_bias)
     layers = []
     for i in range(cfg.n_layer):
-        p = f"blk.{i}."
-        if p + "ffn_down_t.weight" in tensors:  # PowerInfer stores down_proj transposed (neuron-major)
-            down = get(p + "ffn_down_t.weight", (ff, d))
+        if gguf_name("down_t", i) in tensors:  # PowerInfer stores down_proj transposed (neuron-major)
+            down = get(gguf_name("down_t", i), (ff, d))
             transposed.add(down.name)
         else:
-            down = get(p + "ffn_down.weight", (d, ff))
-        layers.append(dict(
-            down_t=down if down.name in transposed else None,
-            input_layernorm=get(p + "attn_norm.weight", (d,)),
-            q_proj=get(p + "attn_q.weight", (q_dim, d)),
-            k_proj=get(p + "attn_k.weight", (kv_dim, d)),
-            v_proj=get(p + "attn_v.weight", (kv_dim, d)),
-            o_proj=get(p + "attn_output.weight", (d, q_dim)),
-            post_attention_layernorm=get(p + "ffn_norm.weight", (d,)),
-            gate_proj=get(p + "ffn_gate.weight", (ff, d), optional=cfg.ffn_kind == "mlp"),
-            up_proj=get(p + "ffn_up.weight", (ff, d)),
-            down_proj=down,
-            q_bias=get(p + "attn_q.bias", (q_dim,), optional=not cfg.attn_bias),
-            k_bias=get(p + "attn_k.bias", (kv_dim,), optional=not cfg.attn_bias),
-            v_bias=get(p + "attn_v.bias", (kv_dim,), optional=not cfg.attn_bias),
-        ))
+            down = get(gguf_name("down_proj", i), (d, ff))
+        layer = {role: get(gguf_name(role, i), shape, optional=optional.get(role, False))
+                 for role, shape in shapes.items()}
+        layers.append(dict(layer, down_proj=down, down_t=down if down.name in transposed else None))
     if "rope_freqs.weight" in tensors:
         used.add("rope_freqs.weight")
 

@@ -18,6 +18,7 @@ from ..errors import ModelFormatError
 from ..core.config import ModelConfig, RopeScaling
 from ..core.weights import LayerWeights, ModelWeights
 from ..core.tensor import QTensor
+from .names import hf_name
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _DTYPES = {"F32": (Q.F32, np.float32), "F16": (Q.F16, np.float16), "BF16": (Q.BF16, np.uint16)}
@@ -164,31 +165,20 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, ModelWeights, dict]:
     q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     if any(n.endswith(("o_proj.bias", "mlp.down_proj.bias", "mlp.up_proj.bias")) for n in tensors):
         raise ModelFormatError(f"{path}: o_proj / MLP biases are not supported (attention_bias or mlp_bias in a llama)")
-    layers = []
-    for i in range(c.n_layer):
-        p = f"model.layers.{i}."
-        layers.append(LayerWeights(
-            input_layernorm=get(p + "input_layernorm.weight", (d,)),
-            q_proj=get(p + "self_attn.q_proj.weight", (q_dim, d)),
-            k_proj=get(p + "self_attn.k_proj.weight", (kv_dim, d)),
-            v_proj=get(p + "self_attn.v_proj.weight", (kv_dim, d)),
-            o_proj=get(p + "self_attn.o_proj.weight", (d, q_dim)),
-            post_attention_layernorm=get(p + "post_attention_layernorm.weight", (d,)),
-            gate_proj=get(p + "mlp.gate_proj.weight", (ff, d)),
-            up_proj=get(p + "mlp.up_proj.weight", (ff, d)),
-            down_proj=get(p + "mlp.down_proj.weight", (d, ff)),
-            q_bias=get(p + "self_attn.q_proj.bias", (q_dim,), optional=not c.attn_bias),
-            k_bias=get(p + "self_attn.k_proj.bias", (kv_dim,), optional=not c.attn_bias),
-            v_bias=get(p + "self_attn.v_proj.bias", (kv_dim,), optional=not c.attn_bias),
-        ))
-    embed = get("model.embed_tokens.weight", (v, d))
-    if not c.tie_embeddings and "lm_head.weight" not in tensors:
+    shapes = dict(input_layernorm=(d,), q_proj=(q_dim, d), k_proj=(kv_dim, d), v_proj=(kv_dim, d),
+                  o_proj=(d, q_dim), post_attention_layernorm=(d,), gate_proj=(ff, d), up_proj=(ff, d),
+                  down_proj=(d, ff), q_bias=(q_dim,), k_bias=(kv_dim,), v_bias=(kv_dim,))
+    biases = ("q_bias", "k_bias", "v_bias")
+    layers = [LayerWeights(**{role: get(hf_name(role, i), shape, optional=role in biases and not c.attn_bias)
+                              for role, shape in shapes.items()}) for i in range(c.n_layer)]
+    embed = get(hf_name("embed_tokens"), (v, d))
+    if not c.tie_embeddings and hf_name("lm_head") not in tensors:
         c.tie_embeddings = True  # some checkpoints drop the duplicate head without setting the flag
     weights = ModelWeights(
         embed_tokens=embed,
         layers=layers,
-        norm=get("model.norm.weight", (d,)),
-        lm_head=embed if c.tie_embeddings else get("lm_head.weight", (v, d)),
+        norm=get(hf_name("norm"), (d,)),
+        lm_head=embed if c.tie_embeddings else get(hf_name("lm_head"), (v, d)),
     )
     metadata = {"general.architecture": c.arch, "general.name": c.name, "hf.config": raw}
     tok_cfg = path / "tokenizer_config.json"
@@ -201,9 +191,6 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, ModelWeights, dict]:
 
 def describe_dtypes(weights: ModelWeights) -> str:
     counts: dict[str, int] = {}
-    tensors = [weights.embed_tokens, weights.norm, weights.lm_head]
-    for layer in weights.layers:
-        tensors += [t for t in vars(layer).values() if t is not None]
-    for t in {id(t): t for t in tensors}.values():
+    for _, t in weights.named_tensors(distinct=True):
         counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
     return "HF safetensors (" + ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) + ")"

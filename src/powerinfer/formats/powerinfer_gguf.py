@@ -22,6 +22,7 @@ from gguf.quants import quantize
 from ..errors import PowerInferError
 from . import quants
 from .gguf import open_gguf
+from .names import gguf_name
 
 OUTTYPES = {"same": None, "f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
 
@@ -202,21 +203,18 @@ def _write_from_hf(src: Path, out: Path, predictors, outtype: str, progress, log
         stored = _encode(values, qt) if values.ndim > 1 else np.ascontiguousarray(values, dtype=np.float32)
         wr.add_tensor(name, stored, raw_dtype=qt if stored.dtype == np.uint8 else None)
 
-    items = [("token_embd.weight", w.embed_tokens, None)]
+    items = [(gguf_name("embed_tokens"), w.embed_tokens, None)]
+    permute = {"q_proj": lambda a: _permute_qk(a, cfg.n_head), "k_proj": lambda a: _permute_qk(a, cfg.n_head_kv),
+               "down_t": lambda a: np.ascontiguousarray(a.T)}
     for i, lw in enumerate(w.layers):
-        b = f"blk.{i}."
-        items += [(b + "attn_norm.weight", lw.input_layernorm, None),
-                  (b + "attn_q.weight", lw.q_proj, lambda a: _permute_qk(a, cfg.n_head)),
-                  (b + "attn_k.weight", lw.k_proj, lambda a: _permute_qk(a, cfg.n_head_kv)),
-                  (b + "attn_v.weight", lw.v_proj, None), (b + "attn_output.weight", lw.o_proj, None),
-                  (b + "ffn_norm.weight", lw.post_attention_layernorm, None),
-                  (b + "ffn_up.weight", lw.up_proj, None),
-                  (b + "ffn_down_t.weight", lw.down_proj, lambda a: np.ascontiguousarray(a.T))]
-        if lw.gate_proj is not None:
-            items.append((b + "ffn_gate.weight", lw.gate_proj, None))
-    items.append(("output_norm.weight", w.norm, None))
+        for role in ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_layernorm",
+                     "up_proj", "down_t", "gate_proj"):
+            t = lw.down_proj if role == "down_t" else getattr(lw, role)
+            if t is not None:
+                items.append((gguf_name(role, i), t, permute.get(role)))
+    items.append((gguf_name("norm"), w.norm, None))
     if w.lm_head is not w.embed_tokens:
-        items.append(("output.weight", w.lm_head, None))
+        items.append((gguf_name("lm_head"), w.lm_head, None))
     show = sys.stderr.isatty() if progress is None else progress
     for name, t, fn in tqdm(items, desc="convert", unit="tensor", disable=not show, file=sys.stderr):
         put(name, t, fn)
