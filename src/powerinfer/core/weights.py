@@ -1,6 +1,7 @@
 """Model weights by role, in HF module names (STYLE 9). Built by formats/, read by model/ and runtime/."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .tensor import QTensor
@@ -31,3 +32,16 @@ class ModelWeights:
     layers: list[LayerWeights]
     norm: QTensor  # f32 [d]
     lm_head: QTensor  # [n_vocab, d]; the same object as embed_tokens when tied
+
+    def named_tensors(self, distinct: bool = False) -> Iterator[tuple[str, QTensor]]:
+        """The one walk over a model's tensors: ("embed_tokens", t), ("norm", t), ("lm_head", t), then
+        ("layers.{i}.{role}", t) for every tensor a layer has. distinct=True yields a tensor that fills two roles
+        (a tied head) once."""
+        seen: set[int] = set()
+        top = [("embed_tokens", self.embed_tokens), ("norm", self.norm), ("lm_head", self.lm_head)]
+        layer_items = ((f"layers.{i}.{role}", t) for i, lw in enumerate(self.layers) for role, t in vars(lw).items())
+        for name, t in (*top, *layer_items):
+            if t is None or distinct and id(t) in seen:
+                continue
+            seen.add(id(t))
+            yield name, t

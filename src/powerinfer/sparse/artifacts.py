@@ -57,9 +57,7 @@ def model_fingerprint(loaded) -> str:
     h = hashlib.sha256(f"powerinfer-fingerprint-{FINGERPRINT_VERSION}\n".encode())
     h.update(json.dumps(loaded.metadata, sort_keys=True, default=str).encode())
     w = loaded.weights
-    tensors = [("embed_tokens", w.embed_tokens), ("norm", w.norm), ("lm_head", w.lm_head)]
-    for i, lw in enumerate(w.layers):
-        tensors += [(f"layers.{i}.{k}", t) for k, t in vars(lw).items() if t is not None]
+    tensors = list(w.named_tensors())
     tensors += sorted(loaded.extra_tensors.items())
     for role, t in tensors:
         h.update(f"\n{role} {t.name} {t.qtype.name} {list(t.shape)}\n".encode())
