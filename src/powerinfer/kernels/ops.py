@@ -113,8 +113,7 @@ def gather(w: QTensor, idx, x: torch.Tensor, n_threads: int = 1, out: torch.Tens
     idx = _idx(idx)
     x = _x(x, w.cols).reshape(-1)
     y = _out((idx.numel(),), out)
-    _C.sparse_run(1, qtype, addr, w.rows, w.cols, idx.data_ptr(), idx.numel(), x.data_ptr(), y.data_ptr(),
-                  n_threads, 0, 0)
+    _C.sparse_gather(qtype, addr, w.rows, w.cols, idx.data_ptr(), idx.numel(), x.data_ptr(), y.data_ptr(), n_threads)
     return y
 
 
@@ -128,8 +127,8 @@ def axpy(wt: QTensor, idx, h: torch.Tensor, y: torch.Tensor | None = None, c0: i
     if h.numel() != idx.numel():
         raise ValueError(f"{idx.numel()} indices but {h.numel()} values")
     y = torch.zeros(wt.cols, dtype=torch.float32) if y is None else _out((wt.cols,), y)
-    _C.sparse_run(2, qtype, addr, wt.rows, wt.cols, idx.data_ptr(), idx.numel(), h.data_ptr(), y.data_ptr(),
-                  n_threads, c0, wt.cols if c1 is None else c1)
+    _C.sparse_axpy(qtype, addr, wt.rows, wt.cols, idx.data_ptr(), idx.numel(), h.data_ptr(), y.data_ptr(), n_threads,
+                   c0, wt.cols if c1 is None else c1)
     return y
 
 

@@ -230,6 +230,7 @@ static int check_idx(const int32_t *idx, int n, int rows) {
 
 /* Threads split the index list as the decoder does: each computes its slice (gather) or its slice's sum into
  * its own y (axpy; the sums are added afterwards). */
+enum { BS_DENSE = 0, BS_GATHER = 1, BS_AXPY = 2 }; /* bench_sparse's kind codes */
 typedef struct {
     int kind, nw, ni, n, iters, c0, c1;
     pi_mat *mats;
@@ -245,11 +246,11 @@ static void bs_job(void *varg, int ith, int nth) {
         const pi_mat *m = &s->mats[it % s->nw];
         const int32_t *idx = s->ni ? s->idx[it % s->ni] : NULL;
         int j0, j1;
-        if (s->kind == 0) {
+        if (s->kind == BS_DENSE) {
             int u0, u1;
             pi_split(pi_mat_units(m), ith, nth, &u0, &u1);
             pi_mat_run_units(m, u0, u1, s->a, 1, s->y, m->rows);
-        } else if (s->kind == 1) {
+        } else if (s->kind == BS_GATHER) {
             pi_split(s->n, ith, nth, &j0, &j1);
             pi_mat_gather(m, idx + j0, j1 - j0, s->a, s->y + j0);
         } else {
@@ -277,40 +278,36 @@ static int run_pool(int nth, void (*job)(void *, int, int), void *arg, int warm,
     return rc;
 }
 
-/* sparse_run(kind, qtype, w_ptr, rows, cols, idx_ptr, n, vec_ptr, y_ptr, n_threads, c0, c1):
- * kind 1 gather y[j] = W[idx[j]] . x (ggml activation numerics); kind 2 axpy y[c0:c1] += sum_j h[j] W[idx[j]][c0:c1]. */
-static PyObject *py_sparse_run(PyObject *self, PyObject *args) {
-    int kind, qtype, rows, cols, n, nth, c0, c1;
-    void *w, *idx, *vec, *y;
-    if (!PyArg_ParseTuple(args, "iiO&iiO&iO&O&iii", &kind, &qtype, pi_conv_ptr, &w, &rows, &cols, pi_conv_ptr, &idx,
-                          &n, pi_conv_ptr, &vec, pi_conv_ptr, &y, &nth, &c0, &c1))
-        return NULL;
+/* The checks and the threaded run shared by sparse_gather (vec = x [cols], y [n]) and sparse_axpy (vec = h [n],
+ * y [cols] += the per-thread sums over [c0, c1)). */
+static PyObject *sparse_call(int kind, int qtype, void *w, int rows, int cols, void *idx, int n, void *vec, void *y,
+                             int nth, int c0, int c1) {
     if (check_qtype(qtype)) return NULL;
-    if ((kind != 1 && kind != 2) || !w || !y || (n > 0 && (!idx || !vec)) || rows <= 0 || cols <= 0 || n < 0)
-        return PyErr_Format(PyExc_ValueError, "bad kind, pointer or shape");
-    if (kind == 2 && (c0 < 0 || c1 > cols || c0 > c1))
+    if (!w || !y || (n > 0 && (!idx || !vec)) || rows <= 0 || cols <= 0 || n < 0)
+        return PyErr_Format(PyExc_ValueError, "bad pointer or shape");
+    if (kind == BS_AXPY && (c0 < 0 || c1 > cols || c0 > c1))
         return PyErr_Format(PyExc_ValueError, "column range [%d, %d) outside [0, %d)", c0, c1, cols);
-    if (pi_need_of(qtype) == PI_NEED_Q8 && (cols % PI_QK || (kind == 2 && (c0 % PI_QK || c1 % PI_QK))))
+    if (pi_need_of(qtype) == PI_NEED_Q8 && (cols % PI_QK || (kind == BS_AXPY && (c0 % PI_QK || c1 % PI_QK))))
         return PyErr_Format(PyExc_ValueError, "block formats need cols (and c0, c1) multiples of 32");
     if (check_idx(idx, n, rows)) return NULL;
     if (nth < 1) nth = 1;
     const int need = pi_need_of(qtype);
     pi_mat m;
     pi_act a;
-    void *amem = kind == 1 ? pi_aligned_alloc(pi_act_bytes(cols, 1, need)) : NULL;
+    void *amem = kind == BS_GATHER ? pi_aligned_alloc(pi_act_bytes(cols, 1, need)) : NULL;
     float **yp = calloc((size_t)nth, sizeof(float *));
-    int ok = yp && (kind == 2 || amem) && !pi_mat_init(&m, qtype, w, rows, cols, 0);
-    for (int t = 0; ok && kind == 2 && t < nth; t++) ok = (yp[t] = pi_aligned_alloc((size_t)cols * 4)) != NULL;
+    int ok = yp && (kind == BS_AXPY || amem) && !pi_mat_init(&m, qtype, w, rows, cols, 0);
+    for (int t = 0; ok && kind == BS_AXPY && t < nth; t++) ok = (yp[t] = pi_aligned_alloc((size_t)cols * 4)) != NULL;
     if (ok) {
         const int32_t *ip = idx;
         bs_args s = {kind, 1, 1, n, 1, c0, c1, &m, &ip, &a, vec, y, yp};
         Py_BEGIN_ALLOW_THREADS
-        if (kind == 1) {
+        if (kind == BS_GATHER) {
             pi_act_bind(&a, amem, cols, 1, need);
             pi_act_fill(&a, vec, 0, 0, cols, need);
         }
         ok = !run_pool(nth, bs_job, &s, 0, NULL);
-        if (ok && kind == 2)
+        if (ok && kind == BS_AXPY)
             for (int t = 0; t < nth; t++)
                 for (int c = c0; c < c1; c++) ((float *)y)[c] += yp[t][c];
         Py_END_ALLOW_THREADS
@@ -320,6 +317,28 @@ static PyObject *py_sparse_run(PyObject *self, PyObject *args) {
     pi_aligned_free(amem);
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+/* sparse_gather(qtype, w_ptr, rows, cols, idx_ptr, n, x_ptr, y_ptr, n_threads): y[j] = W[idx[j]] . x (ggml
+ * activation numerics). */
+static PyObject *py_sparse_gather(PyObject *self, PyObject *args) {
+    int qtype, rows, cols, n, nth;
+    void *w, *idx, *x, *y;
+    if (!PyArg_ParseTuple(args, "iO&iiO&iO&O&i", &qtype, pi_conv_ptr, &w, &rows, &cols, pi_conv_ptr, &idx, &n,
+                          pi_conv_ptr, &x, pi_conv_ptr, &y, &nth))
+        return NULL;
+    return sparse_call(BS_GATHER, qtype, w, rows, cols, idx, n, x, y, nth, 0, 0);
+}
+
+/* sparse_axpy(qtype, w_ptr, rows, cols, idx_ptr, n, h_ptr, y_ptr, n_threads, c0, c1):
+ * y[c0:c1] += sum_j h[j] W[idx[j]][c0:c1] (W neuron-major). */
+static PyObject *py_sparse_axpy(PyObject *self, PyObject *args) {
+    int qtype, rows, cols, n, nth, c0, c1;
+    void *w, *idx, *h, *y;
+    if (!PyArg_ParseTuple(args, "iO&iiO&iO&O&iii", &qtype, pi_conv_ptr, &w, &rows, &cols, pi_conv_ptr, &idx, &n,
+                          pi_conv_ptr, &h, pi_conv_ptr, &y, &nth, &c0, &c1))
+        return NULL;
+    return sparse_call(BS_AXPY, qtype, w, rows, cols, idx, n, h, y, nth, c0, c1);
 }
 
 /* bench_sparse(kind, qtype, w_ptrs, rows, cols, idx_ptrs, n, vec_ptr, n_threads, iters) -> ns per call.
@@ -340,7 +359,7 @@ static PyObject *py_bench_sparse(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "bad arguments");
     if (nth < 1) nth = 1;
     const int nw = (int)PyTuple_GET_SIZE(ows), ni = (int)PyTuple_GET_SIZE(ois);
-    const int need = pi_need_of(qtype), vcols = kind == 2 ? rows : cols;
+    const int need = pi_need_of(qtype), vcols = kind == BS_AXPY ? rows : cols;
     (void)vcols;
     bs_args s = {kind, nw, ni, n, iters, 0, cols, calloc(nw, sizeof(pi_mat)), calloc(ni ? ni : 1, sizeof(int32_t *)),
                  NULL, vec, NULL, calloc(nth, sizeof(float *))};
@@ -360,7 +379,7 @@ static PyObject *py_bench_sparse(PyObject *self, PyObject *args) {
     if (ok) {
         pi_act a;
         pi_act_bind(&a, amem, cols, 1, need);
-        if (kind != 2) pi_act_fill(&a, vec, 0, 0, cols, need);
+        if (kind != BS_AXPY) pi_act_fill(&a, vec, 0, 0, cols, need);
         s.a = &a;
         s.y = y;
         Py_BEGIN_ALLOW_THREADS
@@ -428,9 +447,11 @@ static PyMethodDef methods[] = {
     {"quantize_q8_0", py_quantize_q8_0, METH_VARARGS, "quantize_q8_0(x_ptr, n, dst_ptr): Q8_0 blocks of n f32 values"},
     {"transpose_q8_0", py_transpose_q8_0, METH_VARARGS,
      "transpose_q8_0(qtype, src_ptr, rows, cols, dst_ptr): the [cols, rows] Q8_0 copy of a GGUF-layout matrix"},
-    {"sparse_run", py_sparse_run, METH_VARARGS,
-     "sparse_run(kind, qtype, w_ptr, rows, cols, idx_ptr, n, vec_ptr, y_ptr, n_threads, c0, c1): kind 1 gather "
-     "y[j] = W[idx[j]] . x; kind 2 axpy y[c0:c1] += sum_j h[j] W[idx[j]][c0:c1]"},
+    {"sparse_gather", py_sparse_gather, METH_VARARGS,
+     "sparse_gather(qtype, w_ptr, rows, cols, idx_ptr, n, x_ptr, y_ptr, n_threads): y[j] = W[idx[j]] . x"},
+    {"sparse_axpy", py_sparse_axpy, METH_VARARGS,
+     "sparse_axpy(qtype, w_ptr, rows, cols, idx_ptr, n, h_ptr, y_ptr, n_threads, c0, c1): "
+     "y[c0:c1] += sum_j h[j] W[idx[j]][c0:c1]"},
     {"bench_sparse", py_bench_sparse, METH_VARARGS,
      "bench_sparse(kind, qtype, w_ptrs, rows, cols, idx_ptrs, n, vec_ptr, n_threads, iters) -> ns per call "
      "(kind 0 dense packed matvec, 1 gather, 2 axpy)"},
