@@ -144,20 +144,30 @@ def convert_tensor(t: QTensor, report: ConversionReport, values: np.ndarray | No
     return new
 
 
-def transpose(t: QTensor, report: ConversionReport) -> QTensor:
-    """The transposed matrix. Float types are transposed exactly; block-quantized ones must be re-blocked
-    along the other axis, so they are requantized to Q8_0 (one 8-bit rounding, ~0.5 % relative RMS)
-    rather than stacking a second 4-bit rounding on top of the first (~+40 % error)."""
-    values = to_float(t.qtype, t.data).reshape(t.shape).T
+def transposed_qtype(qtype: Q, new_row_len: int) -> Q:
+    """The format of a matrix's transpose (down_proj -> neuron-major down_t, gate/up -> input-major), for the
+    reference `transpose` below and its C twin kernels.transposed. Float types are transposed exactly;
+    block-quantized ones must be re-blocked along the other axis, so they are requantized to Q8_0 (one 8-bit
+    rounding, ~0.5 % relative RMS) rather than stacking a second 4-bit rounding on top of the first (~+40 %
+    error); F16 when the new rows do not fill whole Q8_0 blocks."""
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        return qtype
+    return Q.Q8_0 if new_row_len % GGML_QUANT_SIZES[Q.Q8_0][0] == 0 else Q.F16
+
+
+def transpose(t: QTensor, report: ConversionReport | None = None, name: str | None = None) -> QTensor:
+    """The transposed matrix in `transposed_qtype` (numpy; the loss of a requantization goes to `report`)."""
     shape = (t.shape[1], t.shape[0])
-    if t.qtype in (Q.F32, Q.F16, Q.BF16):
+    target = transposed_qtype(t.qtype, shape[1])
+    if t.qtype in (Q.F32, Q.F16, Q.BF16):  # exact
         data = np.ascontiguousarray(np.asarray(t.data).T)
-        return QTensor(t.name, t.qtype, shape, data)
-    target = Q.Q8_0 if shape[1] % GGML_QUANT_SIZES[Q.Q8_0][0] == 0 else Q.F16
+        return QTensor(name or t.name, t.qtype, shape, data)
+    values = to_float(t.qtype, t.data).reshape(t.shape).T
     data = from_float(values, target)
-    new = QTensor(t.name, target, shape, data)
-    report.add(f"{t.qtype.name}->{target.name} (transposed)", t.qtype, target, t.nbytes, new.nbytes, values,
-               to_float(target, data).reshape(shape))
+    new = QTensor(name or t.name, target, shape, data)
+    if report is not None:
+            report.add(f"{t.qtype.name}->{target.name} (transposed)", t.qtype, target, t.nbytes, new.nbytes, values,
+                   to_float(target, data).reshape(shape))
     return new
 
 

@@ -8,9 +8,11 @@ import statistics
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from .. import _C
 from ..core.tensor import QTensor
+from ..formats import quants
 
 isa = _C.isa
 set_isa = _C.set_isa
@@ -143,36 +145,23 @@ def quantize_q8_0(x: torch.Tensor) -> np.ndarray:
     return out
 
 
-# Neuron-major copies of block-format matrices are requantized to Q8_0: a second 4-bit rounding along the other
-# axis would add as much error as the original quantization, while 8 bits add ~1/254 of a block's range.
-TRANSPOSE_FORMAT = {0: 0, 1: 1, 30: 30}  # F32, F16, BF16 transpose exactly; the rest -> Q8_0 (8)
-
-
 def transposed_qtype(t: QTensor):
-    """The format `transposed(t)` stores."""
-    from gguf import GGMLQuantizationType as QT
-
-    return QT(TRANSPOSE_FORMAT.get(int(t.qtype), 8))
+    """The format `transposed(t)` stores (formats.quants.transposed_qtype: the one rule)."""
+    return quants.transposed_qtype(t.qtype, t.rows)
 
 
 def transposed(t: QTensor, name: str | None = None) -> QTensor:
-    """The [cols, rows] copy of a weight (down_proj -> down_t, gate/up -> input-major) in TRANSPOSE_FORMAT."""
-    from gguf import GGMLQuantizationType as QT
-
-    qtype = int(transposed_qtype(t))
-    if qtype == 8:  # tile by tile in C, without full-size f32 copies (needs t.rows, the new row length, % 32 == 0)
-        src, addr, src_qtype = _weight(t)
-        data = np.empty((t.cols, t.rows // 32 * 34), dtype=np.uint8)
-        _C.transpose_q8_0(src_qtype, addr, t.rows, t.cols, address(data))
-        return QTensor(name or f"{t.name}.T", QT(qtype), (t.cols, t.rows), data)
-    dense = dequantize(t).t().contiguous()
-    if qtype == 0:
-        data = dense.numpy()
-    elif qtype == 1:
-        data = dense.to(torch.float16).numpy()
-    else:  # 30, BF16: the last exact format in TRANSPOSE_FORMAT
-        data = dense.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return QTensor(name or f"{t.name}.T", QT(qtype), (t.cols, t.rows), data)
+    """The [cols, rows] copy of a weight (down_proj -> down_t, gate/up -> input-major): the fast twin of
+    formats.quants.transpose. Q8_0 results are made tile by tile in C, without full-size f32 copies (byte for
+    byte ggml's x86 Q8_0 rounding of the transposed dequantized matrix); float ones are the reference's exact
+    transposes."""
+    qtype = transposed_qtype(t)
+    if qtype != GGMLQuantizationType.Q8_0:
+        return quants.transpose(t, name=name or f"{t.name}.T")
+    src, addr, src_qtype = _weight(t)
+    data = np.empty((t.cols, t.rows // 32 * 34), dtype=np.uint8)
+    _C.transpose_q8_0(src_qtype, addr, t.rows, t.cols, address(data))
+    return QTensor(name or f"{t.name}.T", qtype, (t.cols, t.rows), data)
 
 
 def read_bandwidth(n_threads: int = 1, nbytes: int = 1 << 30, repeats: int = 5) -> float:
