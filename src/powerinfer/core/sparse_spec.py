@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import PowerInferError
+
 SITES = ("h", "x")
 
 
@@ -42,7 +44,7 @@ class SparseSpec:
         """From per-site lists {"h": [t_0, ...], "x": [...]} (the thresholds artifact's layout)."""
         unknown = set(values) - set(SITES)
         if unknown:
-            raise ValueError(f"unknown threshold site(s) {sorted(unknown)}; known: {', '.join(SITES)}")
+            raise PowerInferError(f"unknown threshold site(s) {sorted(unknown)}; known: {', '.join(SITES)}")
         n = max((len(v) for v in values.values()), default=0)
         return cls(tuple(LayerThresholds(**{s: float(v[i]) for s, v in values.items()}) for i in range(n)), **kw)
 
@@ -56,6 +58,6 @@ class SparseSpec:
 
     def check(self, n_layer: int) -> None:
         if self.n_layer != n_layer:
-            raise ValueError(f"{self.n_layer} layers of thresholds for a {n_layer}-layer model")
+            raise PowerInferError(f"{self.n_layer} layers of thresholds for a {n_layer}-layer model")
         if self.predictors is not None and self.predictors.n_layer != n_layer:
-            raise ValueError(f"{self.predictors.n_layer} predictor layers for a {n_layer}-layer model")
+            raise PowerInferError(f"{self.predictors.n_layer} predictor layers for a {n_layer}-layer model")

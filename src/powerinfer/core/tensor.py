@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ..errors import ModelFormatError
+
 # Formats the kernels read natively; anything else is converted once at load (formats/quants.py).
 NATIVE_TYPES = (
     GGMLQuantizationType.F32,
@@ -29,7 +31,7 @@ def row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
     channel of a column-major gate/up copy is a row of n_ff values."""
     block, nbytes = GGML_QUANT_SIZES[qtype]
     if n % block:
-        raise ValueError(f"a row of {n} values does not fill whole {qtype.name} blocks of {block}")
+        raise ModelFormatError(f"a row of {n} values does not fill whole {qtype.name} blocks of {block}")
     return n // block * nbytes
 
 
