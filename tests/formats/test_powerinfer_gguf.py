@@ -133,6 +133,7 @@ def test_convert_from_hf_directory(tiny_hf_dir, tmp_path, activation):
     assert ((la - lb).abs().max() / la.abs().max()).item() < 1e-5
 
 
+@pytest.mark.slow  # ~3 s: converts the bundled 135M model
 def test_convert_bundled_swiglu_model_keeps_its_activation(bundled_model_path, tmp_path):
     """A PWRI file without powerinfer.ffn_activation means ReLU to readers, so convert always writes the key;
     the converted SmolLM2 greedy-decodes like the original (down_t is Q8_0 from Q4_1: close, not equal)."""

@@ -1,4 +1,5 @@
-"""Kernel tests: every ISA path this CPU can run is exercised; the selected one is restored afterwards."""
+"""Kernel tests: every ISA path is a case (kernel_helpers.ISAS; skipped, with the reason, where this CPU lacks it);
+the selected one is restored afterwards."""
 import pytest
 
 from powerinfer import kernels

@@ -3,6 +3,7 @@ memory as ModelWeights (no GGUF round trip: the kernels only see arrays), ISA sw
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
@@ -13,7 +14,10 @@ from powerinfer.core.config import ModelConfig
 from powerinfer.model.kvcache import KVCache
 from powerinfer.core.weights import LayerWeights, ModelWeights
 
-ISAS = kernels.available_isas()
+# Every kernel set is a test case on every machine; one this CPU cannot run shows up as a skip with the reason.
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in kernels.available_isas(),
+                                                   reason=f"this CPU lacks {isa}"))
+        for isa in ("avx512", "avx2", "portable")]
 FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16, Q.BF16, Q.F32]
 
 

@@ -73,6 +73,7 @@ def test_sparse_relu_model(make_synthetic, tmp_path, capsys):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.slow  # ~6 s: builds and runs a synthetic model from the bundled one
 def test_dense_silu_model_with_padded_vocabulary(make_synthetic, tmp_path, capsys, bundled_model):
     out = tmp_path / "silu.gguf"
     argv = ["--shape", "custom", "--vocab", "49200", "--type", "F16", "--activation", "silu",

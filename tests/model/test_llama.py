@@ -128,6 +128,7 @@ def test_ffn_is_injected_by_name_or_factory(tiny_llama_gguf):
         ffn_factory("nope")
 
 
+@pytest.mark.slow  # ~3 s: the bundled 135M model in torch
 def test_bundled_smollm2_predicts_paris(bundled_model):
     cfg = bundled_model.config
     vocab = bundled_model.metadata["tokenizer.ggml.tokens"]

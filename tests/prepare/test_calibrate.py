@@ -52,6 +52,7 @@ def test_target_zero_is_dense(tiny_llama_gguf):
     assert summary["bytes_fraction"] == 1.0
 
 
+@pytest.mark.slow  # ~18 s: calibrates thresholds on the bundled 135M model
 def test_bundled_model_target_on_calibration_tokens(bundled_model):
     """The real SmolLM2: 256 calibration tokens, S = 0.5 on |silu(g)*u|, every one of its 30 layers."""
     from powerinfer.formats.loader import load_tokenizer
