@@ -1,8 +1,13 @@
 """One settings schema (STYLE 6): the same fields drive CLI flags (llama.cpp spellings) and the Python API.
 
-Each field carries its flags and help text in `metadata`; cli.py builds argparse from them and
-`powerinfer.load(path, **settings)` validates keyword names against them. Defaults follow llama.cpp's
-`llama-cli` (sampling: temp 0.8, top-k 40, top-p 0.95, min-p 0.05, no repeat penalty).
+Every flag of every subcommand is a dataclass field made with `option()`: its metadata carries the flags, the
+help text, the metavar and `commands`, the subcommands it applies to (llama.cpp's common/arg.cpp does the same
+with `set_examples`). `add_command_arguments` builds a subcommand's argparse options from those fields, so one
+flag spelling has one definition, one default and one help text wherever it appears. This module holds the
+machinery and the two settings an `LLM` is made from (`ModelSettings`, `SamplingParams`); the tools' own knobs
+are the option dataclasses of options.py. `powerinfer.load(path, **settings)` validates keyword names against
+the same fields. Defaults follow llama.cpp's `llama-cli` (sampling: temp 0.8, top-k 40, top-p 0.95, min-p 0.05,
+no repeat penalty).
 """
 from __future__ import annotations
 
@@ -13,6 +18,12 @@ from .errors import PowerInferError
 
 
 DEFAULT_SPARSE_METHOD = "hu"
+SPARSE_METHODS = ("hu", "teal", "teal-hu")  # sparse.artifacts.METHODS' names (tests/test_settings_schema.py)
+
+# Subcommands that load a model (all but compare-logits).
+LOADS_MODEL = ("run", "tokenize", "info", "perplexity", "bench", "calibrate", "profile", "train-predictors", "solve",
+               "convert", "prepare")
+RUN = ("run",)
 
 
 def parse_sparsity(text: str | float | None) -> str | float:
@@ -31,8 +42,18 @@ def parse_sparsity(text: str | float | None) -> str | float:
     return v
 
 
-def _opt(default, *flags, help, group="model", metavar=None, **kw):
-    return field(default=default, metadata=dict(flags=flags, help=help, group=group, metavar=metavar, **kw))
+def option(default, *flags, help: str, commands: tuple[str, ...], metavar: str | None = None,
+           group: str | None = None, required: tuple[str, ...] = (), one_of: str | None = None, **argparse_kw):
+    """A dataclass field that is also a command-line flag.
+
+    flags: the spellings ("-m", "--model"; one name without dashes makes a positional argument);
+    commands: the subcommands that have the flag; required: those of them where it must be given;
+    one_of: a name shared by fields of which a command needs exactly one (an argparse mutually exclusive group);
+    group: a help section title; argparse_kw: action="append", nargs, choices or type where the annotation is
+    not enough."""
+    return field(default=default, metadata=dict(flags=flags, help=help, commands=tuple(commands), metavar=metavar,
+                                                group=group, required=tuple(required), one_of=one_of,
+                                                argparse=argparse_kw))
 
 
 def default_threads() -> int:
@@ -50,27 +71,36 @@ def default_threads() -> int:
 class ModelSettings:
     """How the model is loaded and run (fixed for the lifetime of an `LLM`)."""
 
-    model: str | None = _opt(None, "-m", "--model", metavar="PATH",
-                             help="GGUF file or HF model directory (default: the bundled SmolLM2-135M-Instruct Q4_1)")
-    n_ctx: int = _opt(4096, "-c", "--ctx-size", metavar="N",
-                      help="context size in tokens (0 = the model's trained context); the KV cache is allocated for it")
-    n_threads: int = _opt(0, "-t", "--threads", metavar="N",
-                          help="CPU threads for decode and prefill (default: all available cores)")
-    n_batch: int = _opt(512, "-b", "--batch-size", metavar="N",
-                        help="prompt tokens processed per prefill call")
-    sparsity: str = _opt("off", "--sparsity", metavar="auto|off|S",
-                         help="neuron-sparse FFN for generation: off = dense; auto = the fastest measured setting "
-                              "within 3%% perplexity (exact skipping of zero activations on ReLU-family models, "
-                              "dense on SwiGLU models); S in (0,1) = skip that fraction of FFN neurons per layer "
-                              "with thresholds calibrated on first use (about a minute for small models) and cached")
-    sparse_method: str = _opt("hu", "--sparse-method", metavar="NAME",
-                              help="threshold criterion for SwiGLU models: hu = |act(gate)*up| per neuron "
-                                   "(default), teal = |x| per FFN input channel, teal-hu = both")
-    predictors: str | None = _opt(None, "--predictors", metavar="FILE",
-                                  help="activation predictors for the sparse FFN (a file from `powerinfer "
-                                       "train-predictors`); PowerInfer GGUF files use their own by default")
-    verbose: bool = _opt(False, "--verbose", action="store_true",
-                         help="print load details and per-layer FFN sparsity / bytes read after generation")
+    model: str | None = option(None, "-m", "--model", metavar="PATH", commands=LOADS_MODEL,
+                               help="GGUF file or HF model directory (default: the bundled SmolLM2-135M-Instruct "
+                                    "Q4_1)")
+    # perplexity, calibrate and profile have their own -c: text chunks of 512 (options.TextChunks).
+    n_ctx: int = option(4096, "-c", "--ctx-size", metavar="N", commands=("run", "solve", "prepare"),
+                        help="context size in tokens (0 = the model's trained context); the KV cache is allocated "
+                             "for it")
+    # bench has its own -t: a list of thread counts to test (options.BenchOptions).
+    n_threads: int = option(0, "-t", "--threads", metavar="N",
+                            commands=("run", "perplexity", "calibrate", "profile", "train-predictors", "prepare"),
+                            help="CPU threads (default: all available cores)")
+    n_batch: int = option(512, "-b", "--batch-size", metavar="N", commands=("run", "perplexity", "bench"),
+                          help="prompt tokens processed per prefill call")
+    sparsity: str = option("off", "--sparsity", metavar="auto|off|S", commands=("run", "perplexity", "bench"),
+                           help="neuron-sparse FFN: off = dense; auto = the fastest measured setting within 3%% "
+                                "perplexity (exact skipping of zero activations on ReLU-family models, dense on "
+                                "SwiGLU models); S in (0,1) = skip that fraction of FFN neurons per layer with "
+                                "thresholds calibrated on first use (about a minute for small models) and cached")
+    sparse_method: str = option(DEFAULT_SPARSE_METHOD, "--sparse-method", metavar="NAME",
+                                commands=("run", "perplexity", "bench"),
+                                help="threshold criterion for SwiGLU models: hu = |act(gate)*up| per neuron, "
+                                     "teal = |x| per FFN input channel, teal-hu = both")
+    predictors: str | None = option(None, "--predictors", metavar="FILE",
+                                    commands=("run", "perplexity", "bench", "convert"),
+                                    help="activation predictors, a file from `powerinfer train-predictors`: for the "
+                                         "sparse FFN (PowerInfer GGUF files use their own by default); for convert, "
+                                         "the ones to embed, also an upstream directory of model_N.pt (default: the "
+                                         "model's cached predictors if any, else none)")
+    verbose: bool = option(False, "--verbose", commands=RUN,
+                           help="print load details and per-layer FFN sparsity / bytes read after generation")
 
     def __post_init__(self):
         if self.n_threads <= 0:
@@ -82,34 +112,39 @@ class ModelSettings:
             raise PowerInferError(f"--batch-size must be > 0, got {self.n_batch}")
 
 
+def _sampling(default, *flags, **kw):
+    return option(default, *flags, commands=RUN, group="sampling", **kw)
+
+
 @dataclass
 class SamplingParams:
     """Per-request generation settings."""
 
-    n_predict: int = _opt(-1, "-n", "--n-predict", metavar="N", group="sampling",
-                          help="tokens to generate (-1 = until end-of-generation or the context is full)")
-    temp: float = _opt(0.8, "--temp", metavar="T", group="sampling",
-                       help="temperature; 0 = greedy (always the most likely token)")
-    top_k: int = _opt(40, "--top-k", metavar="K", group="sampling",
-                      help="keep only the K most likely tokens (0 = off)")
-    top_p: float = _opt(0.95, "--top-p", metavar="P", group="sampling",
-                        help="nucleus sampling: keep the smallest set with cumulative probability >= P (1.0 = off)")
-    min_p: float = _opt(0.05, "--min-p", metavar="P", group="sampling",
-                        help="drop tokens with probability < P times the top token's (0 = off)")
-    repeat_penalty: float = _opt(1.0, "--repeat-penalty", metavar="X", group="sampling",
-                                 help="penalise tokens seen in the last --repeat-last-n tokens (1.0 = off)")
-    repeat_last_n: int = _opt(64, "--repeat-last-n", metavar="N", group="sampling",
-                              help="window for the repeat/presence/frequency penalties (0 = off, -1 = context size)")
-    presence_penalty: float = _opt(0.0, "--presence-penalty", metavar="X", group="sampling",
-                                   help="subtract X from the logit of every token present in the window (0 = off)")
-    frequency_penalty: float = _opt(0.0, "--frequency-penalty", metavar="X", group="sampling",
-                                    help="subtract X times its count in the window from a token's logit (0 = off)")
-    seed: int = _opt(-1, "-s", "--seed", metavar="N", group="sampling",
-                     help="random seed (-1 = a random seed)")
-    ignore_eos: bool = _opt(False, "--ignore-eos", group="sampling",
-                            help="keep generating past end-of-generation tokens")
-    stop: list[str] = _opt(None, "--stop", metavar="TEXT", group="sampling", action="append",
-                           help="stop when TEXT is generated (repeatable); the stop text is not returned")
+    n_predict: int = _sampling(-1, "-n", "--n-predict", metavar="N",
+                               help="tokens to generate (-1 = until end-of-generation or the context is full)")
+    temp: float = _sampling(0.8, "--temp", metavar="T", help="temperature; 0 = greedy (always the most likely token)")
+    top_k: int = _sampling(40, "--top-k", metavar="K", help="keep only the K most likely tokens (0 = off)")
+    top_p: float = _sampling(0.95, "--top-p", metavar="P",
+                             help="nucleus sampling: keep the smallest set with cumulative probability >= P "
+                                  "(1.0 = off)")
+    min_p: float = _sampling(0.05, "--min-p", metavar="P",
+                             help="drop tokens with probability < P times the top token's (0 = off)")
+    repeat_penalty: float = _sampling(1.0, "--repeat-penalty", metavar="X",
+                                      help="penalise tokens seen in the last --repeat-last-n tokens (1.0 = off)")
+    repeat_last_n: int = _sampling(64, "--repeat-last-n", metavar="N",
+                                   help="window for the repeat/presence/frequency penalties (0 = off, -1 = context "
+                                        "size)")
+    presence_penalty: float = _sampling(0.0, "--presence-penalty", metavar="X",
+                                        help="subtract X from the logit of every token present in the window "
+                                             "(0 = off)")
+    frequency_penalty: float = _sampling(0.0, "--frequency-penalty", metavar="X",
+                                         help="subtract X times its count in the window from a token's logit "
+                                              "(0 = off)")
+    # bench has its own -s: the seed of its random token ids (options.BenchOptions).
+    seed: int = _sampling(-1, "-s", "--seed", metavar="N", help="random seed (-1 = a random seed)")
+    ignore_eos: bool = _sampling(False, "--ignore-eos", help="keep generating past end-of-generation tokens")
+    stop: list[str] = _sampling(None, "--stop", metavar="TEXT", action="append",
+                                help="stop when TEXT is generated (repeatable); the stop text is not returned")
 
     def __post_init__(self):
         if self.stop is None:
@@ -143,29 +178,76 @@ def split_settings(kwargs: dict) -> tuple[ModelSettings, SamplingParams]:
             SamplingParams(**{k: v for k, v in kwargs.items() if k in s_names}))
 
 
-def add_arguments(parser, cls, skip=()):
-    """Add one argparse option per dataclass field, with its llama.cpp spelling and help."""
-    for f in fields(cls):
-        if f.name in skip or "flags" not in f.metadata:
-            continue
-        md = f.metadata
-        default = None if f.default is MISSING else f.default
-        kw = dict(dest=f.name, help=md["help"] + (f" (default: {default})" if default not in (None, [], False) else ""))
-        if f.type in ("bool", bool):
-            kw["action"] = "store_true"
-        elif md.get("action") == "append":
-            kw["action"] = "append"
-            kw["metavar"] = md.get("metavar")
-        else:
-            kw["type"] = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            kw["metavar"] = md.get("metavar")
-        kw["default"] = None  # None = "not given", so the dataclass default applies
-        parser.add_argument(*md["flags"], **kw)
+# -- argparse from the schema --------------------------------------------------------------------------------
+
+_SCALARS = {"int": int, "float": float}
+
+
+def _value_type(f):
+    """int or float from the annotation ("int", "float | None"), else str."""
+    names = f.type.replace(" ", "").split("|") if isinstance(f.type, str) else [f.type.__name__]
+    return next((_SCALARS[n] for n in names if n in _SCALARS), str)
+
+
+def _argparse_kwargs(f, command: str) -> dict:
+    md = f.metadata
+    default = None if f.default is MISSING else f.default
+    # The default is shown unless it means "nothing" (None, an off switch, 0, an empty list).
+    kw = dict(help=md["help"] + (f" (default: {default})" if default not in (None, [], False) else ""),
+              **md["argparse"])
+    positional = not md["flags"][0].startswith("-")
+    if f.type in ("bool", bool):
+        kw["action"] = "store_true"
+    else:
+        kw["metavar"] = md["metavar"]
+        if kw.get("action") != "append" and "type" not in kw:
+            kw["type"] = _value_type(f)
+    if not positional:
+        kw["dest"] = f.name
+        kw["default"] = None  # None = "not given", so the dataclass default applies (from_namespace)
+        if command in md["required"]:
+            kw["required"] = True
+    return kw
+
+
+def add_command_arguments(parser, command: str, schema) -> None:
+    """Add to `parser` every field of the `schema` dataclasses whose `commands` include `command`, once each (an
+    inherited field is the same field), in schema order. Each argparse action keeps its field as `schema_field`,
+    which is how tests check that a flag spelling has one definition."""
+    seen, dests, sections, exclusive = set(), {}, {}, {}
+    for cls in schema:
+        for f in fields(cls):
+            md = f.metadata
+            if "flags" not in md or command not in md["commands"] or id(f) in seen:
+                continue
+            seen.add(id(f))
+            if f.name in dests:  # one namespace per command: two fields of one name would overwrite each other
+                raise ValueError(f"{command}: {cls.__name__}.{f.name} and {dests[f.name]}.{f.name} share a name")
+            dests[f.name] = cls.__name__
+            where = parser
+            if md["one_of"]:
+                if md["one_of"] not in exclusive:
+                    exclusive[md["one_of"]] = parser.add_mutually_exclusive_group(required=True)
+                where = exclusive[md["one_of"]]
+            elif md["group"]:
+                if md["group"] not in sections:
+                    sections[md["group"]] = parser.add_argument_group(md["group"])
+                where = sections[md["group"]]
+            action = where.add_argument(*md["flags"], **_argparse_kwargs(f, command))
+            action.schema_field = f
+
+
+def schema_commands(schema) -> set[str]:
+    """Every subcommand some field of `schema` names."""
+    return {c for cls in schema for f in fields(cls) if "flags" in f.metadata for c in f.metadata["commands"]}
 
 
 def from_namespace(cls, ns, **extra):
-    """Build `cls` from parsed args, keeping dataclass defaults for flags that were not given."""
-    names = field_names(cls)
+    """Build `cls` from parsed args, keeping dataclass defaults for flags that were not given. With `ns.command`
+    set (a subcommand's namespace), only the fields that are that subcommand's flags are read: -c on prepare is
+    ModelSettings.n_ctx, not the text chunks of ProfileOptions."""
+    command = getattr(ns, "command", None)
+    names = {f.name for f in fields(cls) if f.init and (command is None or command in f.metadata.get("commands", ()))}
     given = {k: v for k, v in vars(ns).items() if k in names and v is not None}
     given.update(extra)
     return cls(**given)
