@@ -10,7 +10,8 @@ from powerinfer.cli import main
 from powerinfer.formats.loader import load_model
 from powerinfer.model.kvcache import KVCache
 from powerinfer.model.llama import Transformer
-from powerinfer.prepare.calibrate import calibrate, chunks_of, threshold_model
+from powerinfer.prepare.calibrate import calibrate, threshold_model
+from powerinfer.prepare.calibration_text import chunks_of
 from powerinfer.sparse.artifacts import Thresholds, load_thresholds, model_fingerprint, text_sha256
 from powerinfer.sparse.stats import ffn_stats, summarize_stats
 from powerinfer.textdata import pydoc_topics

@@ -31,13 +31,13 @@ from torch import nn
 from ..errors import PowerInferError
 from ..formats.artifact import read_json_artifact, write_json_artifact
 from ..model.llama import Transformer, dense
-from ..sparse.artifacts import DEFAULT_CACHE_DIR, model_fingerprint, text_sha256
+from ..options import ProfileOptions
+from ..sparse.artifacts import DEFAULT_CACHE_DIR, model_fingerprint
 from ..sparse.ffn import activation_fn, ffn_hidden
+from .calibration_text import chunks_of, token_text
 
 PROFILE_FORMAT = "powerinfer.profile"
 PROFILE_VERSION = 1
-DEFAULT_TOKENS = 16384
-DEFAULT_CTX = 512
 
 
 class RecordingFFN(nn.Module):
@@ -181,14 +181,13 @@ def plot(profile_counts: np.ndarray, n_tokens: int, directory: Path, title: str)
     return [p1, p2]
 
 
-def run_profile(loaded, tokens: list[int], text_info: dict, out_dir: Path, n_tokens: int = DEFAULT_TOKENS,
-                n_ctx: int = DEFAULT_CTX, bos_id: int | None = None, thresholds=None, progress: bool | None = None,
-                log=sys.stderr) -> Profile:
+def run_profile(loaded, tokens: list[int], text_info: dict, out_dir: Path, n_tokens: int = ProfileOptions.tokens,
+                n_ctx: int = ProfileOptions.n_ctx, bos_id: int | None = None, thresholds=None,
+                progress: bool | None = None, log=sys.stderr) -> Profile:
     """Profile `loaded` on the first n_tokens of `tokens`; write everything into out_dir (see the module doc)."""
     from tqdm import tqdm
 
     from ..model.kvcache import KVCache
-    from .calibrate import chunks_of
 
     cfg = loaded.config
     relu = cfg.activation == "relu"
@@ -230,54 +229,6 @@ def run_profile(loaded, tokens: list[int], text_info: dict, out_dir: Path, n_tok
     return Profile(out_dir, meta, counts)
 
 
-def print_table(profile: Profile, log=sys.stdout) -> None:
-    c = profile.counts
-    print("layer  sparsity  top10%-covers  top25%-covers", file=log)
-    for i in range(c.shape[0]):
-        xs, ys = coverage_curve(c[i])
-        print(f"{i:5d}  {profile.meta['sparsity_per_layer'][i]:8.1%}  {ys[10]:13.1%}  {ys[25]:13.1%}", file=log)
-
-
-# -- CLI -------------------------------------------------------------------------------------------------------
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("profile", help="count how often every FFN neuron fires (activation locality)",
-                       description="Run the model over calibration text and count, per layer and neuron, the "
-                                   "tokens for which the neuron fires (ReLU models: h != 0; SwiGLU models: |h| "
-                                   "above the calibrated threshold). Writes counts, upstream's activation/*.pt, "
-                                   "predictor training samples and plots.")
-    p.add_argument("-m", "--model", metavar="PATH", help="GGUF file or HF directory (default: the bundled model)")
-    p.add_argument("--text", nargs="+", metavar="FILE", help="UTF-8 text(s) (default: the built-in calibration "
-                   "text, pydoc_data.topics calib split)")
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
-                   help=f"profile the first N tokens (default: {DEFAULT_TOKENS})")
-    p.add_argument("-c", "--ctx-size", dest="n_ctx", type=int, default=DEFAULT_CTX, metavar="N",
-                   help=f"tokens per chunk, each from an empty context (default: {DEFAULT_CTX})")
-    p.add_argument("--target-sparsity", type=float, default=0.5, metavar="S",
-                   help="SwiGLU models: the thresholds (hu at S) that define firing; calibrated if not cached "
-                        "(default: 0.5)")
-    p.add_argument("-t", "--threads", dest="n_threads", type=int, default=None, metavar="N", help="torch threads")
-    p.add_argument("-o", "--output", metavar="DIR",
-                   help="output directory (default: ~/.cache/powerinfer/<fingerprint>/profile)")
-    p.set_defaults(func=func)
-
-
-def model_text(loaded, paths: list[str] | None):
-    """(tokens, bos id or None, text description) of the calibration text, as calibrate tokenizes it."""
-    from ..formats.loader import load_tokenizer
-    from ..textdata import describe, pydoc_topics
-    from ..textdata import read_texts
-
-    tok = load_tokenizer(loaded)
-    if paths:
-        text, source = read_texts(paths)
-    else:
-        text, source = pydoc_topics("calib"), "default calibration text (pydoc_data.topics, calib split)"
-    ids = tok.encode(text, add_bos=None, parse_special=False)
-    info = {"text": f"{source} ({describe(text)})", "text_sha256": text_sha256(text)}
-    return ids, (tok.bos_id if tok.add_bos else None), info
-
-
 def thresholds_for(loaded, target: float, log=sys.stderr):
     """The cached hu thresholds at `target` (calibrated now if missing); None for ReLU models."""
     if loaded.config.activation == "relu":
@@ -290,17 +241,17 @@ def thresholds_for(loaded, target: float, log=sys.stderr):
     return load_thresholds(path, fp) if path.is_file() else calibrate_default(loaded, "hu", target, log=log)
 
 
-def func(args) -> int:
-    from ..formats.loader import load_model
+def profile_model(loaded, opts: ProfileOptions, log=sys.stderr) -> Profile:
+    """`powerinfer profile`: the calibration text as calibrate reads it, firing defined by the hu thresholds at
+    opts.target_sparsity (SwiGLU models), written to opts.output or the model's cached profile directory."""
+    from ..formats.loader import load_tokenizer
 
-    if args.tokens <= 0 or args.n_ctx < 3:
-        raise PowerInferError("--tokens must be > 0 and --ctx-size >= 3")
-    if args.n_threads:
-        torch.set_num_threads(args.n_threads)
-    loaded = load_model(args.model)
-    tokens, bos, info = model_text(loaded, args.text)
-    th = thresholds_for(loaded, args.target_sparsity)
-    out = Path(args.output).expanduser() if args.output else default_profile_dir(model_fingerprint(loaded))
-    prof = run_profile(loaded, tokens, info, out, args.tokens, args.n_ctx, bos, th)
-    print_table(prof)
-    return 0
+    text = token_text(load_tokenizer(loaded), opts.text)
+    th = thresholds_for(loaded, opts.target_sparsity, log)
+    return run_profile(loaded, text.tokens, text.info, profile_dir(loaded, opts), opts.tokens, opts.n_ctx,
+                       text.bos_id, th, log=log)
+
+
+def profile_dir(loaded, opts: ProfileOptions) -> Path:
+    """opts.output, else the model's cached profile directory."""
+    return Path(opts.output).expanduser() if opts.output else default_profile_dir(model_fingerprint(loaded))

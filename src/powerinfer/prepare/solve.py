@@ -41,6 +41,8 @@ import torch
 
 from ..errors import PowerInferError
 from ..formats.gpuidx import GPUIDX_SUFFIX, read_gpuidx, read_placement, write_gpuidx, write_placement
+from ..options import SolveOptions
+from ..settings import ModelSettings
 from ..sparse.artifacts import DEFAULT_CACHE_DIR, model_fingerprint
 
 UPSTREAM_GROUP = 256  # upstream solver's --batch default, never overridden by its loader (reference 5.2)
@@ -321,52 +323,7 @@ def measure_read_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, repeats
     return nbytes / best
 
 
-# -- CLI -------------------------------------------------------------------------------------------------------
-
-DESCRIPTION = ("Fill the fast tier in upstream's priority order (attention, predictors, norms, output head, KV cache, "
-               "then hot FFN neurons by profiled firing frequency); write an upstream-compatible "
-               "<model>.generated.gpuidx and our placement file.")
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("solve", help="place hot FFN neurons on the fast tier (GPU) under a VRAM budget",
-                       description=DESCRIPTION)
-    _add_arguments(p)
-    p.set_defaults(func=func)
-
-
-def parse_args(argv: list[str]):
-    """`powerinfer solve` flags as the CLI parses them (for callers such as `powerinfer prepare`)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="powerinfer solve", description=DESCRIPTION)
-    _add_arguments(p)
-    return p.parse_args(argv)
-
-
-def _add_arguments(p) -> None:
-    p.add_argument("-m", "--model", metavar="PATH", help="GGUF file or HF directory (default: the bundled model)")
-    p.add_argument("--vram-budget", type=float, required=True, metavar="GiB", help="fast-tier budget in GiB")
-    p.add_argument("--activation", metavar="DIR", help="directory of activation_N.pt (default: the model's cached "
-                   "profile, ~/.cache/powerinfer/<fingerprint>/profile/activation)")
-    p.add_argument("-c", "--ctx-size", dest="n_ctx", type=int, default=4096, metavar="N",
-                   help="context the KV cache is sized for (default: 4096)")
-    p.add_argument("--gpu-bandwidth", type=float, metavar="GB/s",
-                   help="fast-tier read bandwidth (default: measured on CUDA, else 900)")
-    p.add_argument("--cpu-bandwidth", type=float, metavar="GB/s", help="slow-tier read bandwidth (default: measured)")
-    p.add_argument("--predictor-bytes", type=int, metavar="N",
-                   help="bytes of predictors to place (default: the model file's fc1/fc2, else the cached "
-                        "predictors of `powerinfer train-predictors` as f16, else none)")
-    p.add_argument("--align", type=int, default=32, metavar="N",
-                   help="place neurons in groups of N (a divisor of 256; default 32, upstream's CUDA path needs "
-                        "multiples of 32 per layer; 1 = finest)")
-    p.add_argument("--reset-gpu-index", action="store_true", help="solve again even if the output is up to date")
-    p.add_argument("--disable-gpu-index", action="store_true",
-                   help="place no FFN neurons (the other parts are still placed); the .gpuidx is not touched")
-    p.add_argument("-o", "--output", metavar="FILE",
-                   help="the .gpuidx to write (default: ~/.cache/powerinfer/<fingerprint>/<model>.generated.gpuidx; "
-                        "the placement file <name>.placement.json goes beside it)")
-
+# -- the command -----------------------------------------------------------------------------------------------
 
 def _cached_predictor_bytes(fp: str) -> int:
     from .train import default_predictors_path
@@ -414,12 +371,12 @@ def _reuse(gpuidx: Path, placement: Path, fp: str, key: dict, cfg) -> tuple[list
     return idx.hot_index, f"{gpuidx} is up to date; reusing it (--reset-gpu-index solves again)"
 
 
-def _bandwidths(args) -> tuple[dict, tuple[float, float]]:
+def _bandwidths(opts: SolveOptions) -> tuple[dict, tuple[float, float]]:
     """Fast and slow tier read bandwidths in bytes/s: given, else measured, else (no CUDA) assumed."""
-    slow_bw = args.cpu_bandwidth * 1e9 if args.cpu_bandwidth else measure_read_bandwidth("cpu")
-    slow_note = "given" if args.cpu_bandwidth else "measured"
-    if args.gpu_bandwidth:
-        fast_bw, fast_note = args.gpu_bandwidth * 1e9, "given"
+    slow_bw = opts.cpu_bandwidth * 1e9 if opts.cpu_bandwidth else measure_read_bandwidth("cpu")
+    slow_note = "given" if opts.cpu_bandwidth else "measured"
+    if opts.gpu_bandwidth:
+        fast_bw, fast_note = opts.gpu_bandwidth * 1e9, "given"
     elif torch.cuda.is_available():
         fast_bw, fast_note = measure_read_bandwidth("cuda"), "measured"
     else:
@@ -428,57 +385,74 @@ def _bandwidths(args) -> tuple[dict, tuple[float, float]]:
     return record, (fast_bw, slow_bw)
 
 
-def func(args) -> int:
-    from ..formats.loader import load_model
+def check_options(opts: SolveOptions) -> None:
+    """The solver's limit on its flags, checked before a model is loaded (SolveOptions checks the rest)."""
+    if opts.align < 1 or UPSTREAM_GROUP % opts.align:
+        raise PowerInferError(f"--align must divide {UPSTREAM_GROUP}, got {opts.align}")
+
+
+@dataclass
+class SolveResult:
+    placement: Placement  # ours: the hot sets written (or found up to date)
+    upstream: Placement | None  # upstream's rule on the same inputs; None with --disable-gpu-index
+    parts: list[tuple[str, int]]  # the non-FFN parts in fill order
+    counts: list[np.ndarray]  # the firing counts solved from ([] with --disable-gpu-index)
+    n_tokens: int | None  # profiled tokens the counts are over
+    bandwidths: dict  # fast/slow bytes per s and whether each was given, measured or assumed
+    gpuidx: Path
+    placement_path: Path
+    saving: float = 0.0  # expected FFN read time saved per token (s): ours
+    upstream_saving: float = 0.0  # the same for upstream's rule
+    written: bool = False  # False: the index was up to date (reused), or --disable-gpu-index
+
+    @property
+    def disabled(self) -> bool:
+        return self.upstream is None
+
+
+def solve_model(loaded, opts: SolveOptions, n_ctx: int = ModelSettings.n_ctx, log=sys.stderr) -> SolveResult:
+    """`powerinfer solve`: place `loaded`'s parts and hot FFN neurons (profiled counts from opts.activation or the
+    model's cached profile) within opts.vram_budget GiB, with the KV cache sized for n_ctx tokens (0: the model's
+    trained context); write the .gpuidx and the placement file unless they are up to date."""
     from .profile import default_profile_dir
 
-    align = args.align
-    if not (math.isfinite(args.vram_budget) and args.vram_budget >= 0):
-        raise PowerInferError(f"--vram-budget must be a finite number of GiB >= 0, got {args.vram_budget}")
-    for name in ("gpu_bandwidth", "cpu_bandwidth"):
-        v = getattr(args, name)
-        if v is not None and not (math.isfinite(v) and v > 0):
-            raise PowerInferError(f"--{name.replace('_', '-')} must be > 0 GB/s, got {v}")
-    if align < 1 or UPSTREAM_GROUP % align:
-        raise PowerInferError(f"--align must divide {UPSTREAM_GROUP}, got {align}")
-    if args.n_ctx < 1:
-        raise PowerInferError(f"--ctx-size must be >= 1, got {args.n_ctx}")
-    log = sys.stderr
-    loaded = load_model(args.model)
+    check_options(opts)
+    if opts.vram_budget is None:
+        raise PowerInferError("solve needs --vram-budget GiB")
     cfg, fp = loaded.config, model_fingerprint(loaded)
-    budget = int(args.vram_budget * GIB)
-    pred = args.predictor_bytes if args.predictor_bytes is not None else \
+    n_ctx = n_ctx or cfg.context_length
+    if n_ctx < 1:
+        raise PowerInferError(f"--ctx-size must be >= 1, got {n_ctx} (the model does not say its trained context)")
+    budget = int(opts.vram_budget * GIB)
+    pred = opts.predictor_bytes if opts.predictor_bytes is not None else \
         (None if "blk.0.fc1.weight" in loaded.extra_tensors else _cached_predictor_bytes(fp))
-    parts, per_neuron = model_parts(loaded, args.n_ctx, pred)
-    out = Path(args.output).expanduser() if args.output else \
+    parts, per_neuron = model_parts(loaded, n_ctx, pred)
+    out = Path(opts.output).expanduser() if opts.output else \
         DEFAULT_CACHE_DIR.expanduser() / fp / (loaded.path.name + GPUIDX_SUFFIX)
     placement_path = out.with_name(out.name.removesuffix(GPUIDX_SUFFIX).removesuffix(".gpuidx") + ".placement.json")
 
-    if args.disable_gpu_index:  # upstream: no solve, no index file; every FFN neuron stays on the slow tier
-        bandwidths, _ = _bandwidths(args)
+    if opts.disable_gpu_index:  # upstream: no solve, no index file; every FFN neuron stays on the slow tier
+        bandwidths, _ = _bandwidths(opts)
         placed, _, _ = place_parts(parts, budget)
         p = Placement([np.zeros(0, dtype=np.int64) for _ in range(cfg.n_layer)], per_neuron, placed, budget,
                       "disabled (--disable-gpu-index)")
         write_placement(placement_path, fp, p.hot, {"inputs": {"budget_bytes": budget, "ffn": "disabled"},
                                                     "parts": p.parts, "bandwidths": bandwidths, "rule": p.rule})
-        _print_parts(p, parts)
-        print(f"FFN neurons: none on the fast tier (--disable-gpu-index); {out} not touched; wrote {placement_path}")
-        return 0
+        return SolveResult(p, None, parts, [], None, bandwidths, out, placement_path)
 
-    act_dir = Path(args.activation).expanduser() if args.activation else default_profile_dir(fp) / "activation"
+    act_dir = Path(opts.activation).expanduser() if opts.activation else default_profile_dir(fp) / "activation"
     counts = load_activation_dir(act_dir, cfg.n_layer, cfg.n_ff)
     n_tokens = _profile_tokens(act_dir, fp)
     if n_tokens is None:
         n_tokens = max(1, int(math.ceil(max(c.max() for c in counts))))
         print(f"solve: no profile.json beside {act_dir}: frequencies taken relative to the largest count "
               f"({n_tokens}); this scales the reported times only", file=log)
-    bandwidths, (fast_bw, slow_bw) = _bandwidths(args)
-    fast_note, bw_note = bandwidths["fast"], bandwidths["slow"]
-    key = {"budget_bytes": budget, "n_ctx": args.n_ctx, "align": align, "parts": [list(p) for p in parts],
+    bandwidths, (fast_bw, slow_bw) = _bandwidths(opts)
+    key = {"budget_bytes": budget, "n_ctx": n_ctx, "align": opts.align, "parts": [list(p) for p in parts],
            "neuron_bytes": per_neuron, "counts_sha256": counts_sha256(counts), "fast_faster": fast_bw > slow_bw}
-    sol = solve_placement(counts, n_tokens, per_neuron, parts, budget, fast_bw, slow_bw, align)
+    sol = solve_placement(counts, n_tokens, per_neuron, parts, budget, fast_bw, slow_bw, opts.align)
     ours = sol.ours
-    cached, why = (None, "") if args.reset_gpu_index else _reuse(out, placement_path, fp, key, cfg)
+    cached, why = (None, "") if opts.reset_gpu_index else _reuse(out, placement_path, fp, key, cfg)
     if why:
         print(f"solve: {why}", file=log)
     if cached is not None:
@@ -492,36 +466,5 @@ def func(args) -> int:
                   "rule": ours.rule, "parts": ours.parts, "ffn_bytes": ours.ffn_bytes, "used_bytes": ours.used,
                   "saving_s_per_token": s_ours, "upstream_saving_s_per_token": s_up, "gpuidx": str(out)}
         write_placement(placement_path, fp, ours.hot, record)
-    _print_table(ours, sol.upstream, counts)
-    _print_parts(ours, parts)
-    print(f"fast tier: {ours.used:,} of {budget:,} bytes used ({ours.ffn_bytes / 2**20:.2f} MiB hot FFN neurons); "
-          f"expected FFN read time saved {1e3 * s_ours:.4f} ms/token vs upstream's rule {1e3 * s_up:.4f} ms/token "
-          f"(fast tier {fast_bw / 1e9:.0f} GB/s {fast_note}, slow tier {slow_bw / 1e9:.1f} GB/s {bw_note}; "
-          f"{n_tokens} profiled tokens)")
-    if cached is None:
-        print(f"wrote {out} and {placement_path}")
-    return 0
-
-
-def _print_table(ours: Placement, upstream: Placement, counts: list[np.ndarray]) -> None:
-    print("layer  hot neurons  hot MiB  firings covered  | upstream: hot  covered")
-    for i, (h, u, c) in enumerate(zip(ours.hot, upstream.hot, counts)):
-        total = max(1e-300, c.sum())
-        print(f"{i:5d}  {len(h):11d}  {len(h) * ours.neuron_bytes[i] / 2**20:7.2f}  {c[h].sum() / total:15.1%}  "
-              f"| {len(u):13d}  {c[u].sum() / total:7.1%}")
-    total = max(1e-300, math.fsum(c.sum() for c in counts))
-    print(f"total  {sum(map(len, ours.hot)):11d}  {ours.ffn_bytes / 2**20:7.2f}  "
-          f"{firings_served(ours, counts) / total:15.1%}  | {sum(map(len, upstream.hot)):13d}  "
-          f"{firings_served(upstream, counts) / total:7.1%}")
-
-
-def _print_parts(p: Placement, parts: list[tuple[str, int]]) -> None:
-    """Non-FFN parts placed per category, in fill order."""
-    cats: dict[str, list[int]] = {}
-    for name, nbytes in parts:
-        row = cats.setdefault(name.split(".")[0], [0, 0, 0, 0])  # tensors placed, tensors, bytes placed, bytes
-        on = name in p.parts
-        row[:] = [a + b for a, b in zip(row, (on, 1, nbytes * on, nbytes))]
-    print("non-FFN parts on the fast tier, in fill order:")
-    for k, (n, of, b, total) in cats.items():
-        print(f"  {k:10s} {n:5d} of {of:5d} tensors  {b / 2**20:9.2f} of {total / 2**20:9.2f} MiB")
+    return SolveResult(ours, sol.upstream, parts, counts, n_tokens, bandwidths, out, placement_path, s_ours, s_up,
+                       written=cached is None)

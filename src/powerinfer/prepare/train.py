@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import PowerInferError
+from ..options import TrainOptions
 from ..sparse.artifacts import model_fingerprint
 from ..sparse.predictor import PredictorSet
 from .profile import Profile, default_profile_dir, load_profile
@@ -28,7 +28,6 @@ from .profile import Profile, default_profile_dir, load_profile
 RANKS = (16, 32, 64, 128, 256, 512, 1024)
 TRAIN_SCHEME = 3  # bump when training changes, so resumed runs do not mix layers from two schemes
 HELD_OUT = 0.1
-EPOCHS = 12
 BATCH = 512
 LR = 3e-3
 
@@ -76,7 +75,7 @@ def recall_threshold(fc1, fc2, x, y, recall: float) -> float:
     return float(pos.kthvalue(k + 1).values) if k < pos.numel() else float(pos.max())
 
 
-def train_layer(profile: Profile, layer: int, recall: float, max_rank: int, epochs: int = EPOCHS,
+def train_layer(profile: Profile, layer: int, recall: float, max_rank: int, epochs: int = TrainOptions.epochs,
                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Ranks in increasing order; each gets the logit threshold that keeps `recall` of the held-out firings, and
     the rank with the highest predicted sparsity at that recall wins (larger ranks stop once they gain < 1 %).
@@ -102,8 +101,9 @@ def train_layer(profile: Profile, layer: int, recall: float, max_rank: int, epoc
     return best
 
 
-def train_predictors(loaded, profile: Profile, out: Path, recall: float = 0.95, budget: float = 0.10,
-                     epochs: int = EPOCHS, progress: bool | None = None, log=sys.stderr) -> PredictorSet:
+def train_predictors(loaded, profile: Profile, out: Path, recall: float = TrainOptions.recall,
+                     budget: float = TrainOptions.budget, epochs: int = TrainOptions.epochs,
+                     progress: bool | None = None, log=sys.stderr) -> PredictorSet:
     from tqdm import tqdm
 
     cfg = loaded.config
@@ -141,53 +141,14 @@ def train_predictors(loaded, profile: Profile, out: Path, recall: float = 0.95, 
     return ps
 
 
-def print_report(ps: PredictorSet, log=sys.stdout) -> None:
-    print("layer  rank  recall  precision  predicted-sparsity  true-sparsity   (held-out tokens; threshold and "
-          "rank chosen on them)", file=log)
-    for r in ps.meta["report"]:
-        print(f"{r['layer']:5d}  {r['rank']:4d}  {r['recall']:6.1%}  {r['precision']:9.1%}  "
-              f"{r['predicted_sparsity']:18.1%}  {r['true_sparsity']:13.1%}", file=log)
-    rs = ps.meta["report"]
-    print(f"mean   {'':4}  {np.mean([r['recall'] for r in rs]):6.1%}  {np.mean([r['precision'] for r in rs]):9.1%}  "
-          f"{np.mean([r['predicted_sparsity'] for r in rs]):18.1%}  {np.mean([r['true_sparsity'] for r in rs]):13.1%}",
-          file=log)
-
-
 def default_predictors_path(fingerprint: str, cache_dir=None) -> Path:
     return default_profile_dir(fingerprint, cache_dir).parent / "predictors.safetensors"
 
 
-# -- CLI -------------------------------------------------------------------------------------------------------
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("train-predictors", help="train per-layer activation predictors from a profile",
-                       description="Train fc2 relu(fc1 x) per layer on `powerinfer profile`'s samples: the "
-                                   "smallest rank reaching --recall on held-out tokens, within --budget of the "
-                                   "model's parameters. Resumable; prints per-layer recall, precision and "
-                                   "predicted sparsity.")
-    p.add_argument("-m", "--model", metavar="PATH", help="GGUF file or HF directory (default: the bundled model)")
-    p.add_argument("--profile", metavar="DIR", help="profile directory (default: the model's cached profile)")
-    p.add_argument("--recall", type=float, default=0.95, help="held-out recall target per layer (default: 0.95)")
-    p.add_argument("--budget", type=float, default=0.10,
-                   help="largest total predictor size, as a fraction of the model's parameters (default: 0.10)")
-    p.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs per rank (default: {EPOCHS})")
-    p.add_argument("-t", "--threads", dest="n_threads", type=int, default=None, metavar="N", help="torch threads")
-    p.add_argument("-o", "--output", metavar="FILE",
-                   help="predictor file (default: ~/.cache/powerinfer/<fingerprint>/predictors.safetensors)")
-    p.set_defaults(func=func)
-
-
-def func(args) -> int:
-    from ..formats.loader import load_model
-
-    if not 0 < args.recall <= 1 or not 0 < args.budget <= 1 or args.epochs < 1:
-        raise PowerInferError("--recall and --budget must be in (0, 1], --epochs >= 1")
-    if args.n_threads:
-        torch.set_num_threads(args.n_threads)
-    loaded = load_model(args.model)
+def train_model(loaded, opts: TrainOptions, log=sys.stderr) -> tuple[PredictorSet, Path]:
+    """`powerinfer train-predictors`: predictors from opts.profile (default: the model's cached profile), written to
+    opts.output (default: beside the profile). Returns them and where they went."""
     fp = model_fingerprint(loaded)
-    profile = load_profile(args.profile or default_profile_dir(fp), fp)
-    out = Path(args.output).expanduser() if args.output else default_predictors_path(fp)
-    ps = train_predictors(loaded, profile, out, args.recall, args.budget, args.epochs)
-    print_report(ps)
-    return 0
+    profile = load_profile(opts.profile or default_profile_dir(fp), fp)
+    out = Path(opts.output).expanduser() if opts.output else default_predictors_path(fp)
+    return train_predictors(loaded, profile, out, opts.recall, opts.budget, opts.epochs, log=log), out
