@@ -37,7 +37,6 @@ avg_ts/stddev_ts/samples_ts follow llama-bench's JSON field names; stddev is 0 w
 """
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import statistics
@@ -48,6 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PowerInferError
+from ..options import BenchOptions
+from ..settings import default_threads
 
 SCHEMA = "powerinfer.bench/1"
 
@@ -232,134 +233,69 @@ def markdown_header() -> str:
             "|".join("-" * (len(c) + 1) + (":" if c in right else "-") for c in _COLUMNS) + "|")
 
 
-# -- CLI ----------------------------------------------------------------------------------------------------
+# -- the whole run ------------------------------------------------------------------------------------------
 
-def _int_list(flag: str):
-    def parse(s: str) -> list[int]:
-        try:
-            vals = [int(x) for x in s.split(",") if x.strip()]
-        except ValueError:
-            raise PowerInferError(f"{flag} expects comma-separated integers, got {s!r}") from None
-        if not vals or any(v < 0 for v in vals):
-            raise PowerInferError(f"{flag} expects non-negative integers, got {s!r}")
-        return vals
-    return parse
+def random_ids_bos(metadata: dict) -> int | None:
+    """The BOS id that starts the random token ids, or None. Tokenizer-free on purpose (random ids), so models
+    without tokenizer metadata can be benchmarked too. llama.cpp's defaults when the keys are absent:
+    SentencePiece ("llama") vocabularies add BOS id 1, BPE none."""
+    spm = metadata.get("tokenizer.ggml.model") == "llama"
+    add_bos = metadata.get("tokenizer.ggml.add_bos_token", spm) and "tokenizer.ggml.tokens" in metadata
+    return int(metadata.get("tokenizer.ggml.bos_token_id", 1)) if add_bos else None
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "bench", help="measure prompt and generation speed (like llama-bench)",
-        description="Prompt processing (ppN: N tokens from an empty cache) and generation (tgN: N single-token "
-                    "decode steps) speed, one untimed warm-up then -r timed repetitions per test and thread count, "
-                    "like llama-bench. Lists are comma-separated: -t 1,2 -p 128,512. GB/s counts the weight bytes "
-                    "one decode step reads (all layer matrices + norms + output head + one embedding row; FFN rows "
-                    "scaled by 1 - sparsity when the runner skips neurons). Prints a markdown table, or JSON.")
-    p.add_argument("-m", "--model", metavar="PATH", help="GGUF file or HF directory (default: the bundled model)")
-    p.add_argument("-p", "--n-prompt", default="128", metavar="N[,N...]",
-                   help="prompt lengths for the pp tests; 0 skips them (default: 128)")
-    p.add_argument("-n", "--n-gen", default="128", metavar="N[,N...]",
-                   help="decode steps for the tg tests; 0 skips them (default: 128)")
-    p.add_argument("-t", "--threads", default=None, metavar="N[,N...]",
-                   help="thread counts to test (default: all available cores)")
-    p.add_argument("-r", "--repetitions", type=int, default=5, metavar="N",
-                   help="timed repetitions per test (default: 5)")
-    p.add_argument("-b", "--batch-size", type=int, default=512, metavar="N",
-                   help="prompt tokens per prefill call in pp tests (default: 512)")
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up repetition")
-    p.add_argument("-s", "--seed", type=int, default=0, metavar="N", help="seed of the random token ids (default: 0)")
-    from ..runtime.sparsity import add_sparsity_arguments
-
-    add_sparsity_arguments(p, "; the tg tests decode with it")
-    p.add_argument("--profile", action="store_true",
-                   help="after each tg test, one more untimed repetition with the decoder's per-phase profiler; "
-                        "prints ms per token by phase")
-    p.add_argument("--json", action="store_true", help="print one JSON document (schema in `powerinfer.measure."
-                                                       "bench`'s docstring) instead of the markdown table")
-    p.set_defaults(func=func)
+def model_summary(loaded) -> dict:
+    """The JSON document's "model" object (and the markdown table's model columns)."""
+    cfg = loaded.config
+    size_bytes, n_params = model_size(loaded.weights)
+    return {"path": str(loaded.path), "type": model_type(loaded, n_params), "arch": cfg.arch,
+            "size_bytes": size_bytes, "n_params": n_params, "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+            "n_ff": cfg.n_ff, "n_vocab": cfg.n_vocab, "activation": cfg.activation,
+            "bytes_per_token": bytes_per_token(loaded.weights)}
 
 
-def func(args) -> int:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("powerinfer")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown"
+
+
+def bench(loaded, opts: BenchOptions, n_batch: int = 512, sparsity="off", sparse_method: str | None = None,
+          predictors: str | None = None, *, calibrate=None, on_result=None, log=sys.stderr) -> dict:
+    """llama-bench's tests (opts: lengths, thread counts, repetitions, seed) on `loaded`, with the sparse FFN
+    `sparsity` / `sparse_method` / `predictors` (runtime/sparsity.py; `calibrate` makes missing thresholds).
+    `on_result(result)` sees each result as it is measured. Returns the JSON document (schema above)."""
     import torch
 
-    import powerinfer
-
     from .. import kernels
-    from ..formats.loader import load_model
     from ..runtime.runner import make_runner
-    from ..settings import default_threads
+    from ..runtime.sparsity import apply_sparsity
 
-    prompts = [n for n in _int_list("-p/--n-prompt")(args.n_prompt) if n > 0]
-    gens = [n for n in _int_list("-n/--n-gen")(args.n_gen) if n > 0]
-    threads = _int_list("-t/--threads")(args.threads) if args.threads else [default_threads()]
-    if any(t == 0 for t in threads):
-        raise PowerInferError("-t/--threads values must be >= 1")
-    if args.repetitions < 1:
-        raise PowerInferError(f"-r/--repetitions must be >= 1, got {args.repetitions}")
-    if args.batch_size <= 0:
-        raise PowerInferError(f"-b/--batch-size must be > 0, got {args.batch_size}")
-    tests = [Test("pp", n) for n in prompts] + [Test("tg", n) for n in gens]
-    if not tests:
-        raise PowerInferError("nothing to run: -p and -n are both 0")
-
-    loaded = load_model(args.model)
-    if loaded.conversion_report:
-        print(f"note: converted at load: {loaded.conversion_report}", file=sys.stderr)
+    tests = [Test("pp", n) for n in opts.prompt_lengths] + [Test("tg", n) for n in opts.gen_lengths]
     cfg = loaded.config
     n_ctx = max(t.n for t in tests)
     if cfg.context_length and n_ctx > cfg.context_length:
-        print(f"warning: {n_ctx} tokens exceed the model's trained context of {cfg.context_length}", file=sys.stderr)
-    # Tokenizer-free on purpose (random ids), so models without tokenizer metadata can be benchmarked too.
-    # llama.cpp's defaults when the keys are absent: SentencePiece ("llama") vocabularies add BOS id 1, BPE none.
-    md = loaded.metadata
-    spm = md.get("tokenizer.ggml.model") == "llama"
-    add_bos = md.get("tokenizer.ggml.add_bos_token", spm) and "tokenizer.ggml.tokens" in md
-    bos = int(md.get("tokenizer.ggml.bos_token_id", 1)) if add_bos else None
-    runner = make_runner(loaded, n_ctx, threads[0], min(args.batch_size, n_ctx))
+        print(f"warning: {n_ctx} tokens exceed the model's trained context of {cfg.context_length}", file=log)
+    runner = make_runner(loaded, n_ctx, opts.thread_counts[0], min(n_batch, n_ctx))
     sparse_desc = "dense FFN"
-    if args.sparsity != "off" or args.predictors:
-        from ..runtime.sparsity import apply_sparsity
-
-        sparse_desc = apply_sparsity(runner, loaded, args.sparsity, args.sparse_method, args.predictors)
-        print(f"ffn: {sparse_desc}", file=sys.stderr)
-
-    size_bytes, n_params = model_size(loaded.weights)
-    model = {"path": str(loaded.path), "type": model_type(loaded, n_params), "arch": cfg.arch,
-             "size_bytes": size_bytes, "n_params": n_params, "n_layer": cfg.n_layer, "d_model": cfg.d_model,
-             "n_ff": cfg.n_ff, "n_vocab": cfg.n_vocab, "activation": cfg.activation,
-             "bytes_per_token": bytes_per_token(loaded.weights)}
-
-    if not args.json:
-        print(markdown_header())
-
-    def on_result(r):
-        if not args.json:
-            print(markdown_row(model, r), flush=True)
-
-    results = run_bench(runner, loaded.weights, tests, threads, args.repetitions, warmup=not args.no_warmup,
-                        seed=args.seed, bos_id=bos, profile=args.profile, on_result=on_result)
-    peak = _peak_rss_mib()
-    if args.json:
-        doc = {
-            "schema": SCHEMA, "model": model,
-            "system": {"isa": kernels.isa() if runner.compute == "c" else f"torch ({runner.device})",
-                       "cpu": _cpu_name(), "n_cpus": default_threads(), "python": platform.python_version(),
-                       "torch": torch.__version__, "powerinfer": powerinfer.__version__},
-            "settings": {"n_batch": runner.n_batch, "n_ctx": n_ctx, "repetitions": args.repetitions,
-                         "warmup": not args.no_warmup, "seed": args.seed, "ffn": sparse_desc},
-            "results": results, "peak_rss_mib": peak,
-        }
-        print(json.dumps(doc, indent=1))
-        return 0
-    print(f"\nGB/s: {model['bytes_per_token'] / 2**20:.1f} MiB of weights per generated token (layer matrices, norms, "
-          f"output head, one embedding row; {'dense FFN' if not runner.sparse else 'tg: the FFN bytes read'}) "
-          f"x t/s. FFN: {sparse_desc}. Peak RSS {peak:.0f} MiB. "
-          f"{args.repetitions} repetitions{'' if args.no_warmup else ' after 1 warm-up'}, "
-          f"random token ids (seed {args.seed}).")
-    for r in results:
-        if r["phases_ms_per_token"]:
-            phases = ", ".join(f"{k} {v:.3f}" for k, v in r["phases_ms_per_token"].items())
-            print(f"{r['test']} t={r['n_threads']}: ms/token by phase: {phases}")
-    return 0
+    if sparsity != "off" or predictors:
+        sparse_desc = apply_sparsity(runner, loaded, sparsity, sparse_method, predictors, calibrate=calibrate)
+        print(f"ffn: {sparse_desc}", file=log)
+    results = run_bench(runner, loaded.weights, tests, opts.thread_counts, opts.repetitions,
+                        warmup=not opts.no_warmup, seed=opts.seed, bos_id=random_ids_bos(loaded.metadata),
+                        profile=opts.profile, on_result=on_result)
+    return {
+        "schema": SCHEMA, "model": model_summary(loaded),
+        "system": {"isa": kernels.isa() if runner.compute == "c" else f"torch ({runner.device})",
+                   "cpu": _cpu_name(), "n_cpus": default_threads(), "python": platform.python_version(),
+                   "torch": torch.__version__, "powerinfer": _version()},
+        "settings": {"n_batch": runner.n_batch, "n_ctx": n_ctx, "repetitions": opts.repetitions,
+                     "warmup": not opts.no_warmup, "seed": opts.seed, "ffn": sparse_desc},
+        "results": results, "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 def _cpu_name() -> str:

@@ -11,9 +11,8 @@ Files are memory-mapped and processed in blocks, so a 400 MB file does not need 
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -141,30 +140,3 @@ def compare(a_path: str | Path, b_path: str | Path) -> Comparison:
     ppl_a, err_a = ppl_with_error(nll_a)
     ppl_b, err_b = ppl_with_error(nll_b)
     return Comparison(n, a.shape[1], agree / n, kl_sum / n, kl_max, ppl_a, err_a, ppl_b, err_b)
-
-
-# -- CLI ---------------------------------------------------------------------------------------------------
-
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "compare-logits", help="compare two saved logits files (top-1 agreement, KL, perplexities)",
-        description="Compare two runs scored on the same tokens, each saved with `powerinfer perplexity "
-                    "--logits-out FILE.npy` (logits [n_scored, n_vocab] plus FILE.tokens.npy with the targets). "
-                    "Prints top-1 agreement, mean KL(A||B) in nats and both perplexities. A is the reference.")
-    p.add_argument("a", metavar="A.npy", help="reference logits file (its targets are read from A.tokens.npy)")
-    p.add_argument("b", metavar="B.npy", help="logits file to compare against A (same shape and targets)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.set_defaults(func=func)
-
-
-def func(args) -> int:
-    c = compare(args.a, args.b)
-    if args.json:
-        print(json.dumps({"a": str(args.a), "b": str(args.b), **asdict(c)}))
-        return 0
-    print(f"compared {c.n_tokens} scored tokens (vocabulary {c.n_vocab})")
-    print(f"top-1 agreement  {100 * c.top1_agreement:.2f} %")
-    print(f"mean KL(A||B)    {c.kl_mean:.6f} nats (max {c.kl_max:.4f})")
-    print(f"PPL A            {c.ppl_a:.4f} +/- {c.ppl_a_err:.5f}   {args.a}")
-    print(f"PPL B            {c.ppl_b:.4f} +/- {c.ppl_b_err:.5f}   {args.b}")
-    return 0
