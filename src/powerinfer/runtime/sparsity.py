@@ -100,13 +100,3 @@ def apply_sparsity(runner, loaded, sparsity, method: str | None = None, predicto
             desc += f" + the file's predictors (logit threshold {preds.threshold:g})"
     runner.set_sparse(replace(spec, predictors=preds, label=desc))
     return desc
-
-
-def add_sparsity_arguments(p, what: str = "") -> None:
-    """--sparsity / --sparse-method / --predictors for a measuring command (bench, perplexity)."""
-    p.add_argument("--sparsity", default="off", metavar="auto|off|S",
-                   help=f"neuron-sparse FFN (as `powerinfer run --sparsity`; default: off){what}")
-    p.add_argument("--sparse-method", default="hu", metavar="NAME",
-                   help="threshold criterion for SwiGLU models: hu | teal | teal-hu (default: hu)")
-    p.add_argument("--predictors", metavar="FILE",
-                   help="activation predictors for the sparse FFN (from `powerinfer train-predictors`)")

@@ -1,0 +1,23 @@
+"""The command line's glue (DESIGN, "Layers": the top). One `cmd_<name>(args) -> int` per subcommand, in three
+steps: parse (the option dataclasses of settings.py / options.py from argparse's namespace; one-line
+`PowerInferError`s), compute (plain functions of measure/, prepare/ and the API, which tests and `powerinfer
+prepare` call too), report (printing). A cmd's docstring is its `--help` description.
+
+  run.py      run, tokenize, info
+  measure.py  perplexity, compare-logits, bench
+  prepare.py  calibrate, profile, train-predictors, solve, convert, prepare
+"""
+from __future__ import annotations
+
+import sys
+
+
+def load_model_noted(path):
+    """formats.loader.load_model, saying on stderr what was converted at load (the commands that run the model
+    and report its numbers: run, perplexity, bench, calibrate)."""
+    from ..formats.loader import load_model as load
+
+    loaded = load(path)
+    if loaded.conversion_report:
+        print(f"note: converted at load: {loaded.conversion_report}", file=sys.stderr)
+    return loaded
