@@ -122,3 +122,24 @@ def test_solve_convert_run_chain(pipeline, tmp_path):
     a, b = dense.eval(ids, all_logits=True), sparse.eval(ids, all_logits=True)
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert agree >= 0.9 and sparse.ffn_sparsity() > 0.85, (agree, sparse.ffn_sparsity())
+
+
+def test_prepare_cli_runs_the_steps_with_their_defaults(tiny_text_gguf, tmp_path, monkeypatch, capsys):
+    """`powerinfer prepare` on a tiny SwiGLU model: thresholds, profile, predictors and placement under
+    ~/.cache/powerinfer/<fingerprint>/, with train-predictors' recall and solve's measured CPU bandwidth."""
+    from powerinfer.cli import main
+    from powerinfer.formats.gpuidx import read_placement
+    from powerinfer.sparse.artifacts import model_fingerprint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["prepare", "-m", str(tiny_text_gguf), "--tokens", "512", "--epochs", "1", "-t", "1",
+                 "--vram-budget", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "layer  sparsity" in out and "layer  rank  recall" in out and "fast tier:" in out
+    fp = model_fingerprint(load_model(tiny_text_gguf))
+    root = tmp_path / ".cache" / "powerinfer" / fp
+    ps = PredictorSet.load(root / "predictors.safetensors", fp)
+    assert ps.meta["recall_target"] == 0.95
+    doc = read_placement(root / f"{tiny_text_gguf.name}.placement.json", fp)
+    assert doc["bandwidths"]["slow"] == "measured"
+    assert doc["inputs"]["n_ctx"] == 4096 and doc["parts"]["predictors"] == ps.n_params() * 2
