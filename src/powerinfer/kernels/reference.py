@@ -161,8 +161,9 @@ def axpy_ref(wt: QTensor, idx: torch.Tensor, h: torch.Tensor, c0: int = 0, c1: i
 
 
 def ffn_sparse_ref(config, layer, n: torch.Tensor, down_t: QTensor, t_h: float = 0.0, t_x: float = 0.0,
-                   gate_t: QTensor | None = None, up_t: QTensor | None = None):
+                   gate_t: QTensor | None = None, up_t: QTensor | None = None, cand: torch.Tensor | None = None):
     """The decoder's neuron-sparse FFN on the normed input n [d]: (float64 output [d], kept neuron ids).
+    `cand` (bool [n_ff]): only these neurons may be kept (a tier's share of the layer, Decoder.ffn).
 
     Input site (t_x > 0): channels with |n| < t_x are zeroed and gate/up are axpys over the input-major copies
     (f32 n, no quantization). Otherwise gate/up are the dense kernels' dots. A neuron is kept iff h != 0 and
@@ -176,7 +177,8 @@ def ffn_sparse_ref(config, layer, n: torch.Tensor, down_t: QTensor, t_h: float =
         u = matvec_ref(layer.up_proj, n)
         g = matvec_ref(layer.gate_proj, n) if layer.gate_proj is not None else None
     h = ffn_ref(g, u, c.activation, c.ffn_kind)
-    kept = ((h != 0) & (h.abs() >= t_h)).nonzero().squeeze(1)
+    keep = (h != 0) & (h.abs() >= t_h)
+    kept = (keep & cand if cand is not None else keep).nonzero().squeeze(1)
     return axpy_ref(down_t, kept, h[kept]), kept
 
 

@@ -18,6 +18,7 @@ class Kept(NamedTuple):
     neurons: torch.Tensor  # FFN neurons kept: down_t rows read
     inputs: torch.Tensor  # FFN input channels kept (the x site)
     up_rows: torch.Tensor  # up rows read (differs from neurons for dReLU and for predictors' candidates)
+    gate_rows: torch.Tensor  # gate rows read one by one (predictor or tier candidates; 0 when the gate ran dense)
 
 
 class RowBytes(NamedTuple):
@@ -37,8 +38,9 @@ class SparseFFN:
     Input-major gate/up copies are made only for layers with x > 0. Copies are cached, so changing specs is
     cheap; `off()` returns the decoder to the dense FFN."""
 
-    def __init__(self, dec: "_C.Decoder", config, weights):
-        self.dec, self.config, self.weights = dec, config, weights
+    def __init__(self, dec: "_C.Decoder", config, weights, gathers: bool = False):
+        # gathers: the decoder reads every FFN row by gathers over candidates (an FFN-only tier decoder)
+        self.dec, self.config, self.weights, self._gathers = dec, config, weights, gathers
         self._copies: dict[tuple[int, str], QTensor] = {}
         self.spec: SparseSpec | None = None
         self._pred_keep: list[torch.Tensor] = []  # the f16 predictor matrices the decoder reads
@@ -91,6 +93,10 @@ class SparseFFN:
             self.dec.set_predictor(il, None, None, 1, 0.0)
         self.spec = None
 
+    @property
+    def gathers(self) -> bool:
+        return self._gathers or (self.spec is not None and self.spec.predictors is not None)
+
     def kept(self) -> Kept:
         """Counts of the last decode step (views of a buffer the next call overwrites)."""
         self.dec.kept(self._kept.data_ptr())
@@ -102,9 +108,9 @@ class SparseFFN:
             per_layer = [self._layer_bytes(il) for il in range(self.config.n_layer)]
             self._row_bytes = RowBytes(*torch.tensor(per_layer, dtype=torch.int64).t())
         rb = self._row_bytes
-        neurons, inputs, up_rows = (k.to(torch.int64) for k in kept)
-        if self.spec is not None and self.spec.predictors is not None:  # predictor + candidates' gate and up rows
-            in_bytes = self._pred_bytes + up_rows * (rb.up_row + rb.gate_row)
+        neurons, inputs, up_rows, gate_rows = (k.to(torch.int64) for k in kept)
+        if self.gathers:  # predictor or tier candidates: their gate rows, then up rows
+            in_bytes = self._pred_bytes + gate_rows * rb.gate_row + up_rows * rb.up_row
         else:
             x_on = torch.tensor([t > 0 for t in self.spec.site("x")] if self.spec else [False] * self.config.n_layer)
             in_bytes = torch.where(x_on, inputs * rb.input_column, rb.dense_gate + up_rows * rb.up_row)

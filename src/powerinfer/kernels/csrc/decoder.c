@@ -169,6 +169,10 @@ static void layout_job(void *arg, int ith, int nth) {
     layout_args *a = arg;
     pi_layer *L = &a->D->L[a->il];
     int u0[M_N], u1[M_N];
+    if (a->D->ffn_only) { /* nothing packed: an FFN-only decoder reads raw rows by gathers */
+        for (int j = 0; j < M_N; j++) L->seg[j][ith] = (pi_seg){0};
+        return;
+    }
     pi_layer_ranges(L, a->D->n_ff, ith, nth, u0, u1);
     for (int j = 0; j < M_N && !a->failed[ith]; j++)
         a->failed[ith] = make_seg(&a->D->arena[ith], pi_layer_mat(L, j), u0[j], u1[j], &L->seg[j][ith]);
@@ -213,7 +217,40 @@ static void run_rows(const pi_layer *L, int j, const pi_act *a, float *y, float 
 /* ---- neuron-sparse FFN (see pi_layer) ---- */
 static inline int keep_h(float h, float t_h) { return h != 0.0f && fabsf(h) >= t_h; }
 
-static void ffn_sparse(pi_decoder *D, int il, float *x, int ith, int nth) {
+/* The nc candidates in w->idx (a predictor's or a tier's): gate rows gathered, and up rows for those that can fire
+ * (for ReLU gates only gate > 0); h = act(gate)*up; neurons with h kept (keep_h) go through down_t into w->yp.
+ * Returns the number kept. */
+static int ffn_gather(pi_decoder *D, const pi_layer *L, pi_tws *w, int nc, int il) {
+    const int relu_gate = D->act == ACT_RELU && D->ffn_kind != FFN_MLP;
+    int nk = 0;
+    w->kept_g[il] = L->gate.raw ? nc : 0;
+    w->kept_u[il] = nc; /* lowered below when a ReLU gate rules neurons out */
+    if (!nc) return 0;
+    pi_act_fill(&w->act, w->xn, 0, 0, D->d, L->need_ffn);
+    float *gv = w->hv; /* gate values of the candidates (hv is rewritten below, never ahead of j) */
+    if (L->gate.raw) {
+        pi_mat_gather(&L->gate, w->idx, nc, &w->act, gv);
+        if (relu_gate) { /* only neurons with gate > 0 can fire: read just their up rows */
+            int np = 0;
+            for (int j = 0; j < nc; j++)
+                if (gv[j] > 0.0f) { w->idx[np] = w->idx[j]; gv[np++] = gv[j]; }
+            nc = np;
+            w->kept_u[il] = nc;
+        }
+    }
+    pi_mat_gather(&L->up, w->idx, nc, &w->act, w->uv);
+    for (int j = 0; j < nc; j++) {
+        float gj = L->gate.raw ? gv[j] : 0.0f, uj = w->uv[j];
+        pi_ffn_act(D, &gj, &uj, 1);
+        if (keep_h(gj, L->t_h)) { w->idx[nk] = w->idx[j]; w->hv[nk++] = gj; }
+    }
+    pi_mat_axpy(&L->down_t, w->idx, w->hv, nk, 0, D->d, w->yp);
+    return nk;
+}
+
+/* xout += FFN(norm(xin)) (decode: xin == xout, the residual stream). cand, when given, names the neurons this call
+ * may compute (a tier's share of the layer); they are read by row gathers, like a predictor's candidates. */
+static void ffn_sparse(pi_decoder *D, int il, const float *x, float *xout, const uint8_t *cand, int ith, int nth) {
     const pi_layer *L = &D->L[il];
     pi_tws *w = &D->tw[ith];
     const int d = D->d, relu_gate = D->act == ACT_RELU && D->ffn_kind != FFN_MLP;
@@ -232,6 +269,7 @@ static void ffn_sparse(pi_decoder *D, int il, float *x, int ith, int nth) {
     const int n0 = c0 * PI_QK, n1 = c1 * PI_QK < D->n_ff ? c1 * PI_QK : D->n_ff;
     int nk = 0;
     w->kept_u[il] = n1 - n0; /* up rows read: all of the chunk unless the ReLU gate selects them below */
+    w->kept_g[il] = 0;       /* gate rows read by gathers (a dense gate is counted by the caller) */
     memset(w->yp, 0, (size_t)d * sizeof(float));
     if (L->fc1.raw) { /* predictor: the hidden layer is split over the threads, then each predicts its chunk */
         const int r = L->fc1.rows;
@@ -248,21 +286,14 @@ static void ffn_sparse(pi_decoder *D, int il, float *x, int ith, int nth) {
             pi_act_fill(&w->act_z, D->z, 0, 0, r, pi_need_of(L->fc2.qtype));
             pi_mat_rows(&L->fc2, n0, n1, &w->act_z, u); /* logits of the chunk, in u's slots */
             for (int i = n0; i < n1; i++)
-                if (u[i] >= L->t_pred) w->idx[nc++] = i;
+                if (u[i] >= L->t_pred && (!cand || cand[i])) w->idx[nc++] = i;
         }
-        w->kept_u[il] = nc;
-        if (nc) {
-            pi_act_fill(&w->act, xn, 0, 0, d, L->need_ffn);
-            float *gv = w->hv; /* gate values of the candidates (hv is rewritten below, never ahead of j) */
-            if (L->gate.raw) pi_mat_gather(&L->gate, w->idx, nc, &w->act, gv);
-            pi_mat_gather(&L->up, w->idx, nc, &w->act, w->uv);
-            for (int j = 0; j < nc; j++) {
-                float gj = L->gate.raw ? gv[j] : 0.0f, uj = w->uv[j];
-                pi_ffn_act(D, &gj, &uj, 1);
-                if (keep_h(gj, L->t_h)) { w->idx[nk] = w->idx[j]; w->hv[nk++] = gj; }
-            }
-            pi_mat_axpy(&L->down_t, w->idx, w->hv, nk, 0, d, w->yp);
-        }
+        nk = ffn_gather(D, L, w, nc, il);
+    } else if (cand) { /* a tier's neurons: row gathers over its candidates in this thread's chunk */
+        int nc = 0;
+        for (int i = n0; i < n1; i++)
+            if (cand[i]) w->idx[nc++] = i;
+        nk = ffn_gather(D, L, w, nc, il);
     } else if (n1 > n0) {
         int have_up = 1;
         if (L->t_x > 0.0f) { /* gate/up as axpys over the kept channels' rows of the input-major copies */
@@ -304,7 +335,7 @@ static void ffn_sparse(pi_decoder *D, int il, float *x, int ith, int nth) {
     pi_split(d, ith, nth, &r0, &r1);
     for (int t = 0; t < nth; t++) {
         const float *yp = D->tw[t].yp;
-        for (int r = r0; r < r1; r++) x[r] += yp[r];
+        for (int r = r0; r < r1; r++) xout[r] += yp[r];
     }
     pi_dec_barrier(D, ith);
 }
@@ -359,7 +390,7 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
 
     pi_prof_phase(D, ith, PH_FFN);
     if (L->down_t.raw) {
-        ffn_sparse(D, il, x, ith, nth);
+        ffn_sparse(D, il, x, x, NULL, ith, nth);
         return;
     }
     pi_rmsnorm(x, L->ffn_norm, D->d, D->eps, w->xn);
@@ -397,6 +428,20 @@ static void step_job(void *varg, int ith, int nth) {
     pi_prof_phase(s->D, ith, PH_HEAD); /* closes the last phase (adds nothing to PH_HEAD) */
 }
 
+typedef struct { pi_decoder *D; int il; const float *xin; float *xout; const uint8_t *cand; } ffn_args;
+
+static void ffn_job(void *varg, int ith, int nth) {
+    ffn_args *a = varg;
+    ffn_sparse(a->D, a->il, a->xin, a->xout, a->cand, ith, nth);
+}
+
+int pi_decoder_ffn(pi_decoder *D, int il, const float *xin, float *xout, const uint8_t *cand) {
+    if (il < 0 || il >= D->n_layer || !D->L[il].bound || !D->L[il].down_t.raw) return -1;
+    ffn_args a = {D, il, xin, xout, cand};
+    pi_pool_run(D->pool, ffn_job, &a);
+    return 0;
+}
+
 void pi_decoder_step(pi_decoder *D, float *x, int pos, int l0, int l1, float *logits) {
     step_args s = {D, x, pos, l0, l1, logits};
     if (D->prof) { D->t_last = pi_now_ns(); D->cur = PH_ATTN_PROJ; }
@@ -420,7 +465,7 @@ static void free_threads(pi_decoder *D) {
         pi_aligned_free(D->tw[i].scores);
         pi_aligned_free(D->tw[i].act_mem);
         void *bufs[] = {D->tw[i].idx, D->tw[i].hv, D->tw[i].uv, D->tw[i].yp, D->tw[i].xi, D->tw[i].xv,
-                        D->tw[i].kept_h, D->tw[i].kept_x, D->tw[i].kept_u, D->tw[i].act_z_mem};
+                        D->tw[i].kept_h, D->tw[i].kept_x, D->tw[i].kept_u, D->tw[i].kept_g, D->tw[i].act_z_mem};
         for (size_t j = 0; j < sizeof bufs / sizeof *bufs; j++) pi_aligned_free(bufs[j]);
     }
     free(D->tw);
@@ -464,7 +509,8 @@ int pi_decoder_set_threads(pi_decoder *D, int nth) {
         w->kept_h = pi_aligned_alloc((size_t)D->n_layer * sizeof(int));
         w->kept_x = pi_aligned_alloc((size_t)D->n_layer * sizeof(int));
         w->kept_u = pi_aligned_alloc((size_t)D->n_layer * sizeof(int));
-        if (!w->kept_u || !w->xn || !w->scores || !w->idx || !w->hv || !w->uv || !w->yp || !w->xi || !w->xv || !w->kept_h ||
+        w->kept_g = pi_aligned_alloc((size_t)D->n_layer * sizeof(int));
+        if (!w->kept_u || !w->kept_g || !w->xn || !w->scores || !w->idx || !w->hv || !w->uv || !w->yp || !w->xi || !w->xv || !w->kept_h ||
             !w->kept_x || alloc_act(&w->act, &w->act_mem, D->d, 1, NEED_ALL))
             return -1;
     }
@@ -541,9 +587,14 @@ int pi_decoder_set_layer(pi_decoder *D, int il, const float *attn_norm, const pi
                          const pi_mat *up, const pi_mat *down, const float *bq, const float *bk, const float *bv) {
     pi_layer *L = &D->L[il];
     const int qd = D->n_head * D->hd, kvd = D->n_head_kv * D->hd;
-    /* shapes: q [qd, d], k/v [kvd, d], o [d, qd], gate/up [n_ff, d], down [d, n_ff] */
-    if (q->rows != qd || q->cols != D->d || k->rows != kvd || k->cols != D->d || v->rows != kvd ||
-        v->cols != D->d || o->rows != D->d || o->cols != qd || up->rows != D->n_ff || up->cols != D->d ||
+    /* shapes: q [qd, d], k/v [kvd, d], o [d, qd], gate/up [n_ff, d], down [d, n_ff]; an FFN-only decoder binds no
+     * attention (q/k/v/o NULL) */
+    const int attn = q || k || v || o;
+    if (attn && (D->ffn_only || !q || !k || !v || !o)) return -1;
+    if (!attn && !D->ffn_only) return -1;
+    if ((attn && (q->rows != qd || q->cols != D->d || k->rows != kvd || k->cols != D->d || v->rows != kvd ||
+                  v->cols != D->d || o->rows != D->d || o->cols != qd)) ||
+        up->rows != D->n_ff || up->cols != D->d ||
         down->rows != D->d || down->cols != D->n_ff || (gate && (gate->rows != D->n_ff || gate->cols != D->d)))
         return -1;
     if ((gate != NULL) != (D->ffn_kind != FFN_MLP)) return -1;
@@ -559,7 +610,7 @@ int pi_decoder_set_layer(pi_decoder *D, int il, const float *attn_norm, const pi
     }
     L->attn_norm = attn_norm; L->ffn_norm = ffn_norm;
     L->bq = bq; L->bk = bk; L->bv = bv;
-    L->need_attn = pi_need_of(q->qtype) | pi_need_of(k->qtype) | pi_need_of(v->qtype);
+    L->need_attn = attn ? pi_need_of(q->qtype) | pi_need_of(k->qtype) | pi_need_of(v->qtype) : 0;
     L->need_ffn = pi_need_of(up->qtype) | (gate ? pi_need_of(gate->qtype) : 0);
     L->bound = 1;
     if (D->layout_nth != D->nth) return relayout(D);

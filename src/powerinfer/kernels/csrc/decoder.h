@@ -47,7 +47,8 @@ typedef struct {
     float *yp;      /* [d] this thread's down sum */
     int32_t *xi;    /* [d] kept input channels (t_x) */
     float *xv;      /* [d] their values */
-    int *kept_h, *kept_x, *kept_u; /* [n_layer] neurons / input channels / up rows this thread read last step */
+    int *kept_h, *kept_x, *kept_u, *kept_g; /* [n_layer] neurons / input channels / up rows / gathered gate rows this
+                                             * thread read in the last step */
     pi_act act_z;   /* predictor hidden layer, quantized for fc2 (n = D->r_max) */
     void *act_z_mem;
     pi_act act;     /* its quantized forms (all needs) */
@@ -80,6 +81,10 @@ typedef struct {
      * and its prefetch runs on across matrix boundaries. Rebuilt when the thread count changes. */
     pi_arena arena[PI_MAX_THREADS];
     int layout_nth;
+    /* An FFN-only decoder is the CPU tier of a placement (runtime/hybrid_runner.py): its layers bind norms and FFN
+     * matrices only, nothing is packed (every read is a row gather over raw rows), and the FFN runs one layer at a
+     * time through pi_decoder_ffn with a mask of the neurons this tier may compute. */
+    int ffn_only;
     pi_pool *pool;
     int nth;
     /* decode buffers shared by the threads */
@@ -118,6 +123,9 @@ void pi_layer_ranges(const pi_layer *L, int n_ff, int ith, int nth, int u0[M_N],
 
 /* Run layers [l0, l1) for one token at pos, then the head if logits != NULL. */
 void pi_decoder_step(pi_decoder *D, float *x, int pos, int l0, int l1, float *logits);
+/* FFN of layer il alone, for one token: xout += FFN(norm(xin)) over the neurons with cand[i] != 0 (uint8 [n_ff];
+ * the layer's sparse FFN must be on). The predictor, if bound, further limits the candidates. 0 ok, -1 unbound. */
+int pi_decoder_ffn(pi_decoder *D, int il, const float *xin, float *xout, const uint8_t *cand);
 /* Prefill n_tok tokens (x: [n_tok][d], updated in place) at positions pos0.., logits of the last token. */
 int pi_decoder_prefill(pi_decoder *D, float *x, int n_tok, int pos0, float *logits);
 

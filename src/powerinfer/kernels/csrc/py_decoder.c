@@ -18,11 +18,11 @@ static const char *PHASE_NAMES[PH_N] = {"attn_proj_ns", "attn_core_ns", "o_proj_
 
 static int Decoder_init(DecoderObject *self, PyObject *args, PyObject *kw) {
     static char *kws[] = {"n_layer", "d_model", "n_head", "n_head_kv", "head_dim", "n_ff", "n_vocab", "norm_eps",
-                          "rope_dim", "rope_style", "activation", "ffn_kind", "n_ctx", "n_threads", NULL};
-    int nl, d, nh, nkv, hd, nff, nv, rd, rs, act, fk, nctx, nth = 1;
+                          "rope_dim", "rope_style", "activation", "ffn_kind", "n_ctx", "n_threads", "ffn_only", NULL};
+    int nl, d, nh, nkv, hd, nff, nv, rd, rs, act, fk, nctx, nth = 1, ffn_only = 0;
     float eps;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiifiiiii|i", kws, &nl, &d, &nh, &nkv, &hd, &nff, &nv, &eps, &rd,
-                                     &rs, &act, &fk, &nctx, &nth))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiifiiiii|ip", kws, &nl, &d, &nh, &nkv, &hd, &nff, &nv, &eps, &rd,
+                                     &rs, &act, &fk, &nctx, &nth, &ffn_only))
         return -1;
     if (rs < 0 || rs > 1 || act < 0 || act > 3 || fk < 0 || fk > 2) {
         PyErr_SetString(PyExc_ValueError, "rope_style 0|1, activation 0|1|2|3, ffn_kind 0|1|2");
@@ -36,6 +36,7 @@ static int Decoder_init(DecoderObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "invalid decoder shape (or out of memory)");
         return -1;
     }
+    self->D->ffn_only = ffn_only;
     self->rope_set = self->head_set = self->busy = 0;
     return 0;
 }
@@ -112,17 +113,22 @@ static PyObject *Decoder_set_layer(DecoderObject *self, PyObject *args) {
     const int qd = D->n_head * D->hd, kvd = D->n_head_kv * D->hd;
     pi_mat q, k, v, o, g, u, dn;
     int gate_none;
-    if (parse_mat(oq, qd, D->d, &q, 0, "q") || parse_mat(ok, kvd, D->d, &k, 0, "k") ||
-        parse_mat(ov, kvd, D->d, &v, 0, "v") || parse_mat(oo, D->d, qd, &o, 0, "o") ||
+    const int fo = D->ffn_only; /* an FFN-only decoder takes None for q/k/v/o */
+    if (parse_mat(oq, qd, D->d, &q, fo, "q") < 0 || parse_mat(ok, kvd, D->d, &k, fo, "k") < 0 ||
+        parse_mat(ov, kvd, D->d, &v, fo, "v") < 0 || parse_mat(oo, D->d, qd, &o, fo, "o") < 0 ||
         (gate_none = parse_mat(og, D->n_ff, D->d, &g, 1, "gate")) < 0 || parse_mat(ou, D->n_ff, D->d, &u, 0, "up") ||
         parse_mat(od, D->d, D->n_ff, &dn, 0, "down"))
         return NULL;
+    const int none = (q.raw == NULL) + (k.raw == NULL) + (v.raw == NULL) + (o.raw == NULL);
+    if (none != (fo ? 4 : 0))
+        return PyErr_Format(PyExc_ValueError, "q/k/v/o: all given (a full decoder) or all None (ffn_only)");
     if (gate_none != (D->ffn_kind == FFN_MLP))
         return PyErr_Format(PyExc_ValueError, "gate must be given exactly when ffn_kind is glu or dglu");
     int rc;
     self->busy = 1; /* packing runs without the GIL */
     Py_BEGIN_ALLOW_THREADS
-    rc = pi_decoder_set_layer(D, il, an, &q, &k, &v, &o, fn, gate_none ? NULL : &g, &u, &dn, bq, bk, bv);
+    rc = pi_decoder_set_layer(D, il, an, fo ? NULL : &q, fo ? NULL : &k, fo ? NULL : &v, fo ? NULL : &o, fn,
+                              gate_none ? NULL : &g, &u, &dn, bq, bk, bv);
     Py_END_ALLOW_THREADS
     self->busy = 0;
     if (rc) return PyErr_Format(PyExc_ValueError, "set_layer(%d) failed (shape or out of memory)", il);
@@ -168,8 +174,8 @@ static PyObject *Decoder_set_predictor(DecoderObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* kept(buf_ptr): int32 [3, n_layer] <- per layer, in the last step: FFN neurons kept (down rows read), input
- * channels kept, up rows read. */
+/* kept(buf_ptr): int32 [4, n_layer] <- per layer, in the last step: FFN neurons kept (down rows read), input
+ * channels kept, up rows read, gate rows read by gathers (predictor or tier candidates). */
 static PyObject *Decoder_kept(DecoderObject *self, PyObject *args) {
     int32_t *out;
     if (!PyArg_ParseTuple(args, "O&", pi_conv_ptr, &out)) return NULL;
@@ -177,11 +183,14 @@ static PyObject *Decoder_kept(DecoderObject *self, PyObject *args) {
     if (!out) return PyErr_Format(PyExc_ValueError, "null buffer");
     pi_decoder *D = self->D;
     for (int il = 0; il < D->n_layer; il++) {
-        int h = 0, x = 0, u = 0;
-        for (int t = 0; t < D->nth; t++) { h += D->tw[t].kept_h[il]; x += D->tw[t].kept_x[il]; u += D->tw[t].kept_u[il]; }
+        int h = 0, x = 0, u = 0, g = 0;
+        for (int t = 0; t < D->nth; t++) {
+            h += D->tw[t].kept_h[il]; x += D->tw[t].kept_x[il]; u += D->tw[t].kept_u[il]; g += D->tw[t].kept_g[il];
+        }
         out[il] = h;
         out[D->n_layer + il] = x;
         out[2 * D->n_layer + il] = u;
+        out[3 * D->n_layer + il] = g;
     }
     Py_RETURN_NONE;
 }
@@ -209,6 +218,7 @@ static PyObject *Decoder_set_output(DecoderObject *self, PyObject *args) {
 static int ready(DecoderObject *self, int l0, int l1, int want_head) {
     if (!self->D) { PyErr_SetString(PyExc_RuntimeError, "Decoder not initialised"); return -1; }
     if (self->busy) { PyErr_SetString(PyExc_RuntimeError, "Decoder is already running (one call at a time)"); return -1; }
+    if (self->D->ffn_only) { PyErr_SetString(PyExc_RuntimeError, "an ffn_only decoder runs ffn() only"); return -1; }
     if (l1 > l0 && !self->rope_set) { PyErr_SetString(PyExc_RuntimeError, "set_rope() first"); return -1; }
     for (int i = l0; i < l1; i++)
         if (!self->D->L[i].bound || !self->kv_set[i]) {
@@ -244,6 +254,24 @@ static PyObject *Decoder_layer(DecoderObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iO&i", &il, pi_conv_ptr, &x, &pos)) return NULL;
     if (check_layer(self, il)) return NULL;
     return run_step(self, x, pos, il, il + 1, NULL);
+}
+
+/* ffn(layer, x_ptr, y_ptr, cand_ptr): y += FFN(norm(x)) of one layer for one token, over the neurons with
+ * cand[i] != 0 (uint8 [n_ff]); the layer's sparse FFN must be on (set_sparse). Runs without the GIL. */
+static PyObject *Decoder_ffn(DecoderObject *self, PyObject *args) {
+    int il;
+    void *x, *y, *cand;
+    if (!PyArg_ParseTuple(args, "iO&O&O&", &il, pi_conv_ptr, &x, pi_conv_ptr, &y, pi_conv_ptr, &cand)) return NULL;
+    if (idle(self) || check_layer(self, il)) return NULL;
+    if (!x || !y || !cand) return PyErr_Format(PyExc_ValueError, "null x, y or cand");
+    int rc;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pi_decoder_ffn(self->D, il, x, y, cand);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (rc) return PyErr_Format(PyExc_RuntimeError, "layer %d: set_layer() and set_sparse() first", il);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Decoder_head(DecoderObject *self, PyObject *args) {
@@ -359,6 +387,8 @@ static PyMethodDef Decoder_methods[] = {
     {"set_output", (PyCFunction)Decoder_set_output, METH_VARARGS, "set_output(norm_ptr, head_ptr, head_qtype)"},
     {"layer", (PyCFunction)Decoder_layer, METH_VARARGS, "layer(layer, x_ptr, pos): one layer, x in place"},
     {"head", (PyCFunction)Decoder_head, METH_VARARGS, "head(x_ptr, logits_ptr): final norm + LM head"},
+    {"ffn", (PyCFunction)Decoder_ffn, METH_VARARGS,
+     "ffn(layer, x_ptr, y_ptr, cand_ptr): y += FFN(norm(x)) over the neurons with cand[i] != 0 (uint8 [n_ff])"},
     {"step", (PyCFunction)Decoder_step, METH_VARARGS, "step(x_ptr, pos, logits_ptr): all layers (+ head if logits_ptr)"},
     {"prefill", (PyCFunction)Decoder_prefill, METH_VARARGS,
      "prefill(x_ptr, n_tok, pos0, logits_ptr): x [n_tok, d] in place; logits of the last token"},
