@@ -138,7 +138,9 @@ def test_options_check_their_values():
     with pytest.raises(PowerInferError, match="--recall"):
         TrainOptions(recall=1.5)
     with pytest.raises(PowerInferError, match="--vram-budget"):
-        SolveOptions(vram_budget=float("nan"))
+        ModelSettings(vram_budget=float("nan"))
+    with pytest.raises(PowerInferError, match="--hot-device"):
+        ModelSettings(hot_device="tpu")
     with pytest.raises(PowerInferError, match="one goal"):
         CalibrateOptions()
     assert CalibrateOptions(target_sparsity="0.2,0.4", method="teal-hu").target == {"x": 0.2, "h": 0.4}

@@ -310,9 +310,6 @@ class TrainOptions(OutputPath):
 
 @dataclass
 class SolveOptions(OutputPath):
-    vram_budget: float | None = option(None, "--vram-budget", metavar="GiB", commands=("solve", "prepare"),
-                                       required=("solve",),
-                                       help="fast-tier (GPU) budget in GiB (prepare: also solve the placement for it)")
     activation: str | None = option(None, "--activation", metavar="DIR", commands=("solve",),
                                     help="directory of activation_N.pt (default: the model's cached profile, "
                                          "~/.cache/powerinfer/<fingerprint>/profile/activation)")
@@ -328,15 +325,8 @@ class SolveOptions(OutputPath):
     align: int = option(32, "--align", metavar="N", commands=("solve", "prepare"),
                         help="place neurons in groups of N (a divisor of 256; 32: upstream's CUDA path needs "
                              "multiples of 32 per layer; 1 = finest)")
-    reset_gpu_index: bool = option(False, "--reset-gpu-index", commands=("solve",),
-                                   help="solve again even if the output is up to date")
-    disable_gpu_index: bool = option(False, "--disable-gpu-index", commands=("solve",),
-                                     help="place no FFN neurons (the other parts are still placed); the .gpuidx is "
-                                          "not touched")
 
     def __post_init__(self):
-        if self.vram_budget is not None and not (math.isfinite(self.vram_budget) and self.vram_budget >= 0):
-            raise PowerInferError(f"--vram-budget must be a finite number of GiB >= 0, got {self.vram_budget}")
         for name in ("gpu_bandwidth", "cpu_bandwidth"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):

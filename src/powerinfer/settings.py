@@ -11,6 +11,7 @@ no repeat penalty).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -67,8 +68,40 @@ def default_threads() -> int:
     return max(1, n)
 
 
+# Subcommands that run or place a model on tiers.
+PLACES = ("run", "perplexity", "bench", "solve", "prepare")
+
+
 @dataclass
-class ModelSettings:
+class PlacementSettings:
+    """Where weights live (DESIGN, "Tiers and placement"): the fast tier's budget and device, and upstream
+    PowerInfer's switches for its placement file (<model>.generated.gpuidx, reference/powerinfer.md 2.6-2.7)."""
+
+    vram_budget: float | None = option(None, "--vram-budget", metavar="GiB", commands=PLACES, required=("solve",),
+                                       help="fast-tier (GPU) budget in GiB: attention, its KV cache, norms, "
+                                            "predictors and the output head go there first, then the most often "
+                                            "firing FFN neurons; the rest run on the CPU (default: free CUDA memory "
+                                            "minus 256 MiB when CUDA is present, else none)")
+    hot_device: str | None = option(None, "--hot-device", metavar="DEVICE", commands=PLACES,
+                                    help="torch device of the fast tier (default: cuda when present); `cpu` runs "
+                                         "the same hybrid code with the fast tier on the CPU")
+    reset_gpu_index: bool = option(False, "--reset-gpu-index", commands=PLACES,
+                                   help="solve the placement again even if a cached one is up to date")
+    disable_gpu_index: bool = option(False, "--disable-gpu-index", commands=PLACES,
+                                     help="place no FFN neurons on the fast tier (dense parts still go there); "
+                                          "no placement file is read or written")
+
+    def __post_init__(self):
+        if self.vram_budget is not None and not (math.isfinite(self.vram_budget) and self.vram_budget >= 0):
+            raise PowerInferError(f"--vram-budget must be a finite number of GiB >= 0, got {self.vram_budget}")
+        if self.hot_device is not None:
+            self.hot_device = self.hot_device.strip().lower()
+            if not self.hot_device.split(":")[0] in ("cpu", "cuda"):
+                raise PowerInferError(f"--hot-device: expected cpu, cuda or cuda:N, got {self.hot_device!r}")
+
+
+@dataclass
+class ModelSettings(PlacementSettings):
     """How the model is loaded and run (fixed for the lifetime of an `LLM`)."""
 
     model: str | None = option(None, "-m", "--model", metavar="PATH", commands=LOADS_MODEL,
@@ -103,6 +136,7 @@ class ModelSettings:
                            help="print load details and per-layer FFN sparsity / bytes read after generation")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.n_threads <= 0:
             self.n_threads = default_threads()
         if self.n_ctx < 0:

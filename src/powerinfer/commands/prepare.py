@@ -123,7 +123,7 @@ def cmd_solve(args) -> int:
     opts = from_namespace(SolveOptions, args)
     settings = from_namespace(ModelSettings, args)
     solve.check_options(opts)
-    _print_solution(solve.solve_model(load_model(settings.model), opts, settings.n_ctx, log=sys.stderr))
+    _print_solution(solve.solve_model(load_model(settings.model), opts, settings, settings.n_ctx, log=sys.stderr))
     return 0
 
 
@@ -191,13 +191,13 @@ def cmd_prepare(args) -> int:
     of its own subcommand. Each step reuses a cached result made for the same model and settings; --force redoes
     them. Artifacts go to ~/.cache/powerinfer/<fingerprint>/."""
     profile, train = from_namespace(ProfileOptions, args), from_namespace(TrainOptions, args)
-    placement, opts = from_namespace(SolveOptions, args), from_namespace(PrepareOptions, args)
+    solve_opts, opts = from_namespace(SolveOptions, args), from_namespace(PrepareOptions, args)
     settings = from_namespace(ModelSettings, args)
-    if placement.vram_budget is not None:
-        solve.check_options(placement)
+    if settings.vram_budget is not None:
+        solve.check_options(solve_opts)
     _torch_threads(args)
     t0 = time.perf_counter()
-    r = prepare_model(load_model(settings.model), profile, train, placement, settings.n_ctx, opts.force,
+    r = prepare_model(load_model(settings.model), profile, train, solve_opts, settings, settings.n_ctx, opts.force,
                       log=sys.stderr)
     _print_profile(r.profile)
     _print_predictors(r.predictors)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import PowerInferError
 from ..options import ProfileOptions, SolveOptions, TrainOptions
-from ..settings import ModelSettings
+from ..settings import ModelSettings, PlacementSettings
 from ..sparse.artifacts import Thresholds, model_fingerprint
 from ..sparse.predictor import PredictorSet
 from .calibration_text import token_text
@@ -35,8 +35,9 @@ class Prepared:
 
 
 def prepare_model(loaded, profile: ProfileOptions, train: TrainOptions, solve: SolveOptions,
-                  n_ctx: int = ModelSettings.n_ctx, force: bool = False, log=sys.stderr) -> Prepared:
-    """Thresholds, profile, predictors and (with solve.vram_budget) the placement of `loaded`, reusing cached
+                  placement: PlacementSettings | None = None, n_ctx: int = ModelSettings.n_ctx, force: bool = False,
+                  log=sys.stderr) -> Prepared:
+    """Thresholds, profile, predictors and (with placement.vram_budget) the placement of `loaded`, reusing cached
     results unless `force`. The solver places the trained predictors as f16."""
     from ..formats.loader import load_tokenizer
 
@@ -65,8 +66,9 @@ def prepare_model(loaded, profile: ProfileOptions, train: TrainOptions, solve: S
     if force and out.with_suffix(".parts").exists():
         shutil.rmtree(out.with_suffix(".parts"))
     ps = train_predictors(loaded, prof, out, train.recall, train.budget, train.epochs, log=log)
-    placement = None
-    if solve.vram_budget is not None:
-        solve = replace(solve, predictor_bytes=ps.n_params() * 2, reset_gpu_index=solve.reset_gpu_index or force)
-        placement = solve_model(loaded, solve, n_ctx, log)
-    return Prepared(th, prof, ps, out, placement)
+    solved = None
+    if placement is not None and placement.vram_budget is not None:
+        solve = replace(solve, predictor_bytes=ps.n_params() * 2)
+        placement = replace(placement, reset_gpu_index=placement.reset_gpu_index or force)
+        solved = solve_model(loaded, solve, placement, n_ctx, log)
+    return Prepared(th, prof, ps, out, solved)

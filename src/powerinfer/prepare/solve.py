@@ -42,7 +42,7 @@ import torch
 from ..errors import PowerInferError
 from ..formats.gpuidx import GPUIDX_SUFFIX, read_gpuidx, read_placement, write_gpuidx, write_placement
 from ..options import SolveOptions
-from ..settings import ModelSettings
+from ..settings import ModelSettings, PlacementSettings
 from ..sparse.artifacts import DEFAULT_CACHE_DIR, model_fingerprint
 
 UPSTREAM_GROUP = 256  # upstream solver's --batch default, never overridden by its loader (reference 5.2)
@@ -410,20 +410,21 @@ class SolveResult:
         return self.upstream is None
 
 
-def solve_model(loaded, opts: SolveOptions, n_ctx: int = ModelSettings.n_ctx, log=sys.stderr) -> SolveResult:
+def solve_model(loaded, opts: SolveOptions, placement: PlacementSettings, n_ctx: int = ModelSettings.n_ctx,
+                log=sys.stderr) -> SolveResult:
     """`powerinfer solve`: place `loaded`'s parts and hot FFN neurons (profiled counts from opts.activation or the
-    model's cached profile) within opts.vram_budget GiB, with the KV cache sized for n_ctx tokens (0: the model's
+    model's cached profile) within placement.vram_budget GiB, with the KV cache sized for n_ctx tokens (0: the model's
     trained context); write the .gpuidx and the placement file unless they are up to date."""
     from .profile import default_profile_dir
 
     check_options(opts)
-    if opts.vram_budget is None:
+    if placement.vram_budget is None:
         raise PowerInferError("solve needs --vram-budget GiB")
     cfg, fp = loaded.config, model_fingerprint(loaded)
     n_ctx = n_ctx or cfg.context_length
     if n_ctx < 1:
         raise PowerInferError(f"--ctx-size must be >= 1, got {n_ctx} (the model does not say its trained context)")
-    budget = int(opts.vram_budget * GIB)
+    budget = int(placement.vram_budget * GIB)
     pred = opts.predictor_bytes if opts.predictor_bytes is not None else \
         (None if "blk.0.fc1.weight" in loaded.extra_tensors else _cached_predictor_bytes(fp))
     parts, per_neuron = model_parts(loaded, n_ctx, pred)
@@ -431,7 +432,7 @@ def solve_model(loaded, opts: SolveOptions, n_ctx: int = ModelSettings.n_ctx, lo
         DEFAULT_CACHE_DIR.expanduser() / fp / (loaded.path.name + GPUIDX_SUFFIX)
     placement_path = out.with_name(out.name.removesuffix(GPUIDX_SUFFIX).removesuffix(".gpuidx") + ".placement.json")
 
-    if opts.disable_gpu_index:  # upstream: no solve, no index file; every FFN neuron stays on the slow tier
+    if placement.disable_gpu_index:  # upstream: no solve, no index file; every FFN neuron stays on the slow tier
         bandwidths, _ = _bandwidths(opts)
         placed, _, _ = place_parts(parts, budget)
         p = Placement([np.zeros(0, dtype=np.int64) for _ in range(cfg.n_layer)], per_neuron, placed, budget,
@@ -452,7 +453,7 @@ def solve_model(loaded, opts: SolveOptions, n_ctx: int = ModelSettings.n_ctx, lo
            "neuron_bytes": per_neuron, "counts_sha256": counts_sha256(counts), "fast_faster": fast_bw > slow_bw}
     sol = solve_placement(counts, n_tokens, per_neuron, parts, budget, fast_bw, slow_bw, opts.align)
     ours = sol.ours
-    cached, why = (None, "") if opts.reset_gpu_index else _reuse(out, placement_path, fp, key, cfg)
+    cached, why = (None, "") if placement.reset_gpu_index else _reuse(out, placement_path, fp, key, cfg)
     if why:
         print(f"solve: {why}", file=log)
     if cached is not None:
