@@ -469,3 +469,24 @@ def solve_model(loaded, opts: SolveOptions, placement: PlacementSettings, n_ctx:
         write_placement(placement_path, fp, ours.hot, record)
     return SolveResult(ours, sol.upstream, parts, counts, n_tokens, bandwidths, out, placement_path, s_ours, s_up,
                        written=cached is None)
+
+
+# -- the runtime's hot sets ----------------------------------------------------------------------------------------
+
+def solve_hot_sets(loaded, neuron_bytes: list[int], budget: int, align: int = 32,
+                   log=sys.stderr) -> tuple[list[np.ndarray], str]:
+    """The FFN neurons a fast tier of `budget` bytes holds (runtime/placement.py injects this): the most often
+    firing ones by the model's cached profile, at `neuron_bytes` per neuron in the fast tier's format. Without a
+    profile, every layer gets an even share (its first neurons): a placement without activation locality, said
+    so in the returned description."""
+    from .profile import default_profile_dir
+
+    cfg = loaded.config
+    act_dir = default_profile_dir(model_fingerprint(loaded)) / "activation"
+    try:
+        counts, source = load_activation_dir(act_dir, cfg.n_layer, cfg.n_ff), f"profile {act_dir}"
+    except PowerInferError:
+        # Decreasing within a layer, equal across layers: the greedy takes group g of every layer before g + 1.
+        counts = [np.arange(cfg.n_ff, 0, -1, dtype=np.float64) for _ in range(cfg.n_layer)]
+        source = "no profile: an even share of every layer (run `powerinfer profile` for activation locality)"
+    return _fill_by_frequency(counts, neuron_bytes, budget, align), source

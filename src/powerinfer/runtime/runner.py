@@ -116,9 +116,21 @@ class CachedSequence:
 
 
 def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: str = "cpu",
-                compute: str = "auto") -> Runner:
+                compute: str = "auto", placement=None, solve=None, log=None) -> Runner:
     """compute: "c" (the compiled CPU decoder), "torch" (the reference model on `device`), or "auto" (C on the
-    CPU, torch on any other device)."""
+    CPU, torch on any other device). `placement` (settings.PlacementSettings): with a fast tier (CUDA, or
+    --hot-device), a HybridRunner over the tiers runtime/placement.py plans (`solve` finds hot neurons when no
+    index is cached); without one, or when its budget cannot hold the dense parts, the CPU runner."""
+    if placement is not None:
+        import sys
+
+        from .placement import plan_tiers
+
+        plan = plan_tiers(loaded, placement, n_ctx or loaded.config.context_length, solve, log or sys.stderr)
+        if plan is not None:
+            from .hybrid_runner import HybridRunner
+
+            return HybridRunner(loaded, n_ctx, n_threads, n_batch, plan)
     if compute == "auto":
         compute = "c" if torch.device(device).type == "cpu" else "torch"
     if compute == "c":
