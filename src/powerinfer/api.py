@@ -19,6 +19,7 @@ from .runtime.engine import Response
 from .runtime.runner import make_runner
 from .runtime.sparsity import apply_sparsity
 from .prepare.calibrate import calibrate_default
+from .prepare.solve import solve_hot_sets
 from .settings import ModelSettings, SamplingParams, field_names, split_settings
 
 
@@ -29,7 +30,8 @@ class LLM:
         self.settings = settings
         self.defaults = defaults
         self.tokenizer = tokenizer or load_tokenizer(loaded)
-        self.runner = make_runner(loaded, settings.n_ctx, settings.n_threads, settings.n_batch)
+        self.runner = make_runner(loaded, settings.n_ctx, settings.n_threads, settings.n_batch, placement=settings,
+                                  solve=solve_hot_sets)
         self.sparsity = "dense FFN"
         if settings.sparsity != "off" or settings.predictors:
             self.sparsity = apply_sparsity(self.runner, loaded, settings.sparsity, settings.sparse_method,
