@@ -12,6 +12,7 @@ from ..measure.logits import compare, tokens_path
 from ..measure.perplexity import n_chunks_for, perplexity, scored_per_chunk
 from ..options import BenchOptions, CompareLogitsOptions, PerplexityOptions
 from ..prepare.calibrate import calibrate_default
+from ..prepare.solve import solve_hot_sets
 from ..settings import ModelSettings, SamplingParams, from_namespace
 from ..textdata import describe, pydoc_topics, read_text
 from . import load_model_noted
@@ -145,7 +146,8 @@ def cmd_bench(args) -> int:
 
     # --sparsity S calibrates missing thresholds on first use, as run does.
     doc = bench(loaded, opts, settings.n_batch, settings.sparsity, settings.sparse_method, settings.predictors,
-                calibrate=calibrate_default, on_result=on_result, log=sys.stderr)
+                calibrate=calibrate_default, placement=settings, solve=solve_hot_sets, on_result=on_result,
+                log=sys.stderr)
     if opts.json:
         print(json.dumps(doc, indent=1))
         return 0

@@ -55,6 +55,10 @@ def _load(settings: ModelSettings, sampling: SamplingParams) -> LLM:
     llm = LLM(load_model_noted(settings.model), settings, sampling)
     if settings.verbose or llm.runner.sparse:
         print(f"ffn: {llm.sparsity}", file=sys.stderr)
+    plan = getattr(llm.runner, "plan", None)
+    if plan is not None:
+        lines = plan.describe(llm.config.n_ff)
+        print("\n".join(lines if settings.verbose else lines[:1]), file=sys.stderr)
     return llm
 
 
@@ -65,6 +69,14 @@ def _print_stats(r, runner=None, verbose=False):
     print(f"\n[prompt: {r.prompt_tokens} tokens ({r.cached_tokens} cached), {r.prompt_tps:.1f} tok/s | "
           f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
           f"stop: {r.finish_reason}{sparse}]", file=sys.stderr)
+    tiers = runner.tier_stats() if hasattr(runner, "tier_stats") else None
+    if verbose and tiers:
+        n_layer = runner.config.n_layer
+        print(f"tiers, per token: {tiers['ms_per_token']:.3f} ms = fast tier attention/head/Python "
+              f"{tiers['fast_rest_ms']:.3f} + fast-tier FFN {tiers['fast_ffn_ms']:.3f} + CPU tier FFN "
+              f"{tiers['cpu_ms']:.3f} + copies {tiers['copies_ms']:.3f} (per layer: copies "
+              f"{tiers['copies_ms'] / n_layer * 1e3:.1f} us, CPU tier {tiers['cpu_ms'] / n_layer * 1e3:.1f} us)",
+              file=sys.stderr)
     if verbose and ffn:
         print("layer  neurons skipped  input skipped", file=sys.stderr)
         for i, (s, x) in enumerate(zip(ffn["sparsity_per_layer"], ffn["input_sparsity_per_layer"])):

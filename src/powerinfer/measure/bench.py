@@ -254,6 +254,17 @@ def model_summary(loaded) -> dict:
             "bytes_per_token": bytes_per_token(loaded.weights)}
 
 
+def _placement_summary(runner) -> dict | None:
+    """The tiers of a hybrid runner: fast-tier device, budget, hot neurons per layer, per-token time split."""
+    plan = getattr(runner, "plan", None)
+    if plan is None:
+        return None
+    return {"device": str(plan.device), "dtype": str(plan.dtype).removeprefix("torch."), "budget_bytes": plan.budget,
+            "dense_bytes": plan.dense_bytes, "hot_neurons_per_layer": [len(h) for h in plan.hot],
+            "hot_fraction": plan.hot_fraction(runner.config.n_ff), "source": plan.source,
+            "last_test_ms_per_token": runner.tier_stats()}
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -264,9 +275,11 @@ def _version() -> str:
 
 
 def bench(loaded, opts: BenchOptions, n_batch: int = 512, sparsity="off", sparse_method: str | None = None,
-          predictors: str | None = None, *, calibrate=None, on_result=None, log=sys.stderr) -> dict:
+          predictors: str | None = None, *, calibrate=None, placement=None, solve=None, on_result=None,
+          log=sys.stderr) -> dict:
     """llama-bench's tests (opts: lengths, thread counts, repetitions, seed) on `loaded`, with the sparse FFN
-    `sparsity` / `sparse_method` / `predictors` (runtime/sparsity.py; `calibrate` makes missing thresholds).
+    `sparsity` / `sparse_method` / `predictors` (runtime/sparsity.py; `calibrate` makes missing thresholds) and the
+    tiers `placement` asks for (runtime/placement.py; `solve` finds hot neurons).
     `on_result(result)` sees each result as it is measured. Returns the JSON document (schema above)."""
     import torch
 
@@ -279,7 +292,8 @@ def bench(loaded, opts: BenchOptions, n_batch: int = 512, sparsity="off", sparse
     n_ctx = max(t.n for t in tests)
     if cfg.context_length and n_ctx > cfg.context_length:
         print(f"warning: {n_ctx} tokens exceed the model's trained context of {cfg.context_length}", file=log)
-    runner = make_runner(loaded, n_ctx, opts.thread_counts[0], min(n_batch, n_ctx))
+    runner = make_runner(loaded, n_ctx, opts.thread_counts[0], min(n_batch, n_ctx), placement=placement, solve=solve,
+                         log=log)
     sparse_desc = "dense FFN"
     if sparsity != "off" or predictors:
         sparse_desc = apply_sparsity(runner, loaded, sparsity, sparse_method, predictors, calibrate=calibrate)
@@ -289,11 +303,13 @@ def bench(loaded, opts: BenchOptions, n_batch: int = 512, sparsity="off", sparse
                         profile=opts.profile, on_result=on_result)
     return {
         "schema": SCHEMA, "model": model_summary(loaded),
-        "system": {"isa": kernels.isa() if runner.compute == "c" else f"torch ({runner.device})",
+        "system": {"isa": {"c": kernels.isa(), "torch": f"torch ({runner.device})",
+                           "hybrid": f"torch ({runner.device}) + {kernels.isa()}"}[runner.compute],
                    "cpu": _cpu_name(), "n_cpus": default_threads(), "python": platform.python_version(),
                    "torch": torch.__version__, "powerinfer": _version()},
         "settings": {"n_batch": runner.n_batch, "n_ctx": n_ctx, "repetitions": opts.repetitions,
-                     "warmup": not opts.no_warmup, "seed": opts.seed, "ffn": sparse_desc},
+                     "warmup": not opts.no_warmup, "seed": opts.seed, "ffn": sparse_desc,
+                     "placement": _placement_summary(runner)},
         "results": results, "peak_rss_mib": _peak_rss_mib(),
     }
 

@@ -61,6 +61,11 @@ class HybridRunner(CachedSequence):
         self._tokens += len(ids)
         return parts if all_logits else out[-1]
 
+    def set_threads(self, n: int) -> None:
+        self.n_threads = n
+        if self.cpu is not None:
+            self.cpu.dec.set_threads(n)
+
     # -- per-tier time ------------------------------------------------------------------------------------
     def reset_ffn_stats(self) -> None:
         self._seconds, self._tokens = 0.0, 0
