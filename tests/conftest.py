@@ -14,6 +14,10 @@ Models:
   tiny_hf_dir          factory: tiny_hf_dir(dtype=torch.float32, save_kw=None, **TinySpec fields)
                        -> (directory, TinyModel): the transformers twin saved with save_pretrained.
 Helpers for comparing logits live in tests/fixtures/tiny.py (stepwise_logits, hf_logits).
+
+Devices:
+  hot_device           the fast tier's torch device for the hybrid tests: `cpu` unless pytest is run with
+                       `--hot-device cuda` (benchmarks/gpu_check.py does, on a machine with a GPU).
 """
 from __future__ import annotations
 
@@ -24,6 +28,15 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from fixtures.tiny import TinySpec, write_tiny_gguf
+
+
+def pytest_addoption(parser):
+    parser.addoption("--hot-device", default="cpu", help="fast-tier device of the hybrid tests (cpu | cuda)")
+
+
+@pytest.fixture(scope="session")
+def hot_device(request) -> str:
+    return request.config.getoption("--hot-device")
 
 
 @pytest.fixture(scope="session")
