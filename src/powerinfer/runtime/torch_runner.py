@@ -16,10 +16,11 @@ from .runner import CachedSequence
 class TorchRunner(CachedSequence):
     compute = "torch"
 
-    def __init__(self, loaded: LoadedModel, n_ctx: int, n_threads: int, n_batch: int = 512, device: str = "cpu"):
+    def __init__(self, loaded: LoadedModel, n_ctx: int, n_threads: int, n_batch: int = 512, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
         cfg = loaded.config
         super().__init__(cfg, n_ctx, n_threads, n_batch)
-        self.device = torch.device(device)
+        self.device, self.dtype = torch.device(device), dtype
         self.weights = loaded.weights
         self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim, device=self.device)
         self.model = self._build(None)
@@ -33,7 +34,7 @@ class TorchRunner(CachedSequence):
             ffn = ffn_factory("relu")
         else:
             ffn = ffn_factory("threshold", thresholds={site: spec.site(site) for site in ("x", "h")})
-        return Transformer(self.config, self.weights, ffn=ffn).to(self.device)
+        return Transformer(self.config, self.weights, ffn=ffn, dtype=self.dtype).to(self.device)
 
     def set_sparse(self, spec: SparseSpec | None) -> None:
         if spec is not None:
