@@ -146,3 +146,25 @@ def test_prompt_file_batch_writes_jsonl(capsys, tmp_path):
 def test_bad_setting_is_one_line(capsys, argv, needle):
     code, _, err = run_cli(capsys, "run", "-p", "hi", "-n", "2", *argv)
     assert_one_line_error(code, err, needle)
+
+
+def test_powerinfer_gguf_runs_sparse_with_its_own_predictors_by_default(capsys, tiny_gguf):
+    """Upstream runs a PowerInfer GGUF with its predictors; so does `run` with no sparsity flag."""
+    from gguf import GGMLQuantizationType as Q
+
+    pwri = tiny_gguf(activation="relu", qtype=Q.F16, n_layer=2, n_ff=128, pwri=True, ffn_down_t=True, predictors=True,
+                     tokenizer=True, n_vocab=300)
+    assert main(["run", "-m", str(pwri.path), "-p", "hello", "-n", "4", "--temp", "0", "--verbose"]) == 0
+    err = capsys.readouterr().err
+    assert "the file's predictors" in err and "ffn sparsity" in err
+
+
+def test_hybrid_run_prints_placement_and_tier_split(capsys, tiny_gguf):
+    from gguf import GGMLQuantizationType as Q
+
+    relu = tiny_gguf(activation="relu", qtype=Q.F32, n_layer=2, n_ff=256, context_length=128, tokenizer=True,
+                     n_vocab=300)
+    assert main(["run", "-m", str(relu.path), "-p", "hello", "-n", "6", "--temp", "0", "--verbose", "-c", "64",
+                 "--hot-device", "cpu", "--vram-budget", "0.05", "--reset-gpu-index"]) == 0
+    err = capsys.readouterr().err
+    assert "placement: fast tier cpu" in err and "hot neurons" in err and "tiers, per token:" in err

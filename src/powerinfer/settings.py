@@ -117,10 +117,11 @@ class ModelSettings(PlacementSettings):
                             help="CPU threads (default: all available cores)")
     n_batch: int = option(512, "-b", "--batch-size", metavar="N", commands=("run", "perplexity", "bench"),
                           help="prompt tokens processed per prefill call")
-    sparsity: str = option("off", "--sparsity", metavar="auto|off|S", commands=("run", "perplexity", "bench"),
-                           help="neuron-sparse FFN: off = dense; auto = the fastest measured setting within 3%% "
-                                "perplexity (exact skipping of zero activations on ReLU-family models, dense on "
-                                "SwiGLU models); S in (0,1) = skip that fraction of FFN neurons per layer with "
+    sparsity: str = option("auto", "--sparsity", metavar="auto|off|S", commands=("run", "perplexity", "bench"),
+                           help="neuron-sparse FFN: off = dense; auto (default) = the fastest measured setting "
+                                "within 3%% perplexity (exact skipping of zero activations on ReLU-family models, "
+                                "with a PowerInfer GGUF's own predictors as upstream does; dense on SwiGLU models); "
+                                "S in (0,1) = skip that fraction of FFN neurons per layer with "
                                 "thresholds calibrated on first use (about a minute for small models) and cached")
     sparse_method: str = option(DEFAULT_SPARSE_METHOD, "--sparse-method", metavar="NAME",
                                 commands=("run", "perplexity", "bench"),
