@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from contextlib import nullcontext
 
 from ..api import LLM
+from ..core.files import atomic_write
 from ..errors import PowerInferError
 from ..formats.loader import load_model, load_tokenizer
 from ..options import InfoOptions, RunOptions, TokenizeOptions
@@ -124,8 +126,8 @@ def _run_batch(opts: RunOptions, settings: ModelSettings, sampling: SamplingPara
     if not lines:
         raise PowerInferError(f"{opts.prompt_file_batch}: no prompts (one prompt per non-empty line)")
     llm = _load(settings, sampling)
-    out = open(opts.output, "w", encoding="utf-8") if opts.output else sys.stdout
-    try:
+    # -o: written under a temporary name and renamed at the end (core/files.py: never through a planted link)
+    with (atomic_write(opts.output, text=True) if opts.output else nullcontext(sys.stdout)) as out:
         for i, prompt in enumerate(lines):
             pieces, last = [], None
             for r in llm.stream(prompt):
@@ -139,9 +141,6 @@ def _run_batch(opts: RunOptions, settings: ModelSettings, sampling: SamplingPara
             out.flush()
             print(f"[{i + 1}/{len(lines)}] {last.generation_tokens} tokens, "
                   f"{last.generation_tps:.1f} tok/s", file=sys.stderr)
-    finally:
-        if out is not sys.stdout:
-            out.close()
     return 0
 
 

@@ -18,9 +18,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import PowerInferError
+from ..core.files import atomic_path
+from ..errors import PowerInferError, one_line
 from .artifact import read_json_artifact, write_json_artifact
-from .gguf import PWRI_MAGIC, open_gguf
+from .gguf import PWRI_MAGIC, open_gguf, read_metadata
 
 GPUIDX_ARCH = "generic.gpu_index"
 GPUIDX_SUFFIX = ".generated.gpuidx"
@@ -46,25 +47,27 @@ def write_gpuidx(path: str | Path, hot_index: list[np.ndarray], n_ff: int, vram_
     path = Path(path)
     if vram_capacity < 0:
         raise PowerInferError(f"split.vram_capacity must be >= 0, got {vram_capacity}")
-    tmp = path.with_name(path.name + ".tmp")
-    writer = GGUFWriter(str(tmp), GPUIDX_ARCH)
-    writer.add_uint32(f"{GPUIDX_ARCH}.block_count", len(hot_index))
-    writer.add_uint64("split.vram_capacity", int(vram_capacity))
+    buckets = []
     for i, hot in enumerate(hot_index):
         bucket = np.unique(np.asarray(hot, dtype=np.int64))  # sorted, duplicates removed
         if len(bucket) and (bucket[0] < 0 or bucket[-1] >= n_ff):
             raise PowerInferError(f"layer {i}: neuron ids must lie in [0, {n_ff}), got {bucket[0]}..{bucket[-1]}")
-        mask = np.zeros(n_ff, dtype=np.int32)
-        mask[bucket] = 1
-        writer.add_tensor(f"blk.{i}.gpu_idx", mask)
-        writer.add_tensor(f"blk.{i}.gpu_bucket", bucket.astype(np.int32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with open(tmp, "r+b") as fh:  # upstream patches the magic after writing a plain GGUF
-        fh.write(PWRI_MAGIC)
-    tmp.replace(path)
+        buckets.append(bucket)
+    with atomic_path(path) as tmp:
+        writer = GGUFWriter(str(tmp), GPUIDX_ARCH)
+        writer.add_uint32(f"{GPUIDX_ARCH}.block_count", len(hot_index))
+        writer.add_uint64("split.vram_capacity", int(vram_capacity))
+        for i, bucket in enumerate(buckets):
+            mask = np.zeros(n_ff, dtype=np.int32)
+            mask[bucket] = 1
+            writer.add_tensor(f"blk.{i}.gpu_idx", mask)
+            writer.add_tensor(f"blk.{i}.gpu_bucket", bucket.astype(np.int32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "r+b") as fh:  # upstream patches the magic after writing a plain GGUF
+            fh.write(PWRI_MAGIC)
     return path
 
 
@@ -73,15 +76,17 @@ def read_gpuidx(path: str | Path, n_layer: int | None = None, n_ff: int | None =
     PowerInferError (ModelFormatError for a broken GGUF) on anything upstream's loader would reject."""
     path = Path(path)
     reader, _ = open_gguf(path)
-    fields = reader.fields
-    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+    md = read_metadata(reader)
+    arch = md.get("general.architecture")
     if arch != GPUIDX_ARCH:
-        raise PowerInferError(f"{path}: not a .gpuidx (architecture {arch!r}, expected {GPUIDX_ARCH!r})")
-    if "split.vram_capacity" not in fields:
+        raise PowerInferError(f"{path}: not a .gpuidx (architecture {one_line(repr(arch), 80)}, expected "
+                              f"{GPUIDX_ARCH!r})")
+    if "split.vram_capacity" not in md:
         raise PowerInferError(f"{path}: no split.vram_capacity key")
-    capacity = int(fields["split.vram_capacity"].contents())
     key = f"{GPUIDX_ARCH}.block_count"
-    blocks = int(fields[key].contents()) if key in fields else len(reader.tensors) // 2
+    capacity, blocks = md["split.vram_capacity"], md.get(key, len(reader.tensors) // 2)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (capacity, blocks)):
+        raise PowerInferError(f"{path}: split.vram_capacity and {key} must be integers >= 0")
     tensors = reader.tensors
     if len(tensors) != 2 * blocks:
         raise PowerInferError(f"{path}: {len(tensors)} tensors for {blocks} layers (expected two per layer)")
@@ -123,6 +128,8 @@ def read_placement(path: str | Path, fingerprint: str) -> dict:
                              fingerprint=fingerprint, made="solved for model", remake="powerinfer solve")
     try:
         doc["hot_index"] = [np.asarray(h, dtype=np.int64).reshape(-1) for h in doc["hot_index"]]
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise PowerInferError(f"{path}: malformed hot_index ({e.__class__.__name__})") from None
+    if not isinstance(doc.get("inputs", {}), dict):
+        raise PowerInferError(f"{path}: malformed placement (`inputs` is not an object)")
     return doc

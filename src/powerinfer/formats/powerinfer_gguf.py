@@ -19,6 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q, GGUFValueType, GGUFWriter
 from gguf.quants import quantize
 
+from ..core.files import atomic_path
 from ..errors import PowerInferError
 from . import quants
 from .gguf import open_gguf
@@ -49,8 +50,9 @@ def _add_thresholds(writer: GGUFWriter, predictors) -> None:
         writer.add_array("powerinfer.sparse_thresholds", [float(t) for t in ths])
 
 
-def _finish(writer: GGUFWriter, tmp: Path, out: Path, predictors, target) -> None:
-    """Append the predictors (f16, or Q4_0 for a q4_0 target when the rows allow), write, patch the magic."""
+def _finish(writer: GGUFWriter, tmp: Path, predictors, target) -> None:
+    """Append the predictors (f16, or Q4_0 for a q4_0 target when the rows allow), write, patch the magic (the
+    caller's core.files.atomic_path renames `tmp` over the output)."""
     if predictors is not None:
         pq = Q.Q4_0 if target == Q.Q4_0 else Q.F16
         for i in range(predictors.n_layer):
@@ -65,7 +67,6 @@ def _finish(writer: GGUFWriter, tmp: Path, out: Path, predictors, target) -> Non
     writer.close()
     with open(tmp, "r+b") as fh:  # upstream's converters write a GGUF, then patch the magic
         fh.write(b"PWRI")
-    tmp.replace(out)
 
 
 def _copy_metadata(reader, writer: GGUFWriter, skip: set[str]) -> None:
@@ -82,18 +83,23 @@ def _copy_metadata(reader, writer: GGUFWriter, skip: set[str]) -> None:
 def write_powerinfer_gguf(src: str | Path, out: str | Path, predictors=None, outtype: str = "same",
                           progress: bool | None = None, log=sys.stderr) -> Path:
     """Convert the GGUF `src` (optionally with a sparse.predictor.PredictorSet) into a PowerInfer GGUF."""
-    from tqdm import tqdm
-
     if outtype not in OUTTYPES:
         raise PowerInferError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     src, out = Path(src), Path(out)
     if src.is_dir():
         return _write_from_hf(src, out, predictors, outtype, progress, log)
     reader, _ = open_gguf(src)
+    with atomic_path(out) as tmp:
+        _write_from_gguf(reader, src, tmp, predictors, outtype, progress, log)
+    return out
+
+
+def _write_from_gguf(reader, src: Path, tmp: Path, predictors, outtype: str, progress, log) -> None:
+    from tqdm import tqdm
+
     target = OUTTYPES[outtype]
     fields = {f.name: f for f in reader.fields.values()}
     arch = bytes(fields["general.architecture"].parts[-1]).decode()
-    tmp = out.with_name(out.name + ".tmp")
     writer = GGUFWriter(str(tmp), arch)
     skip = {"general.architecture", "powerinfer.sparse_threshold", "powerinfer.sparse_thresholds"}
     _copy_metadata(reader, writer, skip)
@@ -131,10 +137,9 @@ def write_powerinfer_gguf(src: str | Path, out: str | Path, predictors=None, out
             writer.add_tensor(t.name, stored, raw_dtype=target if stored.dtype == np.uint8 else None)
         else:
             writer.add_tensor(t.name, data, raw_dtype=qt if data.dtype == np.uint8 else None)
-    _finish(writer, tmp, out, predictors, target)
+    _finish(writer, tmp, predictors, target)
     if report:
         print(f"convert: {report}", file=log)
-    return out
 
 
 def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -146,19 +151,26 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 def _write_from_hf(src: Path, out: Path, predictors, outtype: str, progress, log) -> Path:
     """An HF llama-family directory (config.json + safetensors, byte-level BPE tokenizer.json) as a PowerInfer
     GGUF with llama.cpp's names and metadata: q/k rows permuted to GGUF's RoPE pair order, down transposed."""
-    from tqdm import tqdm
-
-    from .hf_tokenizer import metadata_from_hf_dir
     from .loader import load_model
 
     loaded = load_model(src)
-    cfg, w = loaded.config, loaded.weights
+    cfg = loaded.config
     if cfg.arch != "llama":
         raise PowerInferError(f"{src}: convert writes llama-architecture GGUF from HF directories; this is {cfg.arch}")
     if cfg.rope_scaling.kind != "none":
         raise PowerInferError(f"{src}: RoPE scaling {cfg.rope_scaling.kind!r} is not written by convert yet")
+    with atomic_path(out) as tmp:
+        _write_hf_gguf(loaded, src, tmp, predictors, outtype, progress, log)
+    return out
+
+
+def _write_hf_gguf(loaded, src: Path, tmp: Path, predictors, outtype: str, progress, log) -> None:
+    from tqdm import tqdm
+
+    from .hf_tokenizer import metadata_from_hf_dir
+
+    cfg, w = loaded.config, loaded.weights
     target = OUTTYPES[outtype]
-    tmp = out.with_name(out.name + ".tmp")
     wr = GGUFWriter(str(tmp), "llama")
     wr.add_name(cfg.name or src.name)
     wr.add_block_count(cfg.n_layer)
@@ -218,5 +230,4 @@ def _write_from_hf(src: Path, out: Path, predictors, outtype: str, progress, log
     show = sys.stderr.isatty() if progress is None else progress
     for name, t, fn in tqdm(items, desc="convert", unit="tensor", disable=not show, file=sys.stderr):
         put(name, t, fn)
-    _finish(wr, tmp, out, predictors, target)
-    return out
+    _finish(wr, tmp, predictors, target)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.files import atomic_path, atomic_write
 from ..errors import PowerInferError
 
 _BLOCK_ROWS = 256  # rows per block: 256 x 49152 float64 is ~100 MB per intermediate, bounded for any file size
@@ -56,9 +57,13 @@ class LogitsWriter:
         self.path = Path(path)
         if self.path.suffix != ".npy":
             raise PowerInferError(f"{path}: the logits file must end in .npy (the targets go to NAME.tokens.npy)")
+        # written under a fresh temporary name and renamed by close() (core/files.py: never through a planted link)
+        self._tmp = atomic_path(self.path)
+        tmp = self._tmp.__enter__()
         try:
-            self.rows = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n_rows, n_vocab))
+            self.rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_rows, n_vocab))
         except OSError as e:
+            self._tmp.__exit__(type(e), e, e.__traceback__)
             raise PowerInferError(f"{path}: cannot write ({e.strerror})") from None
         self.targets = np.zeros(n_rows, dtype=np.int32)
         self.n = 0
@@ -72,7 +77,9 @@ class LogitsWriter:
     def close(self) -> None:
         self.rows.flush()
         del self.rows
-        np.save(tokens_path(self.path), self.targets[:self.n])
+        self._tmp.__exit__(None, None, None)
+        with atomic_write(tokens_path(self.path)) as fh:
+            np.save(fh, self.targets[:self.n])
 
 
 def open_logits(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

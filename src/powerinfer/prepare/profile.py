@@ -20,6 +20,7 @@ Output directory (default ~/.cache/powerinfer/<fingerprint>/profile):
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PowerInferError
+from ..core.files import artifact_dir, atomic_path, atomic_write, ensure_dir
+from ..errors import PowerInferError, one_line
 from ..formats.artifact import read_json_artifact, write_json_artifact
 from ..model.llama import Transformer, dense
 from ..options import ProfileOptions
@@ -68,14 +70,22 @@ class RecordingFFN(nn.Module):
 
 
 class SampleWriter:
-    """Per layer, up to `capacity` (residual, mask) rows in memory-mapped .npy files."""
+    """Per layer, up to `capacity` (residual, mask) rows in memory-mapped .npy files, written under fresh temporary
+    names and renamed into place by close() (core/files.py: never through a link planted at x_N.npy)."""
 
     def __init__(self, directory: Path, n_layer: int, d: int, n_ff: int, capacity: int):
-        directory.mkdir(parents=True, exist_ok=True)
-        self.x = [np.lib.format.open_memmap(directory / f"x_{i}.npy", "w+", np.float16, (capacity, d))
-                  for i in range(n_layer)]
-        self.active = [np.lib.format.open_memmap(directory / f"active_{i}.npy", "w+", np.uint8,
-                                                 (capacity, (n_ff + 7) // 8)) for i in range(n_layer)]
+        self._stack = ExitStack()
+        directory = artifact_dir(directory)
+        self.x, self.active = [], []
+        try:
+            for i in range(n_layer):
+                for name, dtype, cols, out in ((f"x_{i}.npy", np.float16, d, self.x),
+                                               (f"active_{i}.npy", np.uint8, (n_ff + 7) // 8, self.active)):
+                    tmp = self._stack.enter_context(atomic_path(directory / name))
+                    out.append(np.lib.format.open_memmap(tmp, "w+", dtype, (capacity, cols)))
+        except BaseException:
+            self._stack.__exit__(*sys.exc_info())
+            raise
         self.n = [0] * n_layer
         self.capacity = capacity
 
@@ -88,9 +98,15 @@ class SampleWriter:
         self.active[layer][i:i + k] = np.packbits(fired[:k].numpy(), axis=1)
         self.n[layer] += k
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """Flush and rename the files into place; with `error`, remove them instead."""
         for a in self.x + self.active:
             a.flush()
+        self.x, self.active = [], []
+        if error is None:
+            self._stack.close()
+        else:
+            self._stack.__exit__(type(error), error, error.__traceback__)
 
 
 @dataclass
@@ -107,11 +123,36 @@ class Profile:
         return self.counts / max(1, self.n_tokens)
 
     def samples(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """(x float16 [n, d], fired bool [n, n_ff]) of one layer."""
-        n = int(self.meta["n_samples"])
-        x = np.load(self.directory / "samples" / f"x_{layer}.npy", mmap_mode="r")[:n]
-        bits = np.load(self.directory / "samples" / f"active_{layer}.npy", mmap_mode="r")[:n]
-        return x, np.unpackbits(bits, axis=1, count=self.counts.shape[1]).astype(bool)
+        """(x float16 [n, d], fired bool [n, n_ff]) of one layer; PowerInferError for a file that is not what
+        profile wrote (truncated, another dtype or shape, a pickle)."""
+        n, n_ff = int(self.meta["n_samples"]), self.counts.shape[1]
+        x = _load_npy(self.directory / "samples" / f"x_{layer}.npy", np.float16, mmap=True)
+        bits = _load_npy(self.directory / "samples" / f"active_{layer}.npy", np.uint8, mmap=True)
+        if x.ndim != 2 or bits.ndim != 2 or len(x) < n or len(bits) < n or bits.shape[1] != (n_ff + 7) // 8:
+            raise PowerInferError(f"{self.directory / 'samples'}: layer {layer} samples have shapes {list(x.shape)} "
+                                  f"and {list(bits.shape)}, expected [>= {n}, d_model] and [>= {n}, "
+                                  f"{(n_ff + 7) // 8}]")
+        return x[:n], np.unpackbits(bits[:n], axis=1, count=n_ff).astype(bool)
+
+    def check(self, config) -> "Profile":
+        """Refuse a profile made for another shape of model (its counts are indexed by layer and neuron)."""
+        if self.counts.shape != (config.n_layer, config.n_ff):
+            raise PowerInferError(f"{self.directory}: counts of shape {list(self.counts.shape)}, the model has "
+                                  f"[{config.n_layer}, {config.n_ff}] (layers, neurons)")
+        return self
+
+
+def _load_npy(path: Path, dtype, mmap: bool = False) -> np.ndarray:
+    """An .npy file of `dtype` (no pickles, ever), memory-mapped when `mmap`; PowerInferError if it is anything else."""
+    if not path.is_file():
+        raise PowerInferError(f"{path}: missing (run `powerinfer profile -m MODEL` again)")
+    try:
+        a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # truncated, object arrays, not .npy at all
+        raise PowerInferError(f"{path}: not a profile array ({one_line(e, 120)})") from None
+    if not isinstance(a, np.ndarray) or a.dtype != np.dtype(dtype):
+        raise PowerInferError(f"{path}: holds {getattr(a, 'dtype', type(a).__name__)}, expected {np.dtype(dtype)}")
+    return a
 
 
 def default_profile_dir(fingerprint: str, cache_dir=None) -> Path:
@@ -123,13 +164,27 @@ def load_profile(directory, fingerprint: str | None = None) -> Profile:
     path = directory / "profile.json"
     if not path.is_file():
         raise PowerInferError(f"{directory}: no profile here (run `powerinfer profile -m MODEL` first)")
-    return Profile(directory, read_profile_meta(path, fingerprint), np.load(directory / "counts.npy"))
+    meta = read_profile_meta(path, fingerprint)
+    missing = [k for k in ("n_tokens", "n_samples", "calibration") if k not in meta]
+    if missing:
+        raise PowerInferError(f"{path}: malformed profile (no {', '.join(missing)})")
+    counts = _load_npy(directory / "counts.npy", np.int64)
+    if counts.ndim != 2 or (counts < 0).any():
+        raise PowerInferError(f"{directory / 'counts.npy'}: expected counts >= 0 of shape [n_layer, n_ff], got "
+                              f"{list(counts.shape)}")
+    return Profile(directory, meta, counts)
 
 
 def read_profile_meta(path, fingerprint: str | None = None) -> dict:
-    """profile.json, checked (format, version and, when given, the model fingerprint)."""
-    return read_json_artifact(path, kind="profile", fmt=PROFILE_FORMAT, version=PROFILE_VERSION,
+    """profile.json, checked (format, version, the fields readers use and, when given, the model fingerprint)."""
+    meta = read_json_artifact(path, kind="profile", fmt=PROFILE_FORMAT, version=PROFILE_VERSION,
                               fingerprint=fingerprint, made="profiled model", remake="powerinfer profile")
+    ints = [meta[k] for k in ("n_tokens", "n_samples") if k in meta]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints) \
+            or not isinstance(meta.get("calibration", {}), dict):
+        raise PowerInferError(f"{path}: malformed profile (n_tokens and n_samples must be integers >= 0, "
+                              "calibration an object)")
+    return meta
 
 
 def coverage_curve(counts: np.ndarray, points: int = 101) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +218,8 @@ def plot(profile_counts: np.ndarray, n_tokens: int, directory: Path, title: str)
     fig.colorbar(sm, ax=ax, label="layer")
     p1 = directory / "power_law.png"
     fig.tight_layout()
-    fig.savefig(p1)
+    with atomic_write(p1) as fh:
+        fig.savefig(fh, format="png")
     plt.close(fig)
 
     sparsity = 1 - profile_counts.sum(1) / (max(1, n_tokens) * profile_counts.shape[1])
@@ -176,7 +232,8 @@ def plot(profile_counts: np.ndarray, n_tokens: int, directory: Path, title: str)
     ax.grid(axis="y", alpha=0.3)
     p2 = directory / "sparsity.png"
     fig.tight_layout()
-    fig.savefig(p2)
+    with atomic_write(p2) as fh:
+        fig.savefig(fh, format="png")
     plt.close(fig)
     return [p1, p2]
 
@@ -197,16 +254,20 @@ def run_profile(loaded, tokens: list[int], text_info: dict, out_dir: Path, n_tok
                                                           for i in range(cfg.n_layer)]
     chunks = chunks_of(tokens, n_tokens, n_ctx, bos_id)
     n_used = sum(len(c) for c in chunks)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
     samples = SampleWriter(out_dir / "samples", cfg.n_layer, cfg.d_model, cfg.n_ff, n_used)
     model = Transformer(cfg, loaded.weights, ffn=lambda lw, c, dtype, layer: RecordingFFN(
         lw, c, dtype, layer, t_h[layer], samples))
     ffns = [b.ffn for b in model.layers]
     kv = KVCache.allocate(cfg.n_layer, len(chunks[0]), cfg.n_head_kv * cfg.head_dim, dtype=torch.float32)
     show = sys.stderr.isatty() if progress is None else progress
-    with torch.inference_mode():
-        for chunk in tqdm(chunks, desc="profile", unit="chunk", disable=not show, file=sys.stderr):
-            model(torch.tensor(chunk), 0, kv)
+    try:
+        with torch.inference_mode():
+            for chunk in tqdm(chunks, desc="profile", unit="chunk", disable=not show, file=sys.stderr):
+                model(torch.tensor(chunk), 0, kv)
+    except BaseException as e:
+        samples.close(error=e)
+        raise
     samples.close()
     counts = torch.stack([f.counts for f in ffns]).numpy()
     n_tok = ffns[0].tokens
@@ -217,11 +278,12 @@ def run_profile(loaded, tokens: list[int], text_info: dict, out_dir: Path, n_tok
             "criterion": criterion, "thresholds_h": t_h, "n_tokens": n_tok, "n_samples": samples.n[0],
             "n_ctx": len(chunks[0]), "n_chunks": len(chunks), "calibration": text_info,
             "sparsity_per_layer": sparsity, "model": {"file": loaded.path.name, "arch": cfg.arch}}
-    np.save(out_dir / "counts.npy", counts)
-    act_dir = out_dir / "activation"
-    act_dir.mkdir(exist_ok=True)
+    with atomic_write(out_dir / "counts.npy") as fh:
+        np.save(fh, counts)
+    act_dir = artifact_dir(out_dir / "activation")
     for i in range(cfg.n_layer):  # upstream's layout, unpadded names
-        torch.save(torch.from_numpy(counts[i].copy()), act_dir / f"activation_{i}.pt")
+        with atomic_write(act_dir / f"activation_{i}.pt") as fh:
+            torch.save(torch.from_numpy(counts[i].copy()), fh)
     write_json_artifact(out_dir / "profile.json", meta, indent=1)
     plots = plot(counts, n_tok, out_dir, loaded.path.name)
     print(f"profile: {n_tok} tokens, criterion {criterion}; wrote {out_dir} ({', '.join(p.name for p in plots)})",

@@ -461,8 +461,7 @@ def solve_model(loaded, opts: SolveOptions, placement: PlacementSettings, n_ctx:
     s_ours = score(ours, counts, n_tokens, fast_bw, slow_bw)
     s_up = score(sol.upstream, counts, n_tokens, fast_bw, slow_bw)
     if cached is None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_gpuidx(out, ours.hot, cfg.n_ff, budget)
+        write_gpuidx(out, ours.hot, cfg.n_ff, budget)  # creates the directory (user-only) if needed
         record = {"inputs": key, "activation": str(act_dir), "n_tokens": n_tokens, "bandwidths": bandwidths,
                   "rule": ours.rule, "parts": ours.parts, "ffn_bytes": ours.ffn_bytes, "used_bytes": ours.used,
                   "saving_s_per_token": s_ours, "upstream_saving_s_per_token": s_up, "gpuidx": str(out)}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.files import artifact_dir, atomic_write, write_text
 from ..options import TrainOptions
 from ..sparse.artifacts import model_fingerprint
 from ..sparse.predictor import PredictorSet
@@ -107,12 +108,13 @@ def train_predictors(loaded, profile: Profile, out: Path, recall: float = TrainO
     from tqdm import tqdm
 
     cfg = loaded.config
+    profile.check(cfg)
     n_params = sum(t.rows * t.cols for lw in loaded.weights.layers for t in vars(lw).values()
                    if t is not None and len(t.shape) == 2)
     per_layer = budget * n_params / cfg.n_layer
     max_rank = max(1, int(per_layer // (cfg.d_model + cfg.n_ff)))
-    work = out.with_suffix(".parts")
-    work.mkdir(parents=True, exist_ok=True)
+    # the parts directory is ours: never follow a link planted there (core/files.py); each part is renamed in
+    work = artifact_dir(out.with_suffix(".parts"))
     key = {"scheme": TRAIN_SCHEME, "profile": profile.meta["fingerprint"], "n_samples": profile.meta["n_samples"],
            "text": profile.meta["calibration"].get("text_sha256"), "recall": recall, "max_rank": max_rank,
            "epochs": epochs}
@@ -120,25 +122,47 @@ def train_predictors(loaded, profile: Profile, out: Path, recall: float = TrainO
     show = sys.stderr.isatty() if progress is None else progress
     for i in tqdm(range(cfg.n_layer), desc="train-predictors", unit="layer", disable=not show, file=sys.stderr):
         part, meta_path = work / f"layer_{i}.pt", work / f"layer_{i}.json"
-        if part.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
-            t = torch.load(part, weights_only=True)
-            fc1, fc2, ev = t["fc1"], t["fc2"], json.loads(meta_path.read_text())["eval"]
+        done = _finished_part(part, meta_path, key, cfg)
+        if done is not None:
+            fc1, fc2, ev = done
         else:
             fc1, fc2, ev = train_layer(profile, i, recall, max_rank, epochs)
-            torch.save({"fc1": fc1, "fc2": fc2}, part)
-            meta_path.write_text(json.dumps({"key": key, "eval": ev}))
+            with atomic_write(part) as fh:
+                torch.save({"fc1": fc1, "fc2": fc2}, fh)
+            write_text(meta_path, json.dumps({"key": key, "eval": ev}))
         fc1s.append(fc1)
         fc2s.append(fc2)
         report.append({"layer": i, **ev})
     ps = PredictorSet(fc1s, fc2s, 0.0, thresholds=[r["threshold"] for r in report], meta={
         "fingerprint": model_fingerprint(loaded), "profile": str(profile.directory),
-        "calibration": profile.meta["calibration"], "criterion": profile.meta["criterion"],
+        "calibration": profile.meta["calibration"], "criterion": profile.meta.get("criterion"),
         "recall_target": recall, "budget": budget, "report": report})
     ps.save(out)
     frac = ps.n_params() / n_params
     print(f"train-predictors: {ps.n_params() / 1e6:.2f} M parameters ({frac:.1%} of the model's matrices); "
           f"wrote {out}", file=log)
     return ps
+
+
+def _finished_part(part: Path, meta_path: Path, key: dict, cfg):
+    """(fc1, fc2, eval) of a layer finished by an earlier run with the same `key`, or None to train it (again).
+    A part that is unreadable, not tensors, or of the wrong shape is retrained, never trusted (weights_only)."""
+    if not (part.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+        t = torch.load(part, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, tampered or foreign files: train the layer again
+        return None
+    if not (isinstance(meta, dict) and meta.get("key") == key and isinstance(meta.get("eval"), dict)
+            and isinstance(meta["eval"].get("threshold"), (int, float)) and isinstance(t, dict)):
+        return None
+    fc1, fc2 = t.get("fc1"), t.get("fc2")
+    if not (isinstance(fc1, torch.Tensor) and isinstance(fc2, torch.Tensor) and fc1.dim() == 2 and fc2.dim() == 2
+            and fc1.shape[0] >= 1 and fc1.shape[1] == cfg.d_model and list(fc2.shape) == [cfg.n_ff, fc1.shape[0]]
+            and fc1.is_floating_point() and fc2.is_floating_point()):
+        return None
+    return fc1.float(), fc2.float(), meta["eval"]
 
 
 def default_predictors_path(fingerprint: str, cache_dir=None) -> Path:
