@@ -11,3 +11,10 @@ class ModelFormatError(PowerInferError):
 
 class ContextOverflowError(PowerInferError):
     """The request does not fit in the context window."""
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """`text` (an exception's message, a value read from a hostile file) squeezed onto one line of at most `limit`
+    characters, so that an error built from it stays one line on stderr."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[:limit - 3] + "..."

@@ -31,14 +31,20 @@ def describe(text: str) -> str:
 
 
 def read_text(path: str) -> str:
-    """A user's text file (prompt, calibration or evaluation text) as UTF-8, with one-line errors."""
+    """A user's text file (prompt, calibration or evaluation text): its bytes decoded as UTF-8, nothing else.
+
+    Read as bytes, so line ends stay as written (text mode would turn CRLF into LF and the tokens would differ from
+    llama.cpp's, which reads -f files byte for byte). Invalid UTF-8 is a one-line error naming the byte offset
+    (llama.cpp would tokenize each bad byte as U+FFFD; refusing says what is wrong instead of guessing)."""
     p = Path(path)
     if not p.is_file():
-        raise PowerInferError(f"{path}: no such file")
+        raise PowerInferError(f"{path}: no such file" if not p.exists() else f"{path}: not a regular file")
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise PowerInferError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise PowerInferError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def read_texts(paths: list[str]) -> tuple[str, str]:

@@ -1,7 +1,19 @@
 """Architecture hyper-parameters, built from GGUF metadata or an HF config.json by formats/."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from ..errors import ModelFormatError
+
+# Bounds no released model comes near (Llama-3.1-405B: 126 layers, width 16384, FFN 53248, 128 heads, 128k context;
+# vocabularies up to ~256k), far below what would overflow the C decoder's int arithmetic.
+MAX_LAYERS = 4096
+MAX_WIDTH = 1 << 20
+MAX_HEADS = 4096
+MAX_HEAD_DIM = 512  # the C decoder's PI_MAX_HEAD_DIM (kernels/csrc/decoder.h)
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 24
 
 
 @dataclass
@@ -45,3 +57,36 @@ class ModelConfig:
     def __post_init__(self):
         if not self.rope_dim:
             self.rope_dim = self.head_dim
+
+    def check(self, source: str) -> "ModelConfig":
+        """Refuse hyper-parameters no model has before anything sizes a buffer from them (a hostile header's
+        n_head = 0, head_dim = 10^6, context = 2^40, NaN epsilon): ModelFormatError naming the field."""
+        ints = dict(n_vocab=(1, MAX_VOCAB), d_model=(1, MAX_WIDTH), n_layer=(1, MAX_LAYERS), n_head=(1, MAX_HEADS),
+                    n_head_kv=(1, MAX_HEADS), head_dim=(1, MAX_HEAD_DIM), n_ff=(1, MAX_WIDTH),
+                    rope_dim=(0, MAX_HEAD_DIM), context_length=(1, MAX_CONTEXT))
+        for name, (lo, hi) in ints.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or not lo <= v <= hi:
+                raise ModelFormatError(f"{source}: {name} = {v!r} is outside [{lo}, {hi:,}]")
+        if self.n_head % self.n_head_kv:
+            raise ModelFormatError(f"{source}: {self.n_head} attention heads are not a multiple of "
+                                   f"{self.n_head_kv} KV heads")
+        if self.rope_dim % 2 or self.rope_dim > self.head_dim:
+            raise ModelFormatError(f"{source}: rope dimension {self.rope_dim} must be even and at most the head "
+                                   f"dimension {self.head_dim}")
+        for name, lo in (("norm_eps", 0.0), ("rope_theta", None)):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= lo if lo is not None else v > 0)):
+                raise ModelFormatError(f"{source}: {name} = {v!r} must be a finite number "
+                                       f"{'>= 0' if lo is not None else '> 0'}")
+        rs = self.rope_scaling
+        scale = (rs.factor, rs.low_freq_factor, rs.high_freq_factor, *(rs.freq_factors or ()))
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scale):
+            raise ModelFormatError(f"{source}: RoPE scaling factors must be finite and > 0")
+        if not isinstance(rs.original_context, int) or not 0 <= rs.original_context <= MAX_CONTEXT:
+            raise ModelFormatError(f"{source}: RoPE original context {rs.original_context!r} is outside "
+                                   f"[0, {MAX_CONTEXT:,}]")
+        if rs.freq_factors is not None and len(rs.freq_factors) != self.rope_dim // 2:
+            raise ModelFormatError(f"{source}: {len(rs.freq_factors)} RoPE frequency factors for rope dimension "
+                                   f"{self.rope_dim} (expected {self.rope_dim // 2})")
+        return self

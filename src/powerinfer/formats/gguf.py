@@ -7,14 +7,15 @@ Tensor names and metadata keys follow llama.cpp (`blk.N.attn_q.weight`, `{arch}.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType as Q, GGUFReader, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType as Q, GGUFReader, GGUFValueType, LlamaFileType
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, one_line
 from ..core.config import ModelConfig, RopeScaling
 from ..core.weights import LayerWeights, ModelWeights
 from . import quants
@@ -29,11 +30,26 @@ ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh")
 FFN_KINDS = ("glu", "dglu", "mlp")
 
 
-class _Reader(GGUFReader):
-    """GGUFReader that accepts the PWRI magic and checks every tensor lies inside the file before mapping it.
+# ggml's limits (ggml.h GGML_MAX_DIMS; gguf.cpp refuses deeper tensors and unaligned offsets as well).
+MAX_DIMS = 4
+# Smallest encodings in bytes, for bounding counts read from the header by the bytes left in the file before
+# anything is allocated: a key/value is a u64 key length, a u32 type and at least one byte of value; a tensor
+# info is a u64 name length, u32 n_dims, u32 type and u64 offset; an array element is its scalar size (a
+# string: its u64 length; a nested array: u32 type + u64 count).
+_MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES = 13, 24
+_MIN_ITEM_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
 
-    Both hooks are in GGUFReader's private helpers (`_get`, `_build_tensors`); gguf-py has kept them since
-    0.10, and overriding them avoids copying a multi-GB file just to patch four bytes.
+
+class _Reader(GGUFReader):
+    """GGUFReader that accepts the PWRI magic and trusts no size in the header: every read is checked against
+    the file's length (a count or length past the end is a ModelFormatError before anything is allocated),
+    arrays of numbers are read as one view instead of one numpy object per element (gguf-py's loop turned a
+    header claiming 2^40 bytes into tens of GB of objects), and every tensor's type, dimensions, alignment and
+    byte range are checked before it is mapped.
+
+    The hooks are GGUFReader's private helpers (`_get`, `_get_field_parts`, `_build_fields`,
+    `_build_tensor_info`, `_build_tensors`); gguf-py has kept them since 0.10, and overriding them avoids copying a
+    multi-GB file just to patch four bytes.
     """
 
     def __init__(self, path: Path, pwri: bool):
@@ -46,6 +62,7 @@ class _Reader(GGUFReader):
             return np.array([GGUF_MAGIC], dtype="<u4")  # the magic check: present PWRI as GGUF
         order = self.byte_order if override_order is None else override_order
         if order == "S" or (order == "<" and sys.byteorder != "little"):
+            self._need(offset, np.dtype(dtype).itemsize * int(count))
             return super()._get(offset, dtype, count, override_order)
         # Same bytes as GGUFReader._get, sliced from a plain ndarray view of the map: np.memmap's Python-level
         # __getitem__/__array_finalize__ ran for each of the ~250k vocabulary reads of SmolLM2's header
@@ -55,10 +72,52 @@ class _Reader(GGUFReader):
             plain = self._plain = self.data.view(np.ndarray)
         dtype = np.dtype(dtype)
         count = int(count)
+        self._need(offset, dtype.itemsize * count)
         return plain[offset:offset + dtype.itemsize * count].view(dtype)[:count]
+
+    def _need(self, offset: int, nbytes: int, what: str = "") -> None:
+        size = len(self.data)
+        if offset < 0 or nbytes < 0 or offset + nbytes > size:
+            raise ModelFormatError(f"{self._path}: corrupt or truncated GGUF header: {what or 'a field'} needs "
+                                   f"bytes {offset:,}..{offset + nbytes:,} but the file has {size:,}")
+
+    def _build_fields(self, offs, count):
+        self._need(offs, int(count) * _MIN_KV_BYTES, f"{int(count):,} metadata key/values")
+        return super()._build_fields(offs, count)
+
+    def _build_tensor_info(self, offs, count):
+        self._need(offs, int(count) * _MIN_TENSOR_INFO_BYTES, f"{int(count):,} tensor infos")
+        return super()._build_tensor_info(offs, count)
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        n, offs = int(alen[0]), orig_offs + 12
+        try:
+            itype = GGUFValueType(int(raw_itype[0]))
+        except ValueError:
+            raise ModelFormatError(f"{self._path}: metadata array of unknown type {int(raw_itype[0])}") from None
+        nptype = self.gguf_scalar_to_np.get(itype)
+        item = np.dtype(nptype).itemsize if nptype is not None else _MIN_ITEM_BYTES[itype]
+        self._need(offs, n * item, f"an array of {n:,} {itype.name} values")
+        if nptype is None or n == 0:  # strings and nested arrays: gguf-py's walk, now bounded
+            return super()._get_field_parts(orig_offs, raw_type)
+        values = self._get(offs, nptype, n)  # one view of the whole array (ReaderField.contents() flattens parts)
+        return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, itype]
+
+    def _get_tensor_info_field(self, orig_offs):
+        name_len = int(self._get(orig_offs, np.uint64)[0])
+        n_dims = int(self._get(orig_offs + 8 + name_len, np.uint32)[0])
+        if n_dims > MAX_DIMS:
+            raise ModelFormatError(f"{self._path}: a tensor at byte {orig_offs:,} has {n_dims} dimensions "
+                                   f"(at most {MAX_DIMS})")
+        return super()._get_tensor_info_field(orig_offs)
 
     def _build_tensors(self, start_offs, fields):
         size = len(self.data)
+        alignment = int(self.alignment)
         for f in fields:
             name = bytes(f.parts[1]).decode("utf-8", "replace")
             raw_type = int(f.parts[4][0])
@@ -68,8 +127,18 @@ class _Reader(GGUFReader):
                 raise ModelFormatError(f"{self._path}: tensor {name} has unknown GGML type {raw_type} "
                                        "(newer than this gguf-py, or a corrupt file)") from None
             block, type_size = GGML_QUANT_SIZES[qtype]
-            n_elems = int(np.prod(f.parts[3], dtype=np.int64))
-            end = start_offs + int(f.parts[5][0]) + n_elems // block * type_size
+            dims = [int(x) for x in f.parts[3]]
+            if not dims or max(dims) >= 1 << 62:  # (empty tensors are legal: a .gpuidx bucket of no neurons)
+                raise ModelFormatError(f"{self._path}: tensor {name} has dimensions {dims}")
+            if dims[0] % block:
+                raise ModelFormatError(f"{self._path}: tensor {name} has rows of {dims[0]} values, not whole "
+                                       f"{qtype.name} blocks of {block}")
+            n_elems = math.prod(dims)  # Python ints: no int64 wrap-around on hostile dimensions
+            offset = int(f.parts[5][0])
+            if offset % alignment:
+                raise ModelFormatError(f"{self._path}: tensor {name} has offset {offset:,}, not a multiple of the "
+                                       f"alignment {alignment}")
+            end = start_offs + offset + n_elems // block * type_size
             if end > size:
                 raise ModelFormatError(f"{self._path}: truncated GGUF: tensor {name} ends at byte {end:,} "
                                        f"but the file has {size:,} bytes")
@@ -94,21 +163,37 @@ def open_gguf(path: str | Path) -> tuple[GGUFReader, bool]:
         raise ModelFormatError(f"{path}: no such file")
     if path.is_dir():
         raise ModelFormatError(f"{path}: is a directory, expected a .gguf file")
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise ModelFormatError(f"{path}: not a regular file, expected a .gguf file")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot read ({e.strerror})") from None
     if magic not in (b"GGUF", PWRI_MAGIC):
         raise ModelFormatError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF' or b'PWRI')")
     try:
         return _Reader(path, magic == PWRI_MAGIC), magic == PWRI_MAGIC
     except ModelFormatError:
         raise
-    except Exception as e:  # gguf-py reports a cut header as an IndexError/ValueError from deep inside
-        raise ModelFormatError(f"{path}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from None
+    except (MemoryError, RecursionError):
+        raise ModelFormatError(f"{path}: corrupt GGUF header (more structure than the file can hold)") from None
+    except Exception as e:  # gguf-py's own checks (version, duplicate keys, alignment) and cut or invalid text
+        raise ModelFormatError(f"{path}: corrupt or truncated GGUF header ({type(e).__name__}: "
+                               f"{one_line(e)})") from None
 
 
 def read_metadata(reader: GGUFReader) -> dict:
-    """All key/value pairs as plain Python values (str, int, float, bool, lists)."""
-    return {key: f.contents() for key, f in reader.fields.items()}
+    """All key/value pairs as plain Python values (str, int, float, bool, lists); ModelFormatError names a key
+    whose value cannot be read (a string that is not UTF-8, a value of an unknown type)."""
+    out = {}
+    for key, f in reader.fields.items():
+        try:
+            out[key] = f.contents()
+        except Exception as e:
+            raise ModelFormatError(f"{getattr(reader, '_path', 'GGUF')}: metadata key {one_line(key, 80)!r} is "
+                                   f"unreadable ({type(e).__name__}: {one_line(e)})") from None
+    return out
 
 
 def reader_tensor(t) -> QTensor:
@@ -125,7 +210,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
     reader, pwri = open_gguf(path)
     md = read_metadata(reader)
     tensors = {t.name: reader_tensor(t) for t in reader.tensors}
-    config = _config(path, md, tensors, pwri)
+    config = _config(path, md, tensors, pwri).check(str(path))
     report = quants.ConversionReport()
     weights, used = _weights(path, config, tensors, report)
     extra = {n: t for n, t in tensors.items() if n not in used}
@@ -144,17 +229,27 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
     if arch not in SUPPORTED_ARCHS:
         raise ModelFormatError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
 
-    def key(name, default=None):
+    def key(name, default=None, kind=int):
         value = md.get(f"{arch}.{name}", default)
         if value is None:
             raise ModelFormatError(f"{path}: missing metadata key {arch}.{name}")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
+            isinstance(value, int) and not isinstance(value, bool)
+        if not ok:
+            raise ModelFormatError(f"{path}: metadata key {arch}.{name} is {one_line(repr(value), 60)}, "
+                                   f"expected {'a number' if kind is float else 'an integer'}")
         return value
 
     if "token_embd.weight" not in tensors:
         raise ModelFormatError(f"{path}: missing tensor token_embd.weight")
-    d_model = int(key("embedding_length"))
-    n_head = int(key("attention.head_count"))
-    head_dim = int(key("attention.key_length", d_model // n_head))
+    if len(tensors["token_embd.weight"].shape) != 2:
+        raise ModelFormatError(f"{path}: tensor token_embd.weight has shape "
+                               f"{list(tensors['token_embd.weight'].shape)}, expected [n_vocab, d_model]")
+    d_model = key("embedding_length")
+    n_head = key("attention.head_count")
+    if n_head < 1:
+        raise ModelFormatError(f"{path}: {arch}.attention.head_count = {n_head} (must be >= 1)")
+    head_dim = key("attention.key_length", d_model // n_head)
 
     # The FFN activation is a property of the model: an explicit key wins; PowerInfer's PWRI files are
     # ReLU-family llamas (ReluLLaMA, ProSparse); Bamboo is dReLU (relu(gate) * relu(up)).
@@ -164,6 +259,7 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
         ffn_kind = "mlp"
     activation = md.get("powerinfer.ffn_activation", activation)
     ffn_kind = md.get("powerinfer.ffn_kind", ffn_kind)
+    activation, ffn_kind = (v if isinstance(v, str) else repr(v) for v in (activation, ffn_kind))
     if activation not in ACTIVATIONS:
         raise ModelFormatError(f"{path}: unsupported powerinfer.ffn_activation {activation!r} "
                                f"(supported: {', '.join(ACTIVATIONS)})")
@@ -175,18 +271,18 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
         arch="qwen2" if arch == "qwen2" else "llama",
         n_vocab=tensors["token_embd.weight"].rows,
         d_model=d_model,
-        n_layer=int(key("block_count")),
+        n_layer=key("block_count"),
         n_head=n_head,
-        n_head_kv=int(key("attention.head_count_kv", n_head)),
+        n_head_kv=key("attention.head_count_kv", n_head),
         head_dim=head_dim,
-        n_ff=int(key("feed_forward_length")),
-        norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=_f32(key("rope.freq_base", 10000.0)),
-        rope_dim=int(key("rope.dimension_count", head_dim)),
+        n_ff=key("feed_forward_length"),
+        norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-5, float)),
+        rope_theta=_f32(key("rope.freq_base", 10000.0, float)),
+        rope_dim=key("rope.dimension_count", head_dim),
         # llama.cpp's converter permutes llama q/k rows so that rotation pairs are adjacent; qwen2 is not permuted.
         rope_style="neox" if arch == "qwen2" else "norm",
         rope_scaling=_rope_scaling(path, arch, md, tensors),
-        context_length=int(key("context_length", 4096)),
+        context_length=key("context_length", 4096),
         activation=activation,
         ffn_kind=ffn_kind,
         tie_embeddings="output.weight" not in tensors,
@@ -196,14 +292,26 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
 
 
 def _rope_scaling(path: Path, arch: str, md: dict, tensors: dict[str, QTensor]) -> RopeScaling:
+    def number(key: str, default, kind=float):
+        v = md.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+            raise ModelFormatError(f"{path}: metadata key {key} is {one_line(repr(v), 60)}, expected a number")
+        return kind(v)
+
     kind = md.get(f"{arch}.rope.scaling.type", "none")
-    factor = float(md.get(f"{arch}.rope.scaling.factor", 1.0))
+    kind = kind if isinstance(kind, str) else repr(kind)
+    factor = number(f"{arch}.rope.scaling.factor", 1.0)
     if kind == "none" and f"{arch}.rope.scale_linear" in md:  # pre-2024 GGUF spelling
-        kind, factor = "linear", float(md[f"{arch}.rope.scale_linear"])
-    orig = int(md.get(f"{arch}.rope.scaling.original_context_length", 0))
+        kind, factor = "linear", number(f"{arch}.rope.scale_linear", 1.0)
+    orig = number(f"{arch}.rope.scaling.original_context_length", 0, int)
     if "rope_freqs.weight" in tensors:
         # Llama 3.1+: llama.cpp's converter bakes the llama3 scaling into per-frequency divisors.
-        freq = tensors["rope_freqs.weight"].dequantize().tolist()
+        t = tensors["rope_freqs.weight"]
+        quants.target_type(t.qtype, t.name, str(path))
+        if len(t.shape) != 1 or t.shape[0] > 4096:
+            raise ModelFormatError(f"{path}: tensor rope_freqs.weight has shape {list(t.shape)}, expected "
+                                   "[rope_dim/2]")
+        freq = t.dequantize().tolist()
         return RopeScaling(kind="llama3", factor=max(freq), original_context=orig, freq_factors=tuple(freq))
     if kind not in ("none", "linear", "yarn", "llama3") and factor != 1.0:
         raise ModelFormatError(f"{path}: unsupported RoPE scaling {kind!r} (supported: linear, yarn, llama3)")

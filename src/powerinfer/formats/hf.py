@@ -8,13 +8,15 @@ Reads both config spellings: transformers >= 5 (`rope_parameters`) and earlier (
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 from safetensors import SafetensorError, safe_open
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, one_line
+from .artifact import MAX_JSON_BYTES
 from ..core.config import ModelConfig, RopeScaling
 from ..core.weights import LayerWeights, ModelWeights
 from ..core.tensor import QTensor
@@ -32,10 +34,27 @@ def read_config(path: Path) -> tuple[ModelConfig, dict]:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ModelFormatError(f"{path}: directory has no config.json (expected an HF model directory)")
+    raw = _read_json(cfg_path)
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{cfg_path}: not valid JSON ({e})") from None
+        return _config(path, cfg_path, raw).check(str(cfg_path)), raw
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as e:  # a value of the wrong JSON type
+        raise ModelFormatError(f"{cfg_path}: malformed config ({type(e).__name__}: {one_line(e)})") from None
+
+
+def _read_json(path: Path):
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ModelFormatError(f"{path}: too large for a JSON config ({path.stat().st_size:,} bytes)")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, digit limits
+        raise ModelFormatError(f"{path}: not valid JSON ({one_line(e)})") from None
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _config(path: Path, cfg_path: Path, raw: dict) -> ModelConfig:
     archs = raw.get("architectures") or []
     model_type = raw.get("model_type")
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and model_type not in ("llama", "mistral", "qwen2"):
@@ -70,7 +89,7 @@ def read_config(path: Path) -> tuple[ModelConfig, dict]:
         )
     except KeyError as e:
         raise ModelFormatError(f"{cfg_path}: missing key {e.args[0]!r}") from None
-    return config, raw
+    return config
 
 
 def _rope_params(raw: dict) -> dict:
@@ -101,7 +120,12 @@ def _rope_scaling(raw: dict, cfg_path: Path) -> RopeScaling:
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        doc = _read_json(index)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+                                                       for v in weight_map.values()):
+            raise ModelFormatError(f"{index}: weight_map must map tensor names to shard file names")
+        shards = sorted(set(weight_map.values()))
         files = [path / s for s in shards]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -126,6 +150,7 @@ def _map_file(file: Path) -> dict[str, QTensor]:
             infos = {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in names}
     except (SafetensorError, OSError) as e:
         raise ModelFormatError(f"{file}: not a valid safetensors file ({e})") from None
+    # safe_open has already checked the header (its size, the offsets against the file, the dtype sizes)
     with open(file, "rb") as fh:
         header_len = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(header_len))
@@ -137,6 +162,9 @@ def _map_file(file: Path) -> dict[str, QTensor]:
             continue  # e.g. int64 buffers; a weight we need in another dtype fails below as missing
         qtype, np_dtype = _DTYPES[dtype]
         start, end = header[name]["data_offsets"]
+        if not 0 <= start <= end <= len(mm) - base or end - start != math.prod(shape) * np.dtype(np_dtype).itemsize:
+            raise ModelFormatError(f"{file}: tensor {name} has data offsets {start}..{end}, which do not hold "
+                                   f"{list(shape)} {dtype} values inside the file")
         out[name] = QTensor(name, qtype, shape, mm[base + start:base + end].view(np_dtype).reshape(shape))
     return out
 
@@ -183,7 +211,8 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, ModelWeights, dict]:
     metadata = {"general.architecture": c.arch, "general.name": c.name, "hf.config": raw}
     tok_cfg = path / "tokenizer_config.json"
     if tok_cfg.is_file():
-        template = json.loads(tok_cfg.read_text(encoding="utf-8")).get("chat_template")
+        doc = _read_json(tok_cfg)
+        template = doc.get("chat_template") if isinstance(doc, dict) else None
         if isinstance(template, str):
             metadata["tokenizer.chat_template"] = template
     return config, weights, metadata

@@ -471,6 +471,13 @@ class Tokenizer:
         user-defined tokens always do (llama.cpp's `special` flag)."""
         add_bos = self.add_bos if add_bos is None else add_bos
         add_eos = self.add_eos if add_eos is None else add_eos
+        if not isinstance(text, str):
+            raise PowerInferError(f"text to tokenize must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: Python's stand-ins for invalid UTF-8 in argv or files
+            raise PowerInferError(f"the text is not valid Unicode (character {e.start} is a lone surrogate; invalid "
+                                  "UTF-8 in a command-line argument?)") from None
         out: list[int] = []
         if add_bos:
             if self.bos_id is None:
@@ -546,7 +553,10 @@ class Tokenizer:
                     # llama.cpp writes an "[UNK_BYTE_..]" marker there instead
                     piece = b"".join(bytes((_CHAR_TO_BYTE[c],)) if c in _CHAR_TO_BYTE else c.encode() for c in text)
             elif attr & Attr.BYTE:
-                piece = bytes((int(text[3:5], 16),))
+                try:
+                    piece = bytes((int(text[3:5], 16),))
+                except ValueError:  # a byte token not spelled <0xXX> (a corrupt vocabulary): its text
+                    piece = text.encode()
             else:
                 piece = b""
             self._pieces[token_id] = piece
@@ -574,6 +584,8 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def push(self, token_id: int) -> str:
+        if not 0 <= token_id < self.tokenizer.vocab_size:
+            return ""  # an embedding row past the vocabulary (padded models): no text, as HF tokenizers decode it
         return self._utf8.decode(self.tokenizer.token_bytes(token_id, self.special))
 
     def flush(self) -> str:
