@@ -9,6 +9,7 @@ import torch
 from .. import _C
 from ..core.sparse_spec import SparseSpec
 from ..core.tensor import QTensor, row_bytes
+from ..errors import PowerInferError
 from .ops import _weight, transposed, transposed_qtype
 
 
@@ -76,6 +77,12 @@ class SparseFFN:
                 self.dec.set_predictor(il, None, None, 1, 0.0)
                 continue
             fc1, fc2 = (t.detach().to(torch.float16).contiguous() for t in (predictors.fc1[il], predictors.fc2[il]))
+            r = fc1.shape[0] if fc1.dim() == 2 else 0
+            if r < 1 or list(fc1.shape) != [r, self.config.d_model] or list(fc2.shape) != [self.config.n_ff, r]:
+                # The C decoder reads [r, d_model] and [n_ff, r] from these pointers on trust: never hand it less.
+                raise PowerInferError(f"predictor layer {il}: fc1 {list(fc1.shape)} / fc2 {list(fc2.shape)} do not "
+                                      f"fit this model (expected [r, {self.config.d_model}] / "
+                                      f"[{self.config.n_ff}, r])")
             self._pred_keep += [fc1, fc2]
             self._pred_bytes[il] = (fc1.numel() + fc2.numel()) * 2
             self.dec.set_predictor(il, (fc1.data_ptr(), 1), (fc2.data_ptr(), 1), fc1.shape[0],

@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import PowerInferError
 from ..formats.powerinfer_gguf import write_powerinfer_gguf
 from ..sparse.predictor import PredictorSet
 
@@ -25,10 +24,9 @@ def convert_model(model: str | None, output: str, predictors: str | None = None,
     preds = None
     if predictors:
         p = Path(predictors).expanduser()
-        preds = PredictorSet.from_upstream_dir(p) if p.is_dir() else PredictorSet.load(p, fp)
+        preds = PredictorSet.from_upstream_dir(p, loaded.config) if p.is_dir() else \
+            PredictorSet.load(p, fp, loaded.config)
     elif default_predictors_path(fp).is_file():
-        preds = PredictorSet.load(default_predictors_path(fp), fp)
+        preds = PredictorSet.load(default_predictors_path(fp), fp, loaded.config)
         print(f"convert: predictors {default_predictors_path(fp)}", file=log)
-    if preds is not None and preds.n_layer != loaded.config.n_layer:
-        raise PowerInferError(f"{preds.n_layer} predictor layers for a {loaded.config.n_layer}-layer model")
     return write_powerinfer_gguf(src, Path(output).expanduser(), preds, outtype), preds

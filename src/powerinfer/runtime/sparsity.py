@@ -92,7 +92,7 @@ def apply_sparsity(runner, loaded, sparsity, method: str | None = None, predicto
         runner.set_sparse(None)
         return desc
     if predictors:
-        preds = PredictorSet.load(predictors, model_fingerprint(loaded))
+        preds = PredictorSet.load(predictors, model_fingerprint(loaded), loaded.config)
         desc += f" + predictors {predictors}"
     else:
         preds = predictors_from_gguf(loaded)

@@ -107,14 +107,24 @@ class Thresholds:
     model: dict = field(default_factory=dict)  # informational: file name, architecture, model name
 
     def __post_init__(self):
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise PowerInferError(f"unknown threshold method {self.method!r} (known: {', '.join(METHODS)})")
+        if not isinstance(self.values, dict) or not self.values:
+            raise PowerInferError(f"thresholds: `values` must map sites ({', '.join(METHODS[self.method])}) to "
+                                  f"per-layer lists, got {type(self.values).__name__}")
+        for site, vs in self.values.items():
+            if site not in METHODS[self.method]:
+                raise PowerInferError(f"thresholds: site {site!r} is not one of method {self.method}'s "
+                                      f"({', '.join(METHODS[self.method])})")
+            if not isinstance(vs, list) or not all(_is_number(t) for t in vs):
+                raise PowerInferError(f"thresholds for {site!r} must be a list of numbers, one per layer")
+            if any(not (math.isfinite(t) and t >= 0) for t in vs):
+                raise PowerInferError(f"thresholds for {site!r} must be finite and >= 0")
         lengths = {len(v) for v in self.values.values()}
         if len(lengths) > 1:
             raise PowerInferError(f"threshold lists of different lengths {sorted(lengths)}")
-        for site, vs in self.values.items():
-            if any(not (math.isfinite(t) and t >= 0) for t in vs):
-                raise PowerInferError(f"thresholds for {site!r} must be finite and >= 0")
+        if not isinstance(self.calibration, dict) or not isinstance(self.achieved, dict):
+            raise PowerInferError("thresholds: `calibration` and `achieved` must be JSON objects")
 
     @property
     def n_layer(self) -> int:
@@ -142,5 +152,11 @@ def load_thresholds(path: str | Path, fingerprint: str) -> Thresholds:
                                 "evaluation", "model") if k in d}
     try:
         return Thresholds(**fields)
-    except TypeError as e:
+    except TypeError as e:  # a required key missing
         raise PowerInferError(f"{path}: malformed thresholds file ({e})") from None
+    except PowerInferError as e:
+        raise PowerInferError(f"{path}: malformed thresholds file ({e})") from None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
