@@ -10,6 +10,7 @@ import torch
 
 from ..core.sparse_spec import LayerThresholds, SparseSpec
 from ..formats.loader import LoadedModel
+from ..formats.pages import release_file_pages
 from ..model.kvcache import KVCache
 from ..model.llama import Transformer
 from ..sparse.hybrid import CpuTier, HybridFFN, TierTimes
@@ -33,6 +34,9 @@ class HybridRunner(CachedSequence):
 
         self.model = Transformer(cfg, loaded.weights, ffn=ffn, dtype=plan.dtype).to(self.device)
         self.ffns: list[HybridFFN] = [block.ffn for block in self.model.layers]
+        # Everything the fast tier needs is copied out of the model file: its pages leave this process, and the
+        # CPU tier faults back in only the rows it computes (its cold neurons).
+        release_file_pages(loaded)
         self.reset_ffn_stats()
 
     def set_sparse(self, spec: SparseSpec | None) -> None:

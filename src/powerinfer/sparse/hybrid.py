@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import kernels
 from ..core.sparse_spec import LayerThresholds, SparseSpec
+from ..formats.pages import release_rows
 from ..model.ffn import activation_fn, dense, ffn_hidden
 
 
@@ -55,6 +56,10 @@ class CpuTier:
         self.mask = torch.empty(max_tokens, config.n_ff, dtype=torch.uint8, pin_memory=pin)
         self.times = TierTimes()
         self.set_spec(None)
+        # The neuron-major down_t copies hold every neuron; the hot ones are never read on this tier.
+        self.released = sum(release_rows(np.asarray(t.data), h) for (il, role), t in self.ffn._copies.items()
+                            if role == "down" and t is not weights.layers[il].down_t
+                            for h in [np.asarray(hot[il], dtype=np.int64)])
 
     def set_spec(self, spec: SparseSpec | None) -> None:
         """The rule's thresholds on the C side (dense = only exact zeros skipped); predictors run on the fast
