@@ -1,6 +1,7 @@
 """Chat prompts from the model's `tokenizer.chat_template` (Jinja), rendered the way HF transformers does.
 
-transformers' `apply_chat_template` is the reference: an ImmutableSandboxedEnvironment with trim_blocks and
+transformers' `apply_chat_template` is the reference: an ImmutableSandboxedEnvironment (here with bounded time,
+output and memory, template_sandbox.py: templates come from strangers' model files) with trim_blocks and
 lstrip_blocks, the loopcontrols extension, a `tojson` that keeps non-ASCII text, and the globals
 `raise_exception` and `strftime_now`. Models without a template get ChatML, llama.cpp's fallback.
 """
@@ -12,9 +13,9 @@ from functools import lru_cache
 
 import jinja2
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import PowerInferError
+from ..errors import PowerInferError, one_line
+from .template_sandbox import BoundedSandbox, TemplateLimit
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -54,9 +55,9 @@ class _GenerationTag(Extension):
 
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols, _GenerationTag])
-    env.filters["tojson"] = _tojson
+    # jinja2's ImmutableSandboxedEnvironment, with renders bounded in time, output and memory (template_sandbox.py)
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
+    env.filters["tojson"] = env.bounded_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(template)
@@ -78,15 +79,25 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
     # HF always defines these (None when absent); templates test `tools is defined`
     extra.setdefault("tools", None)
     extra.setdefault("documents", None)
+    if template is not None and not isinstance(template, str):
+        raise PowerInferError(f"the model's chat template is a {type(template).__name__}, not text")
     try:
         compiled = _compile(template or CHATML_TEMPLATE)
-        return compiled.render(messages=[_flatten(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token, **extra)
+        return compiled.environment.render(compiled, messages=[_flatten(m) for m in messages],
+                                           add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+                                           eos_token=eos_token, **extra)
     except _TemplateRaised as e:
-        raise PowerInferError(f"the chat template refused these messages: {e}") from None
+        raise PowerInferError(f"the chat template refused these messages: {one_line(e)}") from None
+    except TemplateLimit as e:
+        raise PowerInferError(f"the model's chat template was stopped: {e}") from None
     except jinja2.TemplateSyntaxError as e:
-        raise PowerInferError(f"the model's chat template is invalid (line {e.lineno}): {e.message}") from None
+        raise PowerInferError(f"the model's chat template is invalid (line {e.lineno}): {one_line(e.message)}") \
+            from None
     except jinja2.TemplateError as e:
-        raise PowerInferError(f"the model's chat template failed: {e}") from None
+        raise PowerInferError(f"the model's chat template failed: {one_line(e)}") from None
+    except RecursionError:
+        raise PowerInferError("the model's chat template failed: it recursed too deeply") from None
+    except MemoryError:
+        raise PowerInferError("the model's chat template failed: out of memory") from None
     except Exception as e:       # e.g. TypeError from `'x' + None` when a message lacks content
-        raise PowerInferError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
+        raise PowerInferError(f"the model's chat template failed: {type(e).__name__}: {one_line(e)}") from None
