@@ -6,7 +6,7 @@ import torch
 
 from .. import _C
 from ..core.tensor import QTensor
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, PowerInferError
 from .ops import _f32_vec, _weight, address
 
 ROPE_STYLES = {"norm": 0, "neox": 1}
@@ -51,9 +51,13 @@ def _check_supported(c) -> None:
 
 
 def _new_decoder(c, n_ctx: int, n_threads: int, ffn_only: bool = False) -> "_C.Decoder":
-    return _C.Decoder(c.n_layer, c.d_model, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.n_vocab, float(c.norm_eps),
-                      c.rope_dim, ROPE_STYLES[c.rope_style], ACTIVATIONS[c.activation], FFN_KINDS[c.ffn_kind],
-                      n_ctx, max(1, int(n_threads)), ffn_only)
+    try:
+        # threads past the C pool's 64 are clamped there; clamping here keeps huge -t values out of C's int
+        return _C.Decoder(c.n_layer, c.d_model, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.n_vocab,
+                          float(c.norm_eps), c.rope_dim, ROPE_STYLES[c.rope_style], ACTIVATIONS[c.activation],
+                          FFN_KINDS[c.ffn_kind], n_ctx, min(max(1, int(n_threads)), 1024), ffn_only)
+    except (ValueError, OverflowError, MemoryError) as e:  # shapes are checked at load: this is memory or threads
+        raise PowerInferError(f"cannot set up the C decoder for n_ctx {n_ctx}, {n_threads} threads: {e}") from None
 
 
 def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1) -> "_C.Decoder":

@@ -7,6 +7,7 @@ import torch
 
 from .. import _C, kernels
 from ..core.sparse_spec import SparseSpec
+from ..errors import PowerInferError
 from ..formats.loader import LoadedModel
 from ..model.kvcache import KVCache
 from ..model.rope import rope_tables
@@ -130,5 +131,8 @@ class CRunner(CachedSequence):
             _C.dequantize(int(emb.qtype), self._embed_base + tok * emb.row_bytes, emb.cols, self._x[i].data_ptr())
 
     def set_threads(self, n: int) -> None:
+        try:
+            self.decoder.set_threads(n)
+        except MemoryError as e:  # threads or buffers refused: the decoder keeps its old threads (kernels/csrc)
+            raise PowerInferError(str(e)) from None
         self.n_threads = n
-        self.decoder.set_threads(n)

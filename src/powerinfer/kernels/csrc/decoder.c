@@ -458,46 +458,43 @@ static int alloc_act(pi_act *a, void **mem, int n, int n_tok, int need) {
     return 0;
 }
 
-static void free_threads(pi_decoder *D) {
-    if (!D->tw) return;
-    for (int i = 0; i < D->nth; i++) {
-        pi_aligned_free(D->tw[i].xn);
-        pi_aligned_free(D->tw[i].scores);
-        pi_aligned_free(D->tw[i].act_mem);
-        void *bufs[] = {D->tw[i].idx, D->tw[i].hv, D->tw[i].uv, D->tw[i].yp, D->tw[i].xi, D->tw[i].xv,
-                        D->tw[i].kept_h, D->tw[i].kept_x, D->tw[i].kept_u, D->tw[i].kept_g, D->tw[i].act_z_mem};
+static void free_tws(pi_tws *tw, int nth) {
+    if (!tw) return;
+    for (int i = 0; i < nth; i++) {
+        pi_aligned_free(tw[i].xn);
+        pi_aligned_free(tw[i].scores);
+        pi_aligned_free(tw[i].act_mem);
+        void *bufs[] = {tw[i].idx, tw[i].hv, tw[i].uv, tw[i].yp, tw[i].xi, tw[i].xv,
+                        tw[i].kept_h, tw[i].kept_x, tw[i].kept_u, tw[i].kept_g, tw[i].act_z_mem};
         for (size_t j = 0; j < sizeof bufs / sizeof *bufs; j++) pi_aligned_free(bufs[j]);
     }
-    free(D->tw);
+    free(tw);
+}
+
+static void free_threads(pi_decoder *D) {
+    free_tws(D->tw, D->nth);
     D->tw = NULL;
 }
 
 static const int NEED_ALL = PI_NEED_Q8 | PI_NEED_F16 | PI_NEED_BF16 | PI_NEED_F32;
 
-/* Per-thread quantized forms of the predictor's hidden layer (r_max values, rounded up to whole q8 blocks). */
-static int alloc_act_z(pi_decoder *D) {
+/* Quantized forms of the predictor's hidden layer (r_max values, rounded up to whole q8 blocks) for nth threads. */
+static int alloc_act_z(const pi_decoder *D, pi_tws *tw, int nth) {
     const int n = (D->r_max + PI_QK - 1) / PI_QK * PI_QK;
-    for (int i = 0; D->tw && i < D->nth && n > 0; i++) {
-        pi_aligned_free(D->tw[i].act_z_mem);
-        D->tw[i].act_z_mem = NULL;
-        if (alloc_act(&D->tw[i].act_z, &D->tw[i].act_z_mem, n, 1, NEED_ALL)) return -1;
+    for (int i = 0; tw && i < nth && n > 0; i++) {
+        pi_aligned_free(tw[i].act_z_mem);
+        tw[i].act_z_mem = NULL;
+        if (alloc_act(&tw[i].act_z, &tw[i].act_z_mem, n, 1, NEED_ALL)) return -1;
     }
     return 0;
 }
 
-int pi_decoder_set_threads(pi_decoder *D, int nth) {
-    if (nth < 1) nth = 1;
-    if (nth > PI_MAX_THREADS) nth = PI_MAX_THREADS;
-    if (D->pool && D->nth == nth) return 0;
-    if (D->pool) pi_pool_free(D->pool);
-    free_threads(D);
-    pi_prefill_free(&D->pf); /* per-thread scratch: reallocated by the next prefill */
-    D->nth = nth;
-    D->pool = pi_pool_new(nth);
-    D->tw = calloc((size_t)nth, sizeof(pi_tws));
-    if (!D->pool || !D->tw) return -1;
+/* Per-thread decode buffers for nth threads, or NULL (nothing left allocated) when memory runs out. */
+static pi_tws *alloc_tws(const pi_decoder *D, int nth) {
+    pi_tws *tw = calloc((size_t)nth, sizeof(pi_tws));
+    if (!tw) return NULL;
     for (int i = 0; i < nth; i++) {
-        pi_tws *w = &D->tw[i];
+        pi_tws *w = &tw[i];
         w->xn = pi_aligned_alloc((size_t)D->d * 4);
         w->scores = pi_aligned_alloc((size_t)D->n_ctx * (D->n_head / D->n_head_kv) * 4);
         w->idx = pi_aligned_alloc((size_t)D->n_ff * 4);
@@ -511,11 +508,43 @@ int pi_decoder_set_threads(pi_decoder *D, int nth) {
         w->kept_u = pi_aligned_alloc((size_t)D->n_layer * sizeof(int));
         w->kept_g = pi_aligned_alloc((size_t)D->n_layer * sizeof(int));
         if (!w->kept_u || !w->kept_g || !w->xn || !w->scores || !w->idx || !w->hv || !w->uv || !w->yp || !w->xi || !w->xv || !w->kept_h ||
-            !w->kept_x || alloc_act(&w->act, &w->act_mem, D->d, 1, NEED_ALL))
-            return -1;
+            !w->kept_x || alloc_act(&w->act, &w->act_mem, D->d, 1, NEED_ALL)) {
+            free_tws(tw, nth);
+            return NULL;
+        }
     }
-    if (alloc_act_z(D)) return -1;
-    return D->layout_nth == nth ? 0 : relayout(D);
+    if (alloc_act_z(D, tw, nth)) {
+        free_tws(tw, nth);
+        return NULL;
+    }
+    return tw;
+}
+
+/* The new pool and buffers are made before the old ones are freed, so a refused thread or allocation leaves the
+ * decoder exactly as it was (a decoder left without a pool crashed on its next step). Only a failed relayout (out
+ * of memory while repacking the weights for the new split) leaves it unusable, and then it says so (D->broken). */
+int pi_decoder_set_threads(pi_decoder *D, int nth) {
+    if (nth < 1) nth = 1;
+    if (nth > PI_MAX_THREADS) nth = PI_MAX_THREADS;
+    if (D->pool && D->nth == nth) return 0;
+    pi_pool *pool = pi_pool_new(nth);
+    pi_tws *tw = pool ? alloc_tws(D, nth) : NULL;
+    if (!tw) {
+        if (pool) pi_pool_free(pool);
+        return -1;
+    }
+    if (D->pool) pi_pool_free(D->pool);
+    free_threads(D);
+    pi_prefill_free(&D->pf); /* per-thread scratch: reallocated by the next prefill */
+    D->pool = pool;
+    D->tw = tw;
+    D->nth = nth;
+    if (D->layout_nth == nth) return 0;
+    if (relayout(D)) {
+        D->broken = 1;
+        return -2;
+    }
+    return 0;
 }
 
 pi_decoder *pi_decoder_new(int n_layer, int d, int n_head, int n_head_kv, int hd, int n_ff, int n_vocab,
@@ -661,10 +690,15 @@ int pi_decoder_set_predictor(pi_decoder *D, int il, const pi_mat *fc1, const pi_
         const int r = fc1->rows;
         float *z = pi_aligned_alloc((size_t)r * 4);
         if (!z) return -1;
+        D->r_max = r;
+        if (alloc_act_z(D, D->tw, D->nth)) { /* the old buffers are gone too: keep no predictor anywhere */
+            pi_aligned_free(z);
+            for (int i = 0; i < D->n_layer; i++) { memset(&D->L[i].fc1, 0, sizeof D->L[i].fc1); memset(&D->L[i].fc2, 0, sizeof D->L[i].fc2); }
+            D->r_max = 0;
+            return -1;
+        }
         pi_aligned_free(D->z);
         D->z = z;
-        D->r_max = r;
-        if (alloc_act_z(D)) return -1;
     }
     L->fc1 = *fc1;
     L->fc2 = *fc2;

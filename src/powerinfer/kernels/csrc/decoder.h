@@ -87,6 +87,7 @@ typedef struct {
     int ffn_only;
     pi_pool *pool;
     int nth;
+    int broken; /* repacking for a new thread count ran out of memory: the packed weights are gone (refuse to run) */
     /* decode buffers shared by the threads */
     float *q, *k, *v, *att, *y, *g, *u;
     float *z;       /* [r_max] predictor hidden layer */
@@ -104,6 +105,7 @@ typedef struct {
 pi_decoder *pi_decoder_new(int n_layer, int d, int n_head, int n_head_kv, int hd, int n_ff, int n_vocab,
                            float eps, int rope_dim, int rope_style, int act, int ffn_kind, int n_ctx, int nth);
 void pi_decoder_free(pi_decoder *D);
+/* 0 ok; -1: threads or buffers refused, the decoder keeps its old ones; -2: out of memory repacking (D->broken). */
 int pi_decoder_set_threads(pi_decoder *D, int nth);
 /* Packs the block-format matrices (rows * cols bytes of work); 0 ok, -1 on error. */
 int pi_decoder_set_layer(pi_decoder *D, int il, const float *attn_norm, const pi_mat *q, const pi_mat *k,

@@ -215,8 +215,17 @@ static PyObject *Decoder_set_output(DecoderObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static int ready(DecoderObject *self, int l0, int l1, int want_head) {
+static int usable(DecoderObject *self) {
     if (!self->D) { PyErr_SetString(PyExc_RuntimeError, "Decoder not initialised"); return -1; }
+    if (self->D->broken) {
+        PyErr_SetString(PyExc_MemoryError, "the decoder ran out of memory repacking its weights; load the model again");
+        return -1;
+    }
+    return 0;
+}
+
+static int ready(DecoderObject *self, int l0, int l1, int want_head) {
+    if (usable(self)) return -1;
     if (self->busy) { PyErr_SetString(PyExc_RuntimeError, "Decoder is already running (one call at a time)"); return -1; }
     if (self->D->ffn_only) { PyErr_SetString(PyExc_RuntimeError, "an ffn_only decoder runs ffn() only"); return -1; }
     if (l1 > l0 && !self->rope_set) { PyErr_SetString(PyExc_RuntimeError, "set_rope() first"); return -1; }
@@ -262,7 +271,7 @@ static PyObject *Decoder_ffn(DecoderObject *self, PyObject *args) {
     int il;
     void *x, *y, *cand;
     if (!PyArg_ParseTuple(args, "iO&O&O&", &il, pi_conv_ptr, &x, pi_conv_ptr, &y, pi_conv_ptr, &cand)) return NULL;
-    if (idle(self) || check_layer(self, il)) return NULL;
+    if (usable(self) || idle(self) || check_layer(self, il)) return NULL;
     if (!x || !y || !cand) return PyErr_Format(PyExc_ValueError, "null x, y or cand");
     int rc;
     self->busy = 1;
@@ -314,7 +323,10 @@ static PyObject *Decoder_set_threads(DecoderObject *self, PyObject *args) {
     rc = pi_decoder_set_threads(self->D, n);
     Py_END_ALLOW_THREADS
     self->busy = 0;
-    if (rc) return PyErr_NoMemory();
+    if (rc == -1)
+        return PyErr_Format(PyExc_MemoryError, "could not start %d threads (thread limit or out of memory); the "
+                            "decoder keeps its %d", n, self->D->nth);
+    if (rc) return PyErr_Format(PyExc_MemoryError, "out of memory repacking the weights for %d threads", n);
     Py_RETURN_NONE;
 }
 
