@@ -184,6 +184,10 @@ class SamplingParams:
     def __post_init__(self):
         if self.stop is None:
             self.stop = []
+        elif isinstance(self.stop, str):  # one stop string, not its characters
+            self.stop = [self.stop]
+        if not all(isinstance(t, str) for t in self.stop):
+            raise PowerInferError(f"stop: expected a string or a list of strings, got {self.stop!r}")
         if self.temp < 0:
             self.temp = 0.0
         for name in ("top_p", "min_p"):

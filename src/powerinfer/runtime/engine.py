@@ -2,13 +2,17 @@
 
     generate_step   prompt ids -> (token, logits) forever, sampling with a closure built once
     stream_generate text in -> Response chunks out: detokenization safe at UTF-8 boundaries, stop strings,
-                    end-of-generation, length limits, timing
-    generate        the whole completion as one string
+                    end-of-generation, length limits, timing, optional logprobs and per-layer FFN counts
+    generate        the whole completion as one string; `collect` makes a `Completion` of the chunks
+
+Cancellation: `cancel()` (a callable) is checked before every prompt chunk of `runner.n_batch` tokens and before
+every decode step, so a request that is abandoned mid-prompt stops within one chunk (llama.cpp #11720 and
+ik_llama.cpp #1020: servers that kept computing for clients that had gone). Closing the generator stops it too.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +28,8 @@ from .sampling import make_logits_processors, make_sampler
 class Response:
     text: str  # the new text of this chunk (may be empty while a stop string or UTF-8 sequence is pending)
     token: int | None  # the token just generated (None on the final chunk)
-    finish_reason: str | None = None  # "stop" (end-of-generation / stop string) | "length" | "context"
+    # "stop" (end-of-generation / stop string) | "length" | "context" | "cancelled" (cancel() said so)
+    finish_reason: str | None = None
     prompt_tokens: int = 0
     generation_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens reused from the KV cache of the previous request
@@ -34,6 +39,12 @@ class Response:
     # fraction of FFN neurons the step that produced this token skipped, and the FFN weight bytes it read.
     ffn_sparsity: float | None = None
     ffn_bytes: int | None = None
+    # With layer_stats=True: FFN neurons each layer computed in that step (a list of n_layer ints).
+    ffn_neurons: list[int] | None = None
+    # With logprobs=N: log-probability of `token` under the model's distribution (softmax of the raw logits, as
+    # llama.cpp's n_probs: before penalties, temperature and truncation), and the N most likely tokens (id, logprob).
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
     @property
     def prompt_tps(self) -> float:
@@ -47,21 +58,66 @@ class Response:
         return n / self.generation_seconds if self.generation_seconds > 0 and n > 0 else 0.0
 
 
-def generate_step(runner: Runner, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
-    """Yield sampled tokens forever (the caller stops); reuses the cached prefix of the previous request."""
+def prefill(runner: Runner, ids: list[int], cancel: Callable[[], bool] | None = None) -> torch.Tensor | None:
+    """Evaluate `ids` in chunks of `runner.n_batch`, checking `cancel()` before each; the logits of the last token,
+    or None when cancelled (the cache then holds the chunks evaluated so far)."""
+    n = getattr(runner, "n_batch", 0) or len(ids)
+    chunks = [ids[i:i + n] for i in range(0, len(ids), n)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        # One trailing token would be a decode step here but part of a prefill call in one eval(ids); merged, the
+        # runner splits it exactly as before, so chunking leaves the numbers unchanged.
+        chunks[-2:] = [chunks[-2] + chunks[-1]]
+    logits = None
+    for chunk in chunks:
+        if cancel is not None and cancel():
+            return None
+        logits = runner.eval(chunk)
+    return logits
+
+
+def sample_steps(runner: Runner, prompt_ids: list[int], params: SamplingParams,
+                 cancel: Callable[[], bool] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (token, the raw logits it was sampled from) until the caller stops or `cancel()` is true; reuses the
+    cached prefix of the previous request. The logits are a buffer the next step overwrites: read them before
+    resuming."""
     sampler = make_sampler(params.temp, params.top_k, params.top_p, params.min_p, params.seed)
     processors = make_logits_processors(params.repeat_penalty, params.presence_penalty,
                                         params.frequency_penalty, params.repeat_last_n, runner.n_ctx)
     n_cached = runner.reuse_prefix(prompt_ids)
-    logits = runner.eval(prompt_ids[n_cached:])
+    logits = prefill(runner, prompt_ids[n_cached:], cancel)
     history = list(prompt_ids)
-    while True:
+    while logits is not None:
+        raw = logits
         for proc in processors:
             logits = proc(logits, history)
         tok = sampler(logits)
         history.append(tok)
-        yield tok
+        yield tok, raw
+        if cancel is not None and cancel():
+            return
         logits = runner.eval([tok])
+
+
+def generate_step(runner: Runner, prompt_ids: list[int], params: SamplingParams,
+                  cancel: Callable[[], bool] | None = None) -> Iterator[int]:
+    """Yield sampled tokens forever (the caller stops); reuses the cached prefix of the previous request."""
+    steps = sample_steps(runner, prompt_ids, params, cancel)
+    try:
+        for tok, _ in steps:
+            yield tok
+    finally:
+        steps.close()
+
+
+def _layer_neurons(runner: Runner) -> list[int] | None:
+    """FFN neurons each layer computed in the last decode step. The runner protocol reports totals only
+    (`last_ffn`); the C runner's per-layer counts are its SparseFFN's `kept()`, read here until the protocol names
+    them (`last_ffn_layers`)."""
+    public = getattr(runner, "last_ffn_layers", None)
+    if public is not None:
+        return public()
+    sparse = getattr(runner, "_sparse", None)
+    return sparse.kept().neurons.tolist() if sparse is not None else None
 
 
 class _StopMatcher:
@@ -73,11 +129,11 @@ class _StopMatcher:
 
     def push(self, text: str) -> tuple[str, bool]:
         self.pending += text
-        for s in self.stops:
-            i = self.pending.find(s)
-            if i >= 0:
-                out, self.pending = self.pending[:i], ""
-                return out, True
+        # the earliest match wins when several stop strings occur in the pending text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
         hold = 0
         for s in self.stops:
             for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
@@ -90,7 +146,12 @@ class _StopMatcher:
 
 
 def stream_generate(runner: Runner, tokenizer: Tokenizer, prompt: str | list[int],
-                    params: SamplingParams, add_bos: bool | None = None) -> Iterator[Response]:
+                    params: SamplingParams, add_bos: bool | None = None, *, logprobs: int | None = None,
+                    layer_stats: bool = False, cancel: Callable[[], bool] | None = None) -> Iterator[Response]:
+    """Response chunks of one generation; the last has `finish_reason` set and the text still held back.
+
+    logprobs: None, or N >= 0 to fill each chunk's `logprob` and its N most likely tokens (`top_logprobs`);
+    layer_stats: fill `ffn_neurons` on sparse decode steps; cancel: checked between prompt chunks and tokens."""
     prompt_ids = tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
     if not prompt_ids:
         raise PowerInferError("the prompt is empty (and the model adds no BOS token); give some text")
@@ -109,10 +170,10 @@ def stream_generate(runner: Runner, tokenizer: Tokenizer, prompt: str | list[int
     t0 = time.perf_counter()
     runner.reset_ffn_stats()
     resp.cached_tokens = runner.reuse_prefix(prompt_ids)
-    steps = generate_step(runner, prompt_ids, params)
+    steps = sample_steps(runner, prompt_ids, params, cancel)
     t_first = None
     finish, stop_hit = None, False
-    for tok in steps:
+    for tok, logits in steps:
         now = time.perf_counter()
         if t_first is None:
             t_first = now
@@ -124,8 +185,17 @@ def stream_generate(runner: Runner, tokenizer: Tokenizer, prompt: str | list[int
             break
         text, stop_hit = stops.push(stream.push(tok))
         ffn = runner.last_ffn() if resp.generation_tokens > 1 else None
+        extra = {}
+        if logprobs is not None:  # before the next step overwrites the logits
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            extra["logprob"] = float(lp[tok])
+            if logprobs > 0:
+                vals, ids = torch.topk(lp, min(logprobs, lp.numel()))
+                extra["top_logprobs"] = list(zip(ids.tolist(), vals.tolist()))
+        if ffn and layer_stats:
+            extra["ffn_neurons"] = _layer_neurons(runner)
         yield Response(**{**resp.__dict__, "text": text, "token": tok,
-                          "ffn_sparsity": ffn[0] if ffn else None, "ffn_bytes": ffn[1] if ffn else None})
+                          "ffn_sparsity": ffn[0] if ffn else None, "ffn_bytes": ffn[1] if ffn else None, **extra})
         if stop_hit:
             finish = "stop"
             break
@@ -136,6 +206,8 @@ def stream_generate(runner: Runner, tokenizer: Tokenizer, prompt: str | list[int
             finish = "context"
             break
     steps.close()
+    if finish is None:  # the steps ended on their own: cancel() said so
+        finish = "cancelled"
     tail = ""
     if not stop_hit:
         tail, stop_hit = stops.push(stream.flush())
@@ -143,6 +215,51 @@ def stream_generate(runner: Runner, tokenizer: Tokenizer, prompt: str | list[int
             tail += stops.pending
     resp.text, resp.token, resp.finish_reason = tail, None, finish
     yield resp
+
+
+@dataclass
+class Completion:
+    """A whole generation (`collect`, `LLM.generate(..., details=True)`): the text and what produced it."""
+
+    text: str
+    tokens: list[int]  # the generated ids whose text is `text` (an end-of-generation token is not included)
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int  # tokens sampled, an end-of-generation token included
+    cached_tokens: int
+    prompt_seconds: float
+    generation_seconds: float
+    logprobs: list[float] | None = None  # per token of `tokens`, when asked for
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    ffn_sparsity: float | None = None  # mean fraction of FFN neurons skipped per sparse decode step
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def prompt_tps(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        n = self.completion_tokens - 1
+        return n / self.generation_seconds if self.generation_seconds > 0 and n > 0 else 0.0
+
+
+def collect(responses: Iterator[Response]) -> Completion:
+    chunks = list(responses)
+    last = chunks[-1]
+    steps = [r for r in chunks if r.token is not None]
+    sparse = [r.ffn_sparsity for r in steps if r.ffn_sparsity is not None]
+    with_lp = bool(steps) and steps[0].logprob is not None
+    return Completion(
+        text="".join(r.text for r in chunks), tokens=[r.token for r in steps], finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens, completion_tokens=last.generation_tokens, cached_tokens=last.cached_tokens,
+        prompt_seconds=last.prompt_seconds, generation_seconds=last.generation_seconds,
+        logprobs=[r.logprob for r in steps] if with_lp else None,
+        top_logprobs=[r.top_logprobs or [] for r in steps] if with_lp else None,
+        ffn_sparsity=sum(sparse) / len(sparse) if sparse else None)
 
 
 def generate(runner: Runner, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams) -> str:
