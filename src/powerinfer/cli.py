@@ -9,7 +9,7 @@ import argparse
 import inspect
 import sys
 
-from .commands import measure, prepare, run
+from .commands import measure, prepare, run, serve
 from .errors import PowerInferError
 from .options import SCHEMA
 from .settings import add_command_arguments
@@ -30,6 +30,8 @@ COMMANDS = [
     ("solve", prepare.cmd_solve, "place hot FFN neurons on the fast tier (GPU) under a VRAM budget"),
     ("convert", prepare.cmd_convert, "write a PowerInfer GGUF (PWRI, ffn_down_t, fc1/fc2 predictors)"),
     ("prepare", prepare.cmd_prepare, "run the offline pipeline: thresholds, profile, predictors, placement"),
+    ("serve", serve.cmd_serve, "serve the model over HTTP: OpenAI-compatible API and a web chat page (like "
+     "llama-server)"),
 ]
 
 

@@ -347,7 +347,45 @@ class PrepareOptions:
     force: bool = option(False, "--force", commands=("prepare",), help="redo every step")
 
 
+# -- serving ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ServeOptions:
+    """llama-server's spellings where it has the flag (--host, --port, --api-key, -a/--alias, -to/--timeout,
+    --no-webui, --sse-ping-interval); --max-queue is Ollama's OLLAMA_MAX_QUEUE."""
+
+    host: str = option("127.0.0.1", "--host", metavar="ADDR", commands=("serve",),
+                       help="address to listen on; anything but loopback lets other machines connect (set --api-key)")
+    port: int = option(8080, "--port", metavar="N", commands=("serve",),
+                       help="TCP port (0 = any free port; the address is printed at start)")
+    api_key: str | None = option(None, "--api-key", metavar="KEY", commands=("serve",),
+                                 help="require `Authorization: Bearer KEY` (or `X-Api-Key: KEY`) on every route but "
+                                      "/health, /v1/models and the chat page (default: $POWERINFER_API_KEY, else "
+                                      "no key)")
+    alias: str | None = option(None, "-a", "--alias", metavar="NAME", commands=("serve",),
+                               help="model name in responses and /v1/models (default: the model file's name)")
+    max_queue: int = option(64, "--max-queue", metavar="N", commands=("serve",),
+                            help="requests that may wait while one generates; more are refused with 503 and "
+                                 "retry-after")
+    timeout: float = option(600.0, "-to", "--timeout", metavar="SEC", commands=("serve",),
+                            help="seconds a client may take to send its request")
+    sse_ping_interval: float = option(30.0, "--sse-ping-interval", metavar="SEC", commands=("serve",),
+                                      help="send an SSE comment line after SEC seconds without a token, so proxies "
+                                           "and clients keep a stream open through a long prompt (0 = never)")
+    no_webui: bool = option(False, "--no-webui", commands=("serve",), help="do not serve the chat page at /")
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise PowerInferError(f"--port must be in 0..65535, got {self.port}")
+        if self.max_queue < 0:
+            raise PowerInferError(f"--max-queue must be >= 0, got {self.max_queue}")
+        if not self.timeout > 0:
+            raise PowerInferError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if self.sse_ping_interval < 0:
+            raise PowerInferError(f"--sse-ping-interval must be >= 0, got {self.sse_ping_interval}")
+
+
 # Every dataclass whose fields are flags, in the order their flags appear in --help.
 SCHEMA = (ModelSettings, PromptInput, FileInput, TextChunks, CalibrationText, RunOptions, TokenizeOptions, InfoOptions,
           PerplexityOptions, CompareLogitsOptions, BenchOptions, CalibrateOptions, ProfileOptions, TrainOptions,
-          SolveOptions, ConvertOptions, PrepareOptions, OutputPath, JsonOutput, SamplingParams)
+          SolveOptions, ConvertOptions, PrepareOptions, ServeOptions, OutputPath, JsonOutput, SamplingParams)

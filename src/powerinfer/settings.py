@@ -23,8 +23,8 @@ SPARSE_METHODS = ("hu", "teal", "teal-hu")  # sparse.artifacts.METHODS' names (t
 
 # Subcommands that load a model (all but compare-logits).
 LOADS_MODEL = ("run", "tokenize", "info", "perplexity", "bench", "calibrate", "profile", "train-predictors", "solve",
-               "convert", "prepare")
-RUN = ("run",)
+               "convert", "prepare", "serve")
+GENERATES = ("run", "serve")  # subcommands that generate text: the sampling flags
 
 
 def parse_sparsity(text: str | float | None) -> str | float:
@@ -69,7 +69,7 @@ def default_threads() -> int:
 
 
 # Subcommands that run or place a model on tiers.
-PLACES = ("run", "perplexity", "bench", "solve", "prepare")
+PLACES = ("run", "perplexity", "bench", "solve", "prepare", "serve")
 
 
 @dataclass
@@ -108,32 +108,34 @@ class ModelSettings(PlacementSettings):
                                help="GGUF file or HF model directory (default: the bundled SmolLM2-135M-Instruct "
                                     "Q4_1)")
     # perplexity, calibrate and profile have their own -c: text chunks of 512 (options.TextChunks).
-    n_ctx: int = option(4096, "-c", "--ctx-size", metavar="N", commands=("run", "solve", "prepare"),
+    n_ctx: int = option(4096, "-c", "--ctx-size", metavar="N", commands=("run", "solve", "prepare", "serve"),
                         help="context size in tokens (0 = the model's trained context); the KV cache is allocated "
                              "for it")
     # bench has its own -t: a list of thread counts to test (options.BenchOptions).
     n_threads: int = option(0, "-t", "--threads", metavar="N",
-                            commands=("run", "perplexity", "calibrate", "profile", "train-predictors", "prepare"),
+                            commands=("run", "perplexity", "calibrate", "profile", "train-predictors", "prepare",
+                                      "serve"),
                             help="CPU threads (default: all available cores)")
-    n_batch: int = option(512, "-b", "--batch-size", metavar="N", commands=("run", "perplexity", "bench"),
+    n_batch: int = option(512, "-b", "--batch-size", metavar="N", commands=("run", "perplexity", "bench", "serve"),
                           help="prompt tokens processed per prefill call")
-    sparsity: str = option("auto", "--sparsity", metavar="auto|off|S", commands=("run", "perplexity", "bench"),
+    sparsity: str = option("auto", "--sparsity", metavar="auto|off|S",
+                           commands=("run", "perplexity", "bench", "serve"),
                            help="neuron-sparse FFN: off = dense; auto (default) = the fastest measured setting "
                                 "within 3%% perplexity (exact skipping of zero activations on ReLU-family models, "
                                 "with a PowerInfer GGUF's own predictors as upstream does; dense on SwiGLU models); "
                                 "S in (0,1) = skip that fraction of FFN neurons per layer with "
                                 "thresholds calibrated on first use (about a minute for small models) and cached")
     sparse_method: str = option(DEFAULT_SPARSE_METHOD, "--sparse-method", metavar="NAME",
-                                commands=("run", "perplexity", "bench"),
+                                commands=("run", "perplexity", "bench", "serve"),
                                 help="threshold criterion for SwiGLU models: hu = |act(gate)*up| per neuron, "
                                      "teal = |x| per FFN input channel, teal-hu = both")
     predictors: str | None = option(None, "--predictors", metavar="FILE",
-                                    commands=("run", "perplexity", "bench", "convert"),
+                                    commands=("run", "perplexity", "bench", "convert", "serve"),
                                     help="activation predictors, a file from `powerinfer train-predictors`: for the "
                                          "sparse FFN (PowerInfer GGUF files use their own by default); for convert, "
                                          "the ones to embed, also an upstream directory of model_N.pt (default: the "
                                          "model's cached predictors if any, else none)")
-    verbose: bool = option(False, "--verbose", commands=RUN,
+    verbose: bool = option(False, "--verbose", commands=GENERATES,
                            help="print load details and per-layer FFN sparsity / bytes read after generation")
 
     def __post_init__(self):
@@ -148,7 +150,7 @@ class ModelSettings(PlacementSettings):
 
 
 def _sampling(default, *flags, **kw):
-    return option(default, *flags, commands=RUN, group="sampling", **kw)
+    return option(default, *flags, commands=GENERATES, group="sampling", **kw)
 
 
 @dataclass

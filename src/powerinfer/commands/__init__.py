@@ -6,6 +6,7 @@ prepare` call too), report (printing). A cmd's docstring is its `--help` descrip
   run.py      run, tokenize, info
   measure.py  perplexity, compare-logits, bench
   prepare.py  calibrate, profile, train-predictors, solve, convert, prepare
+  serve.py    serve (the HTTP server itself is the server/ package)
 """
 from __future__ import annotations
 
