@@ -129,7 +129,8 @@ class _Reader(GGUFReader):
             block, type_size = GGML_QUANT_SIZES[qtype]
             dims = [int(x) for x in f.parts[3]]
             if not dims or max(dims) >= 1 << 62:  # (empty tensors are legal: a .gpuidx bucket of no neurons)
-                raise ModelFormatError(f"{self._path}: tensor {name} has dimensions {dims}")
+                raise ModelFormatError(f"{self._path}: tensor {name} has dimensions {dims} (expected 1 to "
+                                       f"{MAX_DIMS} sizes below 2^62)")
             if dims[0] % block:
                 raise ModelFormatError(f"{self._path}: tensor {name} has rows of {dims[0]} values, not whole "
                                        f"{qtype.name} blocks of {block}")

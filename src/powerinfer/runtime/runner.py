@@ -15,7 +15,7 @@ import torch
 
 from ..core.config import ModelConfig
 from ..core.sparse_spec import SparseSpec
-from ..errors import ContextOverflowError, PowerInferError
+from ..errors import ContextOverflowError, ModelFormatError, PowerInferError
 
 
 class Runner(Protocol):
@@ -43,7 +43,11 @@ class Runner(Protocol):
 
 class CachedSequence:
     """The bookkeeping every runner shares: which tokens the KV cache holds, prefix reuse, and the checks an
-    `eval` makes before any compute. Subclasses implement `_forward(ids, all_logits)`."""
+    `eval` makes before any compute (and after it: logits must be finite). Subclasses implement
+    `_forward(ids, all_logits)`."""
+
+    # --allow-non-finite: NaN/inf logits are replaced (NaN -> -inf) instead of being an error
+    allow_non_finite: bool = False
 
     def __init__(self, config: ModelConfig, n_ctx: int, n_threads: int, n_batch: int):
         self.config = config
@@ -92,6 +96,7 @@ class CachedSequence:
         if bad:
             raise PowerInferError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.n_vocab - 1})")
         out = self._forward(ids, all_logits)
+        _check_logits(out, self.n_past, len(ids), self.allow_non_finite)
         self.tokens.extend(ids)
         return out
 
@@ -113,6 +118,21 @@ class CachedSequence:
 
     def last_ffn(self) -> tuple[float, int] | None:
         return None
+
+
+def _check_logits(logits: torch.Tensor, pos: int, n: int, allow: bool) -> None:
+    """NaN or infinite logits (corrupt or overflowing weights) are a one-line error naming the position, or, when
+    allowed, made samplable in place: NaN -> -inf, +inf -> the largest float, a row with nothing finite -> zeros."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    if not allow:
+        rows = logits.reshape(-1, logits.shape[-1])
+        p = pos + int((~torch.isfinite(rows)).any(-1).nonzero()[0]) if logits.dim() > 1 else pos + n - 1
+        raise ModelFormatError(f"the model produced NaN or infinite logits at position {p} (corrupt or overflowing "
+                               "weights); --allow-non-finite samples from the finite ones anyway")
+    torch.nan_to_num_(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    rows = logits.view(-1, logits.shape[-1])
+    rows[torch.isneginf(rows).all(-1)] = 0.0
 
 
 def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: str = "cpu",
