@@ -46,7 +46,7 @@ def read_json_artifact(path: str | Path, *, kind: str, fmt: str, version: int, f
     if not isinstance(doc, dict) or doc.get("format") != fmt:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise PowerInferError(f"{path}: not a {kind} file (format {found!r}, expected {fmt!r})")
-    if doc.get("version") != version:
+    if doc.get("version") != version or isinstance(doc.get("version"), bool):
         raise PowerInferError(f"{path}: {kind} format version {doc.get('version')!r}; this powerinfer reads "
                               f"version {version} (run `{remake} -m MODEL` again)")
     if fingerprint is not None and doc.get("fingerprint") != fingerprint:
