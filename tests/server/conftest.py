@@ -1,12 +1,12 @@
 """A real `powerinfer serve` subprocess on 127.0.0.1 (any free port, --port 0), waited for on /health, stopped with
 SIGTERM (llama.cpp's tests/utils.py ServerProcess does the same).
 
-  serve(*args)       factory: start a server with these CLI args -> Server (module-scoped cleanup)
+  serve(*args)       factory: start a server with these CLI args -> Server (stopped after the module)
   tiny_model         a ReLU tiny GGUF with a byte-level vocabulary (tests/fixtures/tiny.py): fast, and `--sparsity
                      auto` skips its zero activations exactly, so the FFN view has real sparsity
-  tiny_server        `serve -m tiny --sparsity auto -c 8192` shared by the module's tests
+  tiny_server        `serve -m tiny --sparsity auto -c 8192 --temp 0`, one for the whole session
   bundled_server     the bundled SmolLM2-135M-Instruct, -b 64 (small prompt chunks: a cancel lands between them),
-                     an SSE ping after 0.5 s without a token
+                     an SSE ping after 0.2 s without a token; one for the whole session
 """
 from __future__ import annotations
 
@@ -140,11 +140,15 @@ def tiny_model(tiny_gguf):
     return tiny_gguf(**TINY)
 
 
-@pytest.fixture(scope="module")
-def tiny_server(serve, tiny_model):
-    return serve("-m", str(tiny_model.path), "--sparsity", "auto", "-c", "8192", "-t", "2", "--temp", "0")
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model):
+    s = Server(["-m", str(tiny_model.path), "--sparsity", "auto", "-c", "8192", "-t", "2", "--temp", "0"])
+    yield s
+    s.stop()
 
 
-@pytest.fixture(scope="module")
-def bundled_server(serve, bundled_model_path):
-    return serve("-c", "4096", "-b", "64", "-t", "2", "--sse-ping-interval", "0.5")
+@pytest.fixture(scope="session")
+def bundled_server(bundled_model_path):
+    s = Server(["-c", "4096", "-b", "64", "-t", "2", "--sse-ping-interval", "0.2"])
+    yield s
+    s.stop()
