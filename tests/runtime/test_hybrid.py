@@ -153,3 +153,19 @@ def test_a_budget_below_the_dense_parts_runs_on_the_cpu(relu_model):
 def test_without_a_fast_device_nothing_changes(relu_model):
     r = make_runner(relu_model, N_CTX, 2, placement=PlacementSettings(), solve=solve_hot_sets)
     assert r.compute == ("hybrid" if torch.cuda.is_available() else "c")
+
+
+def test_neurons_counted_on_both_tiers(relu_model):
+    """The hybrid runner reports the neurons each layer computed, hot plus cold, as the C engine counts them."""
+    spec = SparseSpec.uniform(relu_model.config.n_layer, method="relu")
+    hyb, c = _hybrid(relu_model, 0.5), make_runner(relu_model, N_CTX, 2)
+    for r in (hyb, c):
+        r.set_sparse(spec)
+        r.eval([1, 5, 9])
+        r.reset_ffn_stats()
+        r.eval([33])
+    hot, cold = hyb.last_ffn_tiers()
+    assert all(h > 0 for h in hot) and all(k > 0 for k in cold)
+    assert [h + k for h, k in zip(hot, cold)] == hyb.last_ffn_layers() == c._sparse.kept().neurons.tolist()
+    assert abs(hyb.ffn_sparsity() - c.ffn_sparsity()) < 1e-9 and 0.2 < hyb.ffn_sparsity() < 0.9
+    assert hyb.last_ffn()[0] == pytest.approx(c.last_ffn()[0])

@@ -82,6 +82,12 @@ class CRunner(CachedSequence):
                 "input_sparsity_per_layer": (1.0 - mean.inputs / cfg.d_model).tolist(),
                 "ffn_bytes_per_token": layer_bytes.sum().item(), "ffn_dense_bytes": dense}
 
+    def last_ffn_layers(self) -> list[int] | None:
+        """Neurons each layer computed in the last sparse decode step (None when dense)."""
+        if not self.sparse or self._sparse is None:
+            return None
+        return self._sparse.kept().neurons.tolist()
+
     def last_ffn(self) -> tuple[float, int] | None:
         """(sparsity, FFN weight bytes read) of the last eval if it was a sparse decode step, else None."""
         if not self.sparse or self._sparse is None or not self._last_step:

@@ -70,11 +70,48 @@ class HybridRunner(CachedSequence):
         if self.cpu is not None:
             self.cpu.dec.set_threads(n)
 
+    # -- FFN neurons computed, on both tiers -----------------------------------------------------------------
+    def last_ffn_layers(self) -> list[int]:
+        """Neurons each layer computed for the last token (hot + cold)."""
+        hot = torch.stack([f.last_kept for f in self.ffns]).cpu()
+        cold = self.cpu.last_kept if self.cpu is not None else torch.zeros_like(hot)
+        return (hot + cold).tolist()
+
+    def last_ffn_tiers(self) -> tuple[list[int], list[int]]:
+        """(hot, cold) neurons each layer computed for the last token: the fast tier's and the CPU's."""
+        hot = torch.stack([f.last_kept for f in self.ffns]).cpu().tolist()
+        return hot, (self.cpu.last_kept.tolist() if self.cpu is not None else [0] * len(hot))
+
+    def _kept_fraction(self, per_layer: torch.Tensor, tokens: int) -> float:
+        return per_layer.sum().item() / (tokens * self.config.n_layer * self.config.n_ff)
+
+    def ffn_sparsity(self) -> float:
+        """Fraction of FFN neurons skipped per token since reset_ffn_stats() (both tiers; 0 before any token)."""
+        if not self._tokens:
+            return 0.0
+        total = torch.stack([f.kept_total for f in self.ffns]).cpu()
+        if self.cpu is not None:
+            total = total + self.cpu.kept_total
+        return 1.0 - self._kept_fraction(total, self._tokens)
+
+    def last_ffn(self) -> tuple[float, int] | None:
+        """(sparsity, FFN weight bytes read) of the last token: the fast tier reads its hot rows whole, the CPU
+        tier the rows of the cold neurons it computed."""
+        if not self._tokens:
+            return None
+        kept = torch.tensor(self.last_ffn_layers())
+        hot_bytes = sum(f.n_hot * b for f, b in zip(self.ffns, self.plan.neuron_bytes))
+        cold_bytes = int(self.cpu.last_bytes.sum()) if self.cpu is not None else 0
+        return 1.0 - self._kept_fraction(kept, 1), hot_bytes + cold_bytes
+
     # -- per-tier time ------------------------------------------------------------------------------------
     def reset_ffn_stats(self) -> None:
         self._seconds, self._tokens = 0.0, 0
+        for f in getattr(self, "ffns", []):
+            f.kept_total.zero_()
         if self.cpu is not None:
             self.cpu.times = TierTimes()
+            self.cpu.kept_total.zero_()
 
     def tier_stats(self) -> dict | None:
         """Per-token milliseconds since reset: total, the CPU tier's C calls, copies across the boundary, the fast

@@ -39,6 +39,7 @@ class Runner(Protocol):
     def ffn_sparsity(self) -> float: ...
     def ffn_stats(self) -> dict | None: ...
     def last_ffn(self) -> tuple[float, int] | None: ...
+    def last_ffn_layers(self) -> list[int] | None: ...
 
 
 class CachedSequence:
@@ -117,6 +118,9 @@ class CachedSequence:
         return None
 
     def last_ffn(self) -> tuple[float, int] | None:
+        return None
+
+    def last_ffn_layers(self) -> list[int] | None:
         return None
 
 

@@ -55,6 +55,9 @@ class CpuTier:
         self.y = torch.empty(max_tokens, config.d_model, pin_memory=pin)
         self.mask = torch.empty(max_tokens, config.n_ff, dtype=torch.uint8, pin_memory=pin)
         self.times = TierTimes()
+        self.last_kept = torch.zeros(config.n_layer, dtype=torch.int64)  # neurons computed, last token per layer
+        self.kept_total = torch.zeros(config.n_layer, dtype=torch.int64)  # and summed since reset
+        self.last_bytes = torch.zeros(config.n_layer, dtype=torch.int64)
         self.set_spec(None)
         # The neuron-major down_t copies hold every neuron; the hot ones are never read on this tier.
         self.released = sum(release_rows(np.asarray(t.data), h) for (il, role), t in self.ffn._copies.items()
@@ -75,6 +78,10 @@ class CpuTier:
         for t in range(n_tok):
             cand = self.mask[t] if masked else self.cold[il]
             self.dec.ffn(il, self.x[t].data_ptr(), y[t].data_ptr(), cand.data_ptr())
+            kept = self.ffn.kept()
+            self.last_kept[il] = n = int(kept.neurons[il])
+            self.kept_total[il] += n
+        self.last_bytes[il] = int(self.ffn.bytes_per_layer(kept)[il])
         self.times.cpu += time.perf_counter() - t0
         return y
 
@@ -101,6 +108,10 @@ class HybridFFN(nn.Module):
         self.register_buffer("cold_mask", cpu.cold[layer].bool() if cpu is not None else None)
         self.register_buffer("fc1", None)
         self.register_buffer("fc2", None)
+        # hot neurons computed (h kept): the last token's count and the sum since reset, on the fast tier's
+        # device so counting adds no synchronisation
+        self.register_buffer("last_kept", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("kept_total", torch.zeros((), dtype=torch.int64), persistent=False)
         self.thresholds, self.t_pred = LayerThresholds(), 0.0
 
     def set_rule(self, thresholds: LayerThresholds, predictors=None) -> None:
@@ -139,6 +150,10 @@ class HybridFFN(nn.Module):
             if predicted is not None:
                 p = predicted.index_select(1, self.hot_index)
                 keep = p if keep is None else keep & p
+            kept = (h != 0) if keep is None else keep & (h != 0)
+            counts = kept.sum(1)
+            self.last_kept.copy_(counts[-1])
+            self.kept_total.add_(counts.sum())
             y = F.linear(h * keep if keep is not None else h, self.down_proj)
             if cpu is not None:
                 cpu.times.fast_ffn += time.perf_counter() - t0
