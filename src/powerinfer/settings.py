@@ -11,6 +11,7 @@ no repeat penalty).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
@@ -135,7 +136,7 @@ class ModelSettings(PlacementSettings):
                                          "sparse FFN (PowerInfer GGUF files use their own by default); for convert, "
                                          "the ones to embed, also an upstream directory of model_N.pt (default: the "
                                          "model's cached predictors if any, else none)")
-    verbose: bool = option(False, "--verbose", commands=GENERATES,
+    verbose: bool = option(False, "-v", "--verbose", "--log-verbose", commands=GENERATES,
                            help="print load details and per-layer FFN sparsity / bytes read after generation")
 
     def __post_init__(self):
@@ -157,7 +158,7 @@ def _sampling(default, *flags, **kw):
 class SamplingParams:
     """Per-request generation settings."""
 
-    n_predict: int = _sampling(-1, "-n", "--n-predict", metavar="N",
+    n_predict: int = _sampling(-1, "-n", "--predict", "--n-predict", metavar="N",
                                help="tokens to generate (-1 = until end-of-generation or the context is full)")
     temp: float = _sampling(0.8, "--temp", metavar="T", help="temperature; 0 = greedy (always the most likely token)")
     top_k: int = _sampling(40, "--top-k", metavar="K", help="keep only the K most likely tokens (0 = off)")
@@ -182,6 +183,13 @@ class SamplingParams:
     ignore_eos: bool = _sampling(False, "--ignore-eos", help="keep generating past end-of-generation tokens")
     stop: list[str] = _sampling(None, "--stop", metavar="TEXT", action="append",
                                 help="stop when TEXT is generated (repeatable); the stop text is not returned")
+    # Structured output (runtime/constrain.py): the sampler only sees tokens the grammar allows.
+    grammar: str | None = _sampling(None, "--grammar", metavar="GBNF",
+                                    help="constrain the output to a GBNF grammar (llama.cpp's format, e.g. "
+                                         "'root ::= \"yes\" | \"no\"')")
+    json_schema: str | dict | None = _sampling(None, "-j", "--json-schema", metavar="SCHEMA",
+                                               help="constrain the output to JSON valid under this JSON Schema "
+                                                    "(e.g. '{}' for any JSON object)")
 
     def __post_init__(self):
         if self.stop is None:
@@ -190,6 +198,18 @@ class SamplingParams:
             self.stop = [self.stop]
         if not all(isinstance(t, str) for t in self.stop):
             raise PowerInferError(f"stop: expected a string or a list of strings, got {self.stop!r}")
+        for name in ("temp", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+                raise PowerInferError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if self.grammar is not None and self.json_schema is not None:
+            raise PowerInferError("give --grammar or --json-schema, not both")
+        if isinstance(self.json_schema, str):
+            try:
+                self.json_schema = json.loads(self.json_schema)
+            except ValueError as e:
+                raise PowerInferError(f"--json-schema: not JSON ({e})") from None
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, bool)):
+            raise PowerInferError(f"--json-schema: expected a JSON object, got {self.json_schema!r}")
         if self.temp < 0:
             self.temp = 0.0
         for name in ("top_p", "min_p"):

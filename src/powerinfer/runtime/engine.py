@@ -20,6 +20,7 @@ import torch
 from ..errors import ContextOverflowError, PowerInferError
 from ..formats.tokenizer import StreamDecoder, Tokenizer
 from ..settings import SamplingParams
+from .constrain import Constraint, make_constraint
 from .runner import Runner
 from .sampling import make_logits_processors, make_sampler
 
@@ -76,10 +77,11 @@ def prefill(runner: Runner, ids: list[int], cancel: Callable[[], bool] | None = 
 
 
 def sample_steps(runner: Runner, prompt_ids: list[int], params: SamplingParams,
-                 cancel: Callable[[], bool] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                 cancel: Callable[[], bool] | None = None,
+                 constraint: Constraint | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token, the raw logits it was sampled from) until the caller stops or `cancel()` is true; reuses the
     cached prefix of the previous request. The logits are a buffer the next step overwrites: read them before
-    resuming."""
+    resuming. `constraint` (structured output, runtime/constrain.py) masks what its grammar does not allow."""
     sampler = make_sampler(params.temp, params.top_k, params.top_p, params.min_p, params.seed)
     processors = make_logits_processors(params.repeat_penalty, params.presence_penalty,
                                         params.frequency_penalty, params.repeat_last_n, runner.n_ctx)
@@ -91,6 +93,10 @@ def sample_steps(runner: Runner, prompt_ids: list[int], params: SamplingParams,
         for proc in processors:
             logits = proc(logits, history)
         tok = sampler(logits)
+        if constraint is not None:
+            if not constraint.allows(tok):  # masked only when needed (runtime/constrain.py says why)
+                tok = sampler(constraint.mask(logits))
+            constraint.accept(tok)
         history.append(tok)
         yield tok, raw
         if cancel is not None and cancel():
@@ -170,7 +176,7 @@ def stream_generate(runner: Runner, tokenizer: Tokenizer, prompt: str | list[int
     t0 = time.perf_counter()
     runner.reset_ffn_stats()
     resp.cached_tokens = runner.reuse_prefix(prompt_ids)
-    steps = sample_steps(runner, prompt_ids, params, cancel)
+    steps = sample_steps(runner, prompt_ids, params, cancel, make_constraint(tokenizer, runner.config.n_vocab, params))
     t_first = None
     finish, stop_hit = None, False
     for tok, logits in steps:
