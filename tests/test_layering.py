@@ -9,7 +9,8 @@ from pathlib import Path
 import powerinfer
 
 # Top to bottom. Packages on one line are one layer (they may import each other's modules only if they sit on
-# the same line; `core`, `errors`, `settings`, `options` and `textdata` are plain shared data and helpers).
+# the same line; `core`, `errors`, `settings`, `options`, `options_llama` and `textdata` are plain shared data and
+# helpers).
 LAYERS = [
     {"__init__", "__main__", "cli", "commands", "server"},
     {"api"},
@@ -20,7 +21,7 @@ LAYERS = [
     {"model"},
     {"kernels", "_C"},
     {"formats"},
-    {"settings", "options", "textdata", "core", "errors"},
+    {"settings", "options", "options_llama", "textdata", "core", "errors"},
 ]
 RANK = {name: len(LAYERS) - i for i, layer in enumerate(LAYERS) for name in layer}
 

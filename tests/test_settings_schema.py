@@ -30,6 +30,8 @@ TWO_MEANINGS = {
     "--target-sparsity": "calibrate: the goal (S or SX,SH, one of two goals); profile/prepare: which hu thresholds "
                          "define firing (default 0.5)",
     "--profile": "bench: switch on the per-phase profiler; train-predictors: the profile directory",
+    "-r": "bench: repetitions per test (llama-bench); run: a reverse prompt (llama-cli)",
+    "--no-warmup": "bench: skip the warm-up run; run: llama-cli's, accepted with a note (run has no warm-up)",
 }
 
 

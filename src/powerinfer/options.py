@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .errors import PowerInferError
 from .settings import ModelSettings, SamplingParams, SPARSE_METHODS, default_threads, option
+from .options_llama import ChatOptions, LlamaCompatFlags
 
 OUTTYPES = ("same", "f32", "f16", "q8_0", "q4_0")  # formats.powerinfer_gguf.OUTTYPES' names (the schema test)
 
@@ -388,4 +389,5 @@ class ServeOptions:
 # Every dataclass whose fields are flags, in the order their flags appear in --help.
 SCHEMA = (ModelSettings, PromptInput, FileInput, TextChunks, CalibrationText, RunOptions, TokenizeOptions, InfoOptions,
           PerplexityOptions, CompareLogitsOptions, BenchOptions, CalibrateOptions, ProfileOptions, TrainOptions,
-          SolveOptions, ConvertOptions, PrepareOptions, ServeOptions, OutputPath, JsonOutput, SamplingParams)
+          SolveOptions, ConvertOptions, PrepareOptions, ServeOptions, OutputPath, JsonOutput, SamplingParams, ChatOptions,
+          LlamaCompatFlags)

@@ -3,7 +3,7 @@ steps: parse (the option dataclasses of settings.py / options.py from argparse's
 `PowerInferError`s), compute (plain functions of measure/, prepare/ and the API, which tests and `powerinfer
 prepare` call too), report (printing). A cmd's docstring is its `--help` description.
 
-  run.py      run, tokenize, info
+  run.py      run, tokenize, info (chat.py: run's generation loops, one prompt, -i and -cnv, as llama-cli's)
   measure.py  perplexity, compare-logits, bench
   prepare.py  calibrate, profile, train-predictors, solve, convert, prepare
   serve.py    serve (the HTTP server itself is the server/ package)

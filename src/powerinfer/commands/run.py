@@ -3,58 +3,116 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import fields, replace
+from importlib.metadata import version
 
 from ..api import LLM
 from ..core.files import atomic_write
 from ..errors import PowerInferError
 from ..formats.loader import load_model, load_tokenizer
 from ..options import InfoOptions, RunOptions, TokenizeOptions
+from ..options_llama import ChatOptions, LlamaCompatFlags, unescape
 from ..settings import ModelSettings, SamplingParams, from_namespace
 from ..textdata import read_text
 from . import load_model_noted
+from .chat import Session, run_conversation, run_text
 
 
 # -- run -----------------------------------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
     """Generate text from a prompt, or chat. Example: powerinfer run -p 'The capital of France is' -n 32"""
-    opts = from_namespace(RunOptions, args)
+    chat = from_namespace(ChatOptions, args)
+    if chat.version:
+        print(f"powerinfer {version('powerinfer')}")
+        return 0
+    if chat.list_devices:
+        return _list_devices()
+    notes = from_namespace(LlamaCompatFlags, args).check()
+    extra = {}
+    if chat.binary_file is not None:
+        extra["prompt"] = read_bytes_text(chat.binary_file)
+    if chat.interactive_first:
+        extra["interactive"] = True
+    opts = from_namespace(RunOptions, args, **extra)
     settings, sampling = from_namespace(ModelSettings, args), from_namespace(SamplingParams, args)
+    if getattr(args, "n_gpu_layers", None) is not None and settings.vram_budget is None \
+            and args.n_gpu_layers.strip() == "0":
+        settings.vram_budget = 0.0  # -ngl 0: nothing on the GPU, as llama-cli
+    esc = unescape if chat.escapes else (lambda t: t)
     prompt = read_text(opts.file) if opts.file is not None else opts.prompt
+    if opts.prompt is not None and chat.binary_file is None:
+        prompt = esc(prompt)
+    chat.reverse_prompt = [esc(r) for r in chat.reverse_prompt or []]
+    chat.in_prefix, chat.in_suffix = esc(chat.in_prefix), esc(chat.in_suffix)
+    system = read_text(chat.system_prompt_file) if chat.system_prompt_file else opts.system_prompt
+    if system is not None and not chat.system_prompt_file:
+        system = esc(system)
+    template = read_text(chat.chat_template_file) if chat.chat_template_file else chat.chat_template
+    sampling = _grammar_from_files(chat, sampling)
     if opts.prompt_file_batch:
-        return _run_batch(opts, settings, sampling)
+        return _run_batch(opts, settings, sampling, quiet=chat.log_disable)
+    quiet = chat.log_disable
+    random_seed = sampling.seed < 0 and sampling.temp > 0
+    if random_seed:  # a random run says its seed, so it can be repeated with -s (llama-cli logs "sampler seed")
+        sampling.seed = random.SystemRandom().randrange(2**32)
+    llm = _load(settings, sampling, quiet)
+    for line in [] if quiet else notes:
+        print(line, file=sys.stderr)
+
+    def report(last):
+        if last is not None and not (opts.no_stats or quiet):
+            _print_stats(last, llm.runner, llm.settings.verbose, sampling.seed if random_seed else None)
+
+    interactive = opts.interactive or chat.interactive_first
+    session = Session(llm, opts, chat, report, shift=chat.context_shift or interactive or opts.conversation)
+    if chat.verbose_prompt and prompt:
+        ids = llm.tokenizer.encode(prompt, parse_special=True)
+        print(f"prompt: {len(ids)} tokens", file=sys.stderr)
+        for i in ids:
+            print(f"{i:6d} -> {llm.tokenizer.token_bytes(i).decode('utf-8', 'replace')!r}", file=sys.stderr)
     if opts.conversation:
-        return _run_conversation(_load(settings, sampling), opts, prompt)
-    llm = _load(settings, sampling)
-    text = prompt  # None: interactive, waiting for the first line; "" goes to the engine (BOS or a clear error)
-    while True:
-        if text is not None:
-            if text is prompt:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            try:
-                reply, last = _echo(llm.stream(text))
-            except PowerInferError:
-                print()  # end the echoed prompt's line, so the error starts a line of its own
-                raise
-            text += reply  # the next turn re-uses all of this from the KV cache
-            if not opts.no_stats:
-                _print_stats(last, llm.runner, llm.settings.verbose)
-        if not opts.interactive:
-            break
-        try:
-            text = (text or "") + input("\n> ") + "\n"
-        except EOFError:
-            break
-    print()
+        return run_conversation(session, prompt, system, template, chat.single_turn)
+    return run_text(session, prompt, interactive, first_input=chat.interactive_first)
+
+
+def read_bytes_text(path: str) -> str:
+    """-bf: a prompt file byte for byte; bytes that are not UTF-8 become U+FFFD (llama-cli tokenizes them so)."""
+    try:
+        return read_text(path)
+    except PowerInferError as e:
+        if "not UTF-8" not in str(e):
+            raise
+        with open(path, "rb") as fh:
+            return fh.read().decode("utf-8", "replace")
+
+
+def _grammar_from_files(chat: ChatOptions, sampling: SamplingParams) -> SamplingParams:
+    if chat.grammar_file is not None:
+        return replace(sampling, grammar=read_text(chat.grammar_file))
+    if chat.json_schema_file is not None:
+        return replace(sampling, json_schema=read_text(chat.json_schema_file))
+    return sampling
+
+
+def _list_devices() -> int:
+    import torch
+
+    print("cpu: the C decoder (RAM tier)")
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        p = torch.cuda.get_device_properties(i)
+        print(f"cuda:{i}: {p.name}, {p.total_memory / 2**30:.1f} GiB (fast tier: --hot-device cuda:{i})")
     return 0
 
 
-def _load(settings: ModelSettings, sampling: SamplingParams) -> LLM:
+def _load(settings: ModelSettings, sampling: SamplingParams, quiet: bool = False) -> LLM:
     llm = LLM(load_model_noted(settings.model), settings, sampling)
+    if quiet:
+        return llm
     if settings.verbose or llm.runner.sparse:
         print(f"ffn: {llm.sparsity}", file=sys.stderr)
     plan = getattr(llm.runner, "plan", None)
@@ -64,13 +122,13 @@ def _load(settings: ModelSettings, sampling: SamplingParams) -> LLM:
     return llm
 
 
-def _print_stats(r, runner=None, verbose=False):
+def _print_stats(r, runner=None, verbose=False, seed=None):
     ffn = runner.ffn_stats() if runner is not None else None
     sparse = (f" | ffn sparsity {ffn['sparsity']:.1%}, {ffn['ffn_bytes_per_token'] / 2**20:.2f} of "
               f"{ffn['ffn_dense_bytes'] / 2**20:.2f} MiB FFN weights read per token" if ffn else "")
     print(f"\n[prompt: {r.prompt_tokens} tokens ({r.cached_tokens} cached), {r.prompt_tps:.1f} tok/s | "
           f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
-          f"stop: {r.finish_reason}{sparse}]", file=sys.stderr)
+          f"stop: {r.finish_reason}{sparse}{'' if seed is None else f' | seed {seed}'}]", file=sys.stderr)
     tiers = runner.tier_stats() if hasattr(runner, "tier_stats") else None
     if verbose and tiers:
         n_layer = runner.config.n_layer
@@ -85,63 +143,80 @@ def _print_stats(r, runner=None, verbose=False):
             print(f"{i:5d}  {s:15.1%}  {x:13.1%}", file=sys.stderr)
 
 
-def _echo(responses) -> tuple[str, object]:
-    """Write streamed text to stdout as it comes; return all of it and the final response."""
-    pieces, last = [], None
-    for r in responses:
-        if r.text:
-            pieces.append(r.text)
-            sys.stdout.write(r.text)
-            sys.stdout.flush()
-        last = r
-    return "".join(pieces), last
-
-
-def _run_conversation(llm: LLM, opts: RunOptions, first_message: str | None) -> int:
-    messages = []
-    if opts.system_prompt:
-        messages.append({"role": "system", "content": opts.system_prompt})
-    pending = first_message
-    interactive = sys.stdin.isatty() or first_message is None
-    while True:
-        if pending is None:
-            try:
-                pending = input("> ")
-            except EOFError:
-                print()
-                return 0
-        messages.append({"role": "user", "content": pending})
-        pending = None
-        reply, last = _echo(llm.stream_chat(messages))
-        print()
-        if not opts.no_stats:
-            _print_stats(last, llm.runner, llm.settings.verbose)
-        messages.append({"role": "assistant", "content": reply})
-        if not interactive:
-            return 0
-
-
-def _run_batch(opts: RunOptions, settings: ModelSettings, sampling: SamplingParams) -> int:
-    lines = [ln for ln in read_text(opts.prompt_file_batch).splitlines() if ln.strip()]
-    if not lines:
+def _run_batch(opts: RunOptions, settings: ModelSettings, sampling: SamplingParams, quiet: bool = False) -> int:
+    """One JSON record per prompt line; a line that fails gets a record with its line number and "error" and the
+    batch goes on. A line that starts with '{' is a JSON object: "prompt" and any sampling settings for that line
+    ({"prompt": "...", "n_predict": 8, "json_schema": {...}}). Exit status: 0, or the number of failed lines
+    (at most 100); 130 when interrupted (the records so far are kept)."""
+    jobs = [(n, ln) for n, ln in enumerate(read_text(opts.prompt_file_batch).splitlines(), 1) if ln.strip()]
+    if not jobs:
         raise PowerInferError(f"{opts.prompt_file_batch}: no prompts (one prompt per non-empty line)")
-    llm = _load(settings, sampling)
+    llm = _load(settings, sampling, quiet)
+    failed, interrupted = [], False
     # -o: written under a temporary name and renamed at the end (core/files.py: never through a planted link)
     with (atomic_write(opts.output, text=True) if opts.output else nullcontext(sys.stdout)) as out:
-        for i, prompt in enumerate(lines):
-            pieces, last = [], None
-            for r in llm.stream(prompt):
-                pieces.append(r.text)
-                last = r
-            rec = {"index": i, "prompt": prompt, "completion": "".join(pieces),
-                   "prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
-                   "finish_reason": last.finish_reason,
-                   "prompt_tok_s": round(last.prompt_tps, 2), "generation_tok_s": round(last.generation_tps, 2)}
+        for i, (line_no, line) in enumerate(jobs):
+            rec = {"index": i, "line": line_no}
+            try:
+                prompt, params = _batch_line(line)
+                rec["prompt"] = prompt
+                pieces, last = [], None
+                for r in llm.stream(prompt, **params):
+                    pieces.append(r.text)
+                    last = r
+                rec.update({"completion": "".join(pieces), "prompt_tokens": last.prompt_tokens,
+                            "completion_tokens": last.generation_tokens, "finish_reason": last.finish_reason,
+                            "prompt_tok_s": round(last.prompt_tps, 2),
+                            "generation_tok_s": round(last.generation_tps, 2)})
+                status = f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s"
+            except KeyboardInterrupt:
+                interrupted = True
+                break
+            except Exception as e:  # noqa: BLE001 -- one bad line must not cost the others their answers
+                msg = str(e) if isinstance(e, PowerInferError) else f"{type(e).__name__}: {e}"
+                rec.setdefault("prompt", line)
+                rec["error"] = " ".join(msg.split())
+                failed.append(line_no)
+                status = f"error: {rec['error']}"
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
             out.flush()
-            print(f"[{i + 1}/{len(lines)}] {last.generation_tokens} tokens, "
-                  f"{last.generation_tps:.1f} tok/s", file=sys.stderr)
+            if not quiet:
+                print(f"[{i + 1}/{len(jobs)}] line {line_no}: {status}", file=sys.stderr)
+    if interrupted:
+        print(f"interrupted: {i} of {len(jobs)} prompts done", file=sys.stderr)
+        return 130
+    if failed:
+        shown = ", ".join(map(str, failed[:10])) + (", ..." if len(failed) > 10 else "")
+        print(f"error: {len(failed)} of {len(jobs)} prompts failed (line {shown}); their records have "
+              f"\"error\"", file=sys.stderr)
+        return min(len(failed), 100)
     return 0
+
+
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+_SAMPLING_DEFAULTS = {f.name: f.default for f in fields(SamplingParams)}
+
+
+def _batch_line(line: str) -> tuple[str, dict]:
+    """A batch line's prompt and its own sampling settings."""
+    if not line.lstrip().startswith("{"):
+        return line, {}
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise PowerInferError(f"a line that starts with '{{' must be a JSON object ({e})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+        raise PowerInferError('a JSON line needs "prompt": a string')
+    unknown = sorted(set(obj) - _SAMPLING_FIELDS - {"prompt"})
+    if unknown:
+        raise PowerInferError(f"unknown setting(s) {', '.join(unknown)}; known: prompt, "
+                              f"{', '.join(sorted(_SAMPLING_FIELDS))}")
+    for k, v in obj.items():
+        default = _SAMPLING_DEFAULTS.get(k)
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise PowerInferError(f"{k}: expected a number, got {v!r}")
+    return obj.pop("prompt"), obj
 
 
 # -- tokenize ------------------------------------------------------------------------------------------------------
