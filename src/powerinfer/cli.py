@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+from importlib.metadata import version
 
 from .commands import measure, prepare, run, serve
 from .errors import PowerInferError
@@ -43,6 +44,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="powerinfer", description="Fast local LLM inference that computes only the FFN neurons "
                 "that fire (PowerInfer). Reads GGUF models; flags follow llama.cpp.")
+    p.add_argument("--version", action="version", version=f"powerinfer {version('powerinfer')}",
+                   help="print the version and exit (also `powerinfer run --version`, llama-cli's spelling)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, cmd, summary in COMMANDS:
         sp = sub.add_parser(name, help=summary, description=inspect.getdoc(cmd))

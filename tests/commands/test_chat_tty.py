@@ -1,7 +1,8 @@
 """`powerinfer run -cnv` in a real terminal (tmux: the program gets a pty, keys are typed, the screen is read back):
 two turns, Ctrl-C in the middle of a reply returns to the prompt with the conversation kept, a third turn
-answers, a conversation longer than -c goes on by context shift, the arrow keys edit the line, and Ctrl-C at the
-prompt ends the session with status 0. The bundled model, greedy (the answers are checked for their facts).
+answers, a conversation longer than -c goes on by context shift, the arrow keys edit the line, a pasted block is one
+message, and Ctrl-C at the prompt ends the session with status 0. The bundled model, greedy (the answers are
+checked for their facts).
 
 .ci/run installs Debian's tmux; without it the test is skipped with the reason."""
 from __future__ import annotations
@@ -78,6 +79,15 @@ def test_chat_in_a_terminal(bundled_model_path, tmp_path):
         assert "Paris" in third and "Rome" not in third
         # the conversation outgrew -c 128: it went on by dropping the older half after --keep
         assert "[context full: dropped" in s
+        # a pasted block of three lines is one message (readline's bracketed paste), not three turns
+        block = tmp_path / "block.txt"
+        block.write_text("Summarize this code:\ndef f(x):\n    return x + 1")
+        subprocess.run(["tmux", *t.socket, "load-buffer", str(block)], check=True)
+        subprocess.run(["tmux", *t.socket, "paste-buffer", "-p", "-t", t.name], check=True)
+        t.keys("Enter")
+        s = t.wait_for(lambda s: prompts(s) == 5)
+        lines = "\n".join(ln.rstrip() for ln in s.splitlines())
+        assert "> Summarize this code:\ndef f(x):\n    return x + 1\n" in lines
         # Ctrl-C at the prompt ends the session normally
         t.keys("C-c")
         s = t.wait_for(lambda s: "EXITED" in s)

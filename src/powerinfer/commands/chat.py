@@ -73,9 +73,13 @@ class LineReader:
         self.color = color
         if self.tty:
             try:
-                import readline  # noqa: F401  (importing it is what gives input() the line editor)
+                import readline  # importing it is what gives input() the line editor
             except ImportError:  # Python built without it: plain input
                 pass
+            else:
+                # CPython turns readline's bracketed paste off (bpo-42819, for its REPL); on, a pasted block with
+                # newlines is inserted as text and sent with one Enter, instead of one message per line
+                readline.parse_and_bind("set enable-bracketed-paste on")
 
     def _line(self, prompt: str) -> str | None:
         try:
@@ -225,8 +229,12 @@ def run_text(session: Session, prompt: str | None, interactive: bool, first_inpu
                 screen_line = (screen_line + inject).rsplit("\n", 1)[-1]
         if not interactive:
             break
-        session.write("\r")  # readline redraws its prompt from column 0: give it the line as the screen has it
-        got = reader.read(screen_line + chat.in_prefix)
+        if reader.tty:  # readline redraws its prompt from column 0: give it the line as the screen has it
+            session.write("\r")
+            got = reader.read(screen_line + chat.in_prefix)
+        else:
+            session.write(chat.in_prefix)
+            got = reader.read("")
         if got is None:
             return 0
         line, no_newline = got
