@@ -137,3 +137,28 @@ def test_model_output_with_html_is_shown_as_text(page, bundled_server):
     assert page.evaluate("window.__xss") is None
     assert '<img src="x"' in page.inner_text(".msg.user >> nth=1")
     assert page.problems == []
+
+
+def test_view_splits_hot_and_cold_neurons_under_a_placement(page, serve, tiny_model):
+    """With a placement (the fast tier on the CPU here, --hot-device cpu, and a budget that holds a third of the
+    FFN), each chunk's "ffn" also says how many of a layer's computed neurons ran on each tier, and the page draws
+    the split."""
+    from powerinfer.runtime import hybrid_runner
+
+    if not hasattr(hybrid_runner.HybridRunner, "last_ffn_tiers"):
+        pytest.skip("the hybrid runner reports no per-tier counts")
+    s = serve("-m", str(tiny_model.path), "--sparsity", "auto", "--hot-device", "cpu", "--vram-budget", "0.0012",
+              "-c", "512", "--temp", "0")
+    page.goto(s.url + "/")
+    page.fill("#max_tokens", "12")
+    with page.expect_response("**/v1/chat/completions") as info:
+        _send(page, "Tell me about the sea.")
+    page.wait_for_selector("#send:not([hidden])", timeout=60_000)
+    ffn = [c["ffn"] for c in _sse_chunks(info.value.body()) if c.get("ffn")]
+    assert len(ffn) == 11
+    for f in ffn:
+        assert [h + c for h, c in zip(f["hot"], f["cold"])] == f["neurons"]
+        assert sum(f["hot"]) > 0 and sum(f["cold"]) > 0
+    tiers = page.inner_text("#ffn-tiers")
+    assert tiers == f"Fast tier (orange): {sum(ffn[-1]['hot'])} neurons, CPU tier (blue): {sum(ffn[-1]['cold'])} neurons."
+    assert page.problems == []

@@ -40,8 +40,10 @@ class Response:
     # fraction of FFN neurons the step that produced this token skipped, and the FFN weight bytes it read.
     ffn_sparsity: float | None = None
     ffn_bytes: int | None = None
-    # With layer_stats=True: FFN neurons each layer computed in that step (a list of n_layer ints).
+    # With layer_stats=True: FFN neurons each layer computed in that step (a list of n_layer ints), and with a
+    # placement active, how many of them the fast tier and the CPU tier computed (hot, cold).
     ffn_neurons: list[int] | None = None
+    ffn_tiers: tuple[list[int], list[int]] | None = None
     # With logprobs=N: log-probability of `token` under the model's distribution (softmax of the raw logits, as
     # llama.cpp's n_probs: before penalties, temperature and truncation), and the N most likely tokens (id, logprob).
     logprob: float | None = None
@@ -122,8 +124,8 @@ def _layer_neurons(runner: Runner) -> list[int] | None:
     public = getattr(runner, "last_ffn_layers", None)
     if public is not None:
         return public()
-    sparse = getattr(runner, "_sparse", None)
-    return sparse.kept().neurons.tolist() if sparse is not None else None
+    kept = getattr(getattr(runner, "_sparse", None), "kept", None)
+    return kept().neurons.tolist() if kept is not None else None
 
 
 class _StopMatcher:
@@ -200,6 +202,9 @@ def stream_generate(runner: Runner, tokenizer: Tokenizer, prompt: str | list[int
                 extra["top_logprobs"] = list(zip(ids.tolist(), vals.tolist()))
         if ffn and layer_stats:
             extra["ffn_neurons"] = _layer_neurons(runner)
+            tiers = getattr(runner, "last_ffn_tiers", None)  # runners with a placement
+            if tiers is not None:
+                extra["ffn_tiers"] = tiers()
         yield Response(**{**resp.__dict__, "text": text, "token": tok,
                           "ffn_sparsity": ffn[0] if ffn else None, "ffn_bytes": ffn[1] if ffn else None, **extra})
         if stop_hit:

@@ -143,6 +143,8 @@ class _Exchange:
         out = {"sparsity": r.ffn_sparsity, "bytes": r.ffn_bytes, "n_ff": self.llm.config.n_ff}
         if r.ffn_neurons is not None:
             out["neurons"] = r.ffn_neurons
+        if r.ffn_tiers is not None:
+            out["hot"], out["cold"] = r.ffn_tiers
         return out
 
     def choice(self, index: int, text: str | None, finish: str | None, responses=(), role: bool = False) -> dict:
@@ -168,6 +170,10 @@ class _Exchange:
                     continue
                 except (PowerInferError, APIError) as e:
                     yield _dumps(_error_body(e))
+                    return
+                except Exception:  # a bug: the client gets a short error event, the log the traceback
+                    log.exception("%s failed", self.id)
+                    yield _dumps(APIError(500, "internal server error (see the server log)").body())
                     return
                 if item is END:
                     break
