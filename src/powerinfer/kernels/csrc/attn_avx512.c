@@ -1,11 +1,13 @@
-/* AVX-512 attention core for one KV head and the n_rep query heads that share it (GQA), see pi_attn_fn.
+/* AVX-512 attention kernels for an f16 cache (pi_attn_ops, attn.h).
  *   scores: 16 positions per pass, each an f32 fma chain over head_dim, then one 16x16 transpose-reduction
- *           (45 shuffles/adds) instead of 16 horizontal sums;
- *   softmax: vectorized exp (Cephes-style polynomial, ~1 ulp; ggml uses its own ggml_v_expf), f32 lanes
- *           summed in double per pass;
- *   V:      each f16 V row converted once per 64-dim chunk and used by up to 4 heads.
- * Specialised for head_dim 32, 64, 128; other sizes take the generic version (decoder.c). */
-#include "pi.h"
+ *           (45 shuffles/adds) instead of 16 horizontal sums; with GQA the 16 K rows are converted to f32 once
+ *           and read by each query head of the group; exp is a Cephes-style polynomial (~1 ulp).
+ *   values: probabilities rounded to f16 in one vector pass, then each f16 V row is converted once per 64-dim
+ *           chunk and used by up to 4 heads.
+ *   tile:   lanes = 16 queries (see tile_head).
+ * head_dim: the kernels specialise 32, 64, 128 and take any other multiple of 16 in a loop (the tile up to
+ * PI_ATTN_TILE_HD); the rest falls back to the portable kernels. */
+#include "attn.h"
 
 #if defined(PI_X86)
 #pragma GCC push_options
@@ -18,7 +20,7 @@
 AI __m512 round_f16(__m512 x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)); }
 
 /* exp(x) for x <= 0 (softmax arguments); 2^n applied with scalef. Clamped at -87 (exp = 1.6e-38, still a
- * normal float, 0 after the f16 rounding of probabilities) so masked -inf scores never make denormals. */
+ * normal float, 0 after an f16 rounding) so -inf arguments never make denormals or NaN. */
 AI __m512 exp_neg(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -35,10 +37,10 @@ AI __m512 exp_neg(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* r[i] = sum of the 16 lanes of a[i], i < 16 (see the derivation in the step comments). */
+/* r[i] = sum of the 16 lanes of a[i], i < 16. */
 AI __m512 reduce16(const __m512 *a) {
     __m512 c[4];
-    for (int j = 0; j < 4; j++) {
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
         const __m512 *x = a + 4 * j;
         /* per 128-bit lane: [x0[0]+x0[2], x1[0]+x1[2], x0[1]+x0[3], x1[1]+x1[3]] */
         const __m512 b01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
@@ -57,11 +59,17 @@ AI __m512 reduce16(const __m512 *a) {
 }
 
 AI __m512 ldh(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+AI __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+AI const uint16_t *row(const uint8_t *base, size_t stride, int t) { return (const uint16_t *)(base + (size_t)t * stride); }
 
-/* Prefetch the n chunks of 16 f16 (32 bytes each) starting at p. Measured at position 1000: the f16 row
- * loads were the hot spot (cache misses on rows strided by n_head_kv*head_dim). */
-AI void pf_row(const uint16_t *p, int n) {
-    for (int j = 0; j < n; j += 2) _mm_prefetch((const char *)(p + 16 * j), _MM_HINT_T0);
+/* Prefetch whole cache rows (every KV head of a position) into L1, PF_ROWS rows ahead: the rows stream once
+ * through all the heads in range, block by block. */
+#ifndef PF_ROWS
+#define PF_ROWS 16
+#endif
+AI void pf_rows(const uint8_t *base, size_t stride, int i, int nrows) {
+    const uint8_t *p = base + (size_t)i * stride, *end = p + (size_t)nrows * stride;
+    for (; p < end; p += 64) _mm_prefetch((const char *)p, _MM_HINT_T0);
 }
 
 void pi_to_f16_avx512(const float *x, uint16_t *y, int n) {
@@ -71,62 +79,104 @@ void pi_to_f16_avx512(const float *x, uint16_t *y, int n) {
     for (; i < n; i++) y[i] = _cvtss_sh(x[i], 0);
 }
 
-/* generic fallback lives in decoder.c */
-void pi_attn_generic(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride,
-                     int n_kv, float scale, float *scores, float *out);
-
-/* Scores of one head for positions t0.. (16 at a time, tail rows clamped and masked), ND = head_dim/16. */
-AI void scores_head(const float *q, const int ND, const uint16_t *k, size_t stride, int n_kv, __m512 vscale,
-                    float *sc) {
-    __m512 qv[8];
-    _Pragma("GCC unroll 16") for (int j = 0; j < ND; j++) qv[j] = round_f16(_mm512_loadu_ps(q + 16 * j));
-    __m512 vmax = _mm512_set1_ps(-INFINITY);
-    for (int t0 = 0; t0 < n_kv; t0 += 16) {
-        const int nt = n_kv - t0 < 16 ? n_kv - t0 : 16;
-        /* the cache rows are strided (all KV heads interleaved): prefetch the next block's rows */
-        for (int i = 16; i < 32 && t0 + i < n_kv; i++) pf_row(k + (size_t)(t0 + i) * stride, ND);
+/* ---- decode: scores ---- */
+/* Rows [i0, i0+16) of KV head g against query heads [ha, hb) of its group: reduced scores into e, running max per
+ * head in vmax. SHARE: the block is converted to f32 once for the group's heads (GQA). */
+AI void scores_block(const float *qh, int ha, int hb, const int ND, const int SHARE, const uint8_t *kb, size_t st,
+                     int i0, int nt, __m512 vscale, float *kf, float *e, size_t ld, __m512 *vmax) {
+    const int hd = 16 * ND;
+    const __mmask16 km = tail_mask(nt);
+    if (SHARE) {
+        _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) {
+            const uint16_t *kr = row(kb, st, i0 + (i < nt ? i : nt - 1));
+            _Pragma("GCC unroll 8") for (int j = 0; j < ND; j++) _mm512_store_ps(kf + i * hd + 16 * j, ldh(kr + 16 * j));
+        }
+    }
+    for (int h = ha; h < hb; h++) {
+        const float *qr = qh + (size_t)h * hd;
         __m512 acc[16];
         _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) {
-            const uint16_t *kr = k + (size_t)(t0 + (i < nt ? i : nt - 1)) * stride;
-            acc[i] = _mm512_mul_ps(qv[0], ldh(kr));
-            _Pragma("GCC unroll 16") for (int j = 1; j < ND; j++) acc[i] = _mm512_fmadd_ps(qv[j], ldh(kr + 16 * j), acc[i]);
+            const uint16_t *kr = row(kb, st, i0 + (i < nt ? i : nt - 1));
+            acc[i] = _mm512_mul_ps(_mm512_load_ps(qr), SHARE ? _mm512_load_ps(kf + i * hd) : ldh(kr));
+            _Pragma("GCC unroll 8") for (int j = 1; j < ND; j++)
+                acc[i] = _mm512_fmadd_ps(_mm512_load_ps(qr + 16 * j), SHARE ? _mm512_load_ps(kf + i * hd + 16 * j) : ldh(kr + 16 * j), acc[i]);
         }
-        const __mmask16 km = nt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nt) - 1);
-        const __m512 s = _mm512_mul_ps(reduce16(acc), vscale);
-        _mm512_mask_storeu_ps(sc + t0, km, s);
-        vmax = _mm512_mask_max_ps(vmax, km, vmax, s);
-    }
-    /* softmax; probabilities rounded to f16 */
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    double sum = 0.0;
-    for (int t0 = 0; t0 < n_kv; t0 += 16) {
-        const int nt = n_kv - t0 < 16 ? n_kv - t0 : 16;
-        const __mmask16 km = nt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nt) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(km, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(km, sc + t0), mx)));
-        _mm512_mask_storeu_ps(sc + t0, km, e);
-        sum += _mm512_reduce_add_ps(e);
-    }
-    const __m512 inv = _mm512_set1_ps((float)(1.0 / sum));
-    for (int t0 = 0; t0 < n_kv; t0 += 16) {
-        const int nt = n_kv - t0 < 16 ? n_kv - t0 : 16;
-        const __mmask16 km = nt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nt) - 1);
-        _mm512_mask_storeu_ps(sc + t0, km, round_f16(_mm512_mul_ps(_mm512_maskz_loadu_ps(km, sc + t0), inv)));
+        const __m512 sv = _mm512_mul_ps(reduce16(acc), vscale);
+        _mm512_mask_storeu_ps(e + (size_t)h * ld + i0, km, sv);
+        vmax[h] = _mm512_mask_max_ps(vmax[h], km, vmax[h], sv);
     }
 }
 
-/* out[a][16*j0 .. 16*(j0+NJ)) = sum_t p_a[t] V[t] for NR heads; NR*NJ <= 16 accumulators. */
-AI void v_accum(const float *p, int n_kv, const int NR, const int NJ, const uint16_t *v, size_t stride, int j0,
-                float *out, int hd) {
+AI void scores_nd(const float *q, int h0, int h1, int rep, const int ND, const pi_kv_head *kv, int t0, int n,
+                  float scale, float *e, size_t ld, float *m, float *l) {
+    const int hd = 16 * ND;
+    const size_t st = kv->stride, hb_bytes = (size_t)hd * 2;
+    const uint8_t *kb = kv->k + (size_t)t0 * st;
+    /* rounded q and running max, indexed by head - h0 */
+    float qh[PI_ATTN_CALL_HEADS * PI_MAX_HEAD_DIM] __attribute__((aligned(64)));
+    float kf[16 * PI_MAX_HEAD_DIM] __attribute__((aligned(64)));
+    __m512 vm[PI_ATTN_CALL_HEADS];
+    if (h1 - h0 < 1 || h1 - h0 > PI_ATTN_CALL_HEADS) __builtin_unreachable();
+    for (int h = h0; h < h1; h++) {
+        vm[h - h0] = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < ND; j++)
+            _mm512_store_ps(qh + (size_t)(h - h0) * hd + 16 * j, round_f16(_mm512_loadu_ps(q + (size_t)h * hd + 16 * j)));
+    }
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const int g0 = h0 / rep, g1 = (h1 - 1) / rep + 1;
+    for (int i0 = 0; i0 < n; i0 += 16) {
+        const int nt = n - i0 < 16 ? n - i0 : 16;
+        if (i0 + PF_ROWS < n) pf_rows(kb, st, i0 + PF_ROWS, n - i0 - PF_ROWS < 16 ? n - i0 - PF_ROWS : 16);
+        for (int g = g0; g < g1; g++) {
+            const int ha = g * rep > h0 ? g * rep : h0, hb = (g + 1) * rep < h1 ? (g + 1) * rep : h1;
+            if (hb - ha > 1)
+                scores_block(qh - (size_t)h0 * hd, ha, hb, ND, 1, kb + g * hb_bytes, st, i0, nt, vscale, kf, e, ld, vm - h0);
+            else
+                scores_block(qh - (size_t)h0 * hd, ha, hb, ND, 0, kb + g * hb_bytes, st, i0, nt, vscale, kf, e, ld, vm - h0);
+        }
+    }
+    for (int h = h0; h < h1; h++) { /* e = exp(s - max), sum */
+        float *er = e + (size_t)h * ld;
+        const float mx = _mm512_reduce_max_ps(vm[h - h0]);
+        const __m512 vmx = _mm512_set1_ps(mx);
+        __m512 vs = _mm512_setzero_ps();
+        for (int i0 = 0; i0 < n; i0 += 16) {
+            const __mmask16 km = tail_mask(n - i0);
+            const __m512 x = _mm512_maskz_mov_ps(km, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(km, er + i0), vmx)));
+            _mm512_mask_storeu_ps(er + i0, km, x);
+            vs = _mm512_add_ps(vs, x);
+        }
+        m[h] = mx;
+        l[h] = _mm512_reduce_add_ps(vs);
+    }
+}
+
+static void scores(const float *q, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0, int n, float scale,
+                   float *e, size_t ld, float *m, float *l) {
+    switch (hd) { /* constant head_dim chunks keep q and the accumulators in registers */
+    case 32: scores_nd(q, h0, h1, rep, 2, kv, t0, n, scale, e, ld, m, l); break;
+    case 64: scores_nd(q, h0, h1, rep, 4, kv, t0, n, scale, e, ld, m, l); break;
+    case 128: scores_nd(q, h0, h1, rep, 8, kv, t0, n, scale, e, ld, m, l); break;
+    default:
+        if (hd % 16) pi_attn_portable_f16.scores(q, h0, h1, rep, hd, kv, t0, n, scale, e, ld, m, l);
+        else scores_nd(q, h0, h1, rep, hd / 16, kv, t0, n, scale, e, ld, m, l);
+    }
+}
+
+/* ---- decode: values ---- */
+/* out[a][16*j0 .. 16*(j0+NJ)) += sum_i p_a[i] V[i] over rows [i0, i0+nb) for NR heads; NR*NJ <= 16 accumulators,
+ * loaded from and stored back to out (the rows arrive block by block). */
+AI void v_accum(const float *p, size_t ld, int i0, int nb, const int NR, const int NJ, const uint8_t *vb, size_t st,
+                int j0, float *out, int hd) {
     __m512 acc[4][4];
     _Pragma("GCC unroll 16") for (int a = 0; a < NR; a++)
-        _Pragma("GCC unroll 16") for (int b = 0; b < NJ; b++) acc[a][b] = _mm512_setzero_ps();
-    for (int t = 0; t < n_kv; t++) {
-        if (t + 16 < n_kv) pf_row(v + (size_t)(t + 16) * stride + 16 * j0, NJ);
-        const uint16_t *vr = v + (size_t)t * stride + 16 * j0;
+        _Pragma("GCC unroll 16") for (int b = 0; b < NJ; b++) acc[a][b] = _mm512_loadu_ps(out + (size_t)a * hd + 16 * (j0 + b));
+    for (int i = i0; i < i0 + nb; i++) {
+        const uint16_t *vr = row(vb, st, i) + 16 * j0;
         __m512 vv[4];
         _Pragma("GCC unroll 16") for (int b = 0; b < NJ; b++) vv[b] = ldh(vr + 16 * b);
         _Pragma("GCC unroll 16") for (int a = 0; a < NR; a++) {
-            const __m512 pa = _mm512_set1_ps(p[(size_t)a * n_kv + t]);
+            const __m512 pa = _mm512_set1_ps(p[(size_t)a * ld + i]);
             _Pragma("GCC unroll 16") for (int b = 0; b < NJ; b++) acc[a][b] = _mm512_fmadd_ps(pa, vv[b], acc[a][b]);
         }
     }
@@ -134,42 +184,63 @@ AI void v_accum(const float *p, int n_kv, const int NR, const int NJ, const uint
         _Pragma("GCC unroll 16") for (int b = 0; b < NJ; b++) _mm512_storeu_ps(out + (size_t)a * hd + 16 * (j0 + b), acc[a][b]);
 }
 
-AI void attn_nd(const float *q, int n_rep, const int ND, const uint16_t *k, const uint16_t *v, size_t stride,
-                int n_kv, float scale, float *scores, float *out) {
-    const int hd = 16 * ND;
-    for (int r = 0; r < n_rep; r++)
-        scores_head(q + (size_t)r * hd, ND, k, stride, n_kv, _mm512_set1_ps(scale), scores + (size_t)r * n_kv);
-    const int NJ = ND < 4 ? ND : 4;
-    for (int r0 = 0; r0 < n_rep; r0 += 4) {
-        const float *p = scores + (size_t)r0 * n_kv;
-        float *o = out + (size_t)r0 * hd;
-        for (int j0 = 0; j0 < ND; j0 += NJ) {
-            switch (n_rep - r0 < 4 ? n_rep - r0 : 4) {
-            case 1: v_accum(p, n_kv, 1, NJ, v, stride, j0, o, hd); break;
-            case 2: v_accum(p, n_kv, 2, NJ, v, stride, j0, o, hd); break;
-            case 3: v_accum(p, n_kv, 3, NJ, v, stride, j0, o, hd); break;
-            default: v_accum(p, n_kv, 4, NJ, v, stride, j0, o, hd); break;
+AI void v_heads(const float *p, size_t ld, int i0, int nb, int nr, const int NJ, const uint8_t *vb, size_t st, int j0,
+                float *o, int hd) {
+    switch (nr) {
+    case 1: v_accum(p, ld, i0, nb, 1, NJ, vb, st, j0, o, hd); break;
+    case 2: v_accum(p, ld, i0, nb, 2, NJ, vb, st, j0, o, hd); break;
+    case 3: v_accum(p, ld, i0, nb, 3, NJ, vb, st, j0, o, hd); break;
+    default: v_accum(p, ld, i0, nb, 4, NJ, vb, st, j0, o, hd); break;
+    }
+}
+
+#define V_BLOCK 32 /* rows per block: the accumulators' load/store is paid once per block and head group */
+
+static void values(float *e, size_t ld, const float *f, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0,
+                   int n, float *out) {
+    if (hd % 16) { pi_attn_portable_f16.values(e, ld, f, h0, h1, rep, hd, kv, t0, n, out); return; }
+    for (int h = h0; h < h1; h++) { /* p = f16(e * f), in place */
+        float *er = e + (size_t)h * ld;
+        const __m512 vf = _mm512_set1_ps(f[h]);
+        for (int i0 = 0; i0 < n; i0 += 16) {
+            const __mmask16 km = tail_mask(n - i0);
+            _mm512_mask_storeu_ps(er + i0, km, round_f16(_mm512_mul_ps(_mm512_maskz_loadu_ps(km, er + i0), vf)));
+        }
+        memset(out + (size_t)h * hd, 0, (size_t)hd * sizeof(float));
+    }
+    const int ND = hd / 16, g0 = h0 / rep, g1 = (h1 - 1) / rep + 1;
+    const size_t st = kv->stride;
+    const uint8_t *vb = kv->v + (size_t)t0 * st;
+    for (int i0 = 0; i0 < n; i0 += V_BLOCK) {
+        const int nb = n - i0 < V_BLOCK ? n - i0 : V_BLOCK;
+        if (i0 + V_BLOCK < n) pf_rows(vb, st, i0 + V_BLOCK, n - i0 - V_BLOCK < V_BLOCK ? n - i0 - V_BLOCK : V_BLOCK);
+        for (int g = g0; g < g1; g++) {
+            const int ha = g * rep > h0 ? g * rep : h0, hb = (g + 1) * rep < h1 ? (g + 1) * rep : h1;
+            const uint8_t *vg = vb + (size_t)g * hd * 2;
+            for (int r0 = ha; r0 < hb; r0 += 4) {
+                const int nr = hb - r0 < 4 ? hb - r0 : 4;
+                const float *p = e + (size_t)r0 * ld;
+                float *o = out + (size_t)r0 * hd;
+                for (int j0 = 0; j0 < ND; j0 += 4) {
+                    switch (ND - j0 < 4 ? ND - j0 : 4) {
+                    case 1: v_heads(p, ld, i0, nb, nr, 1, vg, st, j0, o, hd); break;
+                    case 2: v_heads(p, ld, i0, nb, nr, 2, vg, st, j0, o, hd); break;
+                    case 3: v_heads(p, ld, i0, nb, nr, 3, vg, st, j0, o, hd); break;
+                    default: v_heads(p, ld, i0, nb, nr, 4, vg, st, j0, o, hd); break;
+                    }
+                }
             }
         }
     }
 }
 
-void pi_attn_avx512(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride,
-                    int n_kv, float scale, float *scores, float *out) {
-    switch (hd) { /* constant head_dim chunks keep q and the accumulators in registers */
-    case 32: attn_nd(q, n_rep, 2, k, v, stride, n_kv, scale, scores, out); break;
-    case 64: attn_nd(q, n_rep, 4, k, v, stride, n_kv, scale, scores, out); break;
-    case 128: attn_nd(q, n_rep, 8, k, v, stride, n_kv, scale, scores, out); break;
-    default: pi_attn_generic(q, n_rep, hd, k, v, stride, n_kv, scale, scores, out); break;
-    }
-}
-
-/* ---- prefill: causal attention for a tile of up to 16 consecutive query tokens, lanes = queries ----
+/* ---- prefill: causal attention for a tile of up to 16 consecutive queries, lanes = queries ----
  * S[pos][lane] = q_lane . K[pos] with the tile's q transposed once (Qt[d] = 16 queries' d-th value), so a K row
- * (converted to f32 once) feeds 16 queries through broadcast FMAs; the softmax max/sum are vertical. */
-AI void tile_head(const float *q, size_t q_stride, int nq, const int ND, const uint16_t *k, const uint16_t *v,
-                  size_t kv_stride, int pos0, float scale, float *S, float *Qt, float *kf, float *out,
-                  size_t out_stride) {
+ * (converted to f32 once per 8-row block) feeds 16 queries through broadcast FMAs; the softmax max/sum are
+ * vertical; the probabilities are normalized, then rounded to f16, then meet V (lanes = dims, 4 queries x 4
+ * 16-dim chunks of accumulators per pass, stopping at the group's last visible row). */
+AI void tile_head(const float *q, size_t q_stride, int nq, const int ND, const pi_kv_head *kv, int pos0, float scale,
+                  float *S, float *Qt, float *kf, float *out, size_t out_stride) {
     const int hd = 16 * ND, n_pos = pos0 + nq; /* positions 0 .. pos0+nq-1 */
     for (int d = 0; d < hd; d++) { /* Qt[d][lane], f16-rounded q, zero lanes past nq */
         float col[16];
@@ -182,7 +253,7 @@ AI void tile_head(const float *q, size_t q_stride, int nq, const int ND, const u
     for (int p0 = 0; p0 < n_pos; p0 += 8) {
         const int np = n_pos - p0 < 8 ? n_pos - p0 : 8;
         _Pragma("GCC unroll 16") for (int i = 0; i < 8; i++) { /* K rows -> f32 scratch (tail rows repeat the last) */
-            const uint16_t *kr = k + (size_t)(p0 + (i < np ? i : np - 1)) * kv_stride;
+            const uint16_t *kr = row(kv->k, kv->stride, p0 + (i < np ? i : np - 1));
             _Pragma("GCC unroll 16") for (int j = 0; j < ND; j++) _mm512_store_ps(kf + i * hd + 16 * j, ldh(kr + 16 * j));
         }
         __m512 acc[8];
@@ -207,49 +278,49 @@ AI void tile_head(const float *q, size_t q_stride, int nq, const int ND, const u
     const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), vsum);
     for (int p = 0; p < n_pos; p++)
         _mm512_store_ps(S + 16 * (size_t)p, round_f16(_mm512_mul_ps(_mm512_load_ps(S + 16 * (size_t)p), inv)));
-    /* out[l] = sum_p S[p][l] V[p]: 4 queries x 4 dim-chunks of accumulators; stop at the group's last visible row */
     const int NJ = ND < 4 ? ND : 4;
     for (int l0 = 0; l0 < nq; l0 += 4) {
         const int nl = nq - l0 < 4 ? nq - l0 : 4, last = pos0 + l0 + nl; /* rows < last */
         for (int j0 = 0; j0 < ND; j0 += NJ) {
+            const int nj = ND - j0 < NJ ? ND - j0 : NJ;
             __m512 acc[4][4];
             _Pragma("GCC unroll 16") for (int a = 0; a < 4; a++)
                 _Pragma("GCC unroll 16") for (int b = 0; b < 4; b++) acc[a][b] = _mm512_setzero_ps();
             for (int p = 0; p < last; p++) {
-                const uint16_t *vr = v + (size_t)p * kv_stride + 16 * j0;
+                const uint16_t *vr = row(kv->v, kv->stride, p) + 16 * j0;
                 __m512 vv[4];
-                _Pragma("GCC unroll 16") for (int b = 0; b < NJ; b++) vv[b] = ldh(vr + 16 * b);
+                _Pragma("GCC unroll 16") for (int b = 0; b < 4; b++) vv[b] = b < nj ? ldh(vr + 16 * b) : _mm512_setzero_ps();
                 _Pragma("GCC unroll 16") for (int a = 0; a < 4; a++) {
                     const __m512 pa = _mm512_set1_ps(S[16 * (size_t)p + l0 + a]);
-                    _Pragma("GCC unroll 16") for (int b = 0; b < NJ; b++) acc[a][b] = _mm512_fmadd_ps(pa, vv[b], acc[a][b]);
+                    _Pragma("GCC unroll 16") for (int b = 0; b < 4; b++) if (b < nj) acc[a][b] = _mm512_fmadd_ps(pa, vv[b], acc[a][b]);
                 }
             }
             _Pragma("GCC unroll 16") for (int a = 0; a < nl; a++)
-                _Pragma("GCC unroll 16") for (int b = 0; b < NJ; b++) _mm512_storeu_ps(out + (size_t)(l0 + a) * out_stride + 16 * (j0 + b), acc[a][b]);
+                _Pragma("GCC unroll 16") for (int b = 0; b < nj; b++) _mm512_storeu_ps(out + (size_t)(l0 + a) * out_stride + 16 * (j0 + b), acc[a][b]);
         }
     }
 }
 
-/* Scratch floats pi_attn_tile_avx512 needs for n_ctx positions. */
-size_t pi_attn_tile_scratch(int n_ctx) { return (size_t)16 * (n_ctx + 16) + 16 * PI_MAX_HD_TILE + 8 * PI_MAX_HD_TILE + 64; }
-
-int pi_attn_tile_avx512(const float *q, size_t q_stride, int nq, int n_rep, int hd, const uint16_t *k,
-                        const uint16_t *v, size_t kv_stride, int pos0, float scale, float *scratch, float *out,
-                        size_t out_stride) {
-    float *S = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-    float *Qt = S + 16 * (size_t)(pos0 + 16), *kf = Qt + 16 * PI_MAX_HD_TILE;
+static void tile(const float *q, size_t q_stride, int nq, int n_rep, int hd, const pi_kv_head *kv, int pos0,
+                 float scale, float *scratch, float *out, size_t out_stride) {
+    if (hd % 16 || hd > PI_ATTN_TILE_HD) {
+        pi_attn_portable_f16.tile(q, q_stride, nq, n_rep, hd, kv, pos0, scale, scratch, out, out_stride);
+        return;
+    }
+    float *Qt = scratch, *kf = Qt + 16 * PI_ATTN_TILE_HD, *S = kf + 8 * PI_ATTN_TILE_HD;
     for (int r = 0; r < n_rep; r++) {
         const float *qr = q + (size_t)r * hd;
         float *o = out + (size_t)r * hd;
-        switch (hd) {
-        case 32: tile_head(qr, q_stride, nq, 2, k, v, kv_stride, pos0, scale, S, Qt, kf, o, out_stride); break;
-        case 64: tile_head(qr, q_stride, nq, 4, k, v, kv_stride, pos0, scale, S, Qt, kf, o, out_stride); break;
-        case 128: tile_head(qr, q_stride, nq, 8, k, v, kv_stride, pos0, scale, S, Qt, kf, o, out_stride); break;
-        default: return -1;
+        switch (hd) { /* constant head_dim: q columns and accumulators unroll */
+        case 32: tile_head(qr, q_stride, nq, 2, kv, pos0, scale, S, Qt, kf, o, out_stride); break;
+        case 64: tile_head(qr, q_stride, nq, 4, kv, pos0, scale, S, Qt, kf, o, out_stride); break;
+        case 128: tile_head(qr, q_stride, nq, 8, kv, pos0, scale, S, Qt, kf, o, out_stride); break;
+        default: tile_head(qr, q_stride, nq, hd / 16, kv, pos0, scale, S, Qt, kf, o, out_stride); break;
         }
     }
-    return 0;
 }
+
+const pi_attn_ops pi_attn_avx512_f16 = {scores, values, tile, 16};
 
 #pragma GCC pop_options
 #endif

@@ -45,42 +45,6 @@ void pi_rope(float *v, int n_heads, int hd, int rope_dim, int style, const float
     }
 }
 
-void pi_attn_generic(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride,
-                     int n_kv, float scale, float *scores, float *out) {
-    float qh[PI_MAX_HEAD_DIM];
-    for (int r = 0; r < n_rep; r++, q += hd, out += hd, scores += n_kv) {
-        for (int i = 0; i < hd; i++) qh[i] = pi_round_fp16(q[i]);
-        float mx = -INFINITY;
-        for (int t = 0; t < n_kv; t++) {
-            scores[t] = pi_k->dot_f16(qh, k + (size_t)t * stride, hd) * scale;
-            mx = scores[t] > mx ? scores[t] : mx;
-        }
-        double sum = 0.0;
-        for (int t = 0; t < n_kv; t++) {
-            const float e = expf(scores[t] - mx);
-            scores[t] = e;
-            sum += e;
-        }
-        const float inv = (float)(1.0 / sum);
-        memset(out, 0, (size_t)hd * sizeof(float));
-        for (int t = 0; t < n_kv; t++) pi_k->axpy_f16(out, v + (size_t)t * stride, pi_round_fp16(scores[t] * inv), hd);
-    }
-}
-
-/* Query heads [h0, h1) at one position: grouped by KV head so each group's rows are read once. */
-void pi_attend_heads(const pi_decoder *D, const float *q, int h0, int h1, const uint16_t *kc, const uint16_t *vc,
-                     int n_kv, float *scores, float *out) {
-    const int hd = D->hd, kvd = D->n_head_kv * hd, rep = D->n_head / D->n_head_kv;
-    const float scale = 1.0f / sqrtf((float)hd);
-    pi_attn_fn attn = pi_k->attn ? pi_k->attn : pi_attn_generic;
-    for (int h = h0; h < h1;) {
-        const int g = h / rep, he = (g + 1) * rep < h1 ? (g + 1) * rep : h1;
-        attn(q + (size_t)h * hd, he - h, hd, kc + (size_t)g * hd, vc + (size_t)g * hd, (size_t)kvd, n_kv, scale,
-             scores, out + (size_t)h * hd);
-        h = he;
-    }
-}
-
 static inline float act1(int act, float x) {
     switch (act) {
     case ACT_RELU: return x > 0.0f ? x : 0.0f;
@@ -341,6 +305,8 @@ static void ffn_sparse(pi_decoder *D, int il, const float *x, float *xout, const
 }
 
 /* ---- decode ---- */
+static void attn_barrier(void *D, int ith) { pi_dec_barrier(D, ith); }
+
 static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int nth) {
     const pi_layer *L = &D->L[il];
     pi_tws *w = &D->tw[ith];
@@ -363,17 +329,18 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
         if (L->bk) for (int i = 0; i < hd; i++) kh[i] += L->bk[g * hd + i];
         if (L->bv) for (int i = 0; i < hd; i++) vh[i] += L->bv[g * hd + i];
         pi_rope(kh, 1, hd, D->rope_dim, D->rope_style, cs, sn);
-        pi_k->to_f16(kh, L->kc + (size_t)pos * kvd + g * hd, hd);
-        pi_k->to_f16(vh, L->vc + (size_t)pos * kvd + g * hd, hd);
     }
-    pi_dec_barrier(D, ith);
+    if (g1 > g0) pi_kv_write(D->kv_type, L->kc, L->vc, pi_row_bytes(D->kv_type, kvd), pos, g0, g1, hd, D->k, D->v);
     pi_split(D->n_head, ith, nth, &h0, &h1);
-    for (int h = h0; h < h1; h++) {
+    for (int h = h0; h < h1; h++) { /* before the barrier: past PI_ATTN_CHUNK positions every thread reads every head */
         float *qh = D->q + h * hd;
         if (L->bq) for (int i = 0; i < hd; i++) qh[i] += L->bq[h * hd + i];
         pi_rope(qh, 1, hd, D->rope_dim, D->rope_style, cs, sn);
     }
-    pi_attend_heads(D, D->q, h0, h1, L->kc, L->vc, pos + 1, w->scores, D->att);
+    pi_dec_barrier(D, ith);
+    const pi_attn_decode_args aa = {pi_attn_ops_for(D->kv_type), D->n_head, D->n_head_kv, hd, pos + 1, D->kv_type,
+                                    L->kc, L->vc, pi_row_bytes(D->kv_type, kvd), D->q, D->att, &D->aw, attn_barrier, D};
+    pi_attn_decode(&aa, ith, nth); /* this thread's heads h0..h1 of att are final */
     const int need_o = pi_need_of(L->o.qtype);
     if (hd % PI_QK == 0) {
         pi_act_fill(&D->act_att, D->att, 0, h0 * hd, h1 * hd, need_o);
@@ -462,7 +429,6 @@ static void free_tws(pi_tws *tw, int nth) {
     if (!tw) return;
     for (int i = 0; i < nth; i++) {
         pi_aligned_free(tw[i].xn);
-        pi_aligned_free(tw[i].scores);
         pi_aligned_free(tw[i].act_mem);
         void *bufs[] = {tw[i].idx, tw[i].hv, tw[i].uv, tw[i].yp, tw[i].xi, tw[i].xv,
                         tw[i].kept_h, tw[i].kept_x, tw[i].kept_u, tw[i].kept_g, tw[i].act_z_mem};
@@ -496,7 +462,6 @@ static pi_tws *alloc_tws(const pi_decoder *D, int nth) {
     for (int i = 0; i < nth; i++) {
         pi_tws *w = &tw[i];
         w->xn = pi_aligned_alloc((size_t)D->d * 4);
-        w->scores = pi_aligned_alloc((size_t)D->n_ctx * (D->n_head / D->n_head_kv) * 4);
         w->idx = pi_aligned_alloc((size_t)D->n_ff * 4);
         w->hv = pi_aligned_alloc((size_t)D->n_ff * 4);
         w->uv = pi_aligned_alloc((size_t)D->n_ff * 4);
@@ -507,7 +472,7 @@ static pi_tws *alloc_tws(const pi_decoder *D, int nth) {
         w->kept_x = pi_aligned_alloc((size_t)D->n_layer * sizeof(int));
         w->kept_u = pi_aligned_alloc((size_t)D->n_layer * sizeof(int));
         w->kept_g = pi_aligned_alloc((size_t)D->n_layer * sizeof(int));
-        if (!w->kept_u || !w->kept_g || !w->xn || !w->scores || !w->idx || !w->hv || !w->uv || !w->yp || !w->xi || !w->xv || !w->kept_h ||
+        if (!w->kept_u || !w->kept_g || !w->xn || !w->idx || !w->hv || !w->uv || !w->yp || !w->xi || !w->xv || !w->kept_h ||
             !w->kept_x || alloc_act(&w->act, &w->act_mem, D->d, 1, NEED_ALL)) {
             free_tws(tw, nth);
             return NULL;
@@ -557,6 +522,7 @@ pi_decoder *pi_decoder_new(int n_layer, int d, int n_head, int n_head_kv, int hd
     D->n_layer = n_layer; D->d = d; D->n_head = n_head; D->n_head_kv = n_head_kv; D->hd = hd; D->n_ff = n_ff;
     D->n_vocab = n_vocab; D->eps = eps; D->rope_dim = rope_dim; D->rope_style = rope_style; D->act = act;
     D->ffn_kind = ffn_kind; D->n_ctx = n_ctx;
+    D->kv_type = PI_F16;
     D->L = calloc((size_t)n_layer, sizeof(pi_layer));
     const int qd = n_head * hd, kvd = n_head_kv * hd, mx = d > n_ff ? d : n_ff;
     D->q = pi_aligned_alloc((size_t)qd * 4);
@@ -568,6 +534,7 @@ pi_decoder *pi_decoder_new(int n_layer, int d, int n_head, int n_head_kv, int hd
     D->u = pi_aligned_alloc((size_t)n_ff * 4);
     if (!D->L || !D->q || !D->k || !D->v || !D->att || !D->y || !D->g || !D->u ||
         alloc_act(&D->act_att, &D->mem_att, qd, 1, NEED_ALL) || alloc_act(&D->act_h, &D->mem_h, n_ff, 1, NEED_ALL) ||
+        pi_attn_ws_init(&D->aw, n_ctx, n_head, hd, PI_MAX_THREADS) ||
         pi_decoder_set_threads(D, nth)) {
         pi_decoder_free(D);
         return NULL;
@@ -608,6 +575,7 @@ void pi_decoder_free(pi_decoder *D) {
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) pi_aligned_free(bufs[i]);
     pi_aligned_free(D->mem_att); pi_aligned_free(D->mem_h);
     pi_prefill_free(&D->pf);
+    pi_attn_ws_free(&D->aw);
     free(D);
 }
 

@@ -3,6 +3,7 @@
 #ifndef PI_DECODER_H
 #define PI_DECODER_H
 
+#include "attn.h"
 #include "pi.h"
 #include "pool.h"
 
@@ -52,13 +53,12 @@ typedef struct {
     pi_act act_z;   /* predictor hidden layer, quantized for fc2 (n = D->r_max) */
     void *act_z_mem;
     pi_act act;     /* its quantized forms (all needs) */
-    float *scores;  /* [n_head/n_head_kv][n_ctx] */
     void *act_mem;
 } pi_tws;
 
 typedef struct {
     int n_tok_cap;
-    float *tile_scratch[PI_MAX_THREADS]; /* attention tiles (pi_attn_tile_scratch floats each) */
+    float *tile_scratch[PI_MAX_THREADS]; /* attention tiles (pi_attn_tile_floats(hd, n_ctx) each) */
     float *xn, *q, *k, *v, *att, *y, *g, *u;
     float *yp[PI_MAX_THREADS]; /* sparse FFN of small batches: each thread's down sums [n_tok][d] */
     float *uv[PI_MAX_THREADS]; /* and its gathered up values [n_tok][n_ff] */
@@ -96,6 +96,8 @@ typedef struct {
     void *mem_att, *mem_h;
     pi_tws *tw;
     pi_prefill_ws pf;
+    int kv_type;    /* cache format of every layer (PI_F16) */
+    pi_attn_ws aw;  /* decode attention: scores and per-chunk softmax states (attn.h) */
     /* profiling (thread 0's view) */
     int prof;
     uint64_t ns[PH_N], t_last, steps, tokens;
@@ -134,9 +136,6 @@ int pi_decoder_prefill(pi_decoder *D, float *x, int n_tok, int pos0, float *logi
 /* shared helpers (decoder.c) */
 void pi_rmsnorm(const float *x, const float *w, int n, float eps, float *out);
 void pi_rope(float *v, int n_heads, int hd, int rope_dim, int style, const float *cs, const float *sn);
-/* q heads [h0, h1) (q: all heads, roped) over cache rows 0..n_kv-1 -> out (all heads' layout) */
-void pi_attend_heads(const pi_decoder *D, const float *q, int h0, int h1, const uint16_t *kc, const uint16_t *vc,
-                     int n_kv, float *scores, float *out);
 void pi_ffn_act(const pi_decoder *D, float *g, const float *u, int n); /* g <- ffn(g, u) */
 void pi_split(int total, int ith, int nth, int *a, int *b);
 void pi_prof_phase(pi_decoder *D, int ith, int ph);

@@ -311,93 +311,6 @@ static void to_f16(const float *x, uint16_t *y, int n) {
     for (; i < n; i++) y[i] = _cvtss_sh(x[i], 0);
 }
 
-/* ---- attention (see pi_attn_fn; the AVX-512 version in attn_avx512.c explains the structure) ---- */
-AI __m256 round_f16(__m256 x) { return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)); }
-
-AI __m256 exp_neg(__m256 x) { /* x <= 0, clamped at -87 so 2^n stays a normal float */
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-AI __m256 reduce8(const __m256 *a) { /* r[i] = sum of the 8 lanes of a[i] */
-    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-static void attn(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride, int n_kv,
-                 float scale, float *scores, float *out) {
-    if (hd % 16 || hd > PI_MAX_HD_AVX2) { pi_attn_generic(q, n_rep, hd, k, v, stride, n_kv, scale, scores, out); return; }
-    const int nd = hd / 8;
-    float qh[PI_MAX_HD_AVX2];
-    for (int r = 0; r < n_rep; r++) {
-        for (int j = 0; j < nd; j++) _mm256_storeu_ps(qh + 8 * j, round_f16(_mm256_loadu_ps(q + (size_t)r * hd + 8 * j)));
-        float *sc = scores + (size_t)r * n_kv;
-        float mx = -INFINITY;
-        for (int t0 = 0; t0 < n_kv; t0 += 8) {
-            const int nt = n_kv - t0 < 8 ? n_kv - t0 : 8;
-            for (int i = 8; i < 16 && t0 + i < n_kv; i++) /* strided cache rows: prefetch the next block */
-                for (int j = 0; j < nd; j += 4) _mm_prefetch((const char *)(k + (size_t)(t0 + i) * stride + 8 * j), _MM_HINT_T0);
-            __m256 acc[8];
-            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) {
-                const uint16_t *kr = k + (size_t)(t0 + (i < nt ? i : nt - 1)) * stride;
-                acc[i] = _mm256_setzero_ps();
-                for (int j = 0; j < nd; j++) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * j), ld_f16(kr + 8 * j), acc[i]);
-            }
-            float tmp[8];
-            _mm256_storeu_ps(tmp, _mm256_mul_ps(reduce8(acc), _mm256_set1_ps(scale)));
-            for (int i = 0; i < nt; i++) { sc[t0 + i] = tmp[i]; mx = tmp[i] > mx ? tmp[i] : mx; }
-        }
-        double sum = 0.0;
-        int t = 0;
-        for (; t + 8 <= n_kv; t += 8) {
-            const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sc + t), _mm256_set1_ps(mx)));
-            _mm256_storeu_ps(sc + t, e);
-            sum += hsum(e);
-        }
-        for (; t < n_kv; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-        const float inv = (float)(1.0 / sum);
-        for (t = 0; t < n_kv; t++) sc[t] = pi_round_fp16(sc[t] * inv);
-    }
-    /* out[r] = sum_t p_r[t] V[t]: 4 heads x 16 dims of accumulators per pass */
-    for (int r0 = 0; r0 < n_rep; r0 += 4) {
-        const int nr = n_rep - r0 < 4 ? n_rep - r0 : 4;
-        for (int j0 = 0; j0 < nd; j0 += 2) {
-            __m256 acc[4][2];
-            for (int a = 0; a < 4; a++) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
-            for (int t = 0; t < n_kv; t++) {
-                if (t + 16 < n_kv) _mm_prefetch((const char *)(v + (size_t)(t + 16) * stride + 8 * j0), _MM_HINT_T0);
-                const uint16_t *vr = v + (size_t)t * stride + 8 * j0;
-                const __m256 v0 = ld_f16(vr), v1 = ld_f16(vr + 8);
-                _Pragma("GCC unroll 4") for (int a = 0; a < 4; a++) {
-                    if (a < nr) {
-                        const __m256 pa = _mm256_set1_ps(scores[(size_t)(r0 + a) * n_kv + t]);
-                        acc[a][0] = _mm256_fmadd_ps(pa, v0, acc[a][0]);
-                        acc[a][1] = _mm256_fmadd_ps(pa, v1, acc[a][1]);
-                    }
-                }
-            }
-            for (int a = 0; a < nr; a++) {
-                _mm256_storeu_ps(out + (size_t)(r0 + a) * hd + 8 * j0, acc[a][0]);
-                _mm256_storeu_ps(out + (size_t)(r0 + a) * hd + 8 * j0 + 8, acc[a][1]);
-            }
-        }
-    }
-}
-
 static double read_sum(const uint8_t *p, size_t n, int iters) {
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (int it = 0; it < iters; it++)
@@ -415,7 +328,7 @@ const pi_kernels pi_kernels_avx2 = {
     rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32,
     axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0, axpy_rows_f16, axpy_rows_bf16, axpy_rows_f32,
     packed_q4_0, packed_q4_1, packed_q8_0,
-    quant_q8, dot_f16, axpy_f16, to_f16, attn, 0, read_sum,
+    quant_q8, dot_f16, axpy_f16, to_f16, read_sum,
 };
 
 #pragma GCC pop_options

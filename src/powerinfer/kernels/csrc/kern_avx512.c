@@ -623,7 +623,7 @@ const pi_kernels pi_kernels_avx512 = {
     rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32,
     axpy_rows_q4_0, axpy_rows_q4_1, axpy_rows_q8_0, axpy_rows_f16, axpy_rows_bf16, axpy_rows_f32,
     packed_q4_0, packed_q4_1, packed_q8_0,
-    quant_q8, dot_f16, axpy_f16, pi_to_f16_avx512, pi_attn_avx512, 1, read_sum,
+    quant_q8, dot_f16, axpy_f16, pi_to_f16_avx512, read_sum,
 };
 
 #pragma GCC pop_options

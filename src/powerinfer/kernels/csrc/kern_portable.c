@@ -214,5 +214,5 @@ const pi_kernels pi_kernels_portable = {
     rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32,
     axpy_rows_any, axpy_rows_any, axpy_rows_any, axpy_rows_any, axpy_rows_any, axpy_rows_any,
     packed_any, packed_any, packed_any,
-    quant_q8, dot_f16, axpy_f16, to_f16, NULL, 0, read_sum,
+    quant_q8, dot_f16, axpy_f16, to_f16, read_sum,
 };

@@ -468,5 +468,6 @@ PyMODINIT_FUNC PyInit__C(void) {
     PyObject *m = PyModule_Create(&moddef);
     if (!m) return NULL;
     if (pi_add_decoder_type(m) < 0) { Py_DECREF(m); return NULL; }
+    if (pi_add_attention_functions(m) < 0) { Py_DECREF(m); return NULL; }
     return m;
 }

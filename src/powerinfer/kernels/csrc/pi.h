@@ -167,13 +167,6 @@ typedef void (*pi_quant_fn)(const float *x, int nblocks, int8_t *qs, float *d, f
 typedef float (*pi_dot_f16_fn)(const float *q, const uint16_t *k, int n);
 typedef void (*pi_axpy_f16_fn)(float *y, const uint16_t *v, float a, int n);
 typedef void (*pi_to_f16_fn)(const float *x, uint16_t *y, int n);
-/* Attention of n_rep query heads (q: [n_rep][hd], roped, f32) sharing one KV head: rows t < n_kv of
- * k/v (f16, row stride `stride` elements). q is rounded to f16 for q.K, softmax in f32 (double sum),
- * probabilities rounded to f16 for the V product (llama.cpp, flash_attn off). scores: n_rep * n_kv floats of
- * workspace; out: [n_rep][hd]. NULL in a table = the generic version in decoder.c. */
-typedef void (*pi_attn_fn)(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride,
-                           int n_kv, float scale, float *scores, float *out);
-
 typedef struct {
     const char *name;
     pi_rows_fn rows_q4_0, rows_q4_1, rows_q8_0, rows_f16, rows_bf16, rows_f32;
@@ -183,8 +176,6 @@ typedef struct {
     pi_dot_f16_fn dot_f16;   /* attention q·K (q already f16-rounded) */
     pi_axpy_f16_fn axpy_f16; /* attention y += p * V */
     pi_to_f16_fn to_f16;     /* f32 -> f16 (round to nearest even) */
-    pi_attn_fn attn;         /* optional fused attention (see pi_attn_fn) */
-    int has_attn_tile;       /* pi_attn_tile_avx512 usable (prefill) */
     double (*read_sum)(const uint8_t *p, size_t n, int iters); /* bandwidth probe: sum of n bytes (as f32) */
 } pi_kernels;
 
@@ -195,19 +186,8 @@ extern const pi_kernels pi_kernels_portable;
 #define PI_X86 1
 extern const pi_kernels pi_kernels_avx2;
 extern const pi_kernels pi_kernels_avx512;
-void pi_attn_avx512(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride,
-                    int n_kv, float scale, float *scores, float *out);
 void pi_to_f16_avx512(const float *x, uint16_t *y, int n);
-/* Prefill tile: query tokens pos0 .. pos0+nq-1 (nq <= 16) of n_rep heads sharing one KV head; q row t at
- * q + t*q_stride (head r at + r*hd), out likewise. -1 if head_dim is not 32/64/128 (caller falls back). */
-#define PI_MAX_HD_TILE 128
-int pi_attn_tile_avx512(const float *q, size_t q_stride, int nq, int n_rep, int hd, const uint16_t *k,
-                        const uint16_t *v, size_t kv_stride, int pos0, float scale, float *scratch, float *out,
-                        size_t out_stride);
-size_t pi_attn_tile_scratch(int n_ctx);
 #endif
-void pi_attn_generic(const float *q, int n_rep, int hd, const uint16_t *k, const uint16_t *v, size_t stride,
-                     int n_kv, float scale, float *scores, float *out);
 extern const pi_kernels *pi_k; /* the selected table */
 
 void pi_init_tables(void);

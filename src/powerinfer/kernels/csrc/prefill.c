@@ -1,7 +1,8 @@
 /* Prompt prefill: n tokens per layer through the register-blocked matmul kernels (each packed weight group
  * unpacked once per 4 tokens), same numerics as n decode steps. Phases per layer (| = barrier):
  *   tokens split: rmsnorm, quantize | rows split: q/k/v for all tokens | tokens split: bias, RoPE, K/V rows |
- *   tokens split (interleaved, causal cost grows with t): attention, quantize | rows split: o_proj, x += |
+ *   (16-query tile, KV head) items dealt round-robin (causal cost grows with the tile): attention tiles (attn.h) |
+ *   tokens split: quantize | rows split: o_proj, x += |
  *   tokens split: rmsnorm, quantize | 32-neuron chunks: gate/up, act, quantize | rows split: down, x += |
  * With the neuron-sparse FFN on and at most PI_SPARSE_BATCH tokens, the FFN runs over the union of the tokens'
  * active neurons instead (ffn_sparse_batch). */
@@ -32,10 +33,8 @@ static int ensure_prefill(pi_decoder *D, int n) {
     fresh.mem_h = pi_aligned_alloc(pi_act_bytes(D->n_ff, n, NEED_ALL));
     int ok = fresh.xn && fresh.q && fresh.k && fresh.v && fresh.att && fresh.y && fresh.g && fresh.u &&
              fresh.mem_x && fresh.mem_att && fresh.mem_h;
-#if defined(PI_X86)
     for (int t = 0; t < D->nth; t++)
-        ok = ok && (fresh.tile_scratch[t] = pi_aligned_alloc(pi_attn_tile_scratch(D->n_ctx) * 4)) != NULL;
-#endif
+        ok = ok && (fresh.tile_scratch[t] = pi_aligned_alloc(pi_attn_tile_floats(D->hd, D->n_ctx) * 4)) != NULL;
     const size_t ts = (size_t)(n < PI_SPARSE_BATCH ? n : PI_SPARSE_BATCH);
     for (int t = 0; t < D->nth; t++) {
         ok = ok && (fresh.yp[t] = pi_aligned_alloc(ts * D->d * 4)) != NULL;
@@ -101,34 +100,15 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
         if (L->bv) for (int i = 0; i < kvd; i++) v[i] += L->bv[i];
         pi_rope(q, D->n_head, hd, D->rope_dim, D->rope_style, cs, sn);
         pi_rope(k, D->n_head_kv, hd, D->rope_dim, D->rope_style, cs, sn);
-        pi_k->to_f16(k, L->kc + (size_t)pos * kvd, kvd);
-        pi_k->to_f16(v, L->vc + (size_t)pos * kvd, kvd);
+        pi_kv_write(D->kv_type, L->kc, L->vc, pi_row_bytes(D->kv_type, kvd), pos, 0, D->n_head_kv, hd, k, v);
     }
     pi_dec_barrier(D, ith);
     const int need_o = pi_need_of(L->o.qtype) & ~PI_NEED_F32;
-    const int rep = D->n_head / D->n_head_kv;
-#if defined(PI_X86)
-    if (pi_k->has_attn_tile && (hd == 32 || hd == 64 || hd == 128)) {
-        /* items = (16-token tile, KV head), dealt round-robin: later tiles cost more, so they interleave */
-        const int n_tiles = (n + 15) / 16, n_items = n_tiles * D->n_head_kv;
-        for (int it = ith; it < n_items; it += nth) {
-            const int tile = it / D->n_head_kv, g = it % D->n_head_kv, ta = tile * 16;
-            const int nq = n - ta < 16 ? n - ta : 16;
-            pi_attn_tile_avx512(P->q + (size_t)ta * qd + (size_t)g * rep * hd, qd, nq, rep, hd,
-                                L->kc + (size_t)g * hd, L->vc + (size_t)g * hd, kvd, pos0 + ta,
-                                1.0f / sqrtf((float)hd), P->tile_scratch[ith], P->att + (size_t)ta * qd + (size_t)g * rep * hd, qd);
-        }
-        pi_dec_barrier(D, ith);
-        for (int t = t0; t < t1; t++) pi_act_fill(&P->act_att, P->att + (size_t)t * qd, t, 0, qd, need_o);
-    } else
-#endif
-    {
-        for (int t = ith; t < n; t += nth) {
-            pi_attend_heads(D, P->q + (size_t)t * qd, 0, D->n_head, L->kc, L->vc, pos0 + t + 1, D->tw[ith].scores,
-                            P->att + (size_t)t * qd);
-            pi_act_fill(&P->act_att, P->att + (size_t)t * qd, t, 0, qd, need_o);
-        }
-    }
+    /* attention tiles (attn.h): (tile, KV head) items dealt round-robin, each runs the group's query heads */
+    pi_attn_prefill(pi_attn_ops_for(D->kv_type), P->q, qd, n, pos0, D->n_head, D->n_head_kv, hd, D->kv_type, L->kc,
+                    L->vc, pi_row_bytes(D->kv_type, kvd), P->tile_scratch[ith], P->att, qd, ith, nth);
+    pi_dec_barrier(D, ith);
+    for (int t = t0; t < t1; t++) pi_act_fill(&P->act_att, P->att + (size_t)t * qd, t, 0, qd, need_o);
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_O_PROJ);

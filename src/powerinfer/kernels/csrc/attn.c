@@ -1,0 +1,201 @@
+/* Attention drivers (decode split-K, prefill tiles; see attn.h) and the portable f16 kernels, which are also
+ * what the vector kernels fall back to for head sizes they do not cover. */
+#include "attn.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+void pi_split(int total, int ith, int nth, int *a, int *b); /* decoder.c */
+
+/* ---- portable f16 kernels (plain C; the ISA versions follow the same arithmetic) ---- */
+static inline const uint16_t *row16(const uint8_t *base, size_t stride, int t) {
+    return (const uint16_t *)(base + (size_t)t * stride);
+}
+
+static void scores_portable(const float *q, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0, int n,
+                            float scale, float *e, size_t ld, float *m, float *l) {
+    float qh[PI_MAX_HEAD_DIM];
+    for (int h = h0; h < h1; h++) {
+        const uint8_t *kb = kv->k + pi_row_bytes(kv->type, h / rep * hd);
+        const float *qr = q + (size_t)h * hd;
+        float *er = e + (size_t)h * ld, mx = -INFINITY;
+        for (int i = 0; i < hd; i++) qh[i] = pi_round_fp16(qr[i]);
+        for (int i = 0; i < n; i++) {
+            const uint16_t *k = row16(kb, kv->stride, t0 + i);
+            float acc = 0.0f;
+            for (int j = 0; j < hd; j++) acc += qh[j] * pi_fp16_to_fp32(k[j]);
+            er[i] = acc * scale;
+            mx = er[i] > mx ? er[i] : mx;
+        }
+        double sum = 0.0;
+        for (int i = 0; i < n; i++) {
+            er[i] = expf(er[i] - mx);
+            sum += er[i];
+        }
+        m[h] = mx;
+        l[h] = (float)sum;
+    }
+}
+
+static void values_portable(float *e, size_t ld, const float *f, int h0, int h1, int rep, int hd, const pi_kv_head *kv,
+                            int t0, int n, float *out) {
+    for (int h = h0; h < h1; h++) {
+        const uint8_t *vb = kv->v + pi_row_bytes(kv->type, h / rep * hd);
+        float *er = e + (size_t)h * ld, *o = out + (size_t)h * hd;
+        memset(o, 0, (size_t)hd * sizeof(float));
+        for (int i = 0; i < n; i++) {
+            const float p = er[i] = pi_round_fp16(er[i] * f[h]);
+            const uint16_t *v = row16(vb, kv->stride, t0 + i);
+            for (int j = 0; j < hd; j++) o[j] += p * pi_fp16_to_fp32(v[j]);
+        }
+    }
+}
+
+/* One query at a time: the decode kernels over its visible rows (scores in scratch). */
+static void tile_portable(const float *q, size_t q_stride, int nq, int n_rep, int hd, const pi_kv_head *kv, int pos0,
+                          float scale, float *scratch, float *out, size_t out_stride) {
+    for (int j = 0; j < nq; j++)
+        for (int r = 0; r < n_rep; r++) { /* head index 0 of a one-head "layer": q, e, m, l, f, out at offset 0 */
+            float m, l, f;
+            scores_portable(q + (size_t)j * q_stride + (size_t)r * hd, 0, 1, 1, hd, kv, 0, pos0 + j + 1, scale, scratch,
+                            0, &m, &l);
+            f = 1.0f / l;
+            values_portable(scratch, 0, &f, 0, 1, 1, hd, kv, 0, pos0 + j + 1, out + (size_t)j * out_stride + (size_t)r * hd);
+        }
+}
+
+const pi_attn_ops pi_attn_portable_f16 = {scores_portable, values_portable, tile_portable, 1};
+
+/* ---- formats ---- */
+const pi_attn_ops *pi_attn_ops_for(int kv_type) {
+    if (kv_type != PI_F16) return NULL;
+#if defined(PI_X86)
+    if (pi_k == &pi_kernels_avx512) return &pi_attn_avx512_f16;
+    if (pi_k == &pi_kernels_avx2) return &pi_attn_avx2_f16;
+#endif
+    return &pi_attn_portable_f16;
+}
+
+pi_kv_head pi_kv_head_of(int type, const void *k, const void *v, size_t stride, int g, int hd) {
+    const size_t off = pi_row_bytes(type, g * hd);
+    return (pi_kv_head){type, (const uint8_t *)k + off, (const uint8_t *)v + off, stride};
+}
+
+void pi_kv_write(int type, void *kc, void *vc, size_t stride, int pos, int g0, int g1, int hd, const float *k,
+                 const float *v) {
+    (void)type; /* PI_F16 */
+    const size_t off = (size_t)pos * stride + pi_row_bytes(type, g0 * hd);
+    const int n = (g1 - g0) * hd;
+    pi_k->to_f16(k + (size_t)g0 * hd, (uint16_t *)((uint8_t *)kc + off), n);
+    pi_k->to_f16(v + (size_t)g0 * hd, (uint16_t *)((uint8_t *)vc + off), n);
+}
+
+/* Tile scratch, the largest of the layouts: AVX-512's transposed q of 16 queries and a K block of 8 rows, or
+ * AVX2's q, K/V block and transposed output of 8 queries (head_dim up to PI_ATTN_TILE_HD), then the tile's
+ * scores, up to 16 lanes per position (n_ctx + 16 positions); the portable tile's n_ctx scores fit. */
+size_t pi_attn_tile_floats(int hd, int n_ctx) {
+    (void)hd;
+    return (size_t)32 * PI_ATTN_TILE_HD + 16 * ((size_t)n_ctx + 16) + 16;
+}
+
+/* ---- decode ---- */
+int pi_attn_ws_init(pi_attn_ws *w, int n_ctx, int n_head, int hd, int nth) {
+    pi_attn_ws_free(w);
+    const size_t n_chunk = (size_t)(n_ctx + PI_ATTN_CHUNK - 1) / PI_ATTN_CHUNK;
+    w->n_ctx = n_ctx; w->n_head = n_head; w->hd = hd; w->nth = nth;
+    w->e = pi_aligned_alloc((size_t)n_head * n_ctx * 4);
+    w->m = pi_aligned_alloc(n_chunk * n_head * 4);
+    w->l = pi_aligned_alloc(n_chunk * n_head * 4);
+    w->o = pi_aligned_alloc(n_chunk * n_head * hd * 4);
+    w->st = pi_aligned_alloc((size_t)nth * 3 * n_head * 4);
+    if (!w->e || !w->m || !w->l || !w->o || !w->st) {
+        pi_attn_ws_free(w);
+        return -1;
+    }
+    return 0;
+}
+
+void pi_attn_ws_free(pi_attn_ws *w) {
+    pi_aligned_free(w->e); pi_aligned_free(w->m); pi_aligned_free(w->l);
+    pi_aligned_free(w->o); pi_aligned_free(w->st);
+    memset(w, 0, sizeof *w);
+}
+
+void pi_attn_decode(const pi_attn_decode_args *a, int ith, int nth) {
+    const int nh = a->n_head, hd = a->hd, rep = nh / a->n_head_kv, n_kv = a->n_kv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    pi_attn_ws *w = a->ws;
+    const size_t ld = (size_t)w->n_ctx;
+    const pi_kv_head kv = pi_kv_head_of(a->kv_type, a->k, a->v, a->stride, 0, hd);
+    float *hm = w->st + (size_t)ith * 3 * nh, *hl = hm + nh, *f = hl + nh; /* this thread's per-head scratch */
+    int h0, h1;
+    pi_split(nh, ith, nth, &h0, &h1);
+    if (n_kv <= PI_ATTN_CHUNK) { /* one chunk: the threads split the query heads */
+        for (int ha = h0; ha < h1; ha += PI_ATTN_CALL_HEADS) {
+            const int hb = h1 - ha < PI_ATTN_CALL_HEADS ? h1 : ha + PI_ATTN_CALL_HEADS;
+            a->ops->scores(a->q, ha, hb, rep, hd, &kv, 0, n_kv, scale, w->e, ld, hm, hl);
+            for (int h = ha; h < hb; h++) f[h] = 1.0f / hl[h];
+            a->ops->values(w->e, ld, f, ha, hb, rep, hd, &kv, 0, n_kv, a->out);
+        }
+        return;
+    }
+    /* pass 1: this thread's chunks, every head: scores, chunk max and sum */
+    const int n_chunk = (n_kv + PI_ATTN_CHUNK - 1) / PI_ATTN_CHUNK;
+    int c0, c1;
+    pi_split(n_chunk, ith, nth, &c0, &c1);
+    for (int c = c0; c < c1; c++) {
+        const int t0 = c * PI_ATTN_CHUNK, n = n_kv - t0 < PI_ATTN_CHUNK ? n_kv - t0 : PI_ATTN_CHUNK;
+        for (int ha = 0; ha < nh; ha += PI_ATTN_CALL_HEADS) {
+            const int hb = nh - ha < PI_ATTN_CALL_HEADS ? nh : ha + PI_ATTN_CALL_HEADS;
+            a->ops->scores(a->q, ha, hb, rep, hd, &kv, t0, n, scale, w->e + t0, ld, w->m + (size_t)c * nh,
+                           w->l + (size_t)c * nh);
+        }
+    }
+    a->barrier(a->ctx, ith);
+    /* pass 2: global max and sum per head from every chunk's state (the same order on every thread), then this
+     * thread's chunks' V rows with the globally normalized probabilities */
+    if (c1 > c0) {
+        for (int h = 0; h < nh; h++) {
+            float mx = -INFINITY;
+            for (int c = 0; c < n_chunk; c++) mx = w->m[(size_t)c * nh + h] > mx ? w->m[(size_t)c * nh + h] : mx;
+            double sum = 0.0;
+            for (int c = 0; c < n_chunk; c++) sum += (double)w->l[(size_t)c * nh + h] * expf(w->m[(size_t)c * nh + h] - mx);
+            hm[h] = mx;
+            hl[h] = (float)(1.0 / sum);
+        }
+        for (int c = c0; c < c1; c++) {
+            const int t0 = c * PI_ATTN_CHUNK, n = n_kv - t0 < PI_ATTN_CHUNK ? n_kv - t0 : PI_ATTN_CHUNK;
+            for (int h = 0; h < nh; h++) f[h] = expf(w->m[(size_t)c * nh + h] - hm[h]) * hl[h];
+            for (int ha = 0; ha < nh; ha += PI_ATTN_CALL_HEADS) {
+                const int hb = nh - ha < PI_ATTN_CALL_HEADS ? nh : ha + PI_ATTN_CALL_HEADS;
+                a->ops->values(w->e + t0, ld, f, ha, hb, rep, hd, &kv, t0, n, w->o + (size_t)c * nh * hd);
+            }
+        }
+    }
+    a->barrier(a->ctx, ith);
+    /* merge: this thread's heads, chunk partials added in chunk order */
+    for (int h = h0; h < h1; h++) {
+        float *dst = a->out + (size_t)h * hd;
+        memcpy(dst, w->o + (size_t)h * hd, (size_t)hd * sizeof(float));
+        for (int c = 1; c < n_chunk; c++) {
+            const float *src = w->o + ((size_t)c * nh + h) * hd;
+            for (int i = 0; i < hd; i++) dst[i] += src[i];
+        }
+    }
+}
+
+/* ---- prefill ---- */
+void pi_attn_prefill(const pi_attn_ops *ops, const float *q, size_t q_stride, int n, int pos0, int n_head,
+                     int n_head_kv, int hd, int kv_type, const void *k, const void *v, size_t stride, float *scratch,
+                     float *out, size_t out_stride, int ith, int nth) {
+    const int rep = n_head / n_head_kv, tq = ops->tile_q;
+    const int n_tiles = (n + tq - 1) / tq, n_items = n_tiles * n_head_kv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int it = ith; it < n_items; it += nth) {
+        const int tile = it / n_head_kv, g = it % n_head_kv, ta = tile * tq, nq = n - ta < tq ? n - ta : tq;
+        const pi_kv_head kv = pi_kv_head_of(kv_type, k, v, stride, g, hd);
+        const size_t h = (size_t)g * rep;
+        ops->tile(q + (size_t)ta * q_stride + h * hd, q_stride, nq, rep, hd, &kv, pos0 + ta, scale, scratch,
+                  out + (size_t)ta * out_stride + h * hd, out_stride);
+    }
+}

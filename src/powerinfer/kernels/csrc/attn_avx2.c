@@ -1,0 +1,223 @@
+/* AVX2 + FMA + F16C attention kernels for an f16 cache (pi_attn_ops, attn.h); the structure of
+ * attn_avx512.c at 8 lanes: scores 8 positions per pass with an 8x8 horizontal reduction, values 4 heads x 16
+ * dims of accumulators per pass over the V rows, the prefill tile 8 queries per lane vector over 8-row blocks.
+ * head_dim must be a multiple of 8 (values: 16; else the portable kernels run). */
+#include "attn.h"
+
+#if defined(PI_X86)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+#include <math.h>
+
+#define AI static inline __attribute__((always_inline))
+
+AI __m256 ld_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+AI __m256 round_f16(__m256 x) { return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)); }
+AI const uint16_t *row(const uint8_t *base, size_t stride, int t) { return (const uint16_t *)(base + (size_t)t * stride); }
+AI float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+AI float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+/* lanes [0, n) set */
+AI __m256 tail_mask(int n) {
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+AI __m256 exp_neg(__m256 x) { /* x <= 0, clamped at -87 so 2^n stays a normal float (and -inf gives ~0, not NaN) */
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+AI __m256 reduce8(const __m256 *a) { /* r[i] = sum of the 8 lanes of a[i] */
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* ---- decode ---- */
+static void scores(const float *q, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0, int n, float scale,
+                   float *e, size_t ld, float *m, float *l) {
+    if (hd % 8) { pi_attn_portable_f16.scores(q, h0, h1, rep, hd, kv, t0, n, scale, e, ld, m, l); return; }
+    const int nd = hd / 8;
+    const size_t st = kv->stride;
+    float qh[PI_MAX_HEAD_DIM] __attribute__((aligned(32)));
+    for (int h = h0; h < h1; h++) {
+        const uint8_t *kb = kv->k + (size_t)t0 * st + (size_t)(h / rep) * hd * 2;
+        for (int j = 0; j < nd; j++) _mm256_store_ps(qh + 8 * j, round_f16(_mm256_loadu_ps(q + (size_t)h * hd + 8 * j)));
+        float *er = e + (size_t)h * ld;
+        __m256 vmax = _mm256_set1_ps(-INFINITY);
+        for (int i0 = 0; i0 < n; i0 += 8) {
+            const int nt = n - i0 < 8 ? n - i0 : 8;
+            for (int i = 8; i < 16 && i0 + i < n; i++) /* strided cache rows: prefetch the next block */
+                for (int j = 0; j < hd; j += 32) _mm_prefetch((const char *)(row(kb, st, i0 + i) + j), _MM_HINT_T0);
+            __m256 acc[8];
+            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) {
+                const uint16_t *kr = row(kb, st, i0 + (i < nt ? i : nt - 1));
+                acc[i] = _mm256_mul_ps(_mm256_load_ps(qh), ld_f16(kr));
+                for (int j = 1; j < nd; j++) acc[i] = _mm256_fmadd_ps(_mm256_load_ps(qh + 8 * j), ld_f16(kr + 8 * j), acc[i]);
+            }
+            const __m256 s = _mm256_mul_ps(reduce8(acc), _mm256_set1_ps(scale));
+            const __m256 km = tail_mask(nt);
+            _mm256_maskstore_ps(er + i0, _mm256_castps_si256(km), s);
+            vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s, km));
+        }
+        const float mx = hmax(vmax);
+        __m256 vs = _mm256_setzero_ps();
+        for (int i0 = 0; i0 < n; i0 += 8) {
+            const __m256i km = _mm256_castps_si256(tail_mask(n - i0));
+            const __m256 x = _mm256_and_ps(exp_neg(_mm256_sub_ps(_mm256_maskload_ps(er + i0, km), _mm256_set1_ps(mx))),
+                                           _mm256_castsi256_ps(km));
+            _mm256_maskstore_ps(er + i0, km, x);
+            vs = _mm256_add_ps(vs, x);
+        }
+        m[h] = mx;
+        l[h] = hsum(vs);
+    }
+}
+
+static void values(float *e, size_t ld, const float *f, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0,
+                   int n, float *out) {
+    if (hd % 16) { pi_attn_portable_f16.values(e, ld, f, h0, h1, rep, hd, kv, t0, n, out); return; }
+    for (int h = h0; h < h1; h++) { /* p = f16(e * f), in place */
+        float *er = e + (size_t)h * ld;
+        for (int i0 = 0; i0 < n; i0 += 8) {
+            const __m256i km = _mm256_castps_si256(tail_mask(n - i0));
+            _mm256_maskstore_ps(er + i0, km, round_f16(_mm256_mul_ps(_mm256_maskload_ps(er + i0, km), _mm256_set1_ps(f[h]))));
+        }
+    }
+    const int nd = hd / 8;
+    const size_t st = kv->stride;
+    for (int g = h0 / rep; g <= (h1 - 1) / rep; g++) {
+        const int ha = g * rep > h0 ? g * rep : h0, hb = (g + 1) * rep < h1 ? (g + 1) * rep : h1;
+        const uint8_t *vb = kv->v + (size_t)t0 * st + (size_t)g * hd * 2;
+        for (int r0 = ha; r0 < hb; r0 += 4) { /* 4 heads x 16 dims of accumulators per pass */
+            const int nr = hb - r0 < 4 ? hb - r0 : 4;
+            for (int j0 = 0; j0 < nd; j0 += 2) {
+                __m256 acc[4][2];
+                for (int a = 0; a < 4; a++) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
+                for (int i = 0; i < n; i++) {
+                    if (i + 16 < n) _mm_prefetch((const char *)(row(vb, st, i + 16) + 8 * j0), _MM_HINT_T0);
+                    const uint16_t *vr = row(vb, st, i) + 8 * j0;
+                    const __m256 v0 = ld_f16(vr), v1 = ld_f16(vr + 8);
+                    _Pragma("GCC unroll 4") for (int a = 0; a < 4; a++) {
+                        if (a < nr) {
+                            const __m256 pa = _mm256_set1_ps(e[(size_t)(r0 + a) * ld + i]);
+                            acc[a][0] = _mm256_fmadd_ps(pa, v0, acc[a][0]);
+                            acc[a][1] = _mm256_fmadd_ps(pa, v1, acc[a][1]);
+                        }
+                    }
+                }
+                for (int a = 0; a < nr; a++) {
+                    _mm256_storeu_ps(out + (size_t)(r0 + a) * hd + 8 * j0, acc[a][0]);
+                    _mm256_storeu_ps(out + (size_t)(r0 + a) * hd + 8 * j0 + 8, acc[a][1]);
+                }
+            }
+        }
+    }
+}
+
+/* ---- prefill: a tile of up to 8 queries (lanes), one head at a time ----
+ * S[pos][lane] = q_lane . K[pos] over 8-row blocks of K converted to f32 once (broadcast into the 8 queries'
+ * fma chains); softmax down the lanes; probabilities normalized, rounded to f16; then O^T[d][lane] += P[pos] *
+ * V[pos][d] over 8-row blocks of V, 4 dims in flight (independent chains). */
+AI void tile_head(const float *q, size_t q_stride, int nq, int hd, const pi_kv_head *kv, int pos0, float scale,
+                  float *Qt, float *kf, float *Ot, float *S, float *out, size_t out_stride) {
+    const int n_pos = pos0 + nq;
+    for (int d = 0; d < hd; d++) {
+        float col[8];
+        for (int j = 0; j < 8; j++) col[j] = j < nq ? q[(size_t)j * q_stride + d] : 0.0f;
+        _mm256_store_ps(Qt + 8 * d, round_f16(_mm256_loadu_ps(col)));
+        _mm256_store_ps(Ot + 8 * d, _mm256_setzero_ps());
+    }
+    const __m256i lane_next = _mm256_add_epi32(_mm256_set1_epi32(pos0 + 1), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 vscale = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
+    __m256 vmax = ninf;
+    for (int p0 = 0; p0 < n_pos; p0 += 8) {
+        const int np = n_pos - p0 < 8 ? n_pos - p0 : 8;
+        for (int i = 0; i < 8; i++) { /* tail rows repeat the last (finite; masked) */
+            const uint16_t *kr = row(kv->k, kv->stride, p0 + (i < np ? i : np - 1));
+            for (int j = 0; j < hd; j += 8) _mm256_store_ps(kf + i * hd + j, ld_f16(kr + j));
+        }
+        __m256 acc[8];
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+        for (int d = 0; d < hd; d++) {
+            const __m256 qd = _mm256_load_ps(Qt + 8 * d);
+            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qd, _mm256_broadcast_ss(kf + i * hd + d), acc[i]);
+        }
+        for (int i = 0; i < np; i++) { /* causal: lane j sees positions <= pos0 + j */
+            const __m256 vis = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane_next, _mm256_set1_epi32(p0 + i)));
+            const __m256 sv = _mm256_blendv_ps(ninf, _mm256_mul_ps(acc[i], vscale), vis);
+            _mm256_store_ps(S + 8 * (size_t)(p0 + i), sv);
+            vmax = _mm256_max_ps(vmax, sv);
+        }
+    }
+    __m256 vsum = _mm256_setzero_ps();
+    for (int p = 0; p < n_pos; p++) {
+        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_load_ps(S + 8 * (size_t)p), vmax));
+        _mm256_store_ps(S + 8 * (size_t)p, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), vsum);
+    for (int p = 0; p < n_pos; p++) /* masked scores were -inf: exp ~1e-38, 0 after the f16 rounding */
+        _mm256_store_ps(S + 8 * (size_t)p, round_f16(_mm256_mul_ps(_mm256_load_ps(S + 8 * (size_t)p), inv)));
+    float *vf = kf;
+    for (int p0 = 0; p0 < n_pos; p0 += 8) {
+        const int np = n_pos - p0 < 8 ? n_pos - p0 : 8;
+        __m256 P[8];
+        for (int i = 0; i < 8; i++) {
+            const uint16_t *vr = row(kv->v, kv->stride, p0 + (i < np ? i : np - 1));
+            for (int j = 0; j < hd; j += 8) _mm256_store_ps(vf + i * hd + j, ld_f16(vr + j));
+            P[i] = i < np ? _mm256_load_ps(S + 8 * (size_t)(p0 + i)) : _mm256_setzero_ps();
+        }
+        for (int d = 0; d < hd; d += 4) { /* hd % 8 == 0 */
+            __m256 o[4];
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) o[c] = _mm256_load_ps(Ot + 8 * (d + c));
+            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
+                _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) o[c] = _mm256_fmadd_ps(P[i], _mm256_broadcast_ss(vf + i * hd + d + c), o[c]);
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) _mm256_store_ps(Ot + 8 * (d + c), o[c]);
+        }
+    }
+    for (int d = 0; d < hd; d++) {
+        float col[8] __attribute__((aligned(32)));
+        _mm256_store_ps(col, _mm256_load_ps(Ot + 8 * d));
+        for (int j = 0; j < nq; j++) out[(size_t)j * out_stride + d] = col[j];
+    }
+}
+
+static void tile(const float *q, size_t q_stride, int nq, int n_rep, int hd, const pi_kv_head *kv, int pos0,
+                 float scale, float *scratch, float *out, size_t out_stride) {
+    if (hd % 8 || hd > PI_ATTN_TILE_HD) {
+        pi_attn_portable_f16.tile(q, q_stride, nq, n_rep, hd, kv, pos0, scale, scratch, out, out_stride);
+        return;
+    }
+    float *Qt = scratch, *kf = Qt + 8 * PI_ATTN_TILE_HD, *Ot = kf + 8 * PI_ATTN_TILE_HD, *S = Ot + 8 * PI_ATTN_TILE_HD;
+    for (int r = 0; r < n_rep; r++)
+        tile_head(q + (size_t)r * hd, q_stride, nq, hd, kv, pos0, scale, Qt, kf, Ot, S, out + (size_t)r * hd, out_stride);
+}
+
+const pi_attn_ops pi_attn_avx2_f16 = {scores, values, tile, 8};
+
+#pragma GCC pop_options
+#endif
