@@ -163,6 +163,9 @@ class BenchOptions(JsonOutput):
                         help="decode steps for the tg tests; 0 skips them")
     threads: str | None = option(None, "-t", "--threads", metavar="N[,N...]", commands=("bench",),
                                  help="thread counts to test (default: all available cores)")
+    n_depth: str = option("0", "-d", "--n-depth", metavar="N[,N...]", commands=("bench",),
+                          help="context depth (llama-bench -d): N tokens already in the KV cache before each test, "
+                               "so pp and tg are measured at that depth; tests are named pp512 @ d4096")
     repetitions: int = option(5, "-r", "--repetitions", metavar="N", commands=("bench",),
                               help="timed repetitions per test")
     no_warmup: bool = option(False, "--no-warmup", commands=("bench",), help="skip the untimed warm-up repetition")
@@ -175,11 +178,13 @@ class BenchOptions(JsonOutput):
     prompt_lengths: list[int] = field(init=False, repr=False, default_factory=list)
     gen_lengths: list[int] = field(init=False, repr=False, default_factory=list)
     thread_counts: list[int] = field(init=False, repr=False, default_factory=list)
+    depths: list[int] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self):
         self.prompt_lengths = [n for n in _int_list("-p/--n-prompt", self.n_prompt) if n > 0]
         self.gen_lengths = [n for n in _int_list("-n/--n-gen", self.n_gen) if n > 0]
         self.thread_counts = _int_list("-t/--threads", self.threads) if self.threads else [default_threads()]
+        self.depths = _int_list("-d/--n-depth", self.n_depth)
         if any(t == 0 for t in self.thread_counts):
             raise PowerInferError("-t/--threads values must be >= 1")
         if self.repetitions < 1:

@@ -74,3 +74,29 @@ def test_bad_flags_are_one_line_errors(capsys, tiny, argv, needle):
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 1 and len(lines) == 1 and needle in lines[0], err
+
+
+def test_depth(capsys, tiny):
+    """-d/--n-depth (llama-bench's): each depth runs every test after that many tokens of context, named
+    "pp8 @ d24" in llama-bench's order (threads, then depths, then pp before tg); the tg tests count the KV rows
+    they read: every layer's K and V rows 0..pos for pos = depth .. depth+n-1."""
+    assert main(["bench", "-m", str(tiny.path), "-p", "8", "-n", "4", "-d", "0,24", "-t", "1", "-r", "1", "--json",
+                 "--sparsity", "off"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(r["test"], r["n_depth"]) for r in doc["results"]] == [
+        ("pp8", 0), ("tg4", 0), ("pp8 @ d24", 24), ("tg4 @ d24", 24)]
+    assert doc["settings"]["n_ctx"] == 24 + 8
+    tensors = {t.name: t for t in GGUFReader(str(tiny.path)).tensors}
+    n_layer = sum(1 for n in tensors if n.endswith("attn_k.weight"))
+    kv_row = int(tensors["blk.0.attn_k.weight"].shape[1]) * 2  # f16 K row of all KV heads (shape is [d, kv_dim])
+    for r in doc["results"]:
+        if r["n_gen"]:
+            rows = r["n_depth"] + (4 + 1) / 2
+            assert r["kv_bytes_per_token"] == int(n_layer * 2 * kv_row * rows)
+            assert r["read_gb_per_s"] == pytest.approx((r["bytes_per_token"] + r["kv_bytes_per_token"]) *
+                                                       r["avg_ts"] / 1e9)
+        else:
+            assert r["kv_bytes_per_token"] is None and r["read_gb_per_s"] is None
+    code = main(["bench", "-m", str(tiny.path), "-p", "4", "-n", "0", "-d", "x"])
+    err = capsys.readouterr().err
+    assert code == 1 and "-d/--n-depth expects comma-separated integers" in err

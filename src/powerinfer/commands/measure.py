@@ -130,9 +130,10 @@ def cmd_compare_logits(args) -> int:
 def cmd_bench(args) -> int:
     """Prompt processing (ppN: N tokens from an empty cache) and generation (tgN: N single-token decode steps)
     speed, one untimed warm-up then -r timed repetitions per test and thread count, like llama-bench. Lists are
-    comma-separated: -t 1,2 -p 128,512. GB/s counts the weight bytes one decode step reads (all layer matrices +
-    norms + output head + one embedding row; FFN rows scaled by 1 - sparsity when the runner skips neurons); with
-    --sparsity the tg tests decode with the sparse FFN. Prints a markdown table, or JSON."""
+    comma-separated: -t 1,2 -p 128,512; -d 4096 runs them after 4096 tokens of context. GB/s counts the bytes one
+    decode step reads: the weights (all layer matrices + norms + output head + one embedding row; FFN rows scaled by
+    1 - sparsity when the runner skips neurons) and the KV-cache rows it attends over; with --sparsity the tg tests
+    decode with the sparse FFN. Prints a markdown table, or JSON."""
     opts = from_namespace(BenchOptions, args)
     settings = from_namespace(ModelSettings, args)
     loaded = load_model_noted(settings.model)
@@ -154,7 +155,8 @@ def cmd_bench(args) -> int:
     sparse = any(r["sparsity_source"] == "runner" for r in doc["results"])
     print(f"\nGB/s: {model['bytes_per_token'] / 2**20:.1f} MiB of weights per generated token (layer matrices, norms, "
           f"output head, one embedding row; {'tg: the FFN bytes read' if sparse else 'dense FFN'}) "
-          f"x t/s. FFN: {doc['settings']['ffn']}. Peak RSS {doc['peak_rss_mib']:.0f} MiB. "
+          f"plus the KV-cache rows each step attends over, x t/s. "
+          f"FFN: {doc['settings']['ffn']}. Peak RSS {doc['peak_rss_mib']:.0f} MiB. "
           f"{opts.repetitions} repetitions{'' if opts.no_warmup else ' after 1 warm-up'}, "
           f"random token ids (seed {opts.seed}).")
     for r in doc["results"]:

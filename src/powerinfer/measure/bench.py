@@ -5,6 +5,9 @@ Protocol (as llama-bench, tools/llama-bench): for every thread count in -t and e
     (seeded), the first one BOS when the model adds BOS; t/s = N / time;
   * tgN: N single-token decode steps from an empty cache (the first input BOS when the model adds BOS, then
     random ids); t/s = N / time.
+  * with -d D (llama-bench's --n-depth), both run after D random tokens already in the KV cache ("pp512 @ d4096"):
+    the context is prefilled once per thread count and depth (untimed) and every repetition starts from it
+    again (the cache is cut back to D positions; llama-bench re-evaluates them, which leaves the same cache).
 One untimed warm-up repetition of the same test runs first (page faults, caches, thread start-up), then -r timed
 repetitions; reported: mean +/- sample standard deviation and median of the per-repetition t/s.
 Time is wall-clock around `runner.eval` calls, so the Python per-token overhead a user of the engine pays is
@@ -15,8 +18,12 @@ Derived numbers (generation tests only):
     stored size, the norm vectors and biases, the output norm, the output head and one embedding row. The FFN
     matrices count in full for a dense decoder; with --sparsity the FFN counts what the sparse decoder read,
     averaged over the test's steps (Runner.ffn_stats: gate/up rows or input-major columns, and the down_t rows
-    of the kept neurons, each in its stored format). KV-cache reads are not counted (they grow with position).
+    of the kept neurons, each in its stored format). KV-cache reads are counted apart (kv_bytes_per_token).
   * gb_per_s: bytes_per_token * t/s / 1e9, the effective weight bandwidth.
+  * kv_bytes_per_token: KV-cache bytes one decode step reads, averaged over the test's steps (every layer's K
+    and V rows 0..pos, at the cache's element size); read_gb_per_s: (bytes_per_token + kv_bytes_per_token) *
+    t/s / 1e9, what the step streams in all (the markdown table's GB/s). At depth the cache dominates:
+    SmolLM2 at 16k reads 377 MB of K/V per step against 92 MiB of weights.
   * ffn_sparsity: fraction of FFN neurons skipped per token. 0 for the dense decoder. A runner that skips
     neurons exposes `ffn_sparsity()` (fraction skipped over the evals since `reset_ffn_stats()`); it is read
     after each timed test.
@@ -27,9 +34,11 @@ JSON schema (`--json`, "schema": "powerinfer.bench/1"):
                             "n_vocab", "activation", "bytes_per_token"},
    "system": {"isa", "cpu", "n_cpus", "python", "torch", "powerinfer"},
    "settings": {"n_batch", "n_ctx", "repetitions", "warmup", "seed", "ffn"},
-   "results": [{"test": "pp128" | "tg128", "n_prompt", "n_gen", "n_threads", "samples_ns": [int],
+   "results": [{"test": "pp128" | "tg128" | "tg128 @ d4096", "n_prompt", "n_gen", "n_depth", "n_threads",
+                "samples_ns": [int],
                 "samples_ts": [float], "avg_ts", "stddev_ts", "median_ts", "avg_ns", "stddev_ns",
-                "bytes_per_token": int | null, "gb_per_s": float | null, "ffn_sparsity": float,
+                "bytes_per_token": int | null, "gb_per_s": float | null, "kv_bytes_per_token": int | null,
+                "read_gb_per_s": float | null, "ffn_sparsity": float,
                 "sparsity_source": "dense" | "runner", "peak_rss_mib": float,
                 "phases_ms_per_token": {phase: ms} | null}],
    "peak_rss_mib": float}
@@ -107,10 +116,11 @@ def _reset_runner_sparsity(runner) -> None:
 class Test:
     kind: str  # "pp" | "tg"
     n: int
+    depth: int = 0  # tokens already in the cache
 
     @property
     def name(self) -> str:
-        return f"{self.kind}{self.n}"
+        return f"{self.kind}{self.n}" + (f" @ d{self.depth}" if self.depth else "")
 
 
 def _tokens(rng, n: int, n_vocab: int, bos_id: int | None) -> list[int]:
@@ -121,8 +131,8 @@ def _tokens(rng, n: int, n_vocab: int, bos_id: int | None) -> list[int]:
 
 
 def _run_once(runner, test: Test, ids: list[int]) -> int:
-    """Wall-clock ns of one repetition from an empty cache."""
-    runner.truncate(0)
+    """Wall-clock ns of one repetition from a cache holding test.depth positions (see _fill_depth)."""
+    runner.truncate(test.depth)
     t0 = time.perf_counter_ns()
     if test.kind == "pp":
         runner.eval(ids)
@@ -130,6 +140,22 @@ def _run_once(runner, test: Test, ids: list[int]) -> int:
         for tok in ids:
             runner.eval([tok])
     return time.perf_counter_ns() - t0
+
+
+def _fill_depth(runner, depth: int, seed: int, bos_id: int | None) -> None:
+    """Put `depth` random tokens (BOS first when the model adds it) in an empty cache, untimed."""
+    runner.truncate(0)
+    if depth:
+        runner.eval(_tokens(np.random.default_rng([seed, depth]), depth, runner.config.n_vocab, bos_id))
+
+
+def _kv_bytes_per_step(runner, test: Test) -> int:
+    """KV-cache bytes a decode step of the tg test reads on average: K and V rows 0..pos of every layer, for the
+    positions test.depth .. test.depth + n - 1 (rows: depth + (n + 1) / 2 on average)."""
+    cfg = runner.config
+    kv = getattr(runner, "kv", None)
+    row = kv.k[0].shape[1] * kv.k[0].element_size() if kv is not None else cfg.n_head_kv * cfg.head_dim * 2
+    return int(cfg.n_layer * 2 * row * (test.depth + (test.n + 1) / 2))
 
 
 def _profile_phases(runner, test: Test, ids: list[int]) -> dict | None:
@@ -157,16 +183,21 @@ def _peak_rss_mib() -> float:
 
 def run_bench(runner, weights, tests: list[Test], threads: list[int], repetitions: int, *, warmup: bool = True,
               seed: int = 0, bos_id: int | None = None, profile: bool = False, on_result=None) -> list[dict]:
-    """One result dict per (thread count, test), in llama-bench order (threads outer)."""
+    """One result dict per (thread count, depth, test), in llama-bench order (threads outer, then depths; pp
+    tests before tg tests)."""
     if repetitions < 1:
         raise PowerInferError(f"-r/--repetitions must be >= 1, got {repetitions}")
     n_vocab = runner.config.n_vocab
     results = []
     for nt in threads:
         runner.set_threads(nt)
+        depth = None
         for test in tests:
+            if test.depth != depth:
+                depth = test.depth
+                _fill_depth(runner, depth, seed, bos_id)
             rng = np.random.default_rng(seed)  # the same token ids for every thread count
-            ids = _tokens(rng, test.n, n_vocab, bos_id)
+            ids = _tokens(rng, test.n, n_vocab, bos_id if not test.depth else None)
             if warmup:
                 _run_once(runner, test, ids)
             _reset_runner_sparsity(runner)
@@ -175,12 +206,13 @@ def run_bench(runner, weights, tests: list[Test], threads: list[int], repetition
             sparsity, source = _runner_sparsity(runner)
             r = {
                 "test": test.name, "n_prompt": test.n if test.kind == "pp" else 0,
-                "n_gen": test.n if test.kind == "tg" else 0, "n_threads": nt,
+                "n_gen": test.n if test.kind == "tg" else 0, "n_depth": test.depth, "n_threads": nt,
                 "samples_ns": samples, "samples_ts": [round(x, 4) for x in ts],
                 "avg_ts": statistics.fmean(ts), "stddev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0,
                 "median_ts": statistics.median(ts), "avg_ns": statistics.fmean(samples),
                 "stddev_ns": statistics.stdev(samples) if len(samples) > 1 else 0.0,
-                "bytes_per_token": None, "gb_per_s": None, "ffn_sparsity": sparsity, "sparsity_source": source,
+                "bytes_per_token": None, "gb_per_s": None, "kv_bytes_per_token": None, "read_gb_per_s": None,
+                "ffn_sparsity": sparsity, "sparsity_source": source,
                 "peak_rss_mib": _peak_rss_mib(), "phases_ms_per_token": None,
             }
             if test.kind == "tg":
@@ -191,6 +223,8 @@ def run_bench(runner, weights, tests: list[Test], threads: list[int], repetition
                     bpt = bytes_per_token(weights, sparsity)
                 r["bytes_per_token"] = bpt
                 r["gb_per_s"] = bpt * r["avg_ts"] / 1e9
+                r["kv_bytes_per_token"] = _kv_bytes_per_step(runner, test)
+                r["read_gb_per_s"] = (bpt + r["kv_bytes_per_token"]) * r["avg_ts"] / 1e9
                 if profile:
                     r["phases_ms_per_token"] = _profile_phases(runner, test, ids)
             results.append(r)
@@ -222,7 +256,7 @@ _COLUMNS = ("model", "size", "params", "threads", "test", "t/s", "median t/s", "
 def markdown_row(model: dict, r: dict) -> str:
     cells = [model["type"], _fmt_size(model["size_bytes"]), _fmt_params(model["n_params"]), str(r["n_threads"]),
              r["test"], f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}", f"{r['median_ts']:.2f}",
-             f"{r['gb_per_s']:.2f}" if r["gb_per_s"] is not None else "-",
+             f"{r['read_gb_per_s']:.2f}" if r["read_gb_per_s"] is not None else "-",
              f"{r['ffn_sparsity']:.2f}" if r["n_gen"] else "-"]
     return "| " + " | ".join(cells) + " |"
 
@@ -287,9 +321,10 @@ def bench(loaded, opts: BenchOptions, n_batch: int = 512, sparsity="off", sparse
     from ..runtime.runner import make_runner
     from ..runtime.sparsity import apply_sparsity
 
-    tests = [Test("pp", n) for n in opts.prompt_lengths] + [Test("tg", n) for n in opts.gen_lengths]
+    tests = [t for d in opts.depths
+             for t in [Test("pp", n, d) for n in opts.prompt_lengths] + [Test("tg", n, d) for n in opts.gen_lengths]]
     cfg = loaded.config
-    n_ctx = max(t.n for t in tests)
+    n_ctx = max(t.depth + t.n for t in tests)
     if cfg.context_length and n_ctx > cfg.context_length:
         print(f"warning: {n_ctx} tokens exceed the model's trained context of {cfg.context_length}", file=log)
     runner = make_runner(loaded, n_ctx, opts.thread_counts[0], min(n_batch, n_ctx), placement=placement, solve=solve,
