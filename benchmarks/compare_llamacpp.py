@@ -9,6 +9,10 @@ Protocols (chosen to match reference/baselines.md so numbers are comparable):
 - speed: prompt = the first N eval-split tokens; prefill of the prompt from an empty cache, then greedy
   decode steps (argmax in Python on both sides, so per-token Python overhead is included for both).
   Engines alternate which goes first in each round; the ratio is the median of per-round ratios.
+- long contexts (--depths D[,D...]): for each depth D, a prompt of the first D eval-split tokens from an empty
+  cache (prefill tok/s at D), then --depth-gen greedy steps after it (decode tok/s at depth D), the same
+  interleaving for --depth-rounds rounds; each decode step's reads are weights + every layer's K and V rows
+  0..pos (f16 on both sides), and the table gives that byte count and the GB/s it implies.
 - quality: the first `--ppl-tokens` tokens of the eval split (llama.cpp's tokenizer, no BOS), cut into
   chunks of 512, each evaluated from an empty context; NLL over the 511 next-token predictions of every
   chunk; PPL = exp(mean NLL). Top-1 agreement compares the two engines' argmax at every scored position.
@@ -43,11 +47,11 @@ def _cpu_name() -> str:
 
 
 class LlamaCpp:
-    def __init__(self, path, n_threads, n_ctx, logits_all=False):
+    def __init__(self, path, n_threads, n_ctx, logits_all=False, flash_attn=False):
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
-                         n_threads_batch=n_threads, logits_all=logits_all, verbose=False)
+                         n_threads_batch=n_threads, logits_all=logits_all, verbose=False, flash_attn=flash_attn)
         self.n_vocab = self.llm.n_vocab()
 
     def tokenize(self, text: str) -> list[int]:
@@ -213,6 +217,26 @@ def byte_bounds(weights, ffn_stats):
                 predicted=dense - ffn_dense * ffn_stats["sparsity"], ffn_dense=ffn_dense, ffn_sparse=ffn_sparse)
 
 
+def depth_rounds(path, tokens, depths, n_gen, rounds, n_threads, flash_attn=False):
+    """Prefill of the first D tokens and decode after them, for each depth D, on engines sized for the largest;
+    returns [(D, speed_rounds result, bytes one decode step reads on average)]."""
+    from powerinfer.measure.bench import bytes_per_token
+
+    n_ctx = max(depths) + n_gen + 8
+    ref = LlamaCpp(path, n_threads, n_ctx=n_ctx, flash_attn=flash_attn)
+    ours = Ours(str(path), n_threads, n_ctx=n_ctx)
+    cfg, kv = ours.runner.config, ours.runner.kv
+    kv_row = kv.k[0].shape[1] * kv.k[0].element_size()  # every layer's K and V rows 0..pos, f16 on both sides
+    out = []
+    for d in depths:
+        print(f"depth {d}:", file=sys.stderr)
+        sp = speed_rounds(ours, ref, tokens[:d], n_gen, rounds)
+        step_bytes = bytes_per_token(ours.runner.weights) + cfg.n_layer * 2 * kv_row * (d + n_gen / 2)
+        out.append((d, sp, step_bytes))
+    del ref, ours
+    return out
+
+
 def log_softmax(x):
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -263,6 +287,13 @@ def main(argv=None):
     ap.add_argument("--n-prompt", type=int, default=128)
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="0 skips the quality comparison")
+    ap.add_argument("--depths", default="", metavar="D[,D...]",
+                    help="also time prefill of D prompt tokens and decode at depth D for each D (e.g. "
+                         "4096,8192,16384,32768)")
+    ap.add_argument("--depth-gen", type=int, default=32, help="decode steps timed at each depth")
+    ap.add_argument("--depth-rounds", type=int, default=1, help="interleaved rounds at each depth")
+    ap.add_argument("--flash-attn", action="store_true",
+                    help="run llama.cpp with flash attention (llama-cpp-python's default is off)")
     ap.add_argument("--also", action="append", metavar="GGUF",
                     help="another model to time the same way (speed only), e.g. a synthetic 7B file; repeatable")
     ap.add_argument("--also-prompt", type=int, default=32, help="prompt tokens for --also models")
@@ -278,7 +309,7 @@ def main(argv=None):
     text = pydoc_topics("eval")
     torch.set_num_threads(args.threads)
 
-    ref = LlamaCpp(path, args.threads, n_ctx=1024)
+    ref = LlamaCpp(path, args.threads, n_ctx=1024, flash_attn=args.flash_attn)
     ours = Ours(str(path), args.threads, n_ctx=1024)
     from powerinfer.runtime.sparsity import resolve_sparsity
 
@@ -298,6 +329,12 @@ def main(argv=None):
         sp["desc"] = o_desc
         extra.append((Path(other), sp))
         del o_ref, o_ours
+
+    depths = [int(d) for d in args.depths.split(",") if d.strip() and int(d) > 0]
+    if depths and max(depths) + args.depth_gen > len(tokens):
+        raise SystemExit(f"the eval text has {len(tokens)} tokens, fewer than depth {max(depths)} + {args.depth_gen}")
+    deep = depth_rounds(path, tokens, depths, args.depth_gen, args.depth_rounds, args.threads, args.flash_attn) \
+        if depths else []
 
     breakdown = None
     dec = getattr(ours.runner, "decoder", None)
@@ -349,7 +386,8 @@ def main(argv=None):
         f"Python {platform.python_version()}, "
         f"torch {torch.__version__}, llama-cpp-python {__import__('llama_cpp').__version__}.",
         f"Model: `{path.name}`. Command: `python benchmarks/compare_llamacpp.py {' '.join(argv or sys.argv[1:])}`",
-        f"Text: pydoc_data.topics eval split ({describe(text)}), llama.cpp tokens.",
+        f"Text: pydoc_data.topics eval split ({describe(text)}), llama.cpp tokens. llama.cpp flash attention: "
+        f"{'on' if args.flash_attn else 'off (llama-cpp-python default)'}.",
         "",
         f"## Speed, {args.threads} threads ({args.rounds} interleaved rounds, medians)",
         "",
@@ -365,6 +403,15 @@ def main(argv=None):
             t = sp["tg_sparse"]
             lines.append(f"| `{name}` | decode {sp['n_gen']}, sparse ({100 * sp['sparsity']:.0f}% of FFN neurons "
                          f"skipped; {sp['tg_sparse_vs_dense']:.2f}x our dense) | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.2f}x |")
+    if deep:
+        lines += ["", f"## Long contexts, {args.threads} threads ({args.depth_rounds} interleaved round(s) per depth; "
+                  f"decode: {args.depth_gen} steps after the prompt)", "",
+                  "| depth | test | powerinfer tok/s | llama.cpp tok/s | ratio | bytes per decode step (weights + KV) "
+                  "| powerinfer GB/s |", "|---|---|---|---|---|---|---|"]
+        for d, sp, step_bytes in deep:
+            lines += [f"| {d} | prefill {d} tokens | {sp['pp'][0]:.1f} | {sp['pp'][1]:.1f} | {sp['pp'][2]:.2f}x | | |",
+                      f"| {d} | decode at depth {d} | {sp['tg'][0]:.2f} | {sp['tg'][1]:.2f} | {sp['tg'][2]:.2f}x "
+                      f"| {step_bytes / 1e6:.0f} MB | {step_bytes * sp['tg'][0] / 1e9:.1f} |"]
     lines += [
         "",
         f"Greedy continuations on `{path.name}`: {speed['same']}/{args.n_gen} positions equal, first divergence "
