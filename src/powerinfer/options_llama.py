@@ -126,9 +126,10 @@ _SAMPLER = ("not implemented here: sampling is penalties -> top-k -> top-p -> mi
 
 # field -> (values that mean "off" in llama-cli, so no note is needed, why it has no effect here)
 NOTES: dict[str, tuple[tuple, str]] = {
-    "n_gpu_layers": ((), "layers are not offloaded whole here: the GPU gets what --vram-budget allows, attention "
-                         "first and then the most often firing FFN neurons (upstream PowerInfer's rule); -ngl 0 "
-                         "means --vram-budget 0"),
+    # -ngl 0 is not "off" but acts: it means --vram-budget 0 (commands/run.py), so it gets no note either
+    "n_gpu_layers": (("0",), "the GPU gets what --vram-budget allows, attention first and then the most often "
+                             "firing FFN neurons (upstream PowerInfer's rule), not whole layers; -ngl 0 means "
+                             "--vram-budget 0"),
     "flash_attn": (("off",), "attention is one fused C kernel per layer here; there is no other kernel to pick"),
     "cache_type_k": (("f16",), "the KV cache is f16 here (llama.cpp's default type)"),
     "cache_type_v": (("f16",), "the KV cache is f16 here (llama.cpp's default type)"),
