@@ -83,3 +83,23 @@ def test_random_run_prints_its_seed(tiny, capsys):
     err = capsys.readouterr().err
     seed = int(err.split("seed ")[1].split("]")[0])
     assert main(["run", "-m", tiny, "-p", "hi", "-n", "2", "-s", str(seed)]) == 0
+
+
+def test_interrupted_batch_keeps_the_records_so_far(tiny, tmp_path, capsys, monkeypatch):
+    from powerinfer.api import LLM
+
+    real = LLM.stream
+
+    def stream(self, prompt, **kw):
+        if prompt == "stop here":
+            raise KeyboardInterrupt  # as Ctrl-C would, in the middle of the batch
+        return real(self, prompt, **kw)
+
+    monkeypatch.setattr(LLM, "stream", stream)
+    f = tmp_path / "prompts.txt"
+    f.write_text("first\nsecond\nstop here\nnever\n")
+    out = tmp_path / "out.jsonl"
+    code = main(["run", "-m", tiny, "--prompt-file-batch", str(f), "-o", str(out), "-n", "2", "--temp", "0"])
+    assert code == 130
+    assert [json.loads(ln)["prompt"] for ln in out.read_text().splitlines()] == ["first", "second"]
+    assert "interrupted: 2 of 4 prompts done" in capsys.readouterr().err
