@@ -4,7 +4,7 @@ SIGTERM (llama.cpp's tests/utils.py ServerProcess does the same).
   serve(*args)       factory: start a server with these CLI args -> Server (stopped after the module)
   tiny_model         a ReLU tiny GGUF with a byte-level vocabulary (tests/fixtures/tiny.py): fast, and `--sparsity
                      auto` skips its zero activations exactly, so the FFN view has real sparsity
-  tiny_server        `serve -m tiny --sparsity auto -c 8192 --temp 0`, one for the whole session
+  tiny_server        `serve -m tiny --sparsity auto -c 8192 --temp 0 --ignore-eos`, one for the whole session
   bundled_server     the bundled SmolLM2-135M-Instruct, -b 64 (small prompt chunks: a cancel lands between them),
                      an SSE ping after 0.2 s without a token; one for the whole session
 """
@@ -142,7 +142,9 @@ def tiny_model(tiny_gguf):
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_model):
-    s = Server(["-m", str(tiny_model.path), "--sparsity", "auto", "-c", "8192", "-t", "2", "--temp", "0"])
+    # --ignore-eos: a random model's end-of-turn token means nothing; replies run to max_tokens (or a stop string)
+    s = Server(["-m", str(tiny_model.path), "--sparsity", "auto", "-c", "8192", "-t", "2", "--temp", "0",
+                "--ignore-eos"])
     yield s
     s.stop()
 

@@ -13,7 +13,8 @@ import pytest
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None,
+                                reason="Debian's chromium is not installed (apt-get install chromium)")
 
 # The flags headless chromium needs as root in a container with no network (reference/serving.md 6.2).
 ARGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -54,7 +55,8 @@ def _canvas_pixels_drawn(page, selector: str) -> int:
     return page.evaluate("""(sel) => {
         const c = document.querySelector(sel), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let n = 0;
-        for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i] - 16) + Math.abs(d[i + 1] - 19) + Math.abs(d[i + 2] - 26) > 30) n++;
+        for (let i = 0; i < d.length; i += 4)
+          if (Math.abs(d[i] - 16) + Math.abs(d[i + 1] - 19) + Math.abs(d[i + 2] - 26) > 30) n++;
         return n; }""", selector)
 
 
@@ -160,5 +162,6 @@ def test_view_splits_hot_and_cold_neurons_under_a_placement(page, serve, tiny_mo
         assert [h + c for h, c in zip(f["hot"], f["cold"])] == f["neurons"]
         assert sum(f["hot"]) > 0 and sum(f["cold"]) > 0
     tiers = page.inner_text("#ffn-tiers")
-    assert tiers == f"Fast tier (orange): {sum(ffn[-1]['hot'])} neurons, CPU tier (blue): {sum(ffn[-1]['cold'])} neurons."
+    hot, cold = sum(ffn[-1]["hot"]), sum(ffn[-1]["cold"])
+    assert tiers == f"Fast tier (orange): {hot} neurons, CPU tier (blue): {cold} neurons."
     assert page.problems == []
