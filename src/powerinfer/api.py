@@ -40,6 +40,7 @@ class LLM:
         self._owner: int | None = None  # its thread
         self.runner = make_runner(loaded, settings.n_ctx, settings.n_threads, settings.n_batch, placement=settings,
                                   solve=solve_hot_sets)
+        self.runner.allow_non_finite = settings.allow_non_finite  # else NaN/inf logits are an error
         self.sparsity = "dense FFN"
         if settings.sparsity != "off" or settings.predictors:
             self.sparsity = apply_sparsity(self.runner, loaded, settings.sparsity, settings.sparse_method,
@@ -127,5 +128,5 @@ def _piece(tok: Tokenizer, token_id: int | None) -> str:
 
 def load(path=None, **settings) -> LLM:
     model_settings, sampling = split_settings({"model": path, **settings} if path is not None else settings)
-    loaded = load_model(model_settings.model)
+    loaded = load_model(model_settings.model, allow_non_finite=model_settings.allow_non_finite)
     return LLM(loaded, model_settings, sampling)

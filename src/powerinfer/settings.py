@@ -58,6 +58,9 @@ def option(default, *flags, help: str, commands: tuple[str, ...], metavar: str |
                                                 argparse=argparse_kw))
 
 
+MAX_THREADS = 4096  # past this a -t value is a typo (2^31 ended in an OverflowError); the C pool caps at 64
+
+
 def default_threads() -> int:
     # llama.cpp defaults to the number of physical cores; os.cpu_count() counts logical CPUs, and on SMT
     # machines half of them is the better guess (the second hyper-thread adds little to a memory-bound decode).
@@ -138,11 +141,16 @@ class ModelSettings(PlacementSettings):
                                          "model's cached predictors if any, else none)")
     verbose: bool = option(False, "-v", "--verbose", "--log-verbose", commands=GENERATES,
                            help="print load details and per-layer FFN sparsity / bytes read after generation")
+    allow_non_finite: bool = option(False, "--allow-non-finite", commands=("run", "perplexity", "serve"),
+                                    help="load and run a model whose weights hold NaN/inf or whose logits overflow "
+                                         "(refused by default: the file is corrupt); NaN logits are never sampled")
 
     def __post_init__(self):
         super().__post_init__()
         if self.n_threads <= 0:
             self.n_threads = default_threads()
+        if self.n_threads > MAX_THREADS:
+            raise PowerInferError(f"--threads {self.n_threads}: at most {MAX_THREADS} (the decoder uses up to 64)")
         if self.n_ctx < 0:
             raise PowerInferError(f"--ctx-size must be >= 0, got {self.n_ctx}")
         self.sparsity = parse_sparsity(self.sparsity)

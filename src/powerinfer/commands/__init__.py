@@ -13,12 +13,16 @@ from __future__ import annotations
 import sys
 
 
-def load_model_noted(path):
-    """formats.loader.load_model, saying on stderr what was converted at load (the commands that run the model
-    and report its numbers: run, perplexity, bench, calibrate)."""
+def load_model_noted(path, allow_non_finite: bool = False):
+    """formats.loader.load_model, saying on stderr what was converted at load and which non-finite tensors
+    --allow-non-finite let through (the commands that run the model and report its numbers: run, perplexity, bench,
+    calibrate, serve)."""
     from ..formats.loader import load_model as load
 
-    loaded = load(path)
+    loaded = load(path, allow_non_finite=allow_non_finite)
     if loaded.conversion_report:
         print(f"note: converted at load: {loaded.conversion_report}", file=sys.stderr)
+    if loaded.non_finite:
+        print(f"warning: {len(loaded.non_finite)} tensors hold NaN or infinite values ({', '.join(loaded.non_finite[:3])}"
+              f"{', ...' if len(loaded.non_finite) > 3 else ''}); running anyway (--allow-non-finite)", file=sys.stderr)
     return loaded

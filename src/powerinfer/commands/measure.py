@@ -37,7 +37,7 @@ def cmd_perplexity(args) -> int:
     else:
         text, source = pydoc_topics("eval"), "default evaluation text (pydoc_data.topics, eval split)"
 
-    llm = LLM(load_model_noted(settings.model), settings, SamplingParams())
+    llm = LLM(load_model_noted(settings.model, settings.allow_non_finite), settings, SamplingParams())
     tok = llm.tokenizer
     # As llama.cpp: BOS per the model, special-token text in the corpus stays text.
     tokens = tok.encode(text, add_bos=None, parse_special=False)
@@ -136,7 +136,7 @@ def cmd_bench(args) -> int:
     decode with the sparse FFN. Prints a markdown table, or JSON."""
     opts = from_namespace(BenchOptions, args)
     settings = from_namespace(ModelSettings, args)
-    loaded = load_model_noted(settings.model)
+    loaded = load_model_noted(settings.model, settings.allow_non_finite)
     model = model_summary(loaded)
     if not opts.json:
         print(markdown_header())

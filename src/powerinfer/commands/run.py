@@ -110,7 +110,13 @@ def _list_devices() -> int:
 
 
 def _load(settings: ModelSettings, sampling: SamplingParams, quiet: bool = False) -> LLM:
-    llm = LLM(load_model_noted(settings.model), settings, sampling)
+    llm = LLM(load_model_noted(settings.model, settings.allow_non_finite), settings, sampling)
+    trained = llm.config.trained_context
+    # llama.cpp: "n_ctx_per_seq > n_ctx_train -- possible training context overflow"; for a -c the user chose (the
+    # default 4096 on a small test model is not news)
+    if llm.runner.n_ctx > trained and settings.n_ctx != ModelSettings.n_ctx:
+        print(f"warning: -c {llm.runner.n_ctx} exceeds the model's trained context of {trained} tokens: text past it "
+              "comes out degraded", file=sys.stderr)
     if quiet:
         return llm
     if settings.verbose or llm.runner.sparse:

@@ -27,7 +27,7 @@ def cmd_serve(args) -> int:
     def load():
         from ..api import LLM
 
-        llm = LLM(load_model_noted(settings.model), settings, sampling)
+        llm = LLM(load_model_noted(settings.model, settings.allow_non_finite), settings, sampling)
         if settings.verbose or llm.runner.sparse:
             print(f"ffn: {llm.sparsity}", file=sys.stderr)
         return llm

@@ -58,6 +58,16 @@ class ModelConfig:
         if not self.rope_dim:
             self.rope_dim = self.head_dim
 
+    @property
+    def trained_context(self) -> int:
+        """The context the model was trained to handle: context_length, or for linear/YaRN RoPE scaling the
+        original context times the factor when the file states the pre-scaling context (as HF configs of YaRN
+        models do); llama3 scaling's files already state the extended one."""
+        rs = self.rope_scaling
+        if rs.kind in ("linear", "yarn") and rs.factor > 1:
+            return max(self.context_length, int((rs.original_context or self.context_length) * rs.factor))
+        return self.context_length
+
     def check(self, source: str) -> "ModelConfig":
         """Refuse hyper-parameters no model has before anything sizes a buffer from them (a hostile header's
         n_head = 0, head_dim = 10^6, context = 2^40, NaN epsilon): ModelFormatError naming the field."""

@@ -25,7 +25,7 @@ class CRunner(CachedSequence):
         self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim)
         self.rope_cos, self.rope_sin = rope_tables(cfg, self.n_ctx)
         self.decoder = kernels.bind_decoder(cfg, loaded.weights, self.kv, self.rope_cos, self.rope_sin, n_threads)
-        self._x = torch.empty(n_batch, cfg.d_model, dtype=torch.float32)
+        self._x = torch.empty(self.n_batch, cfg.d_model, dtype=torch.float32)
         self._embed_base = kernels.address(loaded.weights.embed_tokens.data)
         self._logits = torch.empty(cfg.n_vocab, dtype=torch.float32)
         self._sparse: kernels.SparseFFN | None = None

@@ -26,7 +26,7 @@ class HybridRunner(CachedSequence):
         super().__init__(cfg, n_ctx, n_threads, n_batch)
         self.plan, self.device, self.weights = plan, plan.device, loaded.weights
         cold = any(len(h) < cfg.n_ff for h in plan.hot)
-        self.cpu = CpuTier(cfg, loaded.weights, plan.hot, n_threads, self.device, n_batch) if cold else None
+        self.cpu = CpuTier(cfg, loaded.weights, plan.hot, n_threads, self.device, self.n_batch) if cold else None
         self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim, device=self.device)
 
         def ffn(lw, config, dtype, layer):

@@ -54,7 +54,7 @@ class CachedSequence:
         self.config = config
         self.n_ctx = n_ctx or config.context_length
         self.n_threads = n_threads
-        self.n_batch = n_batch
+        self.n_batch = min(n_batch, self.n_ctx)  # as llama.cpp: a batch past the context only wastes memory
         self.tokens: list[int] = []
         self.spec: SparseSpec | None = None
 
