@@ -149,7 +149,8 @@ class Session:
             return llm.stream(ids, n_predict=want, **params)
 
         if self.shift:
-            responses = stream_shifting(start, self.ids, n_ctx, self.keep, n, on_shift=self._shifted)
+            responses = stream_shifting(start, self.ids, n_ctx, self.keep, n, on_shift=self._shifted,
+                                        runner=llm.runner)
         else:
             responses = self._plain(start, n)
         pieces, last, tail = [], None, ""

@@ -32,6 +32,7 @@ class Runner(Protocol):
     def sparse(self) -> bool: ...
     def eval(self, ids: list[int], all_logits: bool = False) -> torch.Tensor: ...
     def truncate(self, n: int) -> None: ...
+    def shift(self, n_keep: int, n_discard: int) -> bool: ...
     def reuse_prefix(self, ids: list[int]) -> int: ...
     def set_sparse(self, spec: SparseSpec | None) -> None: ...
     def set_threads(self, n: int) -> None: ...
@@ -73,6 +74,31 @@ class CachedSequence:
     def truncate(self, n: int) -> None:
         """Forget cached positions >= n (their K/V rows are overwritten by the next eval)."""
         del self.tokens[n:]
+
+    def shift(self, n_keep: int, n_discard: int) -> bool:
+        """Drop cached positions [n_keep, n_keep + n_discard) and move the later ones down, their keys rotated back
+        by n_discard positions: llama.cpp's K-shift (llama_kv_self_seq_add), so a full context goes on without
+        evaluating its kept half again. Keys are stored rotated (RoPE at their position), and RoPE is a rotation
+        per position, so R(-d) R(p) = R(p - d); YaRN's magnitude factor is already in the stored keys and the
+        back-rotation is a pure rotation. False (nothing changed) when this runner keeps no such cache."""
+        kv = getattr(self, "kv", None)
+        lo, n = n_keep + n_discard, self.n_past
+        if kv is None or not 0 <= n_keep < lo <= n or not kv.k or kv.k[0].dtype not in (torch.float16, torch.float32):
+            return False
+        from ..model.rope import apply_rope, rope_inv_freq
+
+        cfg = self.config
+        angle = -n_discard * rope_inv_freq(cfg)  # float64 angles, as rope_tables computes them
+        cos, sin = torch.cos(angle).float()[None, :], torch.sin(angle).float()[None, :]
+        t = n - lo
+        for k_cache, v_cache in zip(kv.k, kv.v):
+            keys = k_cache[lo:n].float().view(t, cfg.n_head_kv, cfg.head_dim)
+            keys = apply_rope(keys, cos.to(keys.device).expand(t, -1), sin.to(keys.device).expand(t, -1),
+                              cfg.rope_style)
+            k_cache[n_keep:n_keep + t] = keys.reshape(t, -1).to(k_cache.dtype)
+            v_cache[n_keep:n_keep + t] = v_cache[lo:n].clone()  # overlapping ranges: copy out first
+        self.tokens = self.tokens[:n_keep] + self.tokens[lo:]
+        return True
 
     def reuse_prefix(self, ids: list[int]) -> int:
         """Keep the longest cached prefix of `ids` (at least one token is always left to evaluate)."""
