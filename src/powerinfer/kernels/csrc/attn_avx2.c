@@ -1,6 +1,7 @@
 /* AVX2 + FMA + F16C attention kernels for an f16 cache (pi_attn_ops, attn.h); the structure of
  * attn_avx512.c at 8 lanes: scores 8 positions per pass with an 8x8 horizontal reduction, values 4 heads x 16
- * dims of accumulators per pass over the V rows, the prefill tile 8 queries per lane vector over 8-row blocks.
+ * dims of accumulators per pass over 32-row blocks (both walking the rows through every KV head in range), the
+ * prefill tile 8 queries per lane vector over 8-row blocks.
  * head_dim must be a multiple of 8 (values: 16; else the portable kernels run). */
 #include "attn.h"
 
@@ -56,34 +57,67 @@ AI __m256 reduce8(const __m256 *a) { /* r[i] = sum of the 8 lanes of a[i] */
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* ---- decode ---- */
-static void scores(const float *q, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0, int n, float scale,
-                   float *e, size_t ld, float *m, float *l) {
-    if (hd % 8) { pi_attn_portable_f16.scores(q, h0, h1, rep, hd, kv, t0, n, scale, e, ld, m, l); return; }
-    const int nd = hd / 8;
-    const size_t st = kv->stride;
-    float qh[PI_MAX_HEAD_DIM] __attribute__((aligned(32)));
-    for (int h = h0; h < h1; h++) {
-        const uint8_t *kb = kv->k + (size_t)t0 * st + (size_t)(h / rep) * hd * 2;
-        for (int j = 0; j < nd; j++) _mm256_store_ps(qh + 8 * j, round_f16(_mm256_loadu_ps(q + (size_t)h * hd + 8 * j)));
-        float *er = e + (size_t)h * ld;
-        __m256 vmax = _mm256_set1_ps(-INFINITY);
-        for (int i0 = 0; i0 < n; i0 += 8) {
-            const int nt = n - i0 < 8 ? n - i0 : 8;
-            for (int i = 8; i < 16 && i0 + i < n; i++) /* strided cache rows: prefetch the next block */
-                for (int j = 0; j < hd; j += 32) _mm_prefetch((const char *)(row(kb, st, i0 + i) + j), _MM_HINT_T0);
-            __m256 acc[8];
-            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) {
-                const uint16_t *kr = row(kb, st, i0 + (i < nt ? i : nt - 1));
-                acc[i] = _mm256_mul_ps(_mm256_load_ps(qh), ld_f16(kr));
-                for (int j = 1; j < nd; j++) acc[i] = _mm256_fmadd_ps(_mm256_load_ps(qh + 8 * j), ld_f16(kr + 8 * j), acc[i]);
-            }
-            const __m256 s = _mm256_mul_ps(reduce8(acc), _mm256_set1_ps(scale));
-            const __m256 km = tail_mask(nt);
-            _mm256_maskstore_ps(er + i0, _mm256_castps_si256(km), s);
-            vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s, km));
+/* ---- decode (the row-block walk of attn_avx512.c: 8 rows for scores, 32 for values, through every KV head) ---- */
+AI void pf_rows(const uint8_t *base, size_t stride, int i, int nrows) {
+    const uint8_t *p = base + (size_t)i * stride, *end = p + (size_t)nrows * stride;
+    for (; p < end; p += 64) _mm_prefetch((const char *)p, _MM_HINT_T0);
+}
+
+/* Rows [i0, i0+8) of one KV head against query heads [ha, hb): SHARE converts the rows to f32 once (GQA). */
+AI void scores_block(const float *qh, int ha, int hb, const int ND, const int SHARE, const uint8_t *kb, size_t st,
+                     int i0, int nt, __m256 vscale, float *kf, float *e, size_t ld, __m256 *vmax) {
+    const int hd = 8 * ND;
+    const __m256 km = tail_mask(nt);
+    if (SHARE)
+        for (int i = 0; i < 8; i++) {
+            const uint16_t *kr = row(kb, st, i0 + (i < nt ? i : nt - 1));
+            for (int j = 0; j < ND; j++) _mm256_store_ps(kf + i * hd + 8 * j, ld_f16(kr + 8 * j));
         }
-        const float mx = hmax(vmax);
+    for (int h = ha; h < hb; h++) {
+        const float *qr = qh + (size_t)h * hd;
+        __m256 acc[8];
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) {
+            const uint16_t *kr = row(kb, st, i0 + (i < nt ? i : nt - 1));
+            acc[i] = _mm256_mul_ps(_mm256_load_ps(qr), SHARE ? _mm256_load_ps(kf + i * hd) : ld_f16(kr));
+            for (int j = 1; j < ND; j++)
+                acc[i] = _mm256_fmadd_ps(_mm256_load_ps(qr + 8 * j), SHARE ? _mm256_load_ps(kf + i * hd + 8 * j) : ld_f16(kr + 8 * j), acc[i]);
+        }
+        const __m256 s = _mm256_mul_ps(reduce8(acc), vscale);
+        _mm256_maskstore_ps(e + (size_t)h * ld + i0, _mm256_castps_si256(km), s);
+        vmax[h] = _mm256_max_ps(vmax[h], _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s, km));
+    }
+}
+
+AI void scores_nd(const float *q, int h0, int h1, int rep, const int ND, const pi_kv_head *kv, int t0, int n,
+                  float scale, float *e, size_t ld, float *m, float *l) {
+    const int hd = 8 * ND;
+    const size_t st = kv->stride;
+    const uint8_t *kb = kv->k + (size_t)t0 * st;
+    float qh[PI_ATTN_CALL_HEADS * PI_MAX_HEAD_DIM] __attribute__((aligned(32)));
+    float kf[8 * PI_MAX_HEAD_DIM] __attribute__((aligned(32)));
+    __m256 vm[PI_ATTN_CALL_HEADS];
+    if (h1 - h0 < 1 || h1 - h0 > PI_ATTN_CALL_HEADS) __builtin_unreachable();
+    for (int h = h0; h < h1; h++) {
+        vm[h - h0] = _mm256_set1_ps(-INFINITY);
+        for (int j = 0; j < ND; j++)
+            _mm256_store_ps(qh + (size_t)(h - h0) * hd + 8 * j, round_f16(_mm256_loadu_ps(q + (size_t)h * hd + 8 * j)));
+    }
+    const __m256 vscale = _mm256_set1_ps(scale);
+    const int g0 = h0 / rep, g1 = (h1 - 1) / rep + 1;
+    for (int i0 = 0; i0 < n; i0 += 8) {
+        const int nt = n - i0 < 8 ? n - i0 : 8;
+        if (i0 + 16 < n) pf_rows(kb, st, i0 + 16, n - i0 - 16 < 8 ? n - i0 - 16 : 8);
+        for (int g = g0; g < g1; g++) {
+            const int ha = g * rep > h0 ? g * rep : h0, hb = (g + 1) * rep < h1 ? (g + 1) * rep : h1;
+            if (hb - ha > 1)
+                scores_block(qh - (size_t)h0 * hd, ha, hb, ND, 1, kb + (size_t)g * hd * 2, st, i0, nt, vscale, kf, e, ld, vm - h0);
+            else
+                scores_block(qh - (size_t)h0 * hd, ha, hb, ND, 0, kb + (size_t)g * hd * 2, st, i0, nt, vscale, kf, e, ld, vm - h0);
+        }
+    }
+    for (int h = h0; h < h1; h++) { /* e = exp(s - max), sum */
+        float *er = e + (size_t)h * ld;
+        const float mx = hmax(vm[h - h0]);
         __m256 vs = _mm256_setzero_ps();
         for (int i0 = 0; i0 < n; i0 += 8) {
             const __m256i km = _mm256_castps_si256(tail_mask(n - i0));
@@ -97,6 +131,19 @@ static void scores(const float *q, int h0, int h1, int rep, int hd, const pi_kv_
     }
 }
 
+static void scores(const float *q, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0, int n, float scale,
+                   float *e, size_t ld, float *m, float *l) {
+    switch (hd) {
+    case 64: scores_nd(q, h0, h1, rep, 8, kv, t0, n, scale, e, ld, m, l); break;
+    case 128: scores_nd(q, h0, h1, rep, 16, kv, t0, n, scale, e, ld, m, l); break;
+    default:
+        if (hd % 8) pi_attn_portable_f16.scores(q, h0, h1, rep, hd, kv, t0, n, scale, e, ld, m, l);
+        else scores_nd(q, h0, h1, rep, hd / 8, kv, t0, n, scale, e, ld, m, l);
+    }
+}
+
+#define V_BLOCK 32
+
 static void values(float *e, size_t ld, const float *f, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0,
                    int n, float *out) {
     if (hd % 16) { pi_attn_portable_f16.values(e, ld, f, h0, h1, rep, hd, kv, t0, n, out); return; }
@@ -106,32 +153,40 @@ static void values(float *e, size_t ld, const float *f, int h0, int h1, int rep,
             const __m256i km = _mm256_castps_si256(tail_mask(n - i0));
             _mm256_maskstore_ps(er + i0, km, round_f16(_mm256_mul_ps(_mm256_maskload_ps(er + i0, km), _mm256_set1_ps(f[h]))));
         }
+        memset(out + (size_t)h * hd, 0, (size_t)hd * sizeof(float));
     }
-    const int nd = hd / 8;
+    const int nd = hd / 8, g0 = h0 / rep, g1 = (h1 - 1) / rep + 1;
     const size_t st = kv->stride;
-    for (int g = h0 / rep; g <= (h1 - 1) / rep; g++) {
-        const int ha = g * rep > h0 ? g * rep : h0, hb = (g + 1) * rep < h1 ? (g + 1) * rep : h1;
-        const uint8_t *vb = kv->v + (size_t)t0 * st + (size_t)g * hd * 2;
-        for (int r0 = ha; r0 < hb; r0 += 4) { /* 4 heads x 16 dims of accumulators per pass */
-            const int nr = hb - r0 < 4 ? hb - r0 : 4;
-            for (int j0 = 0; j0 < nd; j0 += 2) {
-                __m256 acc[4][2];
-                for (int a = 0; a < 4; a++) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
-                for (int i = 0; i < n; i++) {
-                    if (i + 16 < n) _mm_prefetch((const char *)(row(vb, st, i + 16) + 8 * j0), _MM_HINT_T0);
-                    const uint16_t *vr = row(vb, st, i) + 8 * j0;
-                    const __m256 v0 = ld_f16(vr), v1 = ld_f16(vr + 8);
-                    _Pragma("GCC unroll 4") for (int a = 0; a < 4; a++) {
-                        if (a < nr) {
-                            const __m256 pa = _mm256_set1_ps(e[(size_t)(r0 + a) * ld + i]);
-                            acc[a][0] = _mm256_fmadd_ps(pa, v0, acc[a][0]);
-                            acc[a][1] = _mm256_fmadd_ps(pa, v1, acc[a][1]);
+    const uint8_t *vb = kv->v + (size_t)t0 * st;
+    for (int i0 = 0; i0 < n; i0 += V_BLOCK) {
+        const int nb = n - i0 < V_BLOCK ? n - i0 : V_BLOCK;
+        if (i0 + V_BLOCK < n) pf_rows(vb, st, i0 + V_BLOCK, n - i0 - V_BLOCK < V_BLOCK ? n - i0 - V_BLOCK : V_BLOCK);
+        for (int g = g0; g < g1; g++) {
+            const int ha = g * rep > h0 ? g * rep : h0, hb = (g + 1) * rep < h1 ? (g + 1) * rep : h1;
+            const uint8_t *vg = vb + (size_t)g * hd * 2;
+            for (int r0 = ha; r0 < hb; r0 += 4) { /* 4 heads x 16 dims of accumulators per pass */
+                const int nr = hb - r0 < 4 ? hb - r0 : 4;
+                for (int j0 = 0; j0 < nd; j0 += 2) {
+                    __m256 acc[4][2];
+                    for (int a = 0; a < 4; a++) {
+                        acc[a][0] = a < nr ? _mm256_loadu_ps(out + (size_t)(r0 + a) * hd + 8 * j0) : _mm256_setzero_ps();
+                        acc[a][1] = a < nr ? _mm256_loadu_ps(out + (size_t)(r0 + a) * hd + 8 * j0 + 8) : _mm256_setzero_ps();
+                    }
+                    for (int i = i0; i < i0 + nb; i++) {
+                        const uint16_t *vr = row(vg, st, i) + 8 * j0;
+                        const __m256 v0 = ld_f16(vr), v1 = ld_f16(vr + 8);
+                        _Pragma("GCC unroll 4") for (int a = 0; a < 4; a++) {
+                            if (a < nr) {
+                                const __m256 pa = _mm256_set1_ps(e[(size_t)(r0 + a) * ld + i]);
+                                acc[a][0] = _mm256_fmadd_ps(pa, v0, acc[a][0]);
+                                acc[a][1] = _mm256_fmadd_ps(pa, v1, acc[a][1]);
+                            }
                         }
                     }
-                }
-                for (int a = 0; a < nr; a++) {
-                    _mm256_storeu_ps(out + (size_t)(r0 + a) * hd + 8 * j0, acc[a][0]);
-                    _mm256_storeu_ps(out + (size_t)(r0 + a) * hd + 8 * j0 + 8, acc[a][1]);
+                    for (int a = 0; a < nr; a++) {
+                        _mm256_storeu_ps(out + (size_t)(r0 + a) * hd + 8 * j0, acc[a][0]);
+                        _mm256_storeu_ps(out + (size_t)(r0 + a) * hd + 8 * j0 + 8, acc[a][1]);
+                    }
                 }
             }
         }

@@ -5,6 +5,10 @@
  *   values: probabilities rounded to f16 in one vector pass, then each f16 V row is converted once per 64-dim
  *           chunk and used by up to 4 heads.
  *   tile:   lanes = 16 queries (see tile_head).
+ * The decode kernels walk the rows in blocks (16 for scores, 32 for values) through every KV head in range and
+ * prefetch whole cache rows one block ahead, so the cache streams once, row after row: SmolLM2's shape, 30
+ * layers of a 16k cache from DRAM, one thread: 21 ms per step (17.8 GB/s) against 28 ms walking each KV head's
+ * rows in turn (prefetching 32 or 64 rows ahead instead of 16: 22-26 ms).
  * head_dim: the kernels specialise 32, 64, 128 and take any other multiple of 16 in a loop (the tile up to
  * PI_ATTN_TILE_HD); the rest falls back to the portable kernels. */
 #include "attn.h"
@@ -64,9 +68,7 @@ AI const uint16_t *row(const uint8_t *base, size_t stride, int t) { return (cons
 
 /* Prefetch whole cache rows (every KV head of a position) into L1, PF_ROWS rows ahead: the rows stream once
  * through all the heads in range, block by block. */
-#ifndef PF_ROWS
 #define PF_ROWS 16
-#endif
 AI void pf_rows(const uint8_t *base, size_t stride, int i, int nrows) {
     const uint8_t *p = base + (size_t)i * stride, *end = p + (size_t)nrows * stride;
     for (; p < end; p += 64) _mm_prefetch((const char *)p, _MM_HINT_T0);
