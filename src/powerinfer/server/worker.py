@@ -60,7 +60,11 @@ class Job:
     async def next(self, timeout: float | None = None):
         """The job's next item, `END` when it is done; TimeoutError after `timeout` seconds without one (the job
         goes on). A failure on the engine thread is raised here."""
-        item = await asyncio.wait_for(self.items.get(), timeout)
+        if not self.items.empty():
+            item = self.items.get_nowait()
+        else:  # asyncio.timeout, not wait_for: no task per token
+            async with asyncio.timeout(timeout):
+                item = await self.items.get()
         if isinstance(item, _Failed):
             raise item.exc
         return item
