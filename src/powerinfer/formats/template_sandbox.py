@@ -21,6 +21,7 @@ jinja2's ImmutableSandboxedEnvironment, with transformers' extensions and global
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -161,11 +162,20 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         r.max_chars = BASE_CHARS + 2 * text_size(variables, 1 << 40)
         r.deadline = time.monotonic() + RENDER_SECONDS
         r.rss0, r.next_rss = _rss(), 0.0
+        failed = True
         try:
-            return self._collect(template, variables)
+            out = self._collect(template, variables)
+            failed = False
+            return out
         finally:
             r.deadline = r.rss0 = None
             r.max_chars = MAX_CHARS
+            if failed:
+                # A stopped render's frames and template context form reference cycles holding what it built (up to
+                # MAX_RSS_GROWTH): free them now, not at some later collection, so hostile renders do not add up
+                # (the hostile set with automatic collection off: 292 MiB peak with this, 448 MiB without; one
+                # full-suite run without it peaked at 1.06 GB). Costs ~90 ms, on refused renders only.
+                gc.collect()
 
     def _collect(self, template, variables) -> str:
         out, n, cap = [], 0, self._render.max_chars
