@@ -14,10 +14,19 @@ Sampler = Callable[[torch.Tensor], int]
 LogitsProcessor = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
 
+def _argmax(logits: torch.Tensor) -> int:
+    # numpy's SIMD argmax: 5 us over a 49k vocabulary where torch.argmax takes 48 us (one thread), about 1.5% of a
+    # 3 ms decode step; logits on a GPU, in a dtype numpy lacks or part of a graph stay with torch
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float16, torch.float64) \
+            and not logits.requires_grad:
+        return int(logits.numpy().argmax())
+    return int(torch.argmax(logits))
+
+
 def make_sampler(temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                  seed: int = -1) -> Sampler:
     if temp <= 0:
-        return lambda logits: int(torch.argmax(logits))
+        return _argmax
     gen = torch.Generator().manual_seed(seed if seed >= 0 else random.SystemRandom().randrange(2**63))
 
     def sample(logits: torch.Tensor) -> int:
