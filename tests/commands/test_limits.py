@@ -60,3 +60,6 @@ def test_allow_non_finite_runs_what_is_refused_without_it(tmp_path, capsys):
     rc, err = _run(capsys, "-m", str(path), "--allow-non-finite", "--sparsity", "off")
     assert rc == 0 and "warning: 1 tensors hold NaN or infinite values (blk.1.ffn_norm.weight); running anyway " \
                        "(--allow-non-finite)" in err
+    assert cli.main(["info", "-m", str(path)]) == 0  # info describes the corrupt file instead of refusing it
+    assert any(line.split() == ["non-finite", "tensors", "blk.1.ffn_norm.weight"]
+               for line in capsys.readouterr().out.splitlines())

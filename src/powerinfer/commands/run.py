@@ -254,7 +254,8 @@ def cmd_tokenize(args) -> int:
 def cmd_info(args) -> int:
     """Architecture, sizes, tensor types and chat template of a model."""
     opts = from_namespace(InfoOptions, args)
-    loaded = load_model(from_namespace(ModelSettings, args).model)
+    # info describes a corrupt file too: non-finite tensors are listed (model_facts), not refused
+    loaded = load_model(from_namespace(ModelSettings, args).model, allow_non_finite=True)
     rows = model_facts(loaded)
     if opts.json:
         print(json.dumps({k: (v if isinstance(v, (int, float, bool)) else str(v)) for k, v in rows}, indent=1))
@@ -297,6 +298,7 @@ def model_facts(loaded) -> list[tuple[str, object]]:
         ("tokenizer", f"{loaded.metadata.get('tokenizer.ggml.model', '-')}"
                       f" (pre: {loaded.metadata.get('tokenizer.ggml.pre', '-')})"),
         ("chat template", f"{len(tmpl)} chars" if tmpl else "none (ChatML fallback)"),
+        ("non-finite tensors", ", ".join(loaded.non_finite) if getattr(loaded, "non_finite", None) else "none"),
     ]
     if loaded.powerinfer_gguf or any(lw.down_t is not None for lw in w.layers):
         from ..sparse.predictor import predictors_from_gguf
