@@ -173,8 +173,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             if failed:
                 # A stopped render's frames and template context form reference cycles holding what it built (up to
                 # MAX_RSS_GROWTH): free them now, not at some later collection, so hostile renders do not add up
-                # (the hostile set with automatic collection off: 292 MiB peak with this, 448 MiB without; one
-                # full-suite run without it peaked at 1.06 GB). Costs ~90 ms, on refused renders only.
+                # (the hostile set with automatic collection off: 292 MiB peak with this, 448 MiB without). Costs
+                # ~90 ms, on refused renders only.
                 gc.collect()
 
     def _collect(self, template, variables) -> str:
