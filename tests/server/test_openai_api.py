@@ -176,6 +176,8 @@ def test_response_format_is_enforced_or_refused(bundled_server):
     assert isinstance(json.loads(r.choices[0].message.content)["city"], str)
     r = client.chat.completions.create(response_format={"type": "json_object"}, **ask)
     assert isinstance(json.loads(r.choices[0].message.content), dict)
+    r = client.chat.completions.create(extra_body={"grammar": 'root ::= "yes" | "no"'}, **ask)  # llama-server's
+    assert r.choices[0].message.content in ("yes", "no")
 
 
 def test_utility_routes(tiny_server, tiny_model):
