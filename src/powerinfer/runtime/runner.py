@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ..core.config import ModelConfig
@@ -153,7 +154,9 @@ class CachedSequence:
 def _check_logits(logits: torch.Tensor, pos: int, n: int, allow: bool) -> None:
     """NaN or infinite logits (corrupt or overflowing weights) are a one-line error naming the position, or, when
     allowed, made samplable in place: NaN -> -inf, +inf -> the largest float, a row with nothing finite -> zeros."""
-    if bool(torch.isfinite(logits).all()):
+    # numpy's single-threaded check on the CPU logits: a torch op here runs on torch's intra-op threads, which
+    # wait on the decoder's cores every step
+    if bool(np.isfinite(logits.numpy()).all() if logits.device.type == "cpu" else torch.isfinite(logits).all()):
         return
     if not allow:
         rows = logits.reshape(-1, logits.shape[-1])
