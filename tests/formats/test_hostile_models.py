@@ -208,3 +208,12 @@ def test_predictor_shapes_in_a_powerinfer_gguf(pwri_seed, tmp_path, fc1, fc2, ex
         rc = cli.main(["run", "-m", str(bad), "-p", "Hello", "-n", "2", "-c", "32", "--sparsity", "auto"])
     lines = err.getvalue().strip().splitlines()
     assert rc == 1 and lines[-1] == f"error: {bad}: {expected}", lines
+
+
+def test_gate_in_some_layers_only(seed, tmp_path):
+    # a flipped bit in blk.0's gate name made an act(up) MLP with gates in layers 1..3: the C decoder refused
+    # set_layer with a ValueError traceback (found by scripts/fuzz_gguf.py, seed 5, mutant 789)
+    data = seed.read_bytes().replace(b"blk.0.ffn_gate.weight", b"blk.0.ffn_gatx.weight", 1)
+    (tmp_path / "bad.gguf").write_bytes(data)
+    assert _load_error(tmp_path / "bad.gguf") == ("<f>: tensor blk.1.ffn_gate.weight in a model whose FFN has no gate "
+                                                  "(blk.0.ffn_gate.weight is missing or powerinfer.ffn_kind is mlp)")

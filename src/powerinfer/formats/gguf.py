@@ -366,6 +366,10 @@ def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) 
                     v_bias=not cfg.attn_bias)
     layers = []
     for i in range(cfg.n_layer):
+        if cfg.ffn_kind == "mlp" and gguf_name("gate_proj", i) in tensors:
+            # an act(up) MLP has no gate; a gate in some layers only is a corrupt file (the decoder binds all alike)
+            raise ModelFormatError(f"{path}: tensor {gguf_name('gate_proj', i)} in a model whose FFN has no gate "
+                                   f"({gguf_name('gate_proj', 0)} is missing or powerinfer.ffn_kind is mlp)")
         if gguf_name("down_t", i) in tensors:  # PowerInfer stores down_proj transposed (neuron-major)
             down = get(gguf_name("down_t", i), (ff, d))
             transposed.add(down.name)

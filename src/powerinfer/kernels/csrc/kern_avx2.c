@@ -41,6 +41,12 @@ static void quant_q8(const float *x, int nblocks, int8_t *qs, float *d, float *s
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         const float amax = _mm_cvtss_f32(m4), dd = amax / 127.0f;
+        int nan = 0;
+        for (int i = 0; i < 4; i++) nan |= _mm256_movemask_ps(_mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+        if (!(amax <= 3.4e38f) || nan) { /* inf, or a NaN that max_ps may skip */
+            pi_q8_nonfinite(qs, d + b, s + b, sum + b);
+            continue;
+        }
         const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
         __m256i acc = _mm256_setzero_si256();
         for (int i = 0; i < 4; i++) {

@@ -38,6 +38,10 @@ static void quant_q8(const float *x, int nblocks, int8_t *qs, float *d, float *s
     for (int b = 0; b < nblocks; b++, x += PI_QK, qs += PI_QK) {
         const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
+        if (!(amax <= 3.4e38f) || _mm512_cmp_ps_mask(x0, x1, _CMP_UNORD_Q)) { /* inf, or a NaN max_ps may skip */
+            pi_q8_nonfinite(qs, d + b, s + b, sum + b);
+            continue;
+        }
         const float dd = amax / 127.0f;
         const __m512 id = _mm512_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
         const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, id));

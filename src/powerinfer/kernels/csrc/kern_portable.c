@@ -9,7 +9,9 @@
 static void quant_q8(const float *x, int nblocks, int8_t *qs, float *d, float *s, int32_t *sum) {
     for (int b = 0; b < nblocks; b++, x += PI_QK, qs += PI_QK) {
         float amax = 0.0f;
-        for (int j = 0; j < PI_QK; j++) { const float v = fabsf(x[j]); amax = v > amax ? v : amax; }
+        int bad = 0;
+        for (int j = 0; j < PI_QK; j++) { const float v = fabsf(x[j]); amax = v > amax ? v : amax; bad |= !(v <= 3.4e38f); }
+        if (bad) { pi_q8_nonfinite(qs, d + b, s + b, sum + b); continue; }
         const float dd = amax / 127.0f;
         const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
         int isum = 0;

@@ -27,6 +27,15 @@ typedef struct { uint16_t d; int8_t qs[32]; } pi_blk_q8_0;         /* value = q 
 static inline float pi_bits_f32(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
 static inline uint32_t pi_f32_bits(float f) { uint32_t w; memcpy(&w, &f, 4); return w; }
 
+/* A q8 activation block whose inputs hold inf or NaN: converting those to integers is undefined (x86 gives INT_MIN,
+ * whose block sums then overflowed 8 * sum in the Q4_0 kernels), so the block is written as zeros with a NaN scale:
+ * every product with it is NaN, and the runner reports NaN logits instead of computing with garbage. */
+static inline void pi_q8_nonfinite(int8_t *qs, float *d, float *s, int32_t *sum) {
+    memset(qs, 0, PI_QK);
+    *d = *s = pi_bits_f32(0x7fc00000u);
+    *sum = 0;
+}
+
 static inline float pi_fp16_to_fp32_calc(uint16_t h) {
     const uint32_t w = (uint32_t)h << 16;
     const uint32_t sign = w & 0x80000000u;
