@@ -46,12 +46,13 @@ python -m pytest -q -p no:cacheprovider -x -m "not slow" \
 echo "asan: kernel, decoder and loader tests in $(( $(date +%s) - t )) s"
 
 t=$(date +%s)
-python scripts/fuzz_gguf.py --count "$FUZZ_COUNT" --seed 5 --timeout 120
-echo "asan: fuzz corpus of $FUZZ_COUNT mutants in $(( $(date +%s) - t )) s"
+findings=0
+python scripts/fuzz_gguf.py --count "$FUZZ_COUNT" --seed 5 --timeout 120 || findings=$?
+echo "asan: fuzz corpus of $FUZZ_COUNT mutants in $(( $(date +%s) - t )) s, $findings findings"
 
 reports=$(find "$OUT/reports" -type f | wc -l)
-echo "asan: $reports sanitizer reports; total $(( $(date +%s) - start )) s"
+echo "asan: $reports sanitizer report files; total $(( $(date +%s) - start )) s"
 if [ "$reports" -ne 0 ]; then
     head -n 40 "$OUT"/reports/*
-    exit 1
 fi
+[ "$reports" -eq 0 ] && [ "$findings" -eq 0 ]

@@ -23,6 +23,7 @@ through the CLI's own main(), then, if that succeeded, `powerinfer.load()` and a
   alloc      the child's peak RSS grew past its clean run's by more than 2 x the file size + the KV cache, or it
              ran out of the address space the harness allows (MemoryError / 'out of memory' on stderr); under
              ASan (LD_PRELOAD of libasan) only the latter, since its quarantine and shadow memory move the RSS
+  sanitizer  an AddressSanitizer or UndefinedBehaviorSanitizer report (scripts/asan_check.sh's build)
 Anything but clean/error is a finding; the exit status is the number of findings (0 = pass).
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fuzz_mutants import Seed, make_seeds, mutant  # noqa: E402
 
-OUTCOMES = ("clean", "error", "traceback", "signal", "hang", "alloc")
+OUTCOMES = ("clean", "error", "traceback", "signal", "hang", "alloc", "sanitizer")
 N_CTX = 64
 PROMPT = "Hello world, this is a test."
 
@@ -128,6 +129,8 @@ def _warm(seeds: list[Seed], home: Path) -> None:
 
 
 def classify(rc_status: int, err: str, growth: int, allowance: int) -> str:
+    if "ERROR: AddressSanitizer" in err or ": runtime error: " in err:  # a report of the sanitized build
+        return "sanitizer"
     if os.WIFSIGNALED(rc_status):
         return "signal"
     if "Traceback (most recent call last)" in err:
