@@ -216,4 +216,7 @@ def test_gate_in_some_layers_only(seed, tmp_path):
     data = seed.read_bytes().replace(b"blk.0.ffn_gate.weight", b"blk.0.ffn_gatx.weight", 1)
     (tmp_path / "bad.gguf").write_bytes(data)
     assert _load_error(tmp_path / "bad.gguf") == ("<f>: tensor blk.1.ffn_gate.weight in a model whose FFN has no gate "
-                                                  "(blk.0.ffn_gate.weight is missing or powerinfer.ffn_kind is mlp)")
+                                                  "(blk.0.ffn_gate.weight is missing)")
+    # a file that says it is an MLP (powerinfer.ffn_kind) may carry gates it does not use: they are left unread
+    ok = _rewrite(seed, tmp_path / "mlp.gguf", {"powerinfer.ffn_kind": ("mlp", STR)})
+    assert all(lw.gate_proj is None for lw in load_model(ok).weights.layers)

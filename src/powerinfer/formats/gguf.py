@@ -213,6 +213,13 @@ def load_gguf(path: str | Path) -> GGUFModel:
     tensors = {t.name: reader_tensor(t) for t in reader.tensors}
     config = _config(path, md, tensors, pwri).check(str(path))
     report = quants.ConversionReport()
+    if config.ffn_kind == "mlp" and "powerinfer.ffn_kind" not in md:
+        # mlp was inferred from blk.0 having no gate: gates in other layers mean a corrupt file (a flipped bit in
+        # blk.0's name made an MLP of a SwiGLU model: found by scripts/fuzz_gguf.py, seed 5, mutant 789)
+        stray = next((n for n in (gguf_name("gate_proj", i) for i in range(config.n_layer)) if n in tensors), None)
+        if stray is not None:
+            raise ModelFormatError(f"{path}: tensor {stray} in a model whose FFN has no gate "
+                                   f"({gguf_name('gate_proj', 0)} is missing)")
     weights, used = _weights(path, config, tensors, report)
     extra = {n: t for n, t in tensors.items() if n not in used}
     return GGUFModel(config, weights, md, _file_type(md, tensors), report, pwri, extra)
@@ -366,16 +373,15 @@ def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) 
                     v_bias=not cfg.attn_bias)
     layers = []
     for i in range(cfg.n_layer):
-        if cfg.ffn_kind == "mlp" and gguf_name("gate_proj", i) in tensors:
-            # an act(up) MLP has no gate; a gate in some layers only is a corrupt file (the decoder binds all alike)
-            raise ModelFormatError(f"{path}: tensor {gguf_name('gate_proj', i)} in a model whose FFN has no gate "
-                                   f"({gguf_name('gate_proj', 0)} is missing or powerinfer.ffn_kind is mlp)")
         if gguf_name("down_t", i) in tensors:  # PowerInfer stores down_proj transposed (neuron-major)
             down = get(gguf_name("down_t", i), (ff, d))
             transposed.add(down.name)
         else:
             down = get(gguf_name("down_proj", i), (d, ff))
-        layer = {role: get(gguf_name(role, i), shape, optional=optional.get(role, False))
+        # an act(up) MLP (powerinfer.ffn_kind = mlp) reads no gate, even where the file has one: the C decoder
+        # binds a gate exactly when the FFN is gated
+        layer = {role: (None if role == "gate_proj" and cfg.ffn_kind == "mlp" else
+                        get(gguf_name(role, i), shape, optional=optional.get(role, False)))
                  for role, shape in shapes.items()}
         layers.append(dict(layer, down_proj=down, down_t=down if down.name in transposed else None))
     if "rope_freqs.weight" in tensors:
