@@ -24,7 +24,7 @@ class Tmux:
         self.name = f"pi-{uuid.uuid4().hex[:8]}"
         self.socket = ["-L", self.name]  # a server of its own: nothing shared with a user's tmux
         subprocess.run(["tmux", *self.socket, "new-session", "-d", "-s", self.name, "-x", str(width), "-y",
-                        str(height), f"{command}; echo EXITED rc=$?; sleep 30"], check=True)
+                        str(height), f"{command}; echo EXITED rc=$?; sleep 600"], check=True)
 
     def keys(self, *keys: str) -> None:
         subprocess.run(["tmux", *self.socket, "send-keys", "-t", self.name, *keys], check=True)
@@ -40,6 +40,8 @@ class Tmux:
             s = self.screen()
             if predicate(s):
                 return s
+            if "EXITED rc=" in s:  # the program ended while the test waited for something else
+                raise AssertionError(f"the program exited; the screen:\n{s}")
             time.sleep(0.2)
         raise AssertionError(f"timed out; the screen:\n{self.screen()}")
 
@@ -54,7 +56,7 @@ def prompts(screen: str) -> int:
 
 def test_chat_in_a_terminal(bundled_model_path, tmp_path):
     log = tmp_path / "screens.txt"
-    cmd = (f"{shlex.quote(sys.executable)} -m powerinfer run -cnv --temp 0 -c 128 -n 60 --no-stats --verbose "
+    cmd = (f"{shlex.quote(sys.executable)} -m powerinfer run -cnv --temp 0 -c 128 -n 300 --no-stats --verbose "
            f"-m {shlex.quote(str(bundled_model_path))}")
     t = Tmux(cmd)
     try:
