@@ -1,8 +1,9 @@
 """Every writer of the project refuses or replaces a symlink planted where it writes, never writing through it
 (core/files.py): thresholds/placement/profile JSON, predictor files, PowerInfer GGUF conversion, .gpuidx, the
-profile's counts, activation_N.pt, samples and plots, train-predictors' parts, saved logits and their targets, and
-`run -o`. A link planted in place of a directory the project fills itself (predictors.parts, samples, activation)
-is refused. Directories the project creates are user-only (0700)."""
+profile's counts, activation_N.pt, samples and plots, train-predictors' parts, saved logits and their targets,
+`solve -o` (.gpuidx and .placement.json), the .gpuidx a hybrid run caches, and `run -o`. A link planted in place of
+a directory the project fills itself (predictors.parts, samples, activation) is refused. Directories the project
+creates are user-only (0700)."""
 import json
 import os
 import stat
@@ -165,6 +166,46 @@ def test_run_batch_output(tmp_path, victim, relu_model, capsys):
     assert rc == 0
     assert_replaced(out, victim)
     assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == [0, 1]
+
+
+def test_solve_writes_index_and_placement(tmp_path, victim, relu_model, capsys):
+    from powerinfer import cli
+
+    cfg = relu_model.config
+    act = tmp_path / "activation"
+    act.mkdir()
+    for i in range(cfg.n_layer):
+        torch.save(torch.arange(cfg.n_ff, dtype=torch.int64), act / f"activation_{i}.pt")
+    out = plant(tmp_path / "m.generated.gpuidx", victim)
+    placement = plant(tmp_path / "m.placement.json", victim)
+    rc = cli.main(["solve", "-m", str(relu_model.path), "-c", "32", "--vram-budget", "0.001", "--hot-device", "cpu",
+                   "--activation", str(act), "--cpu-bandwidth", "20", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert_replaced(out, victim)
+    assert_replaced(placement, victim)
+    assert read_gpuidx(out, relu_model.config.n_layer, relu_model.config.n_ff).vram_capacity > 0
+
+
+def test_placement_cache_of_a_hybrid_run(tmp_path, victim, relu_model, monkeypatch):
+    """The .gpuidx a hybrid run solves and caches under ~/.cache/powerinfer/<fingerprint>/: its directories are
+    made user-only, and a link planted at the cached file is replaced."""
+    from powerinfer.prepare.solve import solve_hot_sets
+    from powerinfer.runtime.placement import GIB, dense_parts, neuron_bytes
+    from powerinfer.runtime.runner import make_runner
+    from powerinfer.settings import PlacementSettings
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    per = neuron_bytes(relu_model, 4)  # the f32 fast tier on the CPU: half of every layer's neurons fit
+    budget = (sum(dense_parts(relu_model, 32, 4).values()) + sum(relu_model.config.n_ff // 2 * b for b in per)) / GIB
+    settings = PlacementSettings(vram_budget=budget, hot_device="cpu", reset_gpu_index=True)
+    cached = Path(make_runner(relu_model, 32, 1, placement=settings, solve=solve_hot_sets)
+                  .plan.source.split("cached ")[1].rstrip(")"))
+    assert cached.is_file() and cached.is_relative_to(tmp_path / "home" / ".cache" / "powerinfer")
+    for d in (tmp_path / "home", tmp_path / "home" / ".cache", cached.parent.parent, cached.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d  # it was 0755: the cache made them with mkdir()
+    plant(cached, victim)
+    make_runner(relu_model, 32, 1, placement=settings, solve=solve_hot_sets)
+    assert_replaced(cached, victim)
 
 
 def test_new_directories_are_user_only_and_failures_leave_nothing(tmp_path):

@@ -156,6 +156,5 @@ def plan_tiers(loaded, settings: PlacementSettings, n_ctx: int, solve: Solve | N
         raise PowerInferError(f"no placement index for a budget of {budget} bytes (run `powerinfer solve "
                               f"--vram-budget {budget / GIB:g}`)")
     hot, source = solve(loaded, per_neuron, left, ALIGN, log)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_gpuidx(cache, hot, cfg.n_ff, budget)
+    write_gpuidx(cache, hot, cfg.n_ff, budget)  # creates the cache's directories user-only (core/files.py)
     return TierPlan(device, dtype, hot, per_neuron, dense, budget, f"{source}, solved now (cached {cache})")
