@@ -86,6 +86,13 @@ class PlacementSettings:
                                             "predictors and the output head go there first, then the most often "
                                             "firing FFN neurons; the rest run on the CPU (default: free CUDA memory "
                                             "minus 256 MiB when CUDA is present, else none)")
+    ram_budget: float | None = option(None, "--ram-budget", metavar="GiB",
+                                      commands=("run", "perplexity", "bench", "serve"),
+                                      help="RAM budget in GiB for models larger than memory: attention, norms, the "
+                                           "output head, predictors, the KV cache and the activity test's inputs "
+                                           "stay resident, then a neuron cache and the most often firing FFN "
+                                           "neurons; the other neurons are read from a neuron-bundle file when "
+                                           "they fire (default: everything in RAM)")
     hot_device: str | None = option(None, "--hot-device", metavar="DEVICE", commands=PLACES,
                                     help="torch device of the fast tier (default: cuda when present); `cpu` runs "
                                          "the same hybrid code with the fast tier on the CPU")
@@ -98,6 +105,8 @@ class PlacementSettings:
     def __post_init__(self):
         if self.vram_budget is not None and not (math.isfinite(self.vram_budget) and self.vram_budget >= 0):
             raise PowerInferError(f"--vram-budget must be a finite number of GiB >= 0, got {self.vram_budget}")
+        if self.ram_budget is not None and not (math.isfinite(self.ram_budget) and self.ram_budget > 0):
+            raise PowerInferError(f"--ram-budget must be a finite number of GiB > 0, got {self.ram_budget}")
         if self.hot_device is not None:
             self.hot_device = self.hot_device.strip().lower()
             if not self.hot_device.split(":")[0] in ("cpu", "cuda"):
