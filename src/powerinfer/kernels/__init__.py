@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .. import _C
 from .attention import attention_decode, attention_prefill
-from .decoder import ACTIVATIONS, FFN_KINDS, ROPE_STYLES, bind_decoder, bind_ffn_decoder
+from .decoder import (ACTIVATIONS, FFN_KINDS, PACK_ALL, PACK_DOWN, PACK_GATE, PACK_UP, ROPE_STYLES, bind_decoder,
+                      bind_ffn_decoder)
 from .ops import (address, available_isas, axpy, cpu_features, dequantize, gather, isa, matmul, matvec, quantize_q8_0,
                   read_bandwidth, set_isa, transposed, transposed_qtype)
 from .sparse_ffn import Kept, RowBytes, SparseFFN
@@ -20,5 +21,5 @@ Decoder = _C.Decoder
 
 __all__ = ["Decoder", "isa", "set_isa", "cpu_features", "available_isas", "address", "dequantize", "matvec",
            "matmul", "gather", "axpy", "quantize_q8_0", "transposed", "transposed_qtype", "read_bandwidth",
-           "bind_decoder", "bind_ffn_decoder", "ROPE_STYLES", "ACTIVATIONS", "FFN_KINDS", "SparseFFN", "Kept", "RowBytes",
+           "bind_decoder", "bind_ffn_decoder", "PACK_ALL", "PACK_GATE", "PACK_UP", "PACK_DOWN", "ROPE_STYLES", "ACTIVATIONS", "FFN_KINDS", "SparseFFN", "Kept", "RowBytes",
            "attention_decode", "attention_prefill"]

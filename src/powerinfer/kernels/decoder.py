@@ -13,6 +13,8 @@ ROPE_STYLES = {"norm": 0, "neox": 1}
 # ModelConfig.activation names: "gelu" is the erf form (HF "gelu"), "gelu_tanh" the tanh one (ggml_gelu).
 ACTIVATIONS = {"silu": 0, "relu": 1, "gelu_tanh": 2, "gelu": 3}
 FFN_KINDS = {"glu": 0, "dglu": 1, "mlp": 2}
+# FFN matrices a decoder packs in RAM (csrc/decoder.h PI_PACK_*): all of them, or what the disk tier keeps resident
+PACK_GATE, PACK_UP, PACK_DOWN, PACK_ALL = 1, 2, 4, 7
 
 
 class _Holder:
@@ -60,13 +62,16 @@ def _new_decoder(c, n_ctx: int, n_threads: int, ffn_only: bool = False) -> "_C.D
         raise PowerInferError(f"cannot set up the C decoder for n_ctx {n_ctx}, {n_threads} threads: {e}") from None
 
 
-def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1) -> "_C.Decoder":
+def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1,
+                 pack_ffn: int = PACK_ALL) -> "_C.Decoder":
     """A Decoder bound to ModelWeights / KVCache / ModelConfig; the arrays it reads are kept alive on it
-    (`dec._keep`). Block-format matrices are repacked once (dec.packed_bytes) for the 16-row kernels."""
+    (`dec._keep`). Block-format matrices are repacked once (dec.packed_bytes) for the 16-row kernels; `pack_ffn`
+    says which FFN matrices (the disk tier packs only a resident gate, or none)."""
     c = config
     _check_supported(c)
     kv_dim = c.n_head_kv * c.head_dim
     dec = _new_decoder(c, kv.n_ctx, n_threads)
+    dec.set_pack_ffn(pack_ffn)
     h = _Holder()
     half = c.rope_dim // 2
     cos, sin = _f32_vec(rope_cos), _f32_vec(rope_sin)

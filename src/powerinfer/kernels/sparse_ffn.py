@@ -67,9 +67,18 @@ class SparseFFN:
 
     def on(self, spec: SparseSpec) -> None:
         """Bind `spec`'s thresholds and predictors (their fc1/fc2 are bound as f16)."""
+        spec.check(self.config.n_layer)
+        self.bind_predictors(spec.predictors)
+        for il, th in enumerate(spec.layers):
+            lw = self.weights.layers[il]
+            gate_t = self._copy(il, "gate") if th.x > 0 and lw.gate_proj is not None else None
+            up_t = self._copy(il, "up") if th.x > 0 else None
+            self.dec.set_sparse(il, self._mat(self._copy(il, "down")), self._mat(gate_t), self._mat(up_t), th.h, th.x)
+        self.spec = spec
+
+    def bind_predictors(self, predictors) -> None:
+        """Bind a PredictorSet's fc1/fc2 as f16 on every layer (None: no predictors)."""
         n = self.config.n_layer
-        spec.check(n)
-        predictors = spec.predictors
         self._pred_keep = []
         self._pred_bytes.zero_()
         for il in range(n):
@@ -87,12 +96,6 @@ class SparseFFN:
             self._pred_bytes[il] = (fc1.numel() + fc2.numel()) * 2
             self.dec.set_predictor(il, (fc1.data_ptr(), 1), (fc2.data_ptr(), 1), fc1.shape[0],
                                    float(predictors.threshold_of(il)))
-        for il, th in enumerate(spec.layers):
-            lw = self.weights.layers[il]
-            gate_t = self._copy(il, "gate") if th.x > 0 and lw.gate_proj is not None else None
-            up_t = self._copy(il, "up") if th.x > 0 else None
-            self.dec.set_sparse(il, self._mat(self._copy(il, "down")), self._mat(gate_t), self._mat(up_t), th.h, th.x)
-        self.spec = spec
 
     def off(self) -> None:
         for il in range(self.config.n_layer):

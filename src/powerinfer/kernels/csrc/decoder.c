@@ -15,6 +15,7 @@
  * agreement with llama.cpp on SmolLM2 (3 x 512 tokens of pydoc text): both roundings 97.66%, without the q
  * rounding 97.72% (noise), without the probability rounding 97.14%, without either 96.74%. */
 #include "decoder.h"
+#include "disk.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -138,8 +139,13 @@ static void layout_job(void *arg, int ith, int nth) {
         return;
     }
     pi_layer_ranges(L, a->D->n_ff, ith, nth, u0, u1);
-    for (int j = 0; j < M_N && !a->failed[ith]; j++)
+    for (int j = 0; j < M_N && !a->failed[ith]; j++) {
+        if (j >= MGATE && !(a->D->pack_ffn & (1 << (j - MGATE)))) { /* read by the disk tier's gathers instead */
+            L->seg[j][ith] = (pi_seg){.u0 = u0[j], .u1 = u1[j]};
+            continue;
+        }
         a->failed[ith] = make_seg(&a->D->arena[ith], pi_layer_mat(L, j), u0[j], u1[j], &L->seg[j][ith]);
+    }
 }
 
 static int layout_layer(pi_decoder *D, int il) {
@@ -156,6 +162,12 @@ static int layout_head(pi_decoder *D) {
         pi_split(pi_mat_units(&D->head), t, D->nth, &u0, &u1);
         if (make_seg(&D->arena[t], &D->head, u0, u1, &D->head_seg[t])) return -1;
     }
+    return 0;
+}
+
+static int relayout(pi_decoder *D);
+int pi_decoder_repack(pi_decoder *D) {
+    if (relayout(D)) { D->broken = 1; return -1; }
     return 0;
 }
 
@@ -356,6 +368,10 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_FFN);
+    if (D->disk && D->disk->layers[il].where) {
+        pi_ffn_disk(D, il, x, x, ith, nth);
+        return;
+    }
     if (L->down_t.raw) {
         ffn_sparse(D, il, x, x, NULL, ith, nth);
         return;
@@ -523,6 +539,7 @@ pi_decoder *pi_decoder_new(int n_layer, int d, int n_head, int n_head_kv, int hd
     D->n_vocab = n_vocab; D->eps = eps; D->rope_dim = rope_dim; D->rope_style = rope_style; D->act = act;
     D->ffn_kind = ffn_kind; D->n_ctx = n_ctx;
     D->kv_type = PI_F16;
+    D->pack_ffn = PI_PACK_ALL;
     D->L = calloc((size_t)n_layer, sizeof(pi_layer));
     const int qd = n_head * hd, kvd = n_head_kv * hd, mx = d > n_ff ? d : n_ff;
     D->q = pi_aligned_alloc((size_t)qd * 4);
@@ -559,6 +576,7 @@ void pi_prefill_free(pi_prefill_ws *p) {
 
 void pi_decoder_free(pi_decoder *D) {
     if (!D) return;
+    pi_disk_free(D->disk);
     if (D->pool) pi_pool_free(D->pool);
     free_threads(D);
     if (D->L) {

@@ -18,6 +18,7 @@ enum { ROPE_NORM = 0, ROPE_NEOX = 1 };
 /* GELU comes in two forms that differ by up to ~1e-3: tanh (ggml_gelu, HF "gelu_pytorch_tanh") and erf (HF "gelu") */
 enum { ACT_SILU = 0, ACT_RELU = 1, ACT_GELU_TANH = 2, ACT_GELU_ERF = 3 };
 enum { FFN_GLU = 0, FFN_DGLU = 1, FFN_MLP = 2 };
+enum { PI_PACK_GATE = 1, PI_PACK_UP = 2, PI_PACK_DOWN = 4, PI_PACK_ALL = 7 };
 enum { PH_ATTN_PROJ, PH_ATTN_CORE, PH_O_PROJ, PH_FFN, PH_HEAD, PH_BARRIER, PH_N };
 
 typedef struct {
@@ -67,7 +68,7 @@ typedef struct {
     void *mem_x, *mem_att, *mem_h;
 } pi_prefill_ws;
 
-typedef struct {
+typedef struct pi_decoder {
     int n_layer, d, n_head, n_head_kv, hd, n_ff, n_vocab, rope_dim, rope_style, act, ffn_kind, n_ctx;
     float eps;
     pi_layer *L;
@@ -85,6 +86,10 @@ typedef struct {
      * matrices only, nothing is packed (every read is a row gather over raw rows), and the FFN runs one layer at a
      * time through pi_decoder_ffn with a mask of the neurons this tier may compute. */
     int ffn_only;
+    /* Which FFN matrices layout packs (bits PI_PACK_*): the disk tier keeps only the resident gate (exact ReLU)
+     * or none (predictors) in RAM; its up/down rows come from neuron bundles (disk.h). */
+    int pack_ffn;
+    struct pi_disk *disk; /* the disk tier, or NULL (disk.h) */
     pi_pool *pool;
     int nth;
     int broken; /* repacking for a new thread count ran out of memory: the packed weights are gone (refuse to run) */
@@ -109,6 +114,8 @@ pi_decoder *pi_decoder_new(int n_layer, int d, int n_head, int n_head_kv, int hd
 void pi_decoder_free(pi_decoder *D);
 /* 0 ok; -1: threads or buffers refused, the decoder keeps its old ones; -2: out of memory repacking (D->broken). */
 int pi_decoder_set_threads(pi_decoder *D, int nth);
+/* Repack every bound layer and the head (after pack_ffn changed): 0 ok, -1 out of memory (D->broken). */
+int pi_decoder_repack(pi_decoder *D);
 /* Packs the block-format matrices (rows * cols bytes of work); 0 ok, -1 on error. */
 int pi_decoder_set_layer(pi_decoder *D, int il, const float *attn_norm, const pi_mat *q, const pi_mat *k,
                          const pi_mat *v, const pi_mat *o, const float *ffn_norm, const pi_mat *gate,

@@ -303,6 +303,7 @@ static PyObject *Decoder_prefill(DecoderObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O&iiO&", pi_conv_ptr, &x, &n, &pos0, pi_conv_ptr, &lg)) return NULL;
     if (!x) return PyErr_Format(PyExc_ValueError, "null x");
     if (ready(self, 0, self->D ? self->D->n_layer : 0, lg != NULL) || check_pos(self, pos0, n)) return NULL;
+    if (self->D->disk) return PyErr_Format(PyExc_RuntimeError, "a decoder with a disk tier runs step() per token");
     int rc;
     self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
@@ -369,6 +370,25 @@ static PyObject *Decoder_stats(DecoderObject *self, PyObject *args, PyObject *kw
     return d;
 }
 
+PyObject *pi_py_set_pack_ffn(pi_decoder *D, PyObject *args);
+PyObject *pi_py_disk_open(pi_decoder *D, PyObject *args);
+PyObject *pi_py_disk_close(pi_decoder *D);
+PyObject *pi_py_disk_layer(pi_decoder *D, PyObject *args);
+PyObject *pi_py_disk_stats(pi_decoder *D, PyObject *args);
+#define DISK_METHOD(name, call)                                                                                      \
+    static PyObject *Decoder_##name(DecoderObject *self, PyObject *args) {                                           \
+        if (idle(self)) return NULL;                                                                                 \
+        self->busy = 1;                                                                                              \
+        PyObject *r = call;                                                                                          \
+        self->busy = 0;                                                                                              \
+        return r;                                                                                                    \
+    }
+DISK_METHOD(set_pack_ffn, pi_py_set_pack_ffn(self->D, args))
+DISK_METHOD(disk_open, pi_py_disk_open(self->D, args))
+DISK_METHOD(disk_close, pi_py_disk_close(self->D))
+DISK_METHOD(disk_layer, pi_py_disk_layer(self->D, args))
+DISK_METHOD(disk_stats, pi_py_disk_stats(self->D, args))
+
 static PyObject *Decoder_get_n_threads(DecoderObject *self, void *c) { return PyLong_FromLong(self->D ? self->D->nth : 0); }
 static PyObject *Decoder_get_packed_bytes(DecoderObject *self, void *c) {
     size_t tot = 0;
@@ -409,6 +429,15 @@ static PyMethodDef Decoder_methods[] = {
     {"stats", (PyCFunction)(void (*)(void))Decoder_stats, METH_VARARGS | METH_KEYWORDS,
      "stats(reset=False) -> dict of accumulated ns per phase (thread 0's view), steps, tokens"},
     {"reset_stats", (PyCFunction)Decoder_reset_stats, METH_NOARGS, "reset_stats()"},
+    {"set_pack_ffn", (PyCFunction)Decoder_set_pack_ffn, METH_VARARGS,
+     "set_pack_ffn(mask): FFN matrices packed in RAM (1 gate, 2 up, 4 down); repacks"},
+    {"disk_open", (PyCFunction)Decoder_disk_open, METH_VARARGS,
+     "disk_open(path, slot_bytes, n_resident, n_cache, n_io, direct) -> arena address: the disk tier (disk.h)"},
+    {"disk_close", (PyCFunction)Decoder_disk_close, METH_NOARGS, "disk_close(): every layer back in RAM"},
+    {"disk_layer", (PyCFunction)Decoder_disk_layer, METH_VARARGS,
+     "disk_layer(layer, where_ptr, off_ptr, bundle_bytes, gate_qtype, gate_off, up_qtype, up_off, down_qtype, "
+     "down_off, t_h)"},
+    {"disk_stats", (PyCFunction)Decoder_disk_stats, METH_VARARGS, "disk_stats(reset=False) -> dict of counters"},
     {NULL},
 };
 
