@@ -4,16 +4,24 @@
     python benchmarks/make_synthetic.py --shape 7b --type Q4_0 --activation relu --sparsity 0.9 -o relu7b.gguf
     python benchmarks/make_synthetic.py --shape custom --d-model 64 --n-ff 256 --n-layer 2 --vocab 2048 \
         --type Q8_0 --sparsity 0.8 -o tiny.gguf
+    python benchmarks/make_synthetic.py --shape 7b --sparsity 0.9 --locality 0.26:0.8 --gate-rank 64 \
+        -o /work/models/relu7b-loc.gguf      # + relu7b-loc.predictors.safetensors (exact predictors)
 
-Shapes: `7b` is Llama-2-7B / ReluLLaMA-7B (d 4096, ff 11008, 32 layers, 32 heads, vocab 32000), `smollm2` is
+Shapes: `7b` is Llama-2-7B / ReluLLaMA-7B (d 4096, ff 11008, 32 layers, 32 heads, vocab 32000), `48b` is
+Llama-2-70B's layer shape with 56 of its 80 layers (d 8192, ff 28672, 64/8 heads, vocab 32000; 48.5 B parameters,
+27.3 GB in Q4_0: larger than the 24 GiB of RAM of the machines this project measures on), `smollm2` is
 SmolLM2-135M (d 576, ff 1536, 30 layers, 9/3 heads, vocab 49152, tied head), `custom` a tiny default
 (d 64, ff 256, 2 layers) for tests; any --d-model/--n-ff/... flag overrides the shape's value.
 Quality is irrelevant, but the file is a complete model: the tokenizer (vocabulary, merges, special ids, chat
 template) is copied from the bundled SmolLM2 GGUF, truncated (merges whose parts or result fall outside are
 dropped) or padded with unused tokens to --vocab, so the engine tokenizes and generates with it. ReLU files
-carry `powerinfer.ffn_activation = "relu"`. Weights are drawn and quantized (gguf.quants.quantize) in row
-chunks of <= 16 M values and streamed to the file, so memory stays at one chunk (a 7B file needs ~1.4 GB,
-mostly for the verification below).
+carry `powerinfer.ffn_activation = "relu"`. Weights are streamed to the file in chunks of <= 16 M values, so
+memory stays at one chunk (plus the verification below, which holds one layer in float32), and written pages are
+dropped from the page cache every GiB. In Q4_0, the matrices whose values the sparsity construction does not use
+(attention, up, down, output head) are random Q4_0 blocks written straight from a random generator (uniform
+nibbles, a +-d scale of random sign: benchmarks/synthetic_blocks.py), which is what makes a >RAM file take minutes;
+the embedding and the gates are drawn as floats and quantized (gguf.quants.quantize). Other types draw every
+matrix as floats.
 
 How --sparsity S makes S of the FFN neurons inactive per token, for real (ReLU only):
   * channel 0 of the residual stream is reserved as a constant: every embedding row has h[0] = C (4.0), its
@@ -31,13 +39,35 @@ How --sparsity S makes S of the FFN neurons inactive per token, for real (ReLU o
     to the S-quantile of the per-(token, neuron) gamma at which each gate crosses zero (closed form, no
     search); the value is patched into the file's ffn_norm.
   * verification: fresh tokens (eval text) through the same reference layers; the script prints the measured
-    fraction of relu(gate) == 0 per layer, and runs the compiled decoder once to show the file loads.
+    fraction of relu(gate) == 0 per layer, and runs the compiled decoder once to show the file loads (skipped for
+    a file larger than half the available memory).
 Without --sparsity a ReLU model has its natural ~50 % zeros (gate pre-activations are symmetric).
+
+Locality (--locality TOP:SHARE, with --sparsity): real ReLU models do not fire their neurons uniformly; PowerInfer
+(arXiv 2312.12456, reference/powerinfer.md 8.2) measured 26 % of OPT-30B's neurons carrying 80 % of the activations
+(43 % for ReGLU LLaMA-70B) and describes the firing as a power law. Here neuron k of a layer (ranked hottest first,
+ranks assigned in a random order per layer) fires with probability p_k = min(0.9, c ((k + 1/2) / n_ff)^-a), with c and
+a solved so that mean(p) = 1 - S and the top TOP of neurons carry SHARE of the firings (0.26:0.8 gives a = 1.29 at
+S = 0.9: p from 0.012 to the 0.9 cap). Each neuron gets its own channel-0 gate weight -B s z_k / z_max,
+z_k = Phi^-1(1 - p_k) (hot neurons: positive), so it fires iff N(0,1) > z_k; the per-layer gamma (analytic with z_max,
+then calibrated by bisection on the measured zero fraction) keeps the mean at S. The verification prints the
+realised share of firings carried by the designed top TOP of neurons (and by the measured top TOP, which a few
+tokens overstate).
+
+Low-rank gates and exact predictors (--gate-rank R): gate = A @ B (A [n_ff, R] unit rows, B [R, d] ~ N(0, 1/d),
+channel 0 excluded) plus the channel-0 offsets, a rank R + 1 matrix with the entry distribution of a random one.
+Next to the model the script writes FILE.predictors.safetensors in the `powerinfer train-predictors` format, bound
+to the model's fingerprint: PowerInfer's predictor relu(r @ fc1.T) @ fc2.T >= 0 on the pre-norm residual r with
+fc1 = [B' diag(w); -B' diag(w)], fc2 = [A', -A'] (w the ffn_norm weight) equals rms(r) times the gate's
+pre-activation, so it predicts relu(gate) > 0 exactly, up to the gate's quantization (the verification prints the
+recall and precision against the quantized gate; F32 gates make it exact). At rank 64 on the 7b shape the
+predictors are 130 x (4096 + 11008) x 32 float32 = 252 MB.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -48,9 +78,15 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFReader, GGUFWriter, LlamaFileType
 from gguf.quants import quantize
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic_blocks import (LowRankGate, RandomQ4_0, Streamed, drop_written, exact_predictor,  # noqa: E402
+                              firing_rates, top_share)
+
 SHAPES = {
     "7b": dict(d_model=4096, n_ff=11008, n_layer=32, n_head=32, n_head_kv=32, vocab=32000, ctx=4096,
                rope_theta=10000.0, tie=False),
+    "48b": dict(d_model=8192, n_ff=28672, n_layer=56, n_head=64, n_head_kv=8, vocab=32000, ctx=4096,
+                rope_theta=10000.0, tie=False),
     "smollm2": dict(d_model=576, n_ff=1536, n_layer=30, n_head=9, n_head_kv=3, vocab=49152, ctx=8192,
                     rope_theta=100000.0, tie=True),
     "custom": dict(d_model=64, n_ff=256, n_layer=2, n_head=4, n_head_kv=2, vocab=49152, ctx=2048,
@@ -63,6 +99,7 @@ CONST = 4.0  # channel-0 constant of the residual stream: the block max of a N(0
 GATE_B = 4.0  # |gate[:, 0]| in units of the gate's std: the block max again (Q4_0 keeps its block max exact)
 ALPHA = 0.1  # rms of each layer's attention / FFN contribution, relative to the embedding's rms of 1
 CHUNK_VALUES = 1 << 24  # values drawn + quantized per step (64 MB of float32)
+LOCALITY_DEFAULT = "0.26:0.8"  # PowerInfer's OPT-30B figure (module docstring)
 
 
 @dataclass(frozen=True)
@@ -81,6 +118,8 @@ class Spec:
     sparsity: float | None
     seed: int
     eps: float = 1e-5
+    locality: tuple[float, float] | None = None  # (TOP, SHARE): the top TOP of neurons carry SHARE of firings
+    gate_rank: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -89,6 +128,21 @@ class Spec:
     @property
     def constant_channel(self) -> bool:
         return self.sparsity is not None
+
+    def rates(self, layer: int) -> np.ndarray | None:
+        """Designed firing probability of each neuron of `layer` (None: uniform)."""
+        if self.locality is None:
+            return None
+        return firing_rates(self.n_ff, 1 - self.sparsity, *self.locality, seed=(self.seed, 1, layer))[0]
+
+    def thresholds(self, layer: int) -> np.ndarray:
+        """z_k per neuron (fires iff N(0,1) > z_k at the designed gamma)."""
+        p = self.rates(layer)
+        if p is None:
+            return np.full(self.n_ff, statistics.NormalDist().inv_cdf(self.sparsity))
+        import torch
+
+        return torch.special.ndtri(torch.from_numpy(1 - p)).numpy()
 
 
 # -- weights ------------------------------------------------------------------------------------------------
@@ -99,11 +153,27 @@ def _mean_sq(f) -> float:
     return float(np.sum(f(z) ** 2 * np.exp(-z * z / 2)) * (z[1] - z[0]) / math.sqrt(2 * math.pi))
 
 
+def _relu_shift_mean_sq(z: np.ndarray) -> float:
+    """mean over z of E[relu(Z - z)^2], Z ~ N(0,1): (1 + z^2)(1 - Phi(z)) - z phi(z) in closed form."""
+    z = np.asarray(z, np.float64)
+    tail = 0.5 * np.vectorize(math.erfc)(z / math.sqrt(2))
+    return float(np.mean((1 + z * z) * tail - z * np.exp(-z * z / 2) / math.sqrt(2 * math.pi)))
+
+
 def analytic_gamma(spec: Spec, layer: int) -> float:
-    # |h_rest| grows by ~ALPHA^2 of the embedding's energy per contribution (two per layer) before FFN `layer`
-    z = statistics.NormalDist().inv_cdf(spec.sparsity)
+    # |h_rest| grows by ~ALPHA^2 of the embedding's energy per contribution (two per layer) before FFN `layer`;
+    # the coldest neuron's channel-0 weight is -B s, so z_max sets gamma (all neurons' z with no locality)
+    z = float(spec.thresholds(layer).max())
     r = math.sqrt(spec.d_model - 1) * math.sqrt(1 + (2 * layer + 1) * ALPHA ** 2)
     return z * r / (GATE_B * CONST)
+
+
+def gate_offsets(spec: Spec, layer: int) -> np.ndarray:
+    """Channel-0 gate weight of each neuron: -B s z_k / z_max (all -B s without locality; 0 without sparsity)."""
+    if not spec.constant_channel:
+        return np.zeros(spec.n_ff, np.float32)
+    z = spec.thresholds(layer)
+    return (-GATE_B / math.sqrt(spec.d_model) * z / z.max()).astype(np.float32)
 
 
 class Matrix:
@@ -131,16 +201,24 @@ class Matrix:
             q.tofile(fout)
             if self.bar is not None:
                 self.bar.update(x.size)
+            drop_written(fout)
 
 
 def tensor_plan(spec: Spec, bar) -> list[tuple[str, object]]:
-    """(GGUF name, Matrix | float32 vector) in file order."""
+    """(GGUF name, streamed matrix | float32 vector) in file order."""
     d, ff, hd = spec.d_model, spec.n_ff, spec.head_dim
     const = spec.constant_channel
     seeds = iter(np.random.SeedSequence(spec.seed).spawn(10 + 9 * spec.n_layer))
+    fast = spec.qtype == Q.Q4_0  # random blocks where the values do not matter (module docstring)
 
     def mat(rows, cols, std, fix=None):
         return Matrix(rows, cols, spec.qtype, std, next(seeds), fix, bar)
+
+    def blocks(rows, cols, std, fix=None, zero_col0=False, zero_row0=False):
+        if not fast:
+            return mat(rows, cols, std, fix)
+        return RandomQ4_0(rows, cols, std, next(seeds), zero_col0=const and zero_col0,
+                          zero_row0=const and zero_row0, bar=bar)
 
     def embed_fix(x, r0):
         if const:  # rest: a random direction of norm sqrt(d-1); channel 0: the constant
@@ -152,13 +230,21 @@ def tensor_plan(spec: Spec, bar) -> list[tuple[str, object]]:
         if const and r0 == 0:
             x[0] = 0
 
-    def gate_fix(x, r0):
-        if const:
-            x[:, 0] = -GATE_B / math.sqrt(d)
-
     def up_fix(x, r0):
         if const:
             x[:, 0] = 0
+
+    def gate(layer):
+        offsets = gate_offsets(spec, layer)
+        if spec.gate_rank:
+            quant = None if spec.qtype == Q.F32 else (lambda x: quantize(x, spec.qtype))
+            row_bytes = d // GGML_QUANT_SIZES[spec.qtype][0] * GGML_QUANT_SIZES[spec.qtype][1]
+            return LowRankGate(ff, d, spec.gate_rank, offsets, next(seeds), row_bytes, quant, bar)
+
+        def gate_fix(x, r0):
+            if const:
+                x[:, 0] = offsets[r0:r0 + len(x)]
+        return mat(ff, d, d ** -0.5, gate_fix)
 
     def vec(channel0=None):
         v = np.ones(d, dtype=np.float32)
@@ -166,26 +252,30 @@ def tensor_plan(spec: Spec, bar) -> list[tuple[str, object]]:
             v[0] = channel0
         return v
 
-    act = (lambda z: np.maximum(z - statistics.NormalDist().inv_cdf(spec.sparsity), 0)) if const else \
-        (lambda z: np.maximum(z, 0)) if spec.activation == "relu" else (lambda z: z / (1 + np.exp(-z)))
-    down_std = ALPHA / math.sqrt(ff * _mean_sq(act))
+    def down_std(layer):  # each FFN adds rms ALPHA to the residual (the activations' mean square in closed form)
+        if const:
+            ms = _relu_shift_mean_sq(spec.thresholds(layer))
+        else:
+            ms = _mean_sq((lambda z: np.maximum(z, 0)) if spec.activation == "relu" else (lambda z: z / (1 + np.exp(-z))))
+        return ALPHA / math.sqrt(ff * ms)
+
     plan = [("token_embd.weight", mat(spec.vocab, d, 1.0, embed_fix))]
     for i in range(spec.n_layer):
         p = f"blk.{i}."
         plan += [
             (p + "attn_norm.weight", vec(0.0)),
-            (p + "attn_q.weight", mat(spec.n_head * hd, d, d ** -0.5)),
-            (p + "attn_k.weight", mat(spec.n_head_kv * hd, d, d ** -0.5)),
-            (p + "attn_v.weight", mat(spec.n_head_kv * hd, d, d ** -0.5)),
-            (p + "attn_output.weight", mat(d, spec.n_head * hd, ALPHA * d ** -0.5, zero_row0)),
+            (p + "attn_q.weight", blocks(spec.n_head * hd, d, d ** -0.5)),
+            (p + "attn_k.weight", blocks(spec.n_head_kv * hd, d, d ** -0.5)),
+            (p + "attn_v.weight", blocks(spec.n_head_kv * hd, d, d ** -0.5)),
+            (p + "attn_output.weight", blocks(d, spec.n_head * hd, ALPHA * d ** -0.5, zero_row0, zero_row0=True)),
             (p + "ffn_norm.weight", vec(analytic_gamma(spec, i) if const else None)),
-            (p + "ffn_gate.weight", mat(ff, d, d ** -0.5, gate_fix)),
-            (p + "ffn_up.weight", mat(ff, d, d ** -0.5, up_fix)),
-            (p + "ffn_down.weight", mat(d, ff, down_std, zero_row0)),
+            (p + "ffn_gate.weight", gate(i)),
+            (p + "ffn_up.weight", blocks(ff, d, d ** -0.5, up_fix, zero_col0=True)),
+            (p + "ffn_down.weight", blocks(d, ff, down_std(i), zero_row0, zero_row0=True)),
         ]
     plan.append(("output_norm.weight", vec(0.0)))
     if not spec.tie:
-        plan.append(("output.weight", mat(spec.vocab, d, d ** -0.5)))
+        plan.append(("output.weight", blocks(spec.vocab, d, d ** -0.5)))
     return plan
 
 
@@ -268,6 +358,11 @@ def write(spec: Spec, out: Path, name: str) -> None:
     if spec.sparsity is not None:
         w.add_float32("powerinfer.synthetic.sparsity", spec.sparsity)
     w.add_uint32("powerinfer.synthetic.seed", spec.seed)
+    if spec.locality is not None:
+        w.add_string("powerinfer.synthetic.locality", f"top {spec.locality[0]:g} of neurons carry {spec.locality[1]:g} "
+                     "of firings (capped power law)")
+    if spec.gate_rank:
+        w.add_uint32("powerinfer.synthetic.gate_rank", spec.gate_rank)
     for k, v in tok.items():
         if isinstance(v, bool):
             w.add_bool(k, v)
@@ -285,7 +380,7 @@ def write(spec: Spec, out: Path, name: str) -> None:
                mininterval=1.0)
     plan = tensor_plan(spec, bar)
     for tname, t in plan:
-        if isinstance(t, Matrix):
+        if isinstance(t, (Matrix, Streamed)):
             if spec.qtype == Q.F32:
                 w.add_tensor_info(tname, (t.rows, t.cols), np.dtype(np.float32), t.nbytes)
             else:
@@ -310,20 +405,60 @@ def _embed_rows(qt, ids):
     return QTensor(qt.name, qt.qtype, (len(ids), qt.cols), rows).dequantize()
 
 
-def run_layers(path: Path, ids: list[int], calibrate: float | None, n_layers: int | None):
-    """Push `ids` through the reference layers of the file, one layer in memory at a time. Returns per layer
-    (fraction of relu(gate) == 0 over all tokens, per-token fractions). With `calibrate` = S, each layer's
-    ffn_norm[0] is first set (and patched into the file) so that exactly S of the gates are <= 0 on `ids`."""
+@dataclass
+class LayerStats:
+    zero_fraction: float  # of relu(gate) == 0 over all tokens
+    per_token: list[float]  # the same per token
+    fired: np.ndarray  # [n_ff] tokens on which each neuron fired
+    recall: float | None = None  # predictor vs the quantized gate (None: no predictor)
+    precision: float | None = None
+
+
+def open_model(path: Path):
+    """The file as the loader sees it, without load_model's NaN/inf scan (it reads every block scale of a model
+    that may be larger than RAM; the file was written from finite values)."""
+    from powerinfer.formats.gguf import load_gguf
+    from powerinfer.formats.loader import LoadedModel
+
+    m = load_gguf(path)
+    return LoadedModel(m.config, m.weights, m.metadata, path, m.file_type, m.conversion_report, m.powerinfer_gguf,
+                       m.extra_tensors)
+
+
+def calibrate_gamma(g_rest, w0, unit0, target: float) -> float:
+    """gamma with a `target` fraction of gate_j = g_rest[t, j] + w0[j] gamma unit0[t] <= 0 over (token, neuron), by
+    bisection on the measured fraction (hot neurons have w0 > 0, so no single zero crossing orders them)."""
+    import torch
+
+    def zeros(gamma):
+        return float((g_rest + w0[None, :] * (gamma * unit0)[:, None] <= 0).float().mean())
+
+    lo, hi = 0.0, 1.0
+    while zeros(hi) < target:
+        hi *= 2
+        if hi > 1e6:
+            raise SystemExit(f"error: no gamma reaches sparsity {target} (the gate has too few negative "
+                             "channel-0 weights)")
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if zeros(mid) < target else (lo, mid)
+    return torch.tensor(hi, dtype=torch.float32).item()
+
+
+def run_layers(path: Path, ids: list[int], calibrate: float | None, n_layers: int | None, predictors=None):
+    """Push `ids` through the reference layers of the file, one layer in memory at a time; returns a LayerStats
+    per layer. With `calibrate` = S, each layer's ffn_norm[0] is first set (and patched into the file) so that S of
+    the gates are <= 0 on `ids`. With `predictors` (a PredictorSet), their recall and precision against the file's
+    gate are measured too."""
     import torch
     import torch.nn.functional as F
 
-    from powerinfer.formats.loader import load_model
     from powerinfer.model.kvcache import KVCache
     from powerinfer.model.llama import Block
     from powerinfer.model.rope import rope_tables
     from powerinfer.sparse.ffn import make_ffn
 
-    loaded = load_model(path)
+    loaded = open_model(path)
     cfg = loaded.config
     n = cfg.n_layer if n_layers is None else min(cfg.n_layer, n_layers)
     patch = GGUFReader(str(path), "r+") if calibrate is not None else None
@@ -343,20 +478,53 @@ def run_layers(path: Path, ids: list[int], calibrate: float | None, n_layers: in
                 norm.weight[0] = 1.0
                 unit = norm(h)  # channel 0: C / rms per token; rest: the normalized random part
                 g_rest = F.linear(unit[:, 1:], gate_w[:, 1:])
-                # gate_j = g_rest_j + gate_w[j, 0] * gamma * unit_0 crosses zero at gamma* = g_rest / (-w0 * unit_0)
-                cross = g_rest / (-gate_w[:, 0][None, :] * unit[:, :1])
-                gamma = float(torch.quantile(cross.flatten().double(), calibrate))
+                gamma = calibrate_gamma(g_rest, gate_w[:, 0], unit[:, 0], calibrate)
                 norm.weight[0] = gamma
                 norms[f"blk.{i}.ffn_norm.weight"].data[0] = gamma
             u = block.post_attention_layernorm(h)
-            zero = (F.linear(u, gate_w) <= 0).float()  # relu(gate) == 0
-            out.append((float(zero.mean()), zero.mean(1).tolist()))
+            fires = F.linear(u, gate_w) > 0  # relu(gate) != 0
+            zero = (~fires).float()
+            st = LayerStats(float(zero.mean()), zero.mean(1).tolist(), fires.sum(0).numpy())
+            if predictors is not None:
+                pred = predictors.predict(i, h)  # on the pre-norm residual, as the runtime applies them
+                tp = float((pred & fires).sum())
+                st.recall = tp / max(1.0, float(fires.sum()))
+                st.precision = tp / max(1.0, float(pred.sum()))
+            out.append(st)
             x = h + block.ffn(u)
             del block
     if patch is not None:
         patch.data.flush()
         del patch
     return out
+
+
+def write_predictors(spec: Spec, path: Path, out: Path):
+    """The exact predictors of a --gate-rank model (module docstring), bound to the finished file's fingerprint
+    (so written after the calibration patched ffn_norm)."""
+    from powerinfer.sparse.artifacts import model_fingerprint
+    from powerinfer.sparse.predictor import PredictorSet
+
+    loaded = open_model(path)
+    gates = {name: t for name, t in tensor_plan(spec, None) if name.endswith("ffn_gate.weight")}
+    fc1, fc2 = [], []
+    for i in range(spec.n_layer):
+        a, b = gates[f"blk.{i}.ffn_gate.weight"].factors()
+        w = np.asarray(loaded.weights.layers[i].post_attention_layernorm.dequantize(), np.float32).reshape(-1)
+        f1, f2 = exact_predictor(a, b, w)
+        fc1.append(torch_of(f1))
+        fc2.append(torch_of(f2))
+    meta = {"fingerprint": model_fingerprint(loaded), "source": f"make_synthetic.py --gate-rank {spec.gate_rank}: "
+            "exact predictors of the low-rank gates (fc1 = [B'w; -B'w], fc2 = [A', -A'])", "model": path.name}
+    preds = PredictorSet(fc1, fc2, 0.0, meta)
+    preds.save(out)
+    return preds
+
+
+def torch_of(a: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a, np.float32))
 
 
 def engine_smoke(path: Path, text: str) -> str:
@@ -390,6 +558,13 @@ def main(argv=None) -> int:
                     help="FFN activation: relu (ReLU-family, exact zeros) or silu (SwiGLU) (default: relu)")
     ap.add_argument("--sparsity", type=float, metavar="S",
                     help="make S (0 < S < 1) of the FFN neurons inactive per token (relu only; see below)")
+    ap.add_argument("--locality", nargs="?", const=LOCALITY_DEFAULT, metavar="TOP:SHARE",
+                    help="per-neuron firing rates on a power law: the top TOP of each layer's neurons carry SHARE of "
+                         f"its firings (with --sparsity; bare flag: {LOCALITY_DEFAULT}, PowerInfer's OPT-30B figure)")
+    ap.add_argument("--gate-rank", type=int, metavar="R",
+                    help="low-rank gates (rank R + 1 with the channel-0 offsets) and their exact predictors written "
+                         "to FILE.predictors.safetensors")
+    ap.add_argument("--predictors-out", metavar="FILE", help="where --gate-rank writes the predictors")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     ap.add_argument("--calib-tokens", type=int, default=64, metavar="N",
                     help="calibration text tokens for the per-layer gamma (default: 64; 0 keeps the analytic value)")
@@ -404,9 +579,25 @@ def main(argv=None) -> int:
     for key in ("d_model", "n_ff", "n_layer", "n_head", "n_head_kv", "vocab", "ctx"):
         if getattr(a, key) is not None:
             shape[key] = getattr(a, key)
-    spec = Spec(qtype=TYPES[a.type][0], activation=a.activation, sparsity=a.sparsity, seed=a.seed, **shape)
-    block = GGML_QUANT_SIZES[spec.qtype][0]
     problems = []
+    locality = None
+    if a.locality is not None:
+        try:
+            top, share = (float(v) for v in a.locality.split(":"))
+            if not (0 < top < 1 and 0 < share < 1):
+                raise ValueError
+            locality = (top, share)
+        except ValueError:
+            problems.append(f"--locality takes TOP:SHARE, two fractions in (0, 1), got {a.locality!r}")
+        if a.sparsity is None:
+            problems.append("--locality needs --sparsity (the mean firing rate)")
+    if a.gate_rank is not None and not 1 <= a.gate_rank < shape["d_model"]:
+        problems.append(f"--gate-rank must be in [1, d_model), got {a.gate_rank}")
+    if a.predictors_out and not a.gate_rank:
+        problems.append("--predictors-out needs --gate-rank (only low-rank gates have exact predictors)")
+    spec = Spec(qtype=TYPES[a.type][0], activation=a.activation, sparsity=a.sparsity, seed=a.seed,
+                locality=locality if a.sparsity is not None else None, gate_rank=a.gate_rank, **shape)
+    block = GGML_QUANT_SIZES[spec.qtype][0]
     if a.sparsity is not None and not 0 < a.sparsity < 1:
         problems.append(f"--sparsity must be in (0, 1), got {a.sparsity}")
     if a.sparsity is not None and a.activation != "relu":
@@ -419,13 +610,23 @@ def main(argv=None) -> int:
         problems.append(f"{a.type} needs --d-model and --n-ff to be multiples of {block}")
     if problems:
         ap.error("; ".join(problems))
+    if spec.locality is not None:
+        spec.rates(0)  # SystemExit now when the law cannot exist
 
     out = Path(a.output)
     name = f"synthetic-{a.shape} {a.type} {a.activation}" + (f" s{a.sparsity:g}" if a.sparsity is not None else "")
     t0 = time.perf_counter()
     write(spec, out, name)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {name}, d {spec.d_model}, ff {spec.n_ff}, "
-          f"{spec.n_layer} layers, vocab {spec.vocab}) in {time.perf_counter() - t0:.1f} s")
+    took = time.perf_counter() - t0
+    size = out.stat().st_size
+    print(f"wrote {out} ({size / 2**20:.1f} MiB, {name}, d {spec.d_model}, ff {spec.n_ff}, "
+          f"{spec.n_layer} layers, vocab {spec.vocab}) in {took:.1f} s: {size / 1e6 / took:.0f} MB/s")
+    if spec.locality is not None:
+        _, exponent = firing_rates(spec.n_ff, 1 - spec.sparsity, *spec.locality, seed=0)
+        p = spec.rates(0)
+        print(f"locality: p_k = min(0.9, c (k/n)^-{exponent:.3f}); firing rates {p.min():.4f}..{p.max():.4f}, "
+              f"mean {p.mean():.4f}; designed share of the top {spec.locality[0]:g}: "
+              f"{top_share(p, np.argsort(-p, kind='stable'), spec.locality[0]):.3f}")
 
     from powerinfer.formats.tokenizer import Tokenizer
     from powerinfer.textdata import pydoc_topics
@@ -436,17 +637,42 @@ def main(argv=None) -> int:
         run_layers(out, ids, a.sparsity, a.verify_layers)
         print(f"calibrated ffn_norm[0] of {min(spec.n_layer, a.verify_layers or spec.n_layer)} layers on "
               f"{len(ids)} calibration tokens (pydoc topics, calib split)")
+    preds = None
+    if spec.gate_rank:
+        t1 = time.perf_counter()
+        pred_path = Path(a.predictors_out) if a.predictors_out else out.with_suffix(".predictors.safetensors")
+        preds = write_predictors(spec, out, pred_path)
+        print(f"wrote {pred_path} ({pred_path.stat().st_size / 2**20:.1f} MiB, exact predictors of rank "
+              f"{2 * (spec.gate_rank + 1)}, fingerprint {preds.meta['fingerprint']}) in {time.perf_counter() - t1:.1f} s")
     if a.verify_tokens > 0:
         ids = tok.encode(pydoc_topics("eval"), add_bos=False)[:a.verify_tokens]
-        layers = run_layers(out, ids, None, a.verify_layers)
-        fr = [f for f, _ in layers]
-        per_tok = [t for _, ts in layers for t in ts]
+        layers = run_layers(out, ids, None, a.verify_layers, preds)
+        fr = [st.zero_fraction for st in layers]
+        per_tok = [t for st in layers for t in st.per_token]
         what = "relu(gate) == 0" if a.activation == "relu" else "gate <= 0 (silu has no exact zeros)"
         print(f"measured on {len(ids)} held-out tokens (eval split), {len(layers)} layers, fraction {what}: "
               f"mean {statistics.fmean(fr):.4f}, per layer min {min(fr):.4f} max {max(fr):.4f}, "
               f"per token min {min(per_tok):.4f} max {max(per_tok):.4f}"
               + (f" (target {a.sparsity})" if a.sparsity is not None else ""))
-        print(engine_smoke(out, pydoc_topics("eval")))
+        if spec.locality is not None:
+            top = spec.locality[0]
+            designed = [top_share(st.fired, np.argsort(-spec.rates(i), kind="stable"), top)
+                        for i, st in enumerate(layers)]
+            measured = [top_share(st.fired, np.argsort(-st.fired, kind="stable"), top) for st in layers]
+            print(f"locality: the designed top {top:g} of neurons carry {statistics.fmean(designed):.3f} of the "
+                  f"firings (per layer {min(designed):.3f}..{max(designed):.3f}; target {spec.locality[1]:g}); the "
+                  f"measured top {top:g} carry {statistics.fmean(measured):.3f} (biased up on few tokens)")
+        if preds is not None:
+            rec, prec = [st.recall for st in layers], [st.precision for st in layers]
+            print(f"predictors (threshold 0) against the file's {a.type} gate: recall {statistics.fmean(rec):.4f} "
+                  f"(per layer min {min(rec):.4f}), precision {statistics.fmean(prec):.4f} "
+                  f"(min {min(prec):.4f})")
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if size > avail / 2:
+            print(f"engine run skipped: the file ({size / 2**30:.1f} GiB) is more than half the available memory "
+                  f"({avail / 2**30:.1f} GiB)")
+        else:
+            print(engine_smoke(out, pydoc_topics("eval")))
     return 0
 
 
