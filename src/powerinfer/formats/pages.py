@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 
 import numpy as np
 
@@ -51,3 +52,19 @@ def release_rows(data: np.ndarray, rows: np.ndarray) -> int:
         if hi > lo and _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED) == 0:
             released += hi - lo
     return released
+
+
+def drop_file_cache(path) -> None:
+    """Ask the kernel to drop a file's clean pages from the page cache (posix_fadvise DONTNEED), so the next reads
+    come from the disk: how a cold run starts (reference/hybrid.md 5.3; pages still mapped by a live mmap stay, so
+    release_file_pages first). Advisory: a filesystem that ignores it leaves the pages."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -4,8 +4,9 @@ share, and `make_runner`, which picks one (STYLE 5: only the runner knows device
   CRunner      (c_runner.py)      the compiled CPU decoder: one C call per decode step, one per prompt chunk
   TorchRunner  (torch_runner.py)  the torch reference model on a device (the reference path and prefill twin)
 
-Tiers of a placement (fast / RAM / disk, DESIGN "Tiers and placement") will be further implementations of the
-same protocol; none runs yet.
+Tiers of a placement (DESIGN "Tiers and placement") are further implementations of the same protocol:
+  HybridRunner (hybrid_runner.py) a fast tier (torch on a device) over the C decoder's CPU tier (--vram-budget)
+  DiskRunner   (disk_runner.py)   the C decoder with cold FFN neurons read from a neuron-bundle file (--ram-budget)
 """
 from __future__ import annotations
 
@@ -174,6 +175,15 @@ def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: 
     CPU, torch on any other device). `placement` (settings.PlacementSettings): with a fast tier (CUDA, or
     --hot-device), a HybridRunner over the tiers runtime/placement.py plans (`solve` finds hot neurons when no
     index is cached); without one, or when its budget cannot hold the dense parts, the CPU runner."""
+    if placement is not None and getattr(placement, "ram_budget", None) is not None:
+        import sys
+
+        from .disk_runner import DiskRunner
+
+        # the gate stays resident unless predictors decide activity (a guess the runner corrects in set_sparse)
+        preds = getattr(placement, "predictors", None) or any(n.endswith(".fc1.weight") for n in loaded.extra_tensors)
+        return DiskRunner(loaded, n_ctx, n_threads, n_batch, placement.ram_budget, solve=solve, log=log or sys.stderr,
+                          gate_resident=not preds)
     if placement is not None:
         import sys
 
