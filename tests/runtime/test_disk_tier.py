@@ -199,7 +199,7 @@ def test_budget_below_the_resident_parts_is_one_line(tiny_gguf):
     loaded = _model(tiny_gguf)
     spec = SparseSpec.uniform(loaded.config.n_layer, method="relu")
     r = make_runner(loaded, N_CTX, 2, placement=PlacementSettings(ram_budget=1e-6))
-    with pytest.raises(PowerInferError, match=r"below the 0\.\d+ GiB this model needs in RAM at -c 64") as e:
+    with pytest.raises(PowerInferError, match=r"below the [\d.e-]+ GiB this model needs in RAM at -c 64") as e:
         r.set_sparse(spec)
     assert "\n" not in str(e.value)
     with pytest.raises(PowerInferError, match="--ram-budget needs the sparse FFN"):
@@ -270,3 +270,21 @@ def test_a_dense_gate_is_refused_without_predictors(tiny_gguf):
     r = make_runner(loaded, N_CTX, 2, placement=PlacementSettings(ram_budget=1.0))
     with pytest.raises(PowerInferError, match="needs a gated ReLU model"):
         r.set_sparse(spec)
+
+
+def test_run_with_a_ram_budget_prints_the_disk_tier_and_the_same_text(capsys, tiny_gguf):
+    from powerinfer.cli import main
+
+    model = tiny_gguf(activation="relu", qtype=Q.Q8_0, n_layer=3, n_ff=256, context_length=128, gate_rank=4,
+                      gate_bias=0.5, tokenizer=True, n_vocab=300)
+    argv = ["run", "-m", str(model.path), "-p", "hello", "-n", "12", "--temp", "0", "-c", "64"]
+    assert main(argv) == 0
+    ram_text = capsys.readouterr().out
+    assert main(argv + ["--ram-budget", "0.0015", "--verbose"]) == 0
+    out = capsys.readouterr()
+    assert out.out == ram_text
+    assert "placement: RAM tier" in out.err and "disk neurons" in out.err
+    assert "disk tier, per step (" in out.err and "neuron cache hit rate" in out.err and "I/O wait" in out.err
+    assert main(argv + ["--ram-budget", "0.0001"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "this model needs in RAM at -c 64" in err[0]

@@ -143,6 +143,13 @@ def _print_stats(r, runner=None, verbose=False, seed=None):
               f"{tiers['cpu_ms']:.3f} + copies {tiers['copies_ms']:.3f} (per layer: copies "
               f"{tiers['copies_ms'] / n_layer * 1e3:.1f} us, CPU tier {tiers['cpu_ms'] / n_layer * 1e3:.1f} us)",
               file=sys.stderr)
+    disk = runner.disk_stats() if verbose and hasattr(runner, "disk_stats") else None
+    if disk and disk["tokens"]:
+        rate = f", {disk['read_rate_mb_s']:.0f} MB/s while waiting" if disk["read_rate_mb_s"] else ""
+        print(f"disk tier, per step ({disk['tokens']} steps): {disk['bytes_per_token'] / 2**20:.2f} MiB read "
+              f"({disk['bundles_per_token']:.0f} neuron bundles in {disk['reads_per_token']:.0f} reads), neuron cache "
+              f"hit rate {disk['hit_rate']:.1%}, I/O wait {disk['io_wait_ms_per_token']:.2f} ms "
+              f"({'O_DIRECT' if disk['o_direct'] else 'buffered'}{rate})", file=sys.stderr)
     if verbose and ffn:
         print("layer  neurons skipped  input skipped", file=sys.stderr)
         for i, (s, x) in enumerate(zip(ffn["sparsity_per_layer"], ffn["input_sparsity_per_layer"])):

@@ -214,6 +214,8 @@ def run_bench(runner, weights, tests: list[Test], threads: list[int], repetition
                 "bytes_per_token": None, "gb_per_s": None, "kv_bytes_per_token": None, "read_gb_per_s": None,
                 "ffn_sparsity": sparsity, "sparsity_source": source,
                 "peak_rss_mib": _peak_rss_mib(), "phases_ms_per_token": None,
+                # --ram-budget: bundle bytes read per token, cache hit rate and I/O wait over the repetitions
+                "disk": runner.disk_stats() if hasattr(runner, "disk_stats") else None,
             }
             if test.kind == "tg":
                 ffn = runner.ffn_stats() if hasattr(runner, "ffn_stats") else None
@@ -293,6 +295,14 @@ def _placement_summary(runner) -> dict | None:
     plan = getattr(runner, "plan", None)
     if plan is None:
         return None
+    if hasattr(runner, "disk_stats"):  # --ram-budget: the RAM/disk placement (runtime/disk_placement.py)
+        n_ff = runner.config.n_ff
+        return {"tier": "ram+disk", "budget_bytes": plan.budget, "resident_bytes": plan.used,
+                "dense_bytes": plan.dense, "cache_bytes": plan.cache_bytes, "slot_bytes": plan.slot_bytes,
+                "resident_neurons_per_layer": [len(r) for r in plan.resident],
+                "resident_fraction": sum(len(r) for r in plan.resident) / (len(plan.resident) * n_ff),
+                "gate_resident": plan.gate_resident, "source": plan.source, "bundle_file": str(runner.bundles),
+                "bundle_file_bytes": runner.bundle_bytes, "model_file_bytes": runner.model_file_bytes()}
     return {"device": str(plan.device), "dtype": str(plan.dtype).removeprefix("torch."), "budget_bytes": plan.budget,
             "dense_bytes": plan.dense_bytes, "hot_neurons_per_layer": [len(h) for h in plan.hot],
             "hot_fraction": plan.hot_fraction(runner.config.n_ff), "source": plan.source,

@@ -159,13 +159,13 @@ def plan_ram(loaded, budget_gib: float, n_ctx: int, gate_resident: bool, predict
     need = sum(dense.values())
     min_cache = cfg.n_ff * slot
     if budget < need + min_cache:
+        g = lambda b: f"{b / GIB:.3g} GiB"  # noqa: E731
         raise PowerInferError(
-            f"--ram-budget {budget_gib:g} GiB is below the {(need + min_cache) / GIB:.3f} GiB this model needs in RAM "
-            f"at -c {n_ctx} (attention {dense['attention'] / GIB:.3f}, output head {dense['output_head'] / GIB:.3f}, "
-            f"KV cache {dense['kv_cache'] / GIB:.3f}"
-            + (f", gate matrix {dense['gate'] / GIB:.3f}" if gate_resident else "")
-            + (f", predictors {dense['predictors'] / GIB:.3f}" if "predictors" in dense else "")
-            + f", one layer of neuron cache {min_cache / GIB:.3f} GiB)")
+            f"--ram-budget {budget_gib:g} GiB is below the {g(need + min_cache)} this model needs in RAM at -c {n_ctx} "
+            f"(attention {g(dense['attention'])}, output head {g(dense['output_head'])}, KV cache {g(dense['kv_cache'])}"
+            + (f", gate matrix {g(dense['gate'])}" if gate_resident else "")
+            + (f", predictors {g(dense['predictors'])}" if "predictors" in dense else "")
+            + f", one layer of neuron cache {g(min_cache)})")
     cache_slots = max(cfg.n_ff, int(CACHE_FRACTION * budget) // slot)
     left = budget - need - cache_slots * slot
     n_hot = min(max(0, left // slot), cfg.n_layer * cfg.n_ff)

@@ -108,7 +108,7 @@ class DiskRunner(CRunner):
                 print(f"note: {e}: writing them again", file=self.log)  # a new budget: the cache follows it
         if offsets is None:
             size = write_bundles(path, self.loaded, fp, plan, log=self.log)
-            print(f"neuron bundles: {path}, {size / 2**30:.3f} GiB on disk ({size / self._model_bytes():.1%} of the "
+            print(f"neuron bundles: {path}, {size / 2**30:.3f} GiB on disk ({size / self.model_file_bytes():.1%} of the "
                   "model file)", file=self.log)
             offsets = check_bundles(path, fp, plan)
         self.bundles, self.bundle_bytes = path, path.stat().st_size
@@ -130,7 +130,7 @@ class DiskRunner(CRunner):
             self._where.append(where)
             self._off.append(off)
 
-    def _model_bytes(self) -> int:
+    def model_file_bytes(self) -> int:
         try:
             return max(1, Path(self.loaded.path).stat().st_size)
         except OSError:
