@@ -43,10 +43,11 @@ def _slot(loaded) -> int:
 
 
 def _budget(loaded, hot_per_layer: int, gate_resident=True, predictors=None) -> float:
-    """GiB holding the resident parts, the smallest neuron cache (one layer) and `hot_per_layer` neurons a layer."""
+    """GiB holding the resident parts, the smallest neuron cache and `hot_per_layer` neurons a layer (when 10% of
+    the budget is below the smallest cache)."""
     dense = sum(ram_dense_parts(loaded, N_CTX, gate_resident, predictors).values())
     cfg = loaded.config
-    return (dense + (cfg.n_ff + hot_per_layer * cfg.n_layer) * _slot(loaded)) / GIB
+    return (dense + (disk_placement.MIN_CACHE_SLOTS + hot_per_layer * cfg.n_layer) * _slot(loaded)) / GIB
 
 
 def _disk(loaded, budget, spec, threads=2) -> DiskRunner:
@@ -113,7 +114,7 @@ def test_exact_relu_from_disk_is_the_all_ram_run(tiny_gguf, ffn_kind, threads):
 @pytest.fixture(scope="module")
 def wide_model(tiny_gguf):
     """An FFN 8x wider than d_model in F32 (3 rows of 320 values: 3840 of a bundle's 4096 bytes), so the resident
-    parts, one layer of neuron cache and a few hot neurons fit in less than the FFN's own bytes."""
+    parts (the gate matrix included), a neuron cache and some hot neurons fit in less than the FFN's own bytes."""
     return load_model(tiny_gguf(qtype=Q.F32, activation="relu", d_model=320, n_layer=4, n_ff=2560, n_head=4,
                                 n_head_kv=2, context_length=128, gate_rank=4, gate_bias=0.5).path)
 
@@ -167,8 +168,8 @@ def test_cache_hits_and_misses_by_hand(tiny_gguf, monkeypatch):
     spec = _all_candidates(loaded)
     n_l, n_ff, slot = cfg.n_layer, cfg.n_ff, _slot(loaded)
     preds = spec.predictors
-    # No hot neurons and a cache of one layer: each layer evicts the previous one's neurons (LRU), so every
-    # candidate of every token is a miss.
+    # No hot neurons and a cache of one layer (256 slots = n_ff): each layer evicts the previous one's neurons
+    # (LRU), so every candidate of every token is a miss.
     r = _disk(loaded, _budget(loaded, 0, False, preds), spec)
     assert r.plan.cache_slots == n_ff and not any(len(x) for x in r.plan.resident)
     r.eval([1, 2])
@@ -193,6 +194,21 @@ def test_cache_hits_and_misses_by_hand(tiny_gguf, monkeypatch):
     r.eval([1])
     st = r.disk_stats()
     assert (st["cache_hits"], st["cache_misses"], st["resident_fired_per_token"]) == (0, n_l * 192, n_l * 64)
+
+
+def test_a_layer_firing_more_than_the_cache_reads_the_rest_into_overflow(tiny_gguf, monkeypatch):
+    loaded = _model(tiny_gguf)
+    cfg = loaded.config
+    spec = _all_candidates(loaded)
+    monkeypatch.setattr(disk_placement, "MIN_CACHE_SLOTS", 64)
+    r = _disk(loaded, _budget(loaded, 0, False, spec.predictors), spec)
+    assert r.plan.cache_slots == 64 and not any(len(x) for x in r.plan.resident)
+    a = r.eval(IDS, all_logits=True)
+    st = r.decoder.disk_stats()
+    # per layer and token: 64 neurons take the cache's slots (evicting the previous layer's), 192 overflow
+    n = len(IDS) * cfg.n_layer
+    assert (st["hits"], st["misses"], st["overflow"]) == (0, n * cfg.n_ff, n * (cfg.n_ff - 64))
+    assert torch.equal(a, _ram(loaded, spec).eval(IDS, all_logits=True))
 
 
 def test_budget_below_the_resident_parts_is_one_line(tiny_gguf):

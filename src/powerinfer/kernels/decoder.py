@@ -63,10 +63,11 @@ def _new_decoder(c, n_ctx: int, n_threads: int, ffn_only: bool = False) -> "_C.D
 
 
 def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1,
-                 pack_ffn: int = PACK_ALL) -> "_C.Decoder":
+                 pack_ffn: int = PACK_ALL, before_layer=None) -> "_C.Decoder":
     """A Decoder bound to ModelWeights / KVCache / ModelConfig; the arrays it reads are kept alive on it
     (`dec._keep`). Block-format matrices are repacked once (dec.packed_bytes) for the 16-row kernels; `pack_ffn`
-    says which FFN matrices (the disk tier packs only a resident gate, or none)."""
+    says which FFN matrices (the disk tier packs only a resident gate, or none). `before_layer(i)` runs before
+    layer i is bound (the disk tier drops the file pages the previous layer's packing faulted in)."""
     c = config
     _check_supported(c)
     kv_dim = c.n_head_kv * c.head_dim
@@ -82,6 +83,8 @@ def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1,
     if len(weights.layers) != c.n_layer or len(kv.k) != c.n_layer:
         raise ValueError("config.n_layer does not match the weights / KV cache")
     for i, L in enumerate(weights.layers):
+        if before_layer is not None:
+            before_layer(i)
         k, v = kv.k[i], kv.v[i]
         for t in (k, v):
             if t.dtype != torch.float16 or not t.is_contiguous() or t.device.type != "cpu" or \

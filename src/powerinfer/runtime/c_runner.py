@@ -19,14 +19,14 @@ class CRunner(CachedSequence):
     device = torch.device("cpu")
 
     def __init__(self, loaded: LoadedModel, n_ctx: int, n_threads: int, n_batch: int = 512,
-                 pack_ffn: int = kernels.PACK_ALL):
+                 pack_ffn: int = kernels.PACK_ALL, before_layer=None):
         cfg = loaded.config
         super().__init__(cfg, n_ctx, n_threads, n_batch)
         self.weights = loaded.weights
         self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim)
         self.rope_cos, self.rope_sin = rope_tables(cfg, self.n_ctx)
         self.decoder = kernels.bind_decoder(cfg, loaded.weights, self.kv, self.rope_cos, self.rope_sin, n_threads,
-                                            pack_ffn)
+                                            pack_ffn, before_layer)
         self._x = torch.empty(self.n_batch, cfg.d_model, dtype=torch.float32)
         self._embed_base = kernels.address(loaded.weights.embed_tokens.data)
         self._logits = torch.empty(cfg.n_vocab, dtype=torch.float32)

@@ -9,8 +9,9 @@ powerinfer.md 6.1):
   activity test the inputs that decide which neurons fire. With the exact ReLU rule and no predictors that is the
                 whole gate matrix (a disk neuron's activity is known only from its gate row, and reading every gate
                 row per token would read a third of the FFN); with predictors the gate rows live in the bundles.
-  neuron cache  CACHE_FRACTION of the budget, and at least one layer's worth of neurons (a layer's misses must fit
-                at once), for recently fired disk neurons (LRU, kernels/csrc/disk.c).
+  neuron cache  CACHE_FRACTION of the budget (at least MIN_CACHE_SLOTS bundles) for recently fired disk neurons
+                (LRU, kernels/csrc/disk.c; a layer that fires more disk neurons than the cache holds reads the rest
+                into overflow slots it gives back after the layer).
   hot neurons   the most often firing neurons (the profile's counts via the injected solver, prepare/solve.py; with
                 no profile an even share of every layer, its first neurons), as many bundles as the rest holds.
 Everything else is a disk neuron. Neurons are kept as bundles (gate, up and down_t rows, kernels/csrc/disk.h) in
@@ -37,8 +38,9 @@ ALIGN_IO = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the lo
 ALIGN_ROW = 64  # rows inside a bundle start on cache lines (the kernels' loads)
 # LLM in a flash keeps the neurons of the last k = 5 tokens (about 10% of the FFN at its 2.4% loaded per token,
 # reference/hybrid.md 4.2); a larger cache takes budget from the hot set, which serves every token, and mlx-lm
-# #1438 measured a resident cache past its optimum running slower. 10% of the budget, at least one layer's worth.
+# #1438 measured a resident cache past its optimum running slower.
 CACHE_FRACTION = 0.10
+MIN_CACHE_SLOTS = 256
 
 # solve(loaded, neuron_bytes, budget, align, log) -> (ids per layer, where they came from)
 Solve = Callable[..., tuple[list[np.ndarray], str]]
@@ -157,16 +159,17 @@ def plan_ram(loaded, budget_gib: float, n_ctx: int, gate_resident: bool, predict
     slot = max(lay.bundle_bytes for lay in layouts)
     dense = ram_dense_parts(loaded, n_ctx, gate_resident, predictors)
     need = sum(dense.values())
-    min_cache = cfg.n_ff * slot
-    if budget < need + min_cache:
+    min_cache = MIN_CACHE_SLOTS * slot
+    least = max(need + min_cache, int(need / (1.0 - CACHE_FRACTION)) if CACHE_FRACTION < 1 else need + min_cache)
+    if budget < least:
         g = lambda b: f"{b / GIB:.3g} GiB"  # noqa: E731
         raise PowerInferError(
-            f"--ram-budget {budget_gib:g} GiB is below the {g(need + min_cache)} this model needs in RAM at -c {n_ctx} "
+            f"--ram-budget {budget_gib:g} GiB is below the {g(least)} this model needs in RAM at -c {n_ctx} "
             f"(attention {g(dense['attention'])}, output head {g(dense['output_head'])}, KV cache {g(dense['kv_cache'])}"
             + (f", gate matrix {g(dense['gate'])}" if gate_resident else "")
             + (f", predictors {g(dense['predictors'])}" if "predictors" in dense else "")
-            + f", one layer of neuron cache {g(min_cache)})")
-    cache_slots = max(cfg.n_ff, int(CACHE_FRACTION * budget) // slot)
+            + f", and a neuron cache of {CACHE_FRACTION:.0%} of the budget)")
+    cache_slots = max(MIN_CACHE_SLOTS, int(CACHE_FRACTION * budget) // slot)
     left = budget - need - cache_slots * slot
     n_hot = min(max(0, left // slot), cfg.n_layer * cfg.n_ff)
     if n_hot == cfg.n_layer * cfg.n_ff:

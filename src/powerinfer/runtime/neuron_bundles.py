@@ -23,7 +23,7 @@ import numpy as np
 
 from ..core.files import atomic_path
 from ..errors import PowerInferError
-from ..formats.pages import drop_file_cache
+from ..formats.pages import drop_file_cache, release_file_pages
 from ..kernels.ops import transposed
 from .disk_placement import ALIGN_IO, BundleLayout, RamPlan
 
@@ -149,6 +149,12 @@ def write_bundles(path: Path, loaded, fingerprint: str, plan: RamPlan, log=sys.s
                 fill_bundles(buf, rows, part, lay)
                 fh.write(buf.tobytes())
                 bar.update(buf.nbytes)
+            del rows
+            # a model larger than RAM: neither the model rows read nor the bundles written may pile up in memory
+            release_file_pages(loaded)
+            fh.flush()
+            os.fdatasync(fh.fileno())
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         fh.truncate(total)
         fh.flush()
         # written pages would otherwise stay in the page cache and stand in for the disk on the first tokens

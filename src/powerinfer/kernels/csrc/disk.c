@@ -11,8 +11,9 @@
  *
  * Cache: LRU over fixed-size slots (SmallThinker's expert cache and PowerInfer-2's cold region are LRU-like;
  * LLM in a flash's sliding window keeps the last k tokens' neurons, which LRU with enough slots also keeps, and
- * LRU needs no window length to tune). A slot used by the current layer is never evicted within that layer (the
- * runner sizes the cache to hold at least one layer's worth of neurons). */
+ * LRU needs no window length to tune). A slot used by the current layer is never evicted within that layer; when a
+ * layer fires more disk neurons than the cache has slots, the rest are read into overflow slots past the cache
+ * (virtual memory that costs RAM only if a layer ever needs it) and forgotten after the layer. */
 #define _GNU_SOURCE
 #include "disk.h"
 
@@ -175,7 +176,7 @@ static void lru_front(pi_disk *K, int c) {
 
 pi_disk *pi_disk_new(const char *path, int n_layer, int n_ff, size_t slot_bytes, int n_res, int n_cache, int n_io,
                      int try_direct) {
-    if (n_layer <= 0 || n_ff <= 0 || !slot_bytes || slot_bytes % 4096 || n_res < 0 || n_cache < n_ff || n_io < 0) {
+    if (n_layer <= 0 || n_ff <= 0 || !slot_bytes || slot_bytes % 4096 || n_res < 0 || n_cache < 1 || n_io < 0) {
         errno = EINVAL;
         return NULL;
     }
@@ -191,7 +192,7 @@ pi_disk *pi_disk_new(const char *path, int n_layer, int n_ff, size_t slot_bytes,
     K->n_res = n_res;
     K->n_cache = n_cache;
     K->n_layer = n_layer;
-    K->arena_bytes = slot_bytes * (size_t)(n_res + n_cache);
+    K->arena_bytes = slot_bytes * ((size_t)n_res + (size_t)n_cache + (size_t)n_ff);
     /* anonymous pages: a cache slot costs memory only once a bundle is read into it */
     void *base = mmap(NULL, K->arena_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     K->base = base == MAP_FAILED ? NULL : base;
@@ -200,11 +201,13 @@ pi_disk *pi_disk_new(const char *path, int n_layer, int n_ff, size_t slot_bytes,
     K->prev = malloc((size_t)n_cache * 4);
     K->next = malloc((size_t)n_cache * 4);
     K->stamp = calloc((size_t)n_cache, 4);
+    K->over_layer = malloc((size_t)n_ff * 4);
+    K->over_neuron = malloc((size_t)n_ff * 4);
     K->layers = calloc((size_t)n_layer, sizeof(pi_disk_layer));
     K->reads = malloc((size_t)n_ff * sizeof(pi_disk_read));
     K->nc = calloc(PI_MAX_THREADS, sizeof(int32_t));
     int ok = K->base && K->own_layer && K->own_neuron && K->prev && K->next && K->stamp && K->layers && K->reads &&
-             K->nc;
+             K->nc && K->over_layer && K->over_neuron;
     for (int t = 0; ok && t < PI_MAX_THREADS; t++) ok = (K->slots[t] = malloc((size_t)n_ff * 4)) != NULL;
     if (ok) ok = (K->io = io_new(K, n_io, n_ff)) != NULL;
     if (!ok) { pi_disk_free(K); errno = ENOMEM; return NULL; }
@@ -226,6 +229,7 @@ void pi_disk_free(pi_disk *K) {
     if (K->base) munmap(K->base, K->arena_bytes);
     for (int il = 0; K->layers && il < K->n_layer; il++) { free(K->layers[il].where); free(K->layers[il].off); }
     for (int t = 0; t < PI_MAX_THREADS; t++) free(K->slots[t]);
+    free(K->over_layer); free(K->over_neuron);
     free(K->own_layer); free(K->own_neuron); free(K->prev); free(K->next); free(K->stamp);
     free(K->layers); free(K->reads); free(K->nc);
     free(K);
@@ -237,7 +241,7 @@ static int view(pi_mat *m, const pi_disk *K, int qtype, size_t off, int d) {
     const size_t rb = pi_row_bytes(qtype, d);
     if (!rb || off + rb > K->slot_bytes) return -1;
     m->qtype = qtype;
-    m->rows = K->n_res + K->n_cache;
+    m->rows = (int)(K->arena_bytes / K->slot_bytes);
     m->cols = d;
     m->raw = K->base + off;
     m->row_bytes = K->slot_bytes; /* the stride of the arena: row i lives in slot i */
@@ -264,6 +268,10 @@ int pi_disk_set_layer(pi_disk *K, int il, int n_ff, int d, const int32_t *where,
     nl.bundle_bytes = bundle_bytes;
     for (int c = 0; c < K->n_cache; c++) /* slots holding this layer's old neurons are free again */
         if (K->own_layer[c] == il) K->own_layer[c] = K->own_neuron[c] = -1;
+    int keep = 0;
+    for (int k = 0; k < K->n_over; k++)
+        if (K->over_layer[k] != il) { K->over_layer[keep] = K->over_layer[k]; K->over_neuron[keep++] = K->over_neuron[k]; }
+    K->n_over = keep;
     free(L->where); free(L->off);
     *L = nl;
     return 0;
@@ -275,6 +283,12 @@ static void fetch(pi_decoder *D, int il, int nth) {
     pi_disk_layer *dl = &K->layers[il];
     const uint32_t epoch = ++K->epoch ? K->epoch : ++K->epoch; /* 0 marks a slot never used */
     K->n_reads = 0;
+    if (K->n_over) { /* the last layer's overflow is forgotten, and its memory given back: it is past the budget */
+        for (int k = 0; k < K->n_over; k++) K->layers[K->over_layer[k]].where[K->over_neuron[k]] = -1;
+        madvise(K->base + (size_t)(K->n_res + K->n_cache) * K->slot_bytes, (size_t)K->n_over * K->slot_bytes,
+                MADV_DONTNEED);
+        K->n_over = 0;
+    }
     for (int t = 0; t < nth; t++) {
         const int32_t *idx = D->tw[t].idx;
         for (int j = 0; j < K->nc[t]; j++) {
@@ -287,14 +301,22 @@ static void fetch(pi_decoder *D, int il, int nth) {
                 continue;
             }
             const int c = K->lru_tail;
-            if (K->stamp[c] == epoch) { set_err(K, ENOBUFS); continue; } /* cache smaller than a layer: refused at setup */
-            if (K->own_layer[c] >= 0) K->layers[K->own_layer[c]].where[K->own_neuron[c]] = -1;
-            K->own_layer[c] = il;
-            K->own_neuron[c] = i;
-            K->stamp[c] = epoch;
-            lru_front(K, c);
-            dl->where[i] = K->n_res + c;
-            K->reads[K->n_reads++] = (pi_disk_read){dl->off[i], K->base + (size_t)(K->n_res + c) * K->slot_bytes,
+            int slot;
+            if (K->stamp[c] == epoch) { /* every cache slot already serves this layer: an overflow slot */
+                slot = K->n_res + K->n_cache + K->n_over;
+                K->over_layer[K->n_over] = il;
+                K->over_neuron[K->n_over++] = i;
+                K->overflow++;
+            } else {
+                if (K->own_layer[c] >= 0) K->layers[K->own_layer[c]].where[K->own_neuron[c]] = -1;
+                K->own_layer[c] = il;
+                K->own_neuron[c] = i;
+                K->stamp[c] = epoch;
+                lru_front(K, c);
+                slot = K->n_res + c;
+            }
+            dl->where[i] = slot;
+            K->reads[K->n_reads++] = (pi_disk_read){dl->off[i], K->base + (size_t)slot * K->slot_bytes,
                                                     dl->bundle_bytes};
             K->misses++;
         }

@@ -30,7 +30,9 @@ typedef struct pi_disk {
     size_t slot_bytes;     /* arena stride: the largest bundle */
     uint8_t *base;         /* arena: n_res resident bundles, then n_cache cache slots (mmap'd, page-aligned) */
     size_t arena_bytes;
-    int n_res, n_cache;
+    int n_res, n_cache;    /* the arena also has n_ff overflow slots past the cache (see fetch in disk.c) */
+    int32_t *over_layer, *over_neuron; /* neurons placed in overflow slots by the last layer call */
+    int n_over;
     /* the neuron cache: LRU over the cache slots (index c = slot - n_res); each knows its neuron */
     int32_t *own_layer, *own_neuron, *prev, *next;
     uint32_t *stamp;       /* the epoch (layer call) that last used the slot: never evicted within it */
@@ -45,11 +47,12 @@ typedef struct pi_disk {
     pi_io *io;
     int err;                /* errno of the first failed read (0: none); the runner raises it after the step */
     /* counters since the last reset */
-    uint64_t bytes, reads_issued, bundles, hits, misses, wait_ns, resident_hits;
+    uint64_t bytes, reads_issued, bundles, hits, misses, wait_ns, resident_hits, overflow;
 } pi_disk;
 
 struct pi_decoder;
-/* New disk tier over `path`: arena of n_res + n_cache slots of slot_bytes, n_io reader threads. NULL + errno. */
+/* New disk tier over `path`: arena of n_res + n_cache (+ n_ff overflow) slots of slot_bytes, n_io reader threads.
+ * NULL + errno. */
 pi_disk *pi_disk_new(const char *path, int n_layer, int n_ff, size_t slot_bytes, int n_res, int n_cache, int n_io,
                      int try_direct);
 void pi_disk_free(pi_disk *K);

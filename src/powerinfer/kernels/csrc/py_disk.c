@@ -82,7 +82,7 @@ static int put(PyObject *d, const char *k, unsigned long long v) {
 }
 
 /* disk_stats(reset) -> counters since the last reset: bytes read, preadv calls, bundles read, cache hits and
- * misses (disk neurons), resident hits, I/O wait ns; direct (O_DIRECT in use); error (errno of a failed read). */
+ * misses (disk neurons), resident hits, I/O wait ns, overflow (misses read past a full cache); direct (O_DIRECT in use); error (errno of a failed read). */
 PyObject *pi_py_disk_stats(pi_decoder *D, PyObject *args) {
     int reset = 0;
     if (!PyArg_ParseTuple(args, "|p", &reset)) return NULL;
@@ -92,12 +92,12 @@ PyObject *pi_py_disk_stats(pi_decoder *D, PyObject *args) {
     if (!d) return NULL;
     if (put(d, "bytes", K->bytes) || put(d, "reads", K->reads_issued) || put(d, "bundles", K->bundles) ||
         put(d, "hits", K->hits) || put(d, "misses", K->misses) || put(d, "resident", K->resident_hits) ||
-        put(d, "wait_ns", K->wait_ns) || put(d, "direct", (unsigned long long)K->direct) ||
+        put(d, "wait_ns", K->wait_ns) || put(d, "overflow", K->overflow) || put(d, "direct", (unsigned long long)K->direct) ||
         put(d, "error", (unsigned long long)K->err) || put(d, "arena_bytes", K->arena_bytes)) {
         Py_DECREF(d);
         return NULL;
     }
-    if (reset) K->bytes = K->reads_issued = K->bundles = K->hits = K->misses = K->resident_hits = K->wait_ns = 0;
+    if (reset) K->bytes = K->reads_issued = K->bundles = K->hits = K->misses = K->resident_hits = K->wait_ns = K->overflow = 0;
     K->err = 0;
     return d;
 }
