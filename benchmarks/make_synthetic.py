@@ -7,9 +7,10 @@
     python benchmarks/make_synthetic.py --shape 7b --sparsity 0.9 --locality 0.26:0.8 --gate-rank 64 \
         -o /work/models/relu7b-loc.gguf      # + relu7b-loc.predictors.safetensors (exact predictors)
 
-Shapes: `7b` is Llama-2-7B / ReluLLaMA-7B (d 4096, ff 11008, 32 layers, 32 heads, vocab 32000), `48b` is
-Llama-2-70B's layer shape with 56 of its 80 layers (d 8192, ff 28672, 64/8 heads, vocab 32000; 48.5 B parameters,
-27.3 GB in Q4_0: larger than the 24 GiB of RAM of the machines this project measures on), `smollm2` is
+Shapes: `7b` is Llama-2-7B / ReluLLaMA-7B (d 4096, ff 11008, 32 layers, 32 heads, vocab 32000), `46b` is
+Llama-2-70B's layer shape with 54 of its 80 layers (d 8192, ff 28672, 64/8 heads, vocab 32000; 46.7 B parameters,
+26.3 GB = 24.5 GiB in Q4_0: more than the 23.5 GiB of RAM of the machines this project measures on, and small
+enough that its neuron-bundle file still fits beside it on their 68 GB of free disk), `smollm2` is
 SmolLM2-135M (d 576, ff 1536, 30 layers, 9/3 heads, vocab 49152, tied head), `custom` a tiny default
 (d 64, ff 256, 2 layers) for tests; any --d-model/--n-ff/... flag overrides the shape's value.
 Quality is irrelevant, but the file is a complete model: the tokenizer (vocabulary, merges, special ids, chat
@@ -79,13 +80,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFReader, GGUFWr
 from gguf.quants import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_blocks import (LowRankGate, RandomQ4_0, Streamed, drop_written, exact_predictor,  # noqa: E402
-                              firing_rates, top_share)
+from synthetic_blocks import (LowRankGate, RandomQ4_0, Streamed, drop_written, firing_rates,  # noqa: E402
+                              tokenizer_metadata, top_share)
+from synthetic_verify import engine_smoke, run_layers, write_predictors  # noqa: E402
 
 SHAPES = {
     "7b": dict(d_model=4096, n_ff=11008, n_layer=32, n_head=32, n_head_kv=32, vocab=32000, ctx=4096,
                rope_theta=10000.0, tie=False),
-    "48b": dict(d_model=8192, n_ff=28672, n_layer=56, n_head=64, n_head_kv=8, vocab=32000, ctx=4096,
+    "46b": dict(d_model=8192, n_ff=28672, n_layer=54, n_head=64, n_head_kv=8, vocab=32000, ctx=4096,
                 rope_theta=10000.0, tie=False),
     "smollm2": dict(d_model=576, n_ff=1536, n_layer=30, n_head=9, n_head_kv=3, vocab=49152, ctx=8192,
                     rope_theta=100000.0, tie=True),
@@ -279,66 +281,16 @@ def tensor_plan(spec: Spec, bar) -> list[tuple[str, object]]:
     return plan
 
 
-# -- tokenizer ----------------------------------------------------------------------------------------------
-
-def _byte_chars() -> list[str]:
-    """The 256 characters GPT-2 byte-level BPE uses for raw bytes (every text must fall back to them)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    out, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
-
-
-def tokenizer_metadata(src: dict, vocab: int) -> dict:
-    """The source tokenizer's GGUF keys, resized to `vocab` tokens."""
-    tokens = list(src["tokenizer.ggml.tokens"])
-    types = list(src["tokenizer.ggml.token_type"])
-    merges = list(src["tokenizer.ggml.merges"])
-    index = {t: i for i, t in enumerate(tokens)}
-    need = 1 + max(index[c] for c in _byte_chars() if c in index)  # (SmolLM2 lacks a few control bytes)
-    if vocab < need:
-        raise SystemExit(f"error: --vocab {vocab} is too small for the copied tokenizer (its byte tokens "
-                         f"need >= {need})")
-    if vocab < len(tokens):
-        tokens, types = tokens[:vocab], types[:vocab]
-        kept = set(tokens)
-
-        def ok(m):
-            a, b = m.split(" ", 1)
-            return a in kept and b in kept and a + b in kept
-
-        merges = [m for m in merges if ok(m)]
-    else:
-        # padding like llama.cpp's converter pads a vocabulary: unused tokens, unreachable by the merges
-        tokens += [f"<|synthetic_pad_{i}|>" for i in range(vocab - len(tokens))]
-        types += [5] * (vocab - len(types))  # gguf TokenType.UNUSED
-    md = {k: v for k, v in src.items() if k.startswith("tokenizer.") and not k.endswith("_token_id")}
-    md.update({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
-               "tokenizer.ggml.merges": merges})
-    for k, v in src.items():
-        if k.startswith("tokenizer.ggml.") and k.endswith("_token_id") and int(v) < vocab:
-            md[k] = int(v)
-    return md
-
-
-def _source_tokenizer() -> dict:
-    from powerinfer.formats.bundled import bundled_model_path
-
-    reader = GGUFReader(str(bundled_model_path()))
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-
-
 # -- writing ------------------------------------------------------------------------------------------------
 
 def write(spec: Spec, out: Path, name: str) -> None:
     from tqdm import tqdm
 
-    tok = tokenizer_metadata(_source_tokenizer(), spec.vocab)
+    from powerinfer.formats.bundled import bundled_model_path
+
+    reader = GGUFReader(str(bundled_model_path()))
+    src = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    tok = tokenizer_metadata(src, spec.vocab)
     w = GGUFWriter(str(out), "llama")
     w.add_name(name)
     w.add_file_type(TYPES[spec.qtype.name][1])
@@ -394,151 +346,6 @@ def write(spec: Spec, out: Path, name: str) -> None:
         w.write_tensor_data(t)  # a Matrix streams its chunks through tofile()
     w.close()
     bar.close()
-
-
-# -- calibration and verification with the torch reference model ---------------------------------------
-
-def _embed_rows(qt, ids):
-    from powerinfer.core.tensor import QTensor
-
-    rows = np.asarray(qt.data)[np.asarray(ids)]
-    return QTensor(qt.name, qt.qtype, (len(ids), qt.cols), rows).dequantize()
-
-
-@dataclass
-class LayerStats:
-    zero_fraction: float  # of relu(gate) == 0 over all tokens
-    per_token: list[float]  # the same per token
-    fired: np.ndarray  # [n_ff] tokens on which each neuron fired
-    recall: float | None = None  # predictor vs the quantized gate (None: no predictor)
-    precision: float | None = None
-
-
-def open_model(path: Path):
-    """The file as the loader sees it, without load_model's NaN/inf scan (it reads every block scale of a model
-    that may be larger than RAM; the file was written from finite values)."""
-    from powerinfer.formats.gguf import load_gguf
-    from powerinfer.formats.loader import LoadedModel
-
-    m = load_gguf(path)
-    return LoadedModel(m.config, m.weights, m.metadata, path, m.file_type, m.conversion_report, m.powerinfer_gguf,
-                       m.extra_tensors)
-
-
-def calibrate_gamma(g_rest, w0, unit0, target: float) -> float:
-    """gamma with a `target` fraction of gate_j = g_rest[t, j] + w0[j] gamma unit0[t] <= 0 over (token, neuron), by
-    bisection on the measured fraction (hot neurons have w0 > 0, so no single zero crossing orders them)."""
-    import torch
-
-    def zeros(gamma):
-        return float((g_rest + w0[None, :] * (gamma * unit0)[:, None] <= 0).float().mean())
-
-    lo, hi = 0.0, 1.0
-    while zeros(hi) < target:
-        hi *= 2
-        if hi > 1e6:
-            raise SystemExit(f"error: no gamma reaches sparsity {target} (the gate has too few negative "
-                             "channel-0 weights)")
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if zeros(mid) < target else (lo, mid)
-    return torch.tensor(hi, dtype=torch.float32).item()
-
-
-def run_layers(path: Path, ids: list[int], calibrate: float | None, n_layers: int | None, predictors=None):
-    """Push `ids` through the reference layers of the file, one layer in memory at a time; returns a LayerStats
-    per layer. With `calibrate` = S, each layer's ffn_norm[0] is first set (and patched into the file) so that S of
-    the gates are <= 0 on `ids`. With `predictors` (a PredictorSet), their recall and precision against the file's
-    gate are measured too."""
-    import torch
-    import torch.nn.functional as F
-
-    from powerinfer.model.kvcache import KVCache
-    from powerinfer.model.llama import Block
-    from powerinfer.model.rope import rope_tables
-    from powerinfer.sparse.ffn import make_ffn
-
-    loaded = open_model(path)
-    cfg = loaded.config
-    n = cfg.n_layer if n_layers is None else min(cfg.n_layer, n_layers)
-    patch = GGUFReader(str(path), "r+") if calibrate is not None else None
-    norms = {t.name: t for t in patch.tensors} if patch is not None else {}
-    cache = KVCache.allocate(cfg.n_layer, len(ids), cfg.n_head_kv * cfg.head_dim)
-    cos, sin = rope_tables(cfg, len(ids))
-    x = _embed_rows(loaded.weights.embed_tokens, ids)
-    out = []
-    with torch.inference_mode():
-        for i in range(n):
-            lw = loaded.weights.layers[i]
-            block = Block(lw, cfg, i, make_ffn("dense", lw, cfg), torch.float32)
-            h = x + block.attn(block.input_layernorm(x), 0, cache, cos, sin)
-            gate_w = block.ffn.gate_proj
-            if calibrate is not None:
-                norm = block.post_attention_layernorm
-                norm.weight[0] = 1.0
-                unit = norm(h)  # channel 0: C / rms per token; rest: the normalized random part
-                g_rest = F.linear(unit[:, 1:], gate_w[:, 1:])
-                gamma = calibrate_gamma(g_rest, gate_w[:, 0], unit[:, 0], calibrate)
-                norm.weight[0] = gamma
-                norms[f"blk.{i}.ffn_norm.weight"].data[0] = gamma
-            u = block.post_attention_layernorm(h)
-            fires = F.linear(u, gate_w) > 0  # relu(gate) != 0
-            zero = (~fires).float()
-            st = LayerStats(float(zero.mean()), zero.mean(1).tolist(), fires.sum(0).numpy())
-            if predictors is not None:
-                pred = predictors.predict(i, h)  # on the pre-norm residual, as the runtime applies them
-                tp = float((pred & fires).sum())
-                st.recall = tp / max(1.0, float(fires.sum()))
-                st.precision = tp / max(1.0, float(pred.sum()))
-            out.append(st)
-            x = h + block.ffn(u)
-            del block
-    if patch is not None:
-        patch.data.flush()
-        del patch
-    return out
-
-
-def write_predictors(spec: Spec, path: Path, out: Path):
-    """The exact predictors of a --gate-rank model (module docstring), bound to the finished file's fingerprint
-    (so written after the calibration patched ffn_norm)."""
-    from powerinfer.sparse.artifacts import model_fingerprint
-    from powerinfer.sparse.predictor import PredictorSet
-
-    loaded = open_model(path)
-    gates = {name: t for name, t in tensor_plan(spec, None) if name.endswith("ffn_gate.weight")}
-    fc1, fc2 = [], []
-    for i in range(spec.n_layer):
-        a, b = gates[f"blk.{i}.ffn_gate.weight"].factors()
-        w = np.asarray(loaded.weights.layers[i].post_attention_layernorm.dequantize(), np.float32).reshape(-1)
-        f1, f2 = exact_predictor(a, b, w)
-        fc1.append(torch_of(f1))
-        fc2.append(torch_of(f2))
-    meta = {"fingerprint": model_fingerprint(loaded), "source": f"make_synthetic.py --gate-rank {spec.gate_rank}: "
-            "exact predictors of the low-rank gates (fc1 = [B'w; -B'w], fc2 = [A', -A'])", "model": path.name}
-    preds = PredictorSet(fc1, fc2, 0.0, meta)
-    preds.save(out)
-    return preds
-
-
-def torch_of(a: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(a, np.float32))
-
-
-def engine_smoke(path: Path, text: str) -> str:
-    """The compiled decoder loads the file and computes finite logits for a few tokens of `text`."""
-    import torch
-
-    import powerinfer
-
-    llm = powerinfer.load(str(path), n_ctx=64, n_threads=1)
-    ids = llm.tokenizer.encode(text)[:16]
-    logits = llm.runner.eval(ids)
-    if not torch.isfinite(logits).all():
-        raise SystemExit("error: the engine produced non-finite logits for the synthetic model")
-    return f"engine ({llm.runner.compute}) ran {len(ids)} tokens, logits finite"
 
 
 def main(argv=None) -> int:
@@ -632,25 +439,26 @@ def main(argv=None) -> int:
     from powerinfer.textdata import pydoc_topics
 
     tok = Tokenizer.from_gguf_file(out)
-    if a.sparsity is not None and a.calib_tokens > 0:
-        ids = tok.encode(pydoc_topics("calib"), add_bos=False)[:a.calib_tokens]
-        run_layers(out, ids, a.sparsity, a.verify_layers)
-        print(f"calibrated ffn_norm[0] of {min(spec.n_layer, a.verify_layers or spec.n_layer)} layers on "
-              f"{len(ids)} calibration tokens (pydoc topics, calib split)")
-    preds = None
-    if spec.gate_rank:
+    calib = tok.encode(pydoc_topics("calib"), add_bos=False)[:a.calib_tokens] if a.sparsity is not None else []
+    held = tok.encode(pydoc_topics("eval"), add_bos=False)[:a.verify_tokens]
+    gates = [t for name, t in tensor_plan(spec, None) if name.endswith("ffn_gate.weight")] if spec.gate_rank else None
+    t1 = time.perf_counter()
+    layers = run_layers(out, calib, held, a.sparsity, a.verify_layers, gates) if calib or held else []
+    n_checked = min(spec.n_layer, a.verify_layers or spec.n_layer)
+    if calib:
+        print(f"calibrated ffn_norm[0] of {n_checked} layers on {len(calib)} calibration tokens (pydoc topics, "
+              f"calib split) in {time.perf_counter() - t1:.1f} s")
+    if gates is not None:
         t1 = time.perf_counter()
         pred_path = Path(a.predictors_out) if a.predictors_out else out.with_suffix(".predictors.safetensors")
-        preds = write_predictors(spec, out, pred_path)
+        preds = write_predictors(gates, out, pred_path)
         print(f"wrote {pred_path} ({pred_path.stat().st_size / 2**20:.1f} MiB, exact predictors of rank "
               f"{2 * (spec.gate_rank + 1)}, fingerprint {preds.meta['fingerprint']}) in {time.perf_counter() - t1:.1f} s")
-    if a.verify_tokens > 0:
-        ids = tok.encode(pydoc_topics("eval"), add_bos=False)[:a.verify_tokens]
-        layers = run_layers(out, ids, None, a.verify_layers, preds)
+    if held:
         fr = [st.zero_fraction for st in layers]
         per_tok = [t for st in layers for t in st.per_token]
         what = "relu(gate) == 0" if a.activation == "relu" else "gate <= 0 (silu has no exact zeros)"
-        print(f"measured on {len(ids)} held-out tokens (eval split), {len(layers)} layers, fraction {what}: "
+        print(f"measured on {len(held)} held-out tokens (eval split), {len(layers)} layers, fraction {what}: "
               f"mean {statistics.fmean(fr):.4f}, per layer min {min(fr):.4f} max {max(fr):.4f}, "
               f"per token min {min(per_tok):.4f} max {max(per_tok):.4f}"
               + (f" (target {a.sparsity})" if a.sparsity is not None else ""))
@@ -662,7 +470,7 @@ def main(argv=None) -> int:
             print(f"locality: the designed top {top:g} of neurons carry {statistics.fmean(designed):.3f} of the "
                   f"firings (per layer {min(designed):.3f}..{max(designed):.3f}; target {spec.locality[1]:g}); the "
                   f"measured top {top:g} carry {statistics.fmean(measured):.3f} (biased up on few tokens)")
-        if preds is not None:
+        if gates is not None:
             rec, prec = [st.recall for st in layers], [st.precision for st in layers]
             print(f"predictors (threshold 0) against the file's {a.type} gate: recall {statistics.fmean(rec):.4f} "
                   f"(per layer min {min(rec):.4f}), precision {statistics.fmean(prec):.4f} "

@@ -8,6 +8,7 @@
 * `LowRankGate`: gate = A @ B of rank r plus the per-neuron channel-0 offsets (a rank r + 1 matrix), and the exact
   activation predictor that goes with it (`exact_predictor`).
 * `firing_rates`: per-neuron firing probabilities with locality (a capped power law).
+* `tokenizer_metadata`: a copied tokenizer resized to the model's vocabulary.
 
 Every writer streams: it draws and writes chunks of <= CHUNK_VALUES values and keeps nothing else.
 """
@@ -192,3 +193,50 @@ def top_share(counts: np.ndarray, order: np.ndarray, top: float) -> float:
     k = max(1, round(top * len(counts)))
     total = counts.sum()
     return float(counts[order[:k]].sum() / total) if total else 0.0
+
+
+# -- tokenizer ----------------------------------------------------------------------------------------------
+
+def _byte_chars() -> list[str]:
+    """The 256 characters GPT-2 byte-level BPE uses for raw bytes (every text must fall back to them)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def tokenizer_metadata(src: dict, vocab: int) -> dict:
+    """The source tokenizer's GGUF keys, resized to `vocab` tokens."""
+    tokens = list(src["tokenizer.ggml.tokens"])
+    types = list(src["tokenizer.ggml.token_type"])
+    merges = list(src["tokenizer.ggml.merges"])
+    index = {t: i for i, t in enumerate(tokens)}
+    need = 1 + max(index[c] for c in _byte_chars() if c in index)  # (SmolLM2 lacks a few control bytes)
+    if vocab < need:
+        raise SystemExit(f"error: --vocab {vocab} is too small for the copied tokenizer (its byte tokens "
+                         f"need >= {need})")
+    if vocab < len(tokens):
+        tokens, types = tokens[:vocab], types[:vocab]
+        kept = set(tokens)
+
+        def ok(m):
+            a, b = m.split(" ", 1)
+            return a in kept and b in kept and a + b in kept
+
+        merges = [m for m in merges if ok(m)]
+    else:
+        # padding like llama.cpp's converter pads a vocabulary: unused tokens, unreachable by the merges
+        tokens += [f"<|synthetic_pad_{i}|>" for i in range(vocab - len(tokens))]
+        types += [5] * (vocab - len(types))  # gguf TokenType.UNUSED
+    md = {k: v for k, v in src.items() if k.startswith("tokenizer.") and not k.endswith("_token_id")}
+    md.update({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+               "tokenizer.ggml.merges": merges})
+    for k, v in src.items():
+        if k.startswith("tokenizer.ggml.") and k.endswith("_token_id") and int(v) < vocab:
+            md[k] = int(v)
+    return md
