@@ -176,7 +176,7 @@ def test_unsupported_architecture(tmp_path):
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    assert "unsupported architecture 'falcon' (supported: llama, bamboo, qwen2)" in _error(p)
+    assert "unsupported architecture 'falcon' (supported: llama, bamboo, qwen2, qwen3)" in _error(p)
 
 
 def _patch_tensor_type(src: Path, dst: Path, name: str, raw_type: int) -> Path:

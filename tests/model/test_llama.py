@@ -1,4 +1,4 @@
-"""The torch reference model against transformers (LlamaForCausalLM / Qwen2ForCausalLM) on tiny GGUFs,
+"""The torch reference model against transformers (LlamaForCausalLM / Qwen2ForCausalLM; Qwen3 in test_qwen3.py) on tiny GGUFs,
 and on the real bundled SmolLM2."""
 import numpy as np
 import pytest

@@ -32,7 +32,7 @@ class RopeScaling:
 
 @dataclass
 class ModelConfig:
-    arch: str  # "llama" | "qwen2"
+    arch: str  # "llama" | "qwen2" | "qwen3"
     n_vocab: int
     d_model: int
     n_layer: int
@@ -52,6 +52,7 @@ class ModelConfig:
     ffn_kind: str = "glu"  # glu: act(gate)*up ; dglu: act(gate)*act(up) (dReLU) ; mlp: act(up)
     tie_embeddings: bool = False
     attn_bias: bool = False  # q/k/v biases (qwen2)
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (qwen3)
     name: str = ""
 
     def __post_init__(self):

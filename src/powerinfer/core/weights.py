@@ -21,6 +21,8 @@ class LayerWeights:
     q_bias: QTensor | None = None
     k_bias: QTensor | None = None
     v_bias: QTensor | None = None
+    q_norm: QTensor | None = None  # f32 [head_dim]: RMSNorm of every query head before RoPE (qwen3)
+    k_norm: QTensor | None = None  # f32 [head_dim]: and of every key head
     # The file's own neuron-major down projection [n_ff, d] (PowerInfer GGUF `ffn_down_t`), kept as stored so the
     # sparse FFN reads it directly; down_proj is then its transpose, made at load for the dense paths.
     down_t: QTensor | None = None

@@ -23,7 +23,7 @@ from .names import gguf_name
 from ..core.tensor import QTensor
 
 PWRI_MAGIC = b"PWRI"
-SUPPORTED_ARCHS = ("llama", "bamboo", "qwen2")
+SUPPORTED_ARCHS = ("llama", "bamboo", "qwen2", "qwen3")
 # ModelConfig names, as powerinfer.ffn_activation stores them: "gelu" is erf, "gelu_tanh" is ggml_gelu. None of
 # SUPPORTED_ARCHS uses GELU in llama.cpp; one that did would default to "gelu_tanh", llama.cpp's form.
 ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh")
@@ -276,7 +276,7 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
                                f"(supported: {', '.join(FFN_KINDS)})")
 
     return ModelConfig(
-        arch="qwen2" if arch == "qwen2" else "llama",
+        arch=arch if arch in ("qwen2", "qwen3") else "llama",
         n_vocab=tensors["token_embd.weight"].rows,
         d_model=d_model,
         n_layer=key("block_count"),
@@ -287,14 +287,15 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
         norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-5, float)),
         rope_theta=_f32(key("rope.freq_base", 10000.0, float)),
         rope_dim=key("rope.dimension_count", head_dim),
-        # llama.cpp's converter permutes llama q/k rows so that rotation pairs are adjacent; qwen2 is not permuted.
-        rope_style="neox" if arch == "qwen2" else "norm",
+        # llama.cpp's converter permutes llama q/k rows so that rotation pairs are adjacent; qwen2/3 are not.
+        rope_style="neox" if arch in ("qwen2", "qwen3") else "norm",
         rope_scaling=_rope_scaling(path, arch, md, tensors),
         context_length=key("context_length", 4096),
         activation=activation,
         ffn_kind=ffn_kind,
         tie_embeddings="output.weight" not in tensors,
         attn_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
         name=str(md.get("general.name", "")),
     )
 
@@ -368,9 +369,10 @@ def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) 
     lm_head = embed if cfg.tie_embeddings else get(gguf_name("lm_head"), (v, d))
     shapes = dict(input_layernorm=(d,), q_proj=(q_dim, d), k_proj=(kv_dim, d), v_proj=(kv_dim, d),
                   o_proj=(d, q_dim), post_attention_layernorm=(d,), gate_proj=(ff, d), up_proj=(ff, d),
-                  q_bias=(q_dim,), k_bias=(kv_dim,), v_bias=(kv_dim,))
+                  q_bias=(q_dim,), k_bias=(kv_dim,), v_bias=(kv_dim,), q_norm=(cfg.head_dim,),
+                  k_norm=(cfg.head_dim,))
     optional = dict(gate_proj=cfg.ffn_kind == "mlp", q_bias=not cfg.attn_bias, k_bias=not cfg.attn_bias,
-                    v_bias=not cfg.attn_bias)
+                    v_bias=not cfg.attn_bias, q_norm=not cfg.qk_norm, k_norm=not cfg.qk_norm)
     layers = []
     for i in range(cfg.n_layer):
         if gguf_name("down_t", i) in tensors:  # PowerInfer stores down_proj transposed (neuron-major)

@@ -22,7 +22,7 @@ from ..core.weights import LayerWeights, ModelWeights
 from ..core.tensor import QTensor
 from .names import hf_name
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _DTYPES = {"F32": (Q.F32, np.float32), "F16": (Q.F16, np.float16), "BF16": (Q.BF16, np.uint16)}
 # HF hidden_act -> ModelConfig.activation. "gelu" is erf-exact in HF; the tanh forms are a separate name.
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu",
@@ -57,7 +57,7 @@ def _read_json(path: Path):
 def _config(path: Path, cfg_path: Path, raw: dict) -> ModelConfig:
     archs = raw.get("architectures") or []
     model_type = raw.get("model_type")
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and model_type not in ("llama", "mistral", "qwen2"):
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and model_type not in ("llama", "mistral", "qwen2", "qwen3"):
         raise ModelFormatError(f"{cfg_path}: unsupported architecture {archs or model_type!r} "
                                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     act = raw.get("hidden_act", "silu")
@@ -67,7 +67,8 @@ def _config(path: Path, cfg_path: Path, raw: dict) -> ModelConfig:
         d_model, n_head = int(raw["hidden_size"]), int(raw["num_attention_heads"])
         head_dim = int(raw.get("head_dim") or d_model // n_head)
         config = ModelConfig(
-            arch="qwen2" if model_type == "qwen2" or "Qwen2ForCausalLM" in archs else "llama",
+            arch=("qwen3" if model_type == "qwen3" or "Qwen3ForCausalLM" in archs else
+                  "qwen2" if model_type == "qwen2" or "Qwen2ForCausalLM" in archs else "llama"),
             n_vocab=int(raw["vocab_size"]),
             d_model=d_model,
             n_layer=int(raw["num_hidden_layers"]),
@@ -85,6 +86,7 @@ def _config(path: Path, cfg_path: Path, raw: dict) -> ModelConfig:
             ffn_kind="glu",
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attn_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3" or "Qwen3ForCausalLM" in archs,
             name=str(raw.get("_name_or_path") or path.name),
         )
     except KeyError as e:
@@ -195,9 +197,11 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, ModelWeights, dict]:
         raise ModelFormatError(f"{path}: o_proj / MLP biases are not supported (attention_bias or mlp_bias in a llama)")
     shapes = dict(input_layernorm=(d,), q_proj=(q_dim, d), k_proj=(kv_dim, d), v_proj=(kv_dim, d),
                   o_proj=(d, q_dim), post_attention_layernorm=(d,), gate_proj=(ff, d), up_proj=(ff, d),
-                  down_proj=(d, ff), q_bias=(q_dim,), k_bias=(kv_dim,), v_bias=(kv_dim,))
-    biases = ("q_bias", "k_bias", "v_bias")
-    layers = [LayerWeights(**{role: get(hf_name(role, i), shape, optional=role in biases and not c.attn_bias)
+                  down_proj=(d, ff), q_bias=(q_dim,), k_bias=(kv_dim,), v_bias=(kv_dim,), q_norm=(c.head_dim,),
+                  k_norm=(c.head_dim,))
+    optional = {"q_bias": not c.attn_bias, "k_bias": not c.attn_bias, "v_bias": not c.attn_bias,
+                "q_norm": not c.qk_norm, "k_norm": not c.qk_norm}
+    layers = [LayerWeights(**{role: get(hf_name(role, i), shape, optional=optional.get(role, False))
                               for role, shape in shapes.items()}) for i in range(c.n_layer)]
     embed = get(hf_name("embed_tokens"), (v, d))
     if not c.tie_embeddings and hf_name("lm_head") not in tensors:

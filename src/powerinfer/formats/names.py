@@ -17,6 +17,8 @@ LAYER_NAMES: dict[str, tuple[str, str]] = {
     "q_bias": ("attn_q.bias", "self_attn.q_proj.bias"),
     "k_bias": ("attn_k.bias", "self_attn.k_proj.bias"),
     "v_bias": ("attn_v.bias", "self_attn.v_proj.bias"),
+    "q_norm": ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+    "k_norm": ("attn_k_norm.weight", "self_attn.k_norm.weight"),
 }
 # PowerInfer GGUF: down_proj stored neuron-major (one row per neuron).
 GGUF_DOWN_T = "ffn_down_t.weight"

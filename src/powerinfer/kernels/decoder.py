@@ -95,6 +95,8 @@ def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1,
                       h.mat(L.o_proj), h.vec(L.post_attention_layernorm, c.d_model), h.mat(L.gate_proj),
                       h.mat(L.up_proj), h.mat(L.down_proj), h.vec(L.q_bias, c.n_head * c.head_dim),
                       h.vec(L.k_bias, kv_dim), h.vec(L.v_bias, kv_dim))
+        if L.q_norm is not None:
+            dec.set_qk_norm(i, h.vec(L.q_norm, c.head_dim), h.vec(L.k_norm, c.head_dim))
     head = h.mat(weights.lm_head)
     dec.set_output(h.vec(weights.norm, c.d_model), head[0], head[1])
     dec._keep = h.keep

@@ -257,6 +257,9 @@ def decode_layer_ref(config, layer, x: torch.Tensor, pos: int, k_cache: torch.Te
     for t, b in ((q, layer.q_bias), (k, layer.k_bias), (v, layer.v_bias)):
         if b is not None:
             t += _vec(b)
+    if layer.q_norm is not None:  # qwen3: every head RMS-normalised before RoPE
+        q = torch.stack([rmsnorm_ref(h, _vec(layer.q_norm), c.norm_eps) for h in q.view(nh, hd)]).reshape(-1)
+        k = torch.stack([rmsnorm_ref(h, _vec(layer.k_norm), c.norm_eps) for h in k.view(nkv, hd)]).reshape(-1)
     q = rope_ref(q.view(nh, hd), cos[pos], sin[pos], c.rope_style)
     k = rope_ref(k.view(nkv, hd), cos[pos], sin[pos], c.rope_style)
     k_cache[pos] = k.reshape(-1).to(k_cache.dtype)

@@ -45,6 +45,9 @@ class Attention(nn.Module):
         self.n_head, self.n_head_kv, self.head_dim = config.n_head, config.n_head_kv, config.head_dim
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias"):
             self.register_buffer(name, dense(getattr(lw, name), dtype))
+        # qwen3: each head's q and k RMS-normalised over head_dim before RoPE
+        self.q_norm = RMSNorm(dense(lw.q_norm, dtype), config.norm_eps) if lw.q_norm is not None else None
+        self.k_norm = RMSNorm(dense(lw.k_norm, dtype), config.norm_eps) if lw.k_norm is not None else None
 
     def forward(self, x: torch.Tensor, start_pos: int, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor):
         """x [T, d] at positions start_pos..; cos/sin [T, rope_dim/2] for those positions."""
@@ -52,6 +55,8 @@ class Attention(nn.Module):
         q = F.linear(x, self.q_proj, self.q_bias).view(T, self.n_head, self.head_dim)
         k = F.linear(x, self.k_proj, self.k_bias).view(T, self.n_head_kv, self.head_dim)
         v = F.linear(x, self.v_proj, self.v_bias)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
 
         q = apply_rope(q, cos, sin, self.config.rope_style)
         k = apply_rope(k, cos, sin, self.config.rope_style)

@@ -340,6 +340,7 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
         float *kh = D->k + g * hd, *vh = D->v + g * hd;
         if (L->bk) for (int i = 0; i < hd; i++) kh[i] += L->bk[g * hd + i];
         if (L->bv) for (int i = 0; i < hd; i++) vh[i] += L->bv[g * hd + i];
+        if (L->k_norm) pi_rmsnorm(kh, L->k_norm, hd, D->eps, kh);
         pi_rope(kh, 1, hd, D->rope_dim, D->rope_style, cs, sn);
     }
     if (g1 > g0) pi_kv_write(D->kv_type, L->kc, L->vc, pi_row_bytes(D->kv_type, kvd), pos, g0, g1, hd, D->k, D->v);
@@ -347,6 +348,7 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
     for (int h = h0; h < h1; h++) { /* before the barrier: past PI_ATTN_CHUNK positions every thread reads every head */
         float *qh = D->q + h * hd;
         if (L->bq) for (int i = 0; i < hd; i++) qh[i] += L->bq[h * hd + i];
+        if (L->q_norm) pi_rmsnorm(qh, L->q_norm, hd, D->eps, qh);
         pi_rope(qh, 1, hd, D->rope_dim, D->rope_style, cs, sn);
     }
     pi_dec_barrier(D, ith);
@@ -661,6 +663,13 @@ int pi_decoder_set_sparse(pi_decoder *D, int il, const pi_mat *down_t, const pi_
     L->down_t = *down_t;
     L->t_h = t_h;
     L->t_x = t_x;
+    return 0;
+}
+
+int pi_decoder_set_qk_norm(pi_decoder *D, int il, const float *q_norm, const float *k_norm) {
+    if (il < 0 || il >= D->n_layer || !D->L[il].bound || (q_norm == NULL) != (k_norm == NULL)) return -1;
+    D->L[il].q_norm = q_norm;
+    D->L[il].k_norm = k_norm;
     return 0;
 }
 

@@ -27,6 +27,7 @@ typedef struct {
     pi_mat q, k, v, o, gate, up, down; /* raw descriptions; gate.raw == NULL for act(up) MLPs */
     pi_seg seg[M_N][PI_MAX_THREADS];   /* thread t's rows of each matrix (packed into arena[t]) */
     const float *bq, *bk, *bv;
+    const float *q_norm, *k_norm;      /* [hd]: RMSNorm of every q / k head before RoPE (qwen3), or NULL */
     uint16_t *kc, *vc;                 /* [n_ctx][n_head_kv*head_dim] f16, owned by Python */
     int need_attn, need_ffn;           /* activation forms the layer's inputs need (PI_NEED_*) */
     /* Neuron-sparse FFN (decode only; prefill stays dense): on when down_t.raw is set. Per 32-neuron chunk of a
@@ -129,6 +130,8 @@ int pi_decoder_set_sparse(pi_decoder *D, int il, const pi_mat *down_t, const pi_
                           float t_h, float t_x);
 /* Predictor of layer il (fc1 [r, d], fc2 [n_ff, r]; NULL fc1 removes it); used by the sparse FFN. 0 ok, -1 bad. */
 int pi_decoder_set_predictor(pi_decoder *D, int il, const pi_mat *fc1, const pi_mat *fc2, float threshold);
+/* qwen3's per-head q/k RMSNorm weights ([hd] each, both or neither); set_layer clears them */
+int pi_decoder_set_qk_norm(pi_decoder *D, int il, const float *q_norm, const float *k_norm);
 const pi_mat *pi_layer_mat(const pi_layer *L, int j); /* MQ .. MDOWN */
 void pi_layer_ranges(const pi_layer *L, int n_ff, int ith, int nth, int u0[M_N], int u1[M_N]);
 

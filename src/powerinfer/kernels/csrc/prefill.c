@@ -98,6 +98,10 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
         if (L->bq) for (int i = 0; i < qd; i++) q[i] += L->bq[i];
         if (L->bk) for (int i = 0; i < kvd; i++) k[i] += L->bk[i];
         if (L->bv) for (int i = 0; i < kvd; i++) v[i] += L->bv[i];
+        if (L->q_norm) {
+            for (int h = 0; h < D->n_head; h++) pi_rmsnorm(q + h * hd, L->q_norm, hd, D->eps, q + h * hd);
+            for (int h = 0; h < D->n_head_kv; h++) pi_rmsnorm(k + h * hd, L->k_norm, hd, D->eps, k + h * hd);
+        }
         pi_rope(q, D->n_head, hd, D->rope_dim, D->rope_style, cs, sn);
         pi_rope(k, D->n_head_kv, hd, D->rope_dim, D->rope_style, cs, sn);
         pi_kv_write(D->kv_type, L->kc, L->vc, pi_row_bytes(D->kv_type, kvd), pos, 0, D->n_head_kv, hd, k, v);

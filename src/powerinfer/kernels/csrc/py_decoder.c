@@ -155,6 +155,17 @@ static PyObject *Decoder_set_sparse(DecoderObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* set_qk_norm(layer, q_norm, k_norm): float32 [head_dim] pointers (qwen3), both or neither (0) */
+static PyObject *Decoder_set_qk_norm(DecoderObject *self, PyObject *args) {
+    int il;
+    void *qn, *kn;
+    if (!PyArg_ParseTuple(args, "iO&O&", &il, pi_conv_ptr, &qn, pi_conv_ptr, &kn)) return NULL;
+    if (idle(self) || check_layer(self, il)) return NULL;
+    if (pi_decoder_set_qk_norm(self->D, il, qn, kn))
+        return PyErr_Format(PyExc_ValueError, "set_qk_norm(%d): give both norms after set_layer", il);
+    Py_RETURN_NONE;
+}
+
 /* set_predictor(layer, fc1, fc2, threshold): (ptr, qtype) tuples, fc1 [r, d], fc2 [n_ff, r]; fc1 None removes it. */
 static PyObject *Decoder_set_predictor(DecoderObject *self, PyObject *args) {
     int il, r;
@@ -412,6 +423,8 @@ static PyMethodDef Decoder_methods[] = {
      "matrices (ptr, qtype), gate may be None, biases None or f32 ptr"},
     {"set_sparse", (PyCFunction)Decoder_set_sparse, METH_VARARGS,
      "set_sparse(layer, down_t, gate_t, up_t, t_h, t_x): neuron-sparse FFN for decode ((ptr, qtype) or None)"},
+    {"set_qk_norm", (PyCFunction)Decoder_set_qk_norm, METH_VARARGS,
+     "set_qk_norm(layer, q_norm, k_norm): per-head RMSNorm weights of q and k before RoPE (qwen3), or 0, 0"},
     {"set_predictor", (PyCFunction)Decoder_set_predictor, METH_VARARGS,
      "set_predictor(layer, fc1, fc2, rank, threshold): activation predictor for the sparse FFN ((ptr, qtype) or None)"},
     {"kept", (PyCFunction)Decoder_kept, METH_VARARGS,
