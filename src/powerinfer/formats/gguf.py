@@ -102,7 +102,7 @@ class _Reader(GGUFReader):
         nptype = self.gguf_scalar_to_np.get(itype)
         item = np.dtype(nptype).itemsize if nptype is not None else _MIN_ITEM_BYTES[itype]
         self._need(offs, n * item, f"an array of {n:,} {itype.name} values")
-        if itype == GGUFValueType.STRING and n:
+        if itype == GGUFValueType.STRING and n and self.byte_order != "S" and sys.byteorder == "little":
             return self._string_array(orig_offs, raw_itype, alen, n)
         if nptype is None or n == 0:  # nested arrays: gguf-py's walk, now bounded
             return super()._get_field_parts(orig_offs, raw_type)
