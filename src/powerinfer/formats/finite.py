@@ -42,5 +42,14 @@ def is_finite(t) -> bool:
 
 
 def nonfinite_tensors(weights) -> list[str]:
-    """Names of the tensors of `weights` (core.weights.ModelWeights) that hold NaN or infinite values."""
-    return [t.name for _, t in weights.named_tensors(distinct=True) if not is_finite(t)]
+    """Names of the tensors of `weights` (core.weights.ModelWeights) that hold NaN or infinite values. Each tensor's
+    file pages are dropped once checked: the scan reads every page of the file, and a model larger than the RAM
+    budget (--ram-budget) must not end up resident because of it."""
+    from .pages import release_mapped
+
+    bad = []
+    for _, t in weights.named_tensors(distinct=True):
+        if not is_finite(t):
+            bad.append(t.name)
+        release_mapped(t.data)
+    return bad

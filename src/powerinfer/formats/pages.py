@@ -68,3 +68,16 @@ def drop_file_cache(path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def release_mapped(data) -> None:
+    """Drop the pages under an array that lives in a file mapping (the next access re-reads them from the page cache
+    or the disk), so a pass over a model larger than the RAM budget keeps one tensor resident at a time, not the
+    whole file. Arrays in anonymous memory are left alone (dropping their pages would zero them)."""
+    if not file_maps([data]):
+        return
+    a = np.asarray(data)
+    start = a.__array_interface__["data"][0]
+    lo, hi = start // PAGE * PAGE, -(-(start + a.nbytes) // PAGE) * PAGE
+    if hi > lo:
+        _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)

@@ -9,9 +9,14 @@
  * for the disk, and the model larger than RAM would thrash it); a filesystem that refuses O_DIRECT (tmpfs) is
  * read buffered.
  *
- * Cache: LRU over fixed-size slots (SmallThinker's expert cache and PowerInfer-2's cold region are LRU-like;
- * LLM in a flash's sliding window keeps the last k tokens' neurons, which LRU with enough slots also keeps, and
- * LRU needs no window length to tune). A slot used by the current layer is never evicted within that layer; when a
+ * Cache: fixed-size slots under 2Q (Johnson and Shasha, VLDB 1994), with LLM in a flash's window as its memory
+ * of past reads. A plain LRU (SmallThinker's expert cache, PowerInfer-2's "LRU-like" cold region) thrashes here:
+ * each token reads every layer's misses in turn, and when one token's misses outnumber the slots (4 layers of a
+ * 7B-shaped synthetic at 10% firing: 3,900 bundles a token into 2,500 slots) the LRU evicts every neuron before
+ * its next use, hit rate 0%. So a neuron read for the first time in PI_DISK_WINDOW tokens goes to a FIFO of a
+ * quarter of the slots, and one read again within the window (it fires often: LLM in a flash keeps the last k = 5
+ * tokens' neurons, reference/hybrid.md 4.2) goes to an LRU of the other three quarters, which cold one-off
+ * neurons cannot flush. A slot used by the current layer is never evicted within that layer; when a
  * layer fires more disk neurons than the cache has slots, the rest are read into overflow slots past the cache
  * (virtual memory that costs RAM only if a layer ever needs it) and forgotten after the layer. */
 #define _GNU_SOURCE
@@ -31,6 +36,7 @@
 #include "decoder.h"
 
 #define PI_IO_GROUP 32 /* bundles per preadv at most (256-384 KiB for 7B-shaped bundles) */
+#define PI_DISK_WINDOW 5 /* tokens: a neuron read again within them is a frequent one (LLM in a flash's k = 5) */
 
 struct pi_io {
     int n;
@@ -157,21 +163,22 @@ static void io_batch(pi_disk *K) {
     K->reads_issued += (uint64_t)ng;
 }
 
-/* ---- the LRU list over cache slots ---- */
-static void lru_unlink(pi_disk *K, int c) {
-    const int p = K->prev[c], n = K->next[c];
-    if (p >= 0) K->next[p] = n; else K->lru_head = n;
-    if (n >= 0) K->prev[n] = p; else K->lru_tail = p;
+/* ---- the cache's two lists over slots ---- */
+static void list_unlink(pi_disk *K, int c) {
+    const int l = K->list[c], p = K->prev[c], n = K->next[c];
+    if (p >= 0) K->next[p] = n; else K->head[l] = n;
+    if (n >= 0) K->prev[n] = p; else K->tail[l] = p;
 }
 
-static void lru_front(pi_disk *K, int c) {
-    if (K->lru_head == c) return;
-    lru_unlink(K, c);
+static void list_front(pi_disk *K, int c, int l) {
+    if (K->list[c] == l && K->head[l] == c) return;
+    list_unlink(K, c);
+    K->list[c] = (uint8_t)l;
     K->prev[c] = -1;
-    K->next[c] = K->lru_head;
-    if (K->lru_head >= 0) K->prev[K->lru_head] = c;
-    K->lru_head = c;
-    if (K->lru_tail < 0) K->lru_tail = c;
+    K->next[c] = K->head[l];
+    if (K->head[l] >= 0) K->prev[K->head[l]] = c;
+    K->head[l] = c;
+    if (K->tail[l] < 0) K->tail[l] = c;
 }
 
 pi_disk *pi_disk_new(const char *path, int n_layer, int n_ff, size_t slot_bytes, int n_res, int n_cache, int n_io,
@@ -199,6 +206,7 @@ pi_disk *pi_disk_new(const char *path, int n_layer, int n_ff, size_t slot_bytes,
     K->own_layer = malloc((size_t)n_cache * 4);
     K->own_neuron = malloc((size_t)n_cache * 4);
     K->prev = malloc((size_t)n_cache * 4);
+    K->list = calloc((size_t)n_cache, 1);
     K->next = malloc((size_t)n_cache * 4);
     K->stamp = calloc((size_t)n_cache, 4);
     K->over_layer = malloc((size_t)n_ff * 4);
@@ -206,18 +214,24 @@ pi_disk *pi_disk_new(const char *path, int n_layer, int n_ff, size_t slot_bytes,
     K->layers = calloc((size_t)n_layer, sizeof(pi_disk_layer));
     K->reads = malloc((size_t)n_ff * sizeof(pi_disk_read));
     K->nc = calloc(PI_MAX_THREADS, sizeof(int32_t));
-    int ok = K->base && K->own_layer && K->own_neuron && K->prev && K->next && K->stamp && K->layers && K->reads &&
+    int ok = K->base && K->own_layer && K->own_neuron && K->prev && K->next && K->list && K->stamp && K->layers &&
+             K->reads &&
              K->nc && K->over_layer && K->over_neuron;
     for (int t = 0; ok && t < PI_MAX_THREADS; t++) ok = (K->slots[t] = malloc((size_t)n_ff * 4)) != NULL;
     if (ok) ok = (K->io = io_new(K, n_io, n_ff)) != NULL;
     if (!ok) { pi_disk_free(K); errno = ENOMEM; return NULL; }
+    const int n_fifo = n_cache / 4 > 0 ? n_cache / 4 : 1; /* 2Q's Kin: a quarter of the slots */
     for (int c = 0; c < n_cache; c++) {
+        const int l = c >= n_fifo;
         K->own_layer[c] = K->own_neuron[c] = -1;
-        K->prev[c] = c - 1;
-        K->next[c] = c + 1 < n_cache ? c + 1 : -1;
+        K->list[c] = (uint8_t)l;
+        K->prev[c] = c == 0 || c == n_fifo ? -1 : c - 1;
+        K->next[c] = c + 1 == n_cache || c + 1 == n_fifo ? -1 : c + 1;
     }
-    K->lru_head = 0;
-    K->lru_tail = n_cache - 1;
+    K->head[0] = 0;
+    K->tail[0] = n_fifo - 1;
+    K->head[1] = n_fifo < n_cache ? n_fifo : -1;
+    K->tail[1] = n_fifo < n_cache ? n_cache - 1 : -1;
     return K;
 }
 
@@ -227,10 +241,12 @@ void pi_disk_free(pi_disk *K) {
     if (K->fd >= 0 && K->fd != K->fd_buffered) close(K->fd);
     if (K->fd_buffered >= 0) close(K->fd_buffered);
     if (K->base) munmap(K->base, K->arena_bytes);
-    for (int il = 0; K->layers && il < K->n_layer; il++) { free(K->layers[il].where); free(K->layers[il].off); }
+    for (int il = 0; K->layers && il < K->n_layer; il++) {
+        free(K->layers[il].where); free(K->layers[il].off); free(K->layers[il].read_at);
+    }
     for (int t = 0; t < PI_MAX_THREADS; t++) free(K->slots[t]);
     free(K->over_layer); free(K->over_neuron);
-    free(K->own_layer); free(K->own_neuron); free(K->prev); free(K->next); free(K->stamp);
+    free(K->own_layer); free(K->own_neuron); free(K->prev); free(K->next); free(K->list); free(K->stamp);
     free(K->layers); free(K->reads); free(K->nc);
     free(K);
 }
@@ -262,7 +278,8 @@ int pi_disk_set_layer(pi_disk *K, int il, int n_ff, int d, const int32_t *where,
         return -1;
     nl.where = malloc((size_t)n_ff * 4);
     nl.off = malloc((size_t)n_ff * 8);
-    if (!nl.where || !nl.off) { free(nl.where); free(nl.off); return -1; }
+    nl.read_at = calloc((size_t)n_ff, 4);
+    if (!nl.where || !nl.off || !nl.read_at) { free(nl.where); free(nl.off); free(nl.read_at); return -1; }
     memcpy(nl.where, where, (size_t)n_ff * 4);
     memcpy(nl.off, off, (size_t)n_ff * 8);
     nl.bundle_bytes = bundle_bytes;
@@ -272,7 +289,7 @@ int pi_disk_set_layer(pi_disk *K, int il, int n_ff, int d, const int32_t *where,
     for (int k = 0; k < K->n_over; k++)
         if (K->over_layer[k] != il) { K->over_layer[keep] = K->over_layer[k]; K->over_neuron[keep++] = K->over_neuron[k]; }
     K->n_over = keep;
-    free(L->where); free(L->off);
+    free(L->where); free(L->off); free(L->read_at);
     *L = nl;
     return 0;
 }
@@ -282,6 +299,7 @@ static void fetch(pi_decoder *D, int il, int nth) {
     pi_disk *K = D->disk;
     pi_disk_layer *dl = &K->layers[il];
     const uint32_t epoch = ++K->epoch ? K->epoch : ++K->epoch; /* 0 marks a slot never used */
+    if (il == 0) K->token++;
     K->n_reads = 0;
     if (K->n_over) { /* the last layer's overflow is forgotten, and its memory given back: it is past the budget */
         for (int k = 0; k < K->n_over; k++) K->layers[K->over_layer[k]].where[K->over_neuron[k]] = -1;
@@ -295,14 +313,23 @@ static void fetch(pi_decoder *D, int il, int nth) {
             const int i = idx[j], s = dl->where[i];
             if (s >= 0) {
                 if (s < K->n_res) { K->resident_hits++; continue; }
+                const int c = s - K->n_res;
                 K->hits++;
-                K->stamp[s - K->n_res] = epoch;
-                lru_front(K, s - K->n_res);
+                K->stamp[c] = epoch;
+                if (K->list[c]) list_front(K, c, 1); /* the FIFO keeps its order (2Q: A1in hits are correlated) */
                 continue;
             }
-            const int c = K->lru_tail;
+            /* a miss: the LRU if the neuron was read within the window, else the FIFO; the other list when the
+             * chosen one's oldest slot already serves this layer */
+            const uint32_t last = dl->read_at[i];
+            dl->read_at[i] = K->token;
+            int l = last && K->token - last <= PI_DISK_WINDOW;
+            if (K->tail[l] < 0 || K->stamp[K->tail[l]] == epoch ||
+                (K->own_layer[K->tail[l]] >= 0 && K->tail[!l] >= 0 && K->own_layer[K->tail[!l]] < 0))
+                l = !l; /* also: a free slot (they sit at the lists' tails) before evicting anything */
+            const int c = K->tail[l];
             int slot;
-            if (K->stamp[c] == epoch) { /* every cache slot already serves this layer: an overflow slot */
+            if (c < 0 || K->stamp[c] == epoch) { /* every cache slot already serves this layer: an overflow slot */
                 slot = K->n_res + K->n_cache + K->n_over;
                 K->over_layer[K->n_over] = il;
                 K->over_neuron[K->n_over++] = i;
@@ -312,7 +339,7 @@ static void fetch(pi_decoder *D, int il, int nth) {
                 K->own_layer[c] = il;
                 K->own_neuron[c] = i;
                 K->stamp[c] = epoch;
-                lru_front(K, c);
+                list_front(K, c, l);
                 slot = K->n_res + c;
             }
             dl->where[i] = slot;

@@ -17,6 +17,7 @@ typedef struct pi_io pi_io;
 /* One layer's disk state: where each neuron's bundle is, and its rows' formats and places inside a bundle. */
 typedef struct pi_disk_layer {
     int32_t *where;        /* [n_ff] slot in the arena (resident or cached), or -1: on disk, not cached */
+    uint32_t *read_at;     /* [n_ff] token (1-based) of the neuron's last read from disk, 0: never */
     int64_t *off;          /* [n_ff] byte offset of the neuron's bundle in the file, or -1 (resident) */
     size_t bundle_bytes;   /* bytes read per bundle (a multiple of 4096) */
     pi_mat gate, up, down; /* views of the arena: row i at base + slot * slot_bytes + the row's offset */
@@ -33,11 +34,13 @@ typedef struct pi_disk {
     int n_res, n_cache;    /* the arena also has n_ff overflow slots past the cache (see fetch in disk.c) */
     int32_t *over_layer, *over_neuron; /* neurons placed in overflow slots by the last layer call */
     int n_over;
-    /* the neuron cache: LRU over the cache slots (index c = slot - n_res); each knows its neuron */
+    /* the neuron cache (index c = slot - n_res), 2Q: list 0 a FIFO for neurons read once, list 1 an LRU for
+     * neurons read again within PI_DISK_WINDOW tokens (see disk.c); each slot knows its neuron */
     int32_t *own_layer, *own_neuron, *prev, *next;
+    uint8_t *list;         /* which list the slot is on */
     uint32_t *stamp;       /* the epoch (layer call) that last used the slot: never evicted within it */
-    uint32_t epoch;
-    int lru_head, lru_tail; /* head = most recently used */
+    uint32_t epoch, token;
+    int head[2], tail[2];  /* head = most recently inserted / used */
     pi_disk_layer *layers;  /* [n_layer], layers with where == NULL are all-RAM */
     int n_layer;
     pi_disk_read *reads;    /* this layer's misses (n_ff at most) */
