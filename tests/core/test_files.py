@@ -1,9 +1,9 @@
 """Every writer of the project refuses or replaces a symlink planted where it writes, never writing through it
 (core/files.py): thresholds/placement/profile JSON, predictor files, PowerInfer GGUF conversion, .gpuidx, the
 profile's counts, activation_N.pt, samples and plots, train-predictors' parts, saved logits and their targets,
-`solve -o` (.gpuidx and .placement.json), the .gpuidx a hybrid run caches, and `run -o`. A link planted in place of
-a directory the project fills itself (predictors.parts, samples, activation) is refused. Directories the project
-creates are user-only (0700)."""
+`solve -o` (.gpuidx and .placement.json), the .gpuidx a hybrid run caches, the disk tier's neuron bundles and
+`run -o`. A link planted in place of a directory the project fills itself (predictors.parts, samples, activation)
+is refused. Directories the project creates are user-only (0700)."""
 import json
 import os
 import stat
@@ -206,6 +206,21 @@ def test_placement_cache_of_a_hybrid_run(tmp_path, victim, relu_model, monkeypat
     plant(cached, victim)
     make_runner(relu_model, 32, 1, placement=settings, solve=solve_hot_sets)
     assert_replaced(cached, victim)
+
+
+def test_neuron_bundles(tmp_path, victim, relu_model):
+    from powerinfer.runtime.disk_placement import GIB, MIN_CACHE_SLOTS, bundle_layout, plan_ram, ram_dense_parts
+    from powerinfer.runtime.neuron_bundles import check_bundles, write_bundles
+    from powerinfer.sparse.artifacts import model_fingerprint
+
+    cfg = relu_model.config
+    slot = max(bundle_layout(lw, cfg.d_model).bundle_bytes for lw in relu_model.weights.layers)
+    dense = sum(ram_dense_parts(relu_model, 32, True).values())
+    plan = plan_ram(relu_model, (dense + (MIN_CACHE_SLOTS + 8 * cfg.n_layer) * slot) / GIB, 32, True, log=None)
+    path = plant(tmp_path / "relu.pwri.gguf.bundles", victim)
+    write_bundles(path, relu_model, model_fingerprint(relu_model), plan, log=None)
+    assert_replaced(path, victim)
+    assert len(check_bundles(path, model_fingerprint(relu_model), plan)) == cfg.n_layer
 
 
 def test_new_directories_are_user_only_and_failures_leave_nothing(tmp_path):

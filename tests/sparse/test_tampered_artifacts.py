@@ -2,7 +2,7 @@
 offline tools use, never tracebacks or crashes: thresholds JSON of the wrong shape, replaced by a directory, nested
 past Python's recursion limit or huge; truncated, object-dtype or mis-shaped .npy files in a profile; predictor
 files and directories for another layer count or shape (the C decoder read those out of bounds); pickles with code
-in them (weights_only); tampered placement and .gpuidx files. Nothing is ever unpickled."""
+in them (weights_only); tampered placement and .gpuidx files and neuron-bundle headers. Nothing is ever unpickled."""
 import json
 import pickle
 import sys
@@ -308,3 +308,35 @@ def test_tampered_logits_file(tmp_path, case):
     with pytest.raises(PowerInferError) as e:
         open_logits(a)
     assert "\n" not in str(e.value)
+
+
+# -- neuron-bundle files (the disk tier's cache) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["not one", "version", "truncated", "nested 100000 deep", "layers not objects",
+                                  "header past 1 MiB", "header length 4 GiB"])
+def test_tampered_neuron_bundle_header(tmp_path, case):
+    import struct
+
+    from powerinfer.runtime.neuron_bundles import MAGIC, read_header
+
+    text = json.dumps({"fingerprint": "f", "placement": "p", "layers": [{"offset": 4096, "count": 1}]}).encode()
+    version, n = 1, None
+    if case == "not one":
+        text = b"GGUF" * 8
+    elif case == "version":
+        version = 7
+    elif case == "truncated":
+        text = text[:20]
+    elif case == "nested 100000 deep":
+        text = b"[" * 100000 + b"]" * 100000
+    elif case == "layers not objects":  # check_bundles called .get on each: an AttributeError traceback
+        text = json.dumps({"fingerprint": "f", "placement": "p", "layers": [1, 2]}).encode()
+    elif case == "header past 1 MiB":  # valid JSON, but ~300,000 layer objects: never parsed
+        text = json.dumps({"layers": [{}] * 300000}).encode()
+    elif case == "header length 4 GiB":
+        n = 2**32 - 1
+    path = tmp_path / "m.gguf.bundles"
+    path.write_bytes(MAGIC + struct.pack("<II", version, len(text) if n is None else n) + text)
+    with pytest.raises(PowerInferError) as e:
+        read_header(path)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{path}: ") and "delete it" in str(e.value)

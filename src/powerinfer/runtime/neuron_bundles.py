@@ -31,6 +31,9 @@ MAGIC = b"PINEURON"
 VERSION = 1
 SUFFIX = ".bundles"
 CHUNK = 1024  # neurons per write: 7B-shaped bundles make 12 MiB chunks
+# a header is ~190 bytes of JSON per layer (1 MiB: 5,000 layers); a longer one is a corrupt or hostile file, and
+# neither its text nor the objects it would parse into are built
+MAX_HEADER = 2**20
 
 
 def bundle_path(cache_dir: Path, model_path: Path) -> Path:
@@ -96,15 +99,20 @@ def read_header(path: Path) -> dict:
             if version != VERSION:
                 raise PowerInferError(f"{path}: neuron-bundle version {version}, this build reads {VERSION} "
                                       "(delete it to rebuild)")
+            if n > MAX_HEADER:
+                raise PowerInferError(f"{path}: corrupt neuron-bundle header ({n} bytes long; delete it to rebuild)")
             text = fh.read(n)
+            if len(text) < n:
+                raise PowerInferError(f"{path}: truncated or corrupt neuron-bundle header (delete it to rebuild)")
     except OSError as e:
         raise PowerInferError(f"{path}: cannot read the neuron-bundle file ({e.strerror})") from None
     try:
         meta = json.loads(text)
-        if not isinstance(meta, dict) or not isinstance(meta.get("layers"), list):
+        if not isinstance(meta, dict) or not isinstance(meta.get("layers"), list) or \
+                not all(isinstance(lay, dict) for lay in meta["layers"]):
             raise ValueError
         return meta
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested past Python's limit
         raise PowerInferError(f"{path}: truncated or corrupt neuron-bundle header (delete it to rebuild)") from None
 
 
