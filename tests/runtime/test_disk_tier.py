@@ -5,6 +5,7 @@ files of another model or placement are refused, a truncated one is a one-line e
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from powerinfer.core.sparse_spec import SparseSpec
 from powerinfer.errors import PowerInferError
 from powerinfer.formats.loader import load_model
-from powerinfer.runtime import disk_placement
+from powerinfer.runtime import disk_placement, disk_runner
 from powerinfer.runtime.disk_placement import GIB, bundle_layout, plan_ram, ram_dense_parts
 from powerinfer.runtime.disk_runner import DiskRunner
 from powerinfer.runtime.neuron_bundles import bundle_path, check_bundles, write_bundles
@@ -30,6 +31,8 @@ IDS = [1, 5, 9, 33, 7, 2, 11, 40, 3]
 @pytest.fixture(autouse=True)
 def _home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # bundle files go to ~/.cache/powerinfer/<fingerprint>/
+    # bundles padded to 4 KiB whatever the test machine's disk says, so the byte counts below are the same anywhere
+    monkeypatch.setattr(disk_runner, "device_block", lambda path: 4096)
 
 
 def _model(tiny_gguf, **kw):
@@ -111,6 +114,26 @@ def test_exact_relu_from_disk_is_the_all_ram_run(tiny_gguf, ffn_kind, threads):
     assert _greedy(_disk(loaded, budget, spec, threads)) == _greedy(_ram(loaded, spec, threads))
 
 
+def test_bundles_padded_to_512_byte_blocks_compute_the_same(tiny_gguf, monkeypatch):
+    """A device with 512-byte blocks gets bundles padded to 512 bytes (O_DIRECT where it is allowed, buffered reads
+    where a device refuses): the same logits."""
+    monkeypatch.setattr(disk_runner, "device_block", lambda path: 512)
+    loaded = _model(tiny_gguf)
+    spec = SparseSpec.uniform(loaded.config.n_layer, method="relu")
+    disk = _disk(loaded, _budget(loaded, 32), spec)
+    assert disk.plan.slot_bytes == 512 and all(lay.bundle_bytes == 512 for lay in disk.plan.layouts)
+    assert torch.equal(disk.eval(IDS, all_logits=True), _ram(loaded, spec).eval(IDS, all_logits=True))
+    assert disk.disk_stats()["bytes_per_token"] % 512 == 0
+
+
+def test_device_block_reads_the_logical_block_size(tmp_path):
+    from powerinfer.runtime.neuron_bundles import device_block
+
+    n = device_block(tmp_path / "not" / "made" / "yet")
+    assert n in (512, 1024, 2048, 4096)
+    assert device_block(Path("/proc")) == 4096  # no block device: the 4 KiB default
+
+
 @pytest.fixture(scope="module")
 def wide_model(tiny_gguf):
     """An FFN 8x wider than d_model in F32 (3 rows of 320 values: 3840 of a bundle's 4096 bytes), so the resident
@@ -181,7 +204,8 @@ def test_cache_hits_and_misses_by_hand(tiny_gguf, monkeypatch):
     assert st["reads_per_token"] == n_l * n_ff / 32
     # A cache that holds every layer: the first token misses everything, the second hits everything.
     monkeypatch.setattr(disk_placement, "CACHE_FRACTION", 1.0)  # all of the budget is cache: no hot neurons
-    r = _disk(loaded, (n_l * n_ff + 1) * slot / GIB, spec)
+    dense = sum(ram_dense_parts(loaded, N_CTX, False, preds).values())
+    r = _disk(loaded, (dense + (n_l * n_ff + 1) * slot) / GIB, spec)
     assert r.plan.cache_slots >= n_l * n_ff and not any(len(x) for x in r.plan.resident)
     r.eval([1])
     assert (r.disk_stats()["cache_hits"], r.disk_stats()["cache_misses"]) == (0, n_l * n_ff)

@@ -36,6 +36,26 @@ CHUNK = 1024  # neurons per write: 7B-shaped bundles make 12 MiB chunks
 MAX_HEADER = 2**20
 
 
+def device_block(path: Path) -> int:
+    """The logical block size of the device under `path` (or its nearest existing parent): what O_DIRECT aligns
+    offsets, lengths and buffers to. ALIGN_IO when the device does not say (tmpfs, overlay, no /sys)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.stat(p)
+        dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+        for q in (dev / "queue" / "logical_block_size", dev.resolve().parent / "queue" / "logical_block_size"):
+            # a disk, or a partition (whose queue is its disk's)
+            if q.is_file():
+                n = int(q.read_text().strip())
+                if 512 <= n <= ALIGN_IO and n & (n - 1) == 0:
+                    return n
+    except (OSError, ValueError):
+        pass
+    return ALIGN_IO
+
+
 def bundle_path(cache_dir: Path, model_path: Path) -> Path:
     return cache_dir / (Path(model_path).name + SUFFIX)
 

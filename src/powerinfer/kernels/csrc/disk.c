@@ -183,7 +183,7 @@ static void list_front(pi_disk *K, int c, int l) {
 
 pi_disk *pi_disk_new(const char *path, int n_layer, int n_ff, size_t slot_bytes, int n_res, int n_cache, int n_io,
                      int try_direct) {
-    if (n_layer <= 0 || n_ff <= 0 || !slot_bytes || slot_bytes % 4096 || n_res < 0 || n_cache < 1 || n_io < 0) {
+    if (n_layer <= 0 || n_ff <= 0 || !slot_bytes || slot_bytes % 512 || n_res < 0 || n_cache < 1 || n_io < 0) {
         errno = EINVAL;
         return NULL;
     }
@@ -266,10 +266,10 @@ static int view(pi_mat *m, const pi_disk *K, int qtype, size_t off, int d) {
 
 int pi_disk_set_layer(pi_disk *K, int il, int n_ff, int d, const int32_t *where, const int64_t *off,
                       size_t bundle_bytes, int gqt, size_t goff, int uqt, size_t uoff, int dqt, size_t doff) {
-    if (il < 0 || il >= K->n_layer || !bundle_bytes || bundle_bytes % 4096 || bundle_bytes > K->slot_bytes) return -1;
+    if (il < 0 || il >= K->n_layer || !bundle_bytes || bundle_bytes % 512 || bundle_bytes > K->slot_bytes) return -1;
     pi_disk_layer *L = &K->layers[il];
     for (int i = 0; i < n_ff; i++) { /* every neuron resident (a valid resident slot) or on disk, never both */
-        const int ok = off[i] < 0 ? where[i] >= 0 && where[i] < K->n_res : where[i] == -1 && off[i] % 4096 == 0;
+        const int ok = off[i] < 0 ? where[i] >= 0 && where[i] < K->n_res : where[i] == -1 && off[i] % 512 == 0;
         if (!ok) return -1;
     }
     pi_disk_layer nl = {0};

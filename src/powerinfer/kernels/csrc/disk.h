@@ -19,7 +19,7 @@ typedef struct pi_disk_layer {
     int32_t *where;        /* [n_ff] slot in the arena (resident or cached), or -1: on disk, not cached */
     uint32_t *read_at;     /* [n_ff] token (1-based) of the neuron's last read from disk, 0: never */
     int64_t *off;          /* [n_ff] byte offset of the neuron's bundle in the file, or -1 (resident) */
-    size_t bundle_bytes;   /* bytes read per bundle (a multiple of 4096) */
+    size_t bundle_bytes;   /* bytes read per bundle (a multiple of the device's block, >= 512) */
     pi_mat gate, up, down; /* views of the arena: row i at base + slot * slot_bytes + the row's offset */
 } pi_disk_layer;
 
