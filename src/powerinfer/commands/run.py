@@ -299,7 +299,10 @@ def model_facts(loaded) -> list[tuple[str, object]]:
         ("heads / kv heads / head dim", f"{c.n_head} / {c.n_head_kv} / {c.head_dim}"),
         ("vocabulary", c.n_vocab),
         ("trained context", c.context_length),
-        ("rope", f"theta {c.rope_theta:g}, {c.rope_style} style, scaling {c.rope_scaling.kind}"),
+        ("rope", f"theta {c.rope_theta:g}, {c.rope_style} style, scaling {c.rope_scaling.kind}"
+                 if c.positions == "rope" else "none (learned position embeddings)"),
+        ("norm / residual", f"{'LayerNorm' if c.norm == 'layer' else 'RMSNorm'} / "
+                            f"{'parallel attention + FFN' if c.parallel_residual else 'sequential'}"),
         ("ffn", f"{c.ffn_kind} with {c.activation}"),
         ("tied output head", c.tie_embeddings),
         ("tokenizer", f"{loaded.metadata.get('tokenizer.ggml.model', '-')}"

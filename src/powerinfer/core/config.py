@@ -32,7 +32,7 @@ class RopeScaling:
 
 @dataclass
 class ModelConfig:
-    arch: str  # "llama" | "qwen2" | "qwen3"
+    arch: str  # "llama" | "qwen2" | "qwen3" | "falcon" | "opt"
     n_vocab: int
     d_model: int
     n_layer: int
@@ -53,6 +53,11 @@ class ModelConfig:
     tie_embeddings: bool = False
     attn_bias: bool = False  # q/k/v biases (qwen2)
     qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (qwen3)
+    norm: str = "rms"  # rms: x / rms(x) * w ; layer: LayerNorm (x - mean) / std * w + b (falcon, opt)
+    # x + attn(norm(x)) + ffn(norm'(x)): attention and FFN read the same layer input (falcon)
+    parallel_residual: bool = False
+    # rope: rotary q/k; learned: a [n_pos, d] table added to the token embeddings, no RoPE (opt)
+    positions: str = "rope"
     name: str = ""
 
     def __post_init__(self):
@@ -79,6 +84,9 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or not lo <= v <= hi:
                 raise ModelFormatError(f"{source}: {name} = {v!r} is outside [{lo}, {hi:,}]")
+        for name, choices in (("norm", ("rms", "layer")), ("positions", ("rope", "learned"))):
+            if getattr(self, name) not in choices:
+                raise ModelFormatError(f"{source}: {name} = {getattr(self, name)!r} (supported: {', '.join(choices)})")
         if self.n_head % self.n_head_kv:
             raise ModelFormatError(f"{source}: {self.n_head} attention heads are not a multiple of "
                                    f"{self.n_head_kv} KV heads")

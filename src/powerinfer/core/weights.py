@@ -23,6 +23,12 @@ class LayerWeights:
     v_bias: QTensor | None = None
     q_norm: QTensor | None = None  # f32 [head_dim]: RMSNorm of every query head before RoPE (qwen3)
     k_norm: QTensor | None = None  # f32 [head_dim]: and of every key head
+    # LayerNorm biases (config.norm == "layer") and the projection biases of falcon/opt, f32 [d] / [n_ff]
+    input_layernorm_bias: QTensor | None = None
+    post_attention_layernorm_bias: QTensor | None = None
+    o_bias: QTensor | None = None
+    up_bias: QTensor | None = None
+    down_bias: QTensor | None = None
     # The file's own neuron-major down projection [n_ff, d] (PowerInfer GGUF `ffn_down_t`), kept as stored so the
     # sparse FFN reads it directly; down_proj is then its transpose, made at load for the dense paths.
     down_t: QTensor | None = None
@@ -34,13 +40,16 @@ class ModelWeights:
     layers: list[LayerWeights]
     norm: QTensor  # f32 [d]
     lm_head: QTensor  # [n_vocab, d]; the same object as embed_tokens when tied
+    norm_bias: QTensor | None = None  # f32 [d]: the final LayerNorm's bias (config.norm == "layer")
+    pos_embd: QTensor | None = None  # [n_pos, d]: learned positions (config.positions == "learned"), row p = position p
 
     def named_tensors(self, distinct: bool = False) -> Iterator[tuple[str, QTensor]]:
         """The one walk over a model's tensors: ("embed_tokens", t), ("norm", t), ("lm_head", t), then
         ("layers.{i}.{role}", t) for every tensor a layer has. distinct=True yields a tensor that fills two roles
         (a tied head) once."""
         seen: set[int] = set()
-        top = [("embed_tokens", self.embed_tokens), ("norm", self.norm), ("lm_head", self.lm_head)]
+        top = [("embed_tokens", self.embed_tokens), ("norm", self.norm), ("lm_head", self.lm_head),
+               ("norm_bias", self.norm_bias), ("pos_embd", self.pos_embd)]
         layer_items = ((f"layers.{i}.{role}", t) for i, lw in enumerate(self.layers) for role, t in vars(lw).items())
         for name, t in (*top, *layer_items):
             if t is None or distinct and id(t) in seen:

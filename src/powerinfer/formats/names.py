@@ -19,6 +19,12 @@ LAYER_NAMES: dict[str, tuple[str, str]] = {
     "v_bias": ("attn_v.bias", "self_attn.v_proj.bias"),
     "q_norm": ("attn_q_norm.weight", "self_attn.q_norm.weight"),
     "k_norm": ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+    # LayerNorm biases and projection biases (falcon, opt; HF names of the llama layout, for the name table only)
+    "input_layernorm_bias": ("attn_norm.bias", "input_layernorm.bias"),
+    "post_attention_layernorm_bias": ("ffn_norm.bias", "post_attention_layernorm.bias"),
+    "o_bias": ("attn_output.bias", "self_attn.o_proj.bias"),
+    "up_bias": ("ffn_up.bias", "mlp.up_proj.bias"),
+    "down_bias": ("ffn_down.bias", "mlp.down_proj.bias"),
 }
 # PowerInfer GGUF: down_proj stored neuron-major (one row per neuron).
 GGUF_DOWN_T = "ffn_down_t.weight"
@@ -27,7 +33,12 @@ MODEL_NAMES: dict[str, tuple[str, str]] = {
     "embed_tokens": ("token_embd.weight", "model.embed_tokens.weight"),
     "norm": ("output_norm.weight", "model.norm.weight"),
     "lm_head": ("output.weight", "lm_head.weight"),
+    "norm_bias": ("output_norm.bias", "model.norm.bias"),
+    "pos_embd": ("position_embd.weight", "model.embed_positions.weight"),
 }
+# falcon's fused attention input (rows q | k | v) and the 40B layout's second norm: llama.cpp's falcon names
+GGUF_QKV = "attn_qkv"
+GGUF_ATTN_NORM_2 = "attn_norm_2"
 
 
 def gguf_name(role: str, layer: int | None = None) -> str:

@@ -13,6 +13,7 @@ ROPE_STYLES = {"norm": 0, "neox": 1}
 # ModelConfig.activation names: "gelu" is the erf form (HF "gelu"), "gelu_tanh" the tanh one (ggml_gelu).
 ACTIVATIONS = {"silu": 0, "relu": 1, "gelu_tanh": 2, "gelu": 3}
 FFN_KINDS = {"glu": 0, "dglu": 1, "mlp": 2}
+NORM_KINDS = {"rms": 0, "layer": 1}
 # FFN matrices a decoder packs in RAM (csrc/decoder.h PI_PACK_*): all of them, or what the disk tier keeps resident
 PACK_GATE, PACK_UP, PACK_DOWN, PACK_ALL = 1, 2, 4, 7
 
@@ -56,7 +57,7 @@ def _new_decoder(c, n_ctx: int, n_threads: int, ffn_only: bool = False) -> "_C.D
     try:
         # threads past the C pool's 64 are clamped there; clamping here keeps huge -t values out of C's int
         return _C.Decoder(c.n_layer, c.d_model, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.n_vocab,
-                          float(c.norm_eps), c.rope_dim, ROPE_STYLES[c.rope_style], ACTIVATIONS[c.activation],
+                          float(c.norm_eps), c.rope_dim if c.positions == "rope" else 0, ROPE_STYLES[c.rope_style], ACTIVATIONS[c.activation],
                           FFN_KINDS[c.ffn_kind], n_ctx, min(max(1, int(n_threads)), 1024), ffn_only)
     except (ValueError, OverflowError, MemoryError) as e:  # shapes are checked at load: this is memory or threads
         raise PowerInferError(f"cannot set up the C decoder for n_ctx {n_ctx}, {n_threads} threads: {e}") from None
@@ -97,8 +98,10 @@ def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1,
                       h.vec(L.k_bias, kv_dim), h.vec(L.v_bias, kv_dim))
         if L.q_norm is not None:
             dec.set_qk_norm(i, h.vec(L.q_norm, c.head_dim), h.vec(L.k_norm, c.head_dim))
+        _set_biases(dec, h, c, i, L)
     head = h.mat(weights.lm_head)
     dec.set_output(h.vec(weights.norm, c.d_model), head[0], head[1])
+    _set_form(dec, h, c, weights, kv.n_ctx)
     dec._keep = h.keep
     return dec
 
@@ -117,5 +120,29 @@ def bind_ffn_decoder(config, weights, n_threads: int = 1) -> "_C.Decoder":
         dec.set_layer(i, h.vec(L.input_layernorm, c.d_model), None, None, None, None,
                       h.vec(L.post_attention_layernorm, c.d_model), h.mat(L.gate_proj), h.mat(L.up_proj),
                       h.mat(L.down_proj), None, None, None)
+        _set_biases(dec, h, c, i, L)
+    _set_form(dec, h, c, weights, 1)
     dec._keep = h.keep
     return dec
+
+
+def _set_biases(dec, h: _Holder, c, i: int, L) -> None:
+    """Layer i's LayerNorm and projection biases (falcon, opt); nothing for a model without them."""
+    vecs = ((L.input_layernorm_bias, c.d_model), (L.post_attention_layernorm_bias, c.d_model), (L.o_bias, c.d_model),
+            (L.up_bias, c.n_ff), (L.down_bias, c.d_model))
+    if any(t is not None for t, _ in vecs):
+        dec.set_biases(i, *(h.vec(t, n) or 0 for t, n in vecs))
+
+
+def _set_form(dec, h: _Holder, c, weights, n_ctx: int) -> None:
+    """The model's norm kind, parallel residual, final norm bias and learned positions (decoder.h set_form)."""
+    pos = weights.pos_embd
+    if pos is not None and pos.rows < n_ctx:
+        raise PowerInferError(f"a context of {n_ctx} exceeds the model's {pos.rows} learned positions")
+    if c.norm == "rms" and not c.parallel_residual and pos is None and weights.norm_bias is None:
+        return
+    pos_addr = 0
+    if pos is not None:
+        pos_addr = h.hold(_f32_vec(pos))  # dequantized once: one row is read per token
+    dec.set_form(NORM_KINDS[c.norm], c.parallel_residual, h.vec(weights.norm_bias, c.d_model) or 0, pos_addr,
+                 pos.rows if pos is not None else 0)

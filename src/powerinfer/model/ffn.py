@@ -42,10 +42,11 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def ffn_hidden(kind: str, act, x: torch.Tensor, gate_proj: torch.Tensor | None, up_proj: torch.Tensor) -> torch.Tensor:
+def ffn_hidden(kind: str, act, x: torch.Tensor, gate_proj: torch.Tensor | None, up_proj: torch.Tensor,
+               up_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The FFN's hidden activations h for `kind` (table above). Every torch backend computes h with this, in this
-    order, so they agree bit for bit."""
-    u = F.linear(x, up_proj)
+    order, so they agree bit for bit. up_bias: falcon/opt MLPs' fc1 bias."""
+    u = F.linear(x, up_proj, up_bias)
     if kind == "mlp":
         return act(u)
     g = F.linear(x, gate_proj)
@@ -63,10 +64,13 @@ class FFNWeights(nn.Module):
         self.register_buffer("gate_proj", dense(lw.gate_proj if self.kind != "mlp" else None, dtype))
         self.register_buffer("up_proj", dense(lw.up_proj, dtype))
         self.register_buffer("down_proj", dense(lw.down_proj, dtype))
+        self.register_buffer("up_bias", dense(lw.up_bias, dtype))  # falcon/opt biases, None elsewhere
+        self.register_buffer("down_bias", dense(lw.down_bias, dtype))
 
 
 class DenseFFN(FFNWeights):
     """Every neuron, every token."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(ffn_hidden(self.kind, self.act, x, self.gate_proj, self.up_proj), self.down_proj)
+        return F.linear(ffn_hidden(self.kind, self.act, x, self.gate_proj, self.up_proj, self.up_bias), self.down_proj,
+                        self.down_bias)

@@ -1,5 +1,7 @@
 """The llama family as pure math (STYLE 1; gpt-fast model.py, mlx-lm models/llama.py): Llama-2/3, Mistral,
-SmolLM2, Qwen2 (q/k/v biases), ReLU-family variants (ReluLLaMA, ProSparse, Bamboo's dReLU).
+SmolLM2, Qwen2 (q/k/v biases), Qwen3 (q/k norms), ReLU-family variants (ReluLLaMA, ProSparse, Bamboo's dReLU),
+and the options Falcon and OPT need: LayerNorm with bias, biases on every projection, a parallel residual
+(falcon: x + attn(norm(x)) + ffn(norm'(x))) and learned position embeddings instead of RoPE (opt).
 
 This is the reference path (and the prefill / GPU path): weights are dequantized once to `dtype`, the FFN
 is injected as a factory (model/ffn.py's DenseFFN by default), the KV cache is the shared f16 KVCache. No I/O, no sampling.
@@ -21,6 +23,7 @@ from ..core.config import ModelConfig
 from .ffn import DenseFFN, dense
 from .kvcache import KVCache
 from .rope import apply_rope, rope_tables
+from ..core.tensor import QTensor
 from ..core.weights import LayerWeights, ModelWeights
 
 
@@ -38,12 +41,32 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class LayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) * weight + bias (falcon, opt), in float32 like llama.cpp's ggml_norm."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), None if self.bias is None else
+                            self.bias.float(), self.eps).to(x.dtype)
+
+
+def make_norm(config: ModelConfig, weight: QTensor, bias: QTensor | None, dtype) -> nn.Module:
+    if config.norm == "layer":
+        return LayerNorm(dense(weight, dtype), dense(bias, dtype), config.norm_eps)
+    return RMSNorm(dense(weight, dtype), config.norm_eps)
+
+
 class Attention(nn.Module):
     def __init__(self, lw: LayerWeights, config: ModelConfig, layer: int, dtype):
         super().__init__()
         self.config, self.layer = config, layer
         self.n_head, self.n_head_kv, self.head_dim = config.n_head, config.n_head_kv, config.head_dim
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias"):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias", "o_bias"):
             self.register_buffer(name, dense(getattr(lw, name), dtype))
         # qwen3: each head's q and k RMS-normalised over head_dim before RoPE
         self.q_norm = RMSNorm(dense(lw.q_norm, dtype), config.norm_eps) if lw.q_norm is not None else None
@@ -58,8 +81,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
 
-        q = apply_rope(q, cos, sin, self.config.rope_style)
-        k = apply_rope(k, cos, sin, self.config.rope_style)
+        if self.config.positions == "rope":
+            q = apply_rope(q, cos, sin, self.config.rope_style)
+            k = apply_rope(k, cos, sin, self.config.rope_style)
 
         # Append this step's K/V rows (in the cache's dtype, f16 like llama.cpp) and attend over everything so far.
         end = start_pos + T
@@ -81,19 +105,25 @@ class Attention(nn.Module):
         scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
         out = torch.einsum("hts,shd->thd", probs, values).reshape(T, self.n_head * self.head_dim)
-        return F.linear(out, self.o_proj)
+        return F.linear(out, self.o_proj, self.o_bias)
 
 
 class Block(nn.Module):
     def __init__(self, lw: LayerWeights, config: ModelConfig, layer: int, ffn: nn.Module, dtype):
         super().__init__()
-        self.input_layernorm = RMSNorm(dense(lw.input_layernorm, dtype), config.norm_eps)
+        self.input_layernorm = make_norm(config, lw.input_layernorm, lw.input_layernorm_bias, dtype)
         self.attn = Attention(lw, config, layer, dtype)
-        self.post_attention_layernorm = RMSNorm(dense(lw.post_attention_layernorm, dtype), config.norm_eps)
+        self.post_attention_layernorm = make_norm(config, lw.post_attention_layernorm,
+                                                  lw.post_attention_layernorm_bias, dtype)
         self.ffn = ffn
+        self.parallel = config.parallel_residual
 
     def forward(self, x: torch.Tensor, start_pos: int, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor):
         h = x + self.attn(self.input_layernorm(x), start_pos, cache, cos, sin)
+        if self.parallel:  # falcon: the FFN reads the layer input too, both outputs join the residual
+            if getattr(self.ffn, "takes_residual", False):
+                return h + self.ffn(self.post_attention_layernorm(x), residual=x)
+            return h + self.ffn(self.post_attention_layernorm(x))
         if getattr(self.ffn, "takes_residual", False):  # predictors and profilers also see the pre-norm residual
             return h + self.ffn(self.post_attention_layernorm(h), residual=h)
         return h + self.ffn(self.post_attention_layernorm(h))
@@ -113,7 +143,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(
             Block(lw, config, i, ffn(lw, config, dtype=dtype, layer=i), dtype)
             for i, lw in enumerate(weights.layers))
-        self.norm = RMSNorm(dense(weights.norm, dtype), config.norm_eps)
+        self.norm = make_norm(config, weights.norm, weights.norm_bias, dtype)
+        self.register_buffer("pos_embd", dense(weights.pos_embd, dtype))  # opt: learned positions
         # Tied head: reuse the embedding tensor instead of dequantizing (and moving) the same matrix twice.
         self.tied = weights.lm_head is weights.embed_tokens
         self.register_buffer("lm_head", None if self.tied else dense(weights.lm_head, dtype))
@@ -131,6 +162,10 @@ class Transformer(nn.Module):
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
         x = F.embedding(tokens, self.embed_tokens)
+        if self.pos_embd is not None:
+            if end > self.pos_embd.shape[0]:
+                raise ValueError(f"positions up to {end} exceed the model's {self.pos_embd.shape[0]} learned positions")
+            x = x + self.pos_embd[start_pos:end]
         for block in self.layers:
             x = block(x, start_pos, cache, cos, sin)
         return F.linear(self.norm(x), self.embed_tokens if self.tied else self.lm_head)

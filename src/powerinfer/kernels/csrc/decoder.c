@@ -34,6 +34,33 @@ void pi_rmsnorm(const float *x, const float *w, int n, float eps, float *out) { 
     for (int i = 0; i < n; i++) out[i] = (x[i] * scale) * w[i];
 }
 
+/* RMSNorm, or LayerNorm as ggml_compute_forward_norm_f32 (mean, then the variance of x - mean, both summed in
+ * double) followed by llama.cpp's separate weight multiply and bias add. out may be x. */
+void pi_norm(const pi_decoder *D, const float *x, const float *w, const float *b, float *out) {
+    const int n = D->d;
+    if (D->norm_kind != NORM_LAYER) { pi_rmsnorm(x, w, n, D->eps, out); return; }
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) sum += (double)x[i];
+    const float mean = (float)(sum / n);
+    double sum2 = 0.0;
+    for (int i = 0; i < n; i++) {
+        const float v = x[i] - mean;
+        out[i] = v;
+        sum2 += (double)(v * v);
+    }
+    const float scale = 1.0f / sqrtf((float)(sum2 / n) + D->eps);
+    for (int i = 0; i < n; i++) out[i] = (out[i] * scale) * w[i] + (b ? b[i] : 0.0f);
+}
+
+void pi_add_positions(const pi_decoder *D, float *x, int n, int pos0) {
+    if (!D->pos_embd) return;
+    for (int t = 0; t < n; t++) {
+        const float *p = D->pos_embd + (size_t)(pos0 + t) * D->d;
+        float *xt = x + (size_t)t * D->d;
+        for (int r = 0; r < D->d; r++) xt[r] += p[r];
+    }
+}
+
 void pi_rope(float *v, int n_heads, int hd, int rope_dim, int style, const float *cs, const float *sn) {
     const int half = rope_dim / 2;
     for (int h = 0; h < n_heads; h++, v += hd) {
@@ -180,14 +207,17 @@ static int relayout(pi_decoder *D) {
     return 0;
 }
 
-/* This thread's rows of matrix j: y = W a, optionally x[r] += y[r]. */
-static void run_rows(const pi_layer *L, int j, const pi_act *a, float *y, float *x, int ith) {
+/* This thread's rows of matrix j: y = W a (+ bias), optionally x[r] += y[r]. */
+static void run_rows(const pi_layer *L, int j, const pi_act *a, float *y, float *x, const float *bias, int ith) {
     const pi_mat *m = pi_layer_mat(L, j);
     const pi_seg *s = &L->seg[j][ith];
     pi_mat_run_seg(m, s, a, 1, y, 0);
-    if (!x) return;
+    if (!x && !bias) return;
     const int unit = pi_mat_unit(m), r1 = s->u1 * unit < m->rows ? s->u1 * unit : m->rows;
-    for (int r = s->u0 * unit; r < r1; r++) x[r] += y[r];
+    for (int r = s->u0 * unit; r < r1; r++) {
+        if (bias) y[r] += bias[r];
+        if (x) x[r] += y[r];
+    }
 }
 
 /* ---- neuron-sparse FFN (see pi_layer) ---- */
@@ -215,6 +245,7 @@ static int ffn_gather(pi_decoder *D, const pi_layer *L, pi_tws *w, int nc, int i
         }
     }
     pi_mat_gather(&L->up, w->idx, nc, &w->act, w->uv);
+    if (L->bu) for (int j = 0; j < nc; j++) w->uv[j] += L->bu[w->idx[j]];
     for (int j = 0; j < nc; j++) {
         float gj = L->gate.raw ? gv[j] : 0.0f, uj = w->uv[j];
         pi_ffn_act(D, &gj, &uj, 1);
@@ -231,7 +262,7 @@ static void ffn_sparse(pi_decoder *D, int il, const float *x, float *xout, const
     pi_tws *w = &D->tw[ith];
     const int d = D->d, relu_gate = D->act == ACT_RELU && D->ffn_kind != FFN_MLP;
     float *xn = w->xn, *g = D->g, *u = D->u;
-    pi_rmsnorm(x, L->ffn_norm, d, D->eps, xn);
+    pi_norm(D, x, L->ffn_norm, L->ffn_norm_b, xn);
     int nx = d;
     if (L->t_x > 0.0f) { /* input site: drop small channels (all threads compute the same list) */
         nx = 0;
@@ -279,11 +310,12 @@ static void ffn_sparse(pi_decoder *D, int il, const float *x, float *xout, const
             }
             memset(u + n0, 0, (size_t)(n1 - n0) * sizeof(float));
             pi_mat_axpy(&L->up_t, w->xi, w->xv, nx, n0, n1, u);
+            if (L->bu) for (int i = n0; i < n1; i++) u[i] += L->bu[i];
         } else {
             pi_act_fill(&w->act, xn, 0, 0, d, L->need_ffn);
-            if (L->gate.raw) run_rows(L, MGATE, &w->act, g, NULL, ith);
+            if (L->gate.raw) run_rows(L, MGATE, &w->act, g, NULL, NULL, ith);
             have_up = !relu_gate;
-            if (have_up) run_rows(L, MUP, &w->act, u, NULL, ith);
+            if (have_up) run_rows(L, MUP, &w->act, u, NULL, L->bu, ith);
         }
         if (!have_up) { /* ReLU gate: only neurons with gate > 0 can fire; read just their up rows */
             int nc = 0;
@@ -293,7 +325,7 @@ static void ffn_sparse(pi_decoder *D, int il, const float *x, float *xout, const
             w->kept_u[il] = nc;
             for (int j = 0; j < nc; j++) {
                 const int i = w->idx[j];
-                const float uj = w->uv[j];
+                const float uj = w->uv[j] + (L->bu ? L->bu[i] : 0.0f);
                 const float hj = D->ffn_kind == FFN_DGLU ? g[i] * (uj > 0.0f ? uj : 0.0f) : g[i] * uj;
                 if (keep_h(hj, L->t_h)) { w->idx[nk] = i; w->hv[nk++] = hj; }
             }
@@ -313,6 +345,7 @@ static void ffn_sparse(pi_decoder *D, int il, const float *x, float *xout, const
         const float *yp = D->tw[t].yp;
         for (int r = r0; r < r1; r++) xout[r] += yp[r];
     }
+    if (L->bd) for (int r = r0; r < r1; r++) xout[r] += L->bd[r];
     pi_dec_barrier(D, ith);
 }
 
@@ -325,11 +358,17 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
     const int hd = D->hd, kvd = D->n_head_kv * hd, qd = D->n_head * hd, half = D->rope_dim / 2;
 
     pi_prof_phase(D, ith, PH_ATTN_PROJ);
-    pi_rmsnorm(x, L->attn_norm, D->d, D->eps, w->xn);
+    if (D->parallel) { /* the FFN's input: this layer's x, before o_proj adds into it (barriers in between) */
+        int r0, r1;
+        pi_split(D->d, ith, nth, &r0, &r1);
+        memcpy(D->xpar + r0, x + r0, (size_t)(r1 - r0) * sizeof(float));
+    }
+    const float *xf = D->parallel ? D->xpar : x;
+    pi_norm(D, x, L->attn_norm, L->attn_norm_b, w->xn);
     pi_act_fill(&w->act, w->xn, 0, 0, D->d, L->need_attn);
-    run_rows(L, MQ, &w->act, D->q, NULL, ith);
-    run_rows(L, MK, &w->act, D->k, NULL, ith);
-    run_rows(L, MV, &w->act, D->v, NULL, ith);
+    run_rows(L, MQ, &w->act, D->q, NULL, NULL, ith);
+    run_rows(L, MK, &w->act, D->k, NULL, NULL, ith);
+    run_rows(L, MV, &w->act, D->v, NULL, NULL, ith);
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_ATTN_CORE);
@@ -366,39 +405,39 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
     }
 
     pi_prof_phase(D, ith, PH_O_PROJ);
-    run_rows(L, MO, &D->act_att, D->y, x, ith);
+    run_rows(L, MO, &D->act_att, D->y, x, L->bo, ith);
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_FFN);
     if (D->disk && D->disk->layers[il].where) {
-        pi_ffn_disk(D, il, x, x, ith, nth);
+        pi_ffn_disk(D, il, xf, x, ith, nth);
         return;
     }
     if (L->down_t.raw) {
-        ffn_sparse(D, il, x, x, NULL, ith, nth);
+        ffn_sparse(D, il, xf, x, NULL, ith, nth);
         return;
     }
-    pi_rmsnorm(x, L->ffn_norm, D->d, D->eps, w->xn);
+    pi_norm(D, xf, L->ffn_norm, L->ffn_norm_b, w->xn);
     pi_act_fill(&w->act, w->xn, 0, 0, D->d, L->need_ffn);
     int c0, c1;
     const int nchunk = (D->n_ff + PI_QK - 1) / PI_QK;
     pi_split(nchunk, ith, nth, &c0, &c1);
     const int n0 = c0 * PI_QK, n1 = c1 * PI_QK < D->n_ff ? c1 * PI_QK : D->n_ff;
     if (n1 > n0) {
-        if (L->gate.raw) run_rows(L, MGATE, &w->act, D->g, NULL, ith);
-        run_rows(L, MUP, &w->act, D->u, NULL, ith);
+        if (L->gate.raw) run_rows(L, MGATE, &w->act, D->g, NULL, NULL, ith);
+        run_rows(L, MUP, &w->act, D->u, NULL, L->bu, ith);
         pi_ffn_act(D, D->g + n0, D->u + n0, n1 - n0);
         pi_act_fill(&D->act_h, D->g, 0, n0, n1, pi_need_of(L->down.qtype));
     }
     pi_dec_barrier(D, ith);
-    run_rows(L, MDOWN, &D->act_h, D->y, x, ith);
+    run_rows(L, MDOWN, &D->act_h, D->y, x, L->bd, ith);
     pi_dec_barrier(D, ith);
 }
 
 static void decode_head(pi_decoder *D, float *x, float *logits, int ith, int nth) {
     pi_tws *w = &D->tw[ith];
     pi_prof_phase(D, ith, PH_HEAD);
-    pi_rmsnorm(x, D->out_norm, D->d, D->eps, w->xn);
+    pi_norm(D, x, D->out_norm, D->out_norm_b, w->xn);
     pi_act_fill(&w->act, w->xn, 0, 0, D->d, pi_need_of(D->head.qtype));
     pi_mat_run_seg(&D->head, &D->head_seg[ith], &w->act, 1, logits, 0);
     (void)nth;
@@ -429,6 +468,7 @@ int pi_decoder_ffn(pi_decoder *D, int il, const float *xin, float *xout, const u
 
 void pi_decoder_step(pi_decoder *D, float *x, int pos, int l0, int l1, float *logits) {
     step_args s = {D, x, pos, l0, l1, logits};
+    if (l0 == 0 && l1 > 0) pi_add_positions(D, x, 1, pos); /* x is the token's embedding */
     if (D->prof) { D->t_last = pi_now_ns(); D->cur = PH_ATTN_PROJ; }
     pi_pool_run(D->pool, step_job, &s);
     D->steps++;
@@ -570,7 +610,7 @@ void pi_prefill_free(pi_prefill_ws *p) {
         pi_aligned_free(p->uv[t]);
         pi_aligned_free(p->kept[t]);
     }
-    float *bufs[] = {p->xn, p->q, p->k, p->v, p->att, p->y, p->g, p->u};
+    float *bufs[] = {p->xn, p->q, p->k, p->v, p->att, p->y, p->g, p->u, p->xpar};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) pi_aligned_free(bufs[i]);
     pi_aligned_free(p->mem_x); pi_aligned_free(p->mem_att); pi_aligned_free(p->mem_h);
     memset(p, 0, sizeof *p);
@@ -591,7 +631,7 @@ void pi_decoder_free(pi_decoder *D) {
     }
     pi_mat_free(&D->head);
     for (int t = 0; t < PI_MAX_THREADS; t++) pi_arena_free(&D->arena[t]);
-    float *bufs[] = {D->q, D->k, D->v, D->att, D->y, D->g, D->u, D->z};
+    float *bufs[] = {D->q, D->k, D->v, D->att, D->y, D->g, D->u, D->z, D->xpar};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) pi_aligned_free(bufs[i]);
     pi_aligned_free(D->mem_att); pi_aligned_free(D->mem_h);
     pi_prefill_free(&D->pf);
@@ -663,6 +703,27 @@ int pi_decoder_set_sparse(pi_decoder *D, int il, const pi_mat *down_t, const pi_
     L->down_t = *down_t;
     L->t_h = t_h;
     L->t_x = t_x;
+    return 0;
+}
+
+int pi_decoder_set_form(pi_decoder *D, int norm_kind, int parallel, const float *out_norm_b, const float *pos_embd,
+                        int n_pos) {
+    if ((norm_kind != NORM_RMS && norm_kind != NORM_LAYER) || (pos_embd && n_pos < D->n_ctx)) return -1;
+    if (parallel && !D->xpar && !(D->xpar = pi_aligned_alloc((size_t)D->d * sizeof(float)))) return -1;
+    D->norm_kind = norm_kind;
+    D->parallel = parallel != 0;
+    D->out_norm_b = out_norm_b;
+    D->pos_embd = pos_embd;
+    D->n_pos = pos_embd ? n_pos : 0;
+    return 0;
+}
+
+int pi_decoder_set_biases(pi_decoder *D, int il, const float *attn_norm_b, const float *ffn_norm_b, const float *bo,
+                          const float *bu, const float *bd) {
+    if (il < 0 || il >= D->n_layer || !D->L[il].bound) return -1;
+    pi_layer *L = &D->L[il];
+    L->attn_norm_b = attn_norm_b; L->ffn_norm_b = ffn_norm_b;
+    L->bo = bo; L->bu = bu; L->bd = bd;
     return 0;
 }
 

@@ -18,6 +18,8 @@ enum { ROPE_NORM = 0, ROPE_NEOX = 1 };
 /* GELU comes in two forms that differ by up to ~1e-3: tanh (ggml_gelu, HF "gelu_pytorch_tanh") and erf (HF "gelu") */
 enum { ACT_SILU = 0, ACT_RELU = 1, ACT_GELU_TANH = 2, ACT_GELU_ERF = 3 };
 enum { FFN_GLU = 0, FFN_DGLU = 1, FFN_MLP = 2 };
+/* RMSNorm (llama family) or LayerNorm with bias (falcon, opt) */
+enum { NORM_RMS = 0, NORM_LAYER = 1 };
 enum { PI_PACK_GATE = 1, PI_PACK_UP = 2, PI_PACK_DOWN = 4, PI_PACK_ALL = 7 };
 enum { PH_ATTN_PROJ, PH_ATTN_CORE, PH_O_PROJ, PH_FFN, PH_HEAD, PH_BARRIER, PH_N };
 
@@ -28,6 +30,8 @@ typedef struct {
     pi_seg seg[M_N][PI_MAX_THREADS];   /* thread t's rows of each matrix (packed into arena[t]) */
     const float *bq, *bk, *bv;
     const float *q_norm, *k_norm;      /* [hd]: RMSNorm of every q / k head before RoPE (qwen3), or NULL */
+    const float *attn_norm_b, *ffn_norm_b; /* [d]: LayerNorm biases (NORM_LAYER), or NULL */
+    const float *bo, *bu, *bd;         /* biases of o_proj [d], up [n_ff], down [d] (falcon, opt), or NULL */
     uint16_t *kc, *vc;                 /* [n_ctx][n_head_kv*head_dim] f16, owned by Python */
     int need_attn, need_ffn;           /* activation forms the layer's inputs need (PI_NEED_*) */
     /* Neuron-sparse FFN (decode only; prefill stays dense): on when down_t.raw is set. Per 32-neuron chunk of a
@@ -62,6 +66,7 @@ typedef struct {
     int n_tok_cap;
     float *tile_scratch[PI_MAX_THREADS]; /* attention tiles (pi_attn_tile_floats(hd, n_ctx) each) */
     float *xn, *q, *k, *v, *att, *y, *g, *u;
+    float *xpar; /* [n_tok][d] the layers' inputs, for the FFN of a parallel residual */
     float *yp[PI_MAX_THREADS]; /* sparse FFN of small batches: each thread's down sums [n_tok][d] */
     float *uv[PI_MAX_THREADS]; /* and its gathered up values [n_tok][n_ff] */
     int32_t *kept[PI_MAX_THREADS]; /* and one token's kept neurons [n_ff] */
@@ -74,7 +79,15 @@ typedef struct pi_decoder {
     float eps;
     pi_layer *L;
     const float *cos, *sin; /* [n_ctx][rope_dim/2] */
-    const float *out_norm;
+    const float *out_norm, *out_norm_b;
+    int norm_kind;  /* NORM_RMS | NORM_LAYER, every norm of the model */
+    /* parallel residual (falcon): x += attn(norm(x)) + ffn(norm'(x)), the FFN reading the layer input, kept in
+     * xpar [d] while attention's o_proj adds into x */
+    int parallel;
+    float *xpar;
+    /* learned positions (opt): row p of pos_embd [n_pos][d] is added to the input at position p (rope_dim 0) */
+    const float *pos_embd;
+    int n_pos;
     pi_mat head;
     int head_bound;
     pi_seg head_seg[PI_MAX_THREADS];
@@ -130,6 +143,14 @@ int pi_decoder_set_sparse(pi_decoder *D, int il, const pi_mat *down_t, const pi_
                           float t_h, float t_x);
 /* Predictor of layer il (fc1 [r, d], fc2 [n_ff, r]; NULL fc1 removes it); used by the sparse FFN. 0 ok, -1 bad. */
 int pi_decoder_set_predictor(pi_decoder *D, int il, const pi_mat *fc1, const pi_mat *fc2, float threshold);
+/* The model's form: norm kind, parallel residual, the final norm's bias, learned positions (pos_embd [n_pos][d],
+ * NULL for none). 0 ok, -1 bad (or out of memory for the parallel residual's buffer). */
+int pi_decoder_set_form(pi_decoder *D, int norm_kind, int parallel, const float *out_norm_b, const float *pos_embd,
+                        int n_pos);
+/* Layer il's LayerNorm biases ([d] each) and projection biases (o [d], up [n_ff], down [d]), any NULL; set_layer
+ * clears them */
+int pi_decoder_set_biases(pi_decoder *D, int il, const float *attn_norm_b, const float *ffn_norm_b, const float *bo,
+                          const float *bu, const float *bd);
 /* qwen3's per-head q/k RMSNorm weights ([hd] each, both or neither); set_layer clears them */
 int pi_decoder_set_qk_norm(pi_decoder *D, int il, const float *q_norm, const float *k_norm);
 const pi_mat *pi_layer_mat(const pi_layer *L, int j); /* MQ .. MDOWN */
@@ -145,6 +166,10 @@ int pi_decoder_prefill(pi_decoder *D, float *x, int n_tok, int pos0, float *logi
 
 /* shared helpers (decoder.c) */
 void pi_rmsnorm(const float *x, const float *w, int n, float eps, float *out);
+/* the decoder's norm (D->norm_kind) of x [d] with weight w and bias b (LayerNorm only; may be NULL) */
+void pi_norm(const pi_decoder *D, const float *x, const float *w, const float *b, float *out);
+/* x[t][r] += pos_embd[pos0 + t][r] for n tokens when the model has learned positions */
+void pi_add_positions(const pi_decoder *D, float *x, int n, int pos0);
 void pi_rope(float *v, int n_heads, int hd, int rope_dim, int style, const float *cs, const float *sn);
 void pi_ffn_act(const pi_decoder *D, float *g, const float *u, int n); /* g <- ffn(g, u) */
 void pi_split(int total, int ith, int nth, int *a, int *b);

@@ -8,6 +8,7 @@
  * active neurons instead (ffn_sparse_batch). */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "decoder.h"
 
@@ -21,6 +22,7 @@ static int ensure_prefill(pi_decoder *D, int n) {
     const size_t mx = (size_t)(D->d > D->n_ff ? D->d : D->n_ff);
     fresh.n_tok_cap = n;
     fresh.xn = pi_aligned_alloc(T * D->d * 4);
+    fresh.xpar = pi_aligned_alloc(T * D->d * 4);
     fresh.q = pi_aligned_alloc(T * qd * 4);
     fresh.k = pi_aligned_alloc(T * kvd * 4);
     fresh.v = pi_aligned_alloc(T * kvd * 4);
@@ -31,7 +33,7 @@ static int ensure_prefill(pi_decoder *D, int n) {
     fresh.mem_x = pi_aligned_alloc(pi_act_bytes(D->d, n, NEED_ALL));
     fresh.mem_att = pi_aligned_alloc(pi_act_bytes((int)qd, n, NEED_ALL));
     fresh.mem_h = pi_aligned_alloc(pi_act_bytes(D->n_ff, n, NEED_ALL));
-    int ok = fresh.xn && fresh.q && fresh.k && fresh.v && fresh.att && fresh.y && fresh.g && fresh.u &&
+    int ok = fresh.xn && fresh.xpar && fresh.q && fresh.k && fresh.v && fresh.att && fresh.y && fresh.g && fresh.u &&
              fresh.mem_x && fresh.mem_att && fresh.mem_h;
     for (int t = 0; t < D->nth; t++)
         ok = ok && (fresh.tile_scratch[t] = pi_aligned_alloc(pi_attn_tile_floats(D->hd, D->n_ctx) * 4)) != NULL;
@@ -60,16 +62,19 @@ typedef struct { pi_decoder *D; float *x; int n, pos0; float *logits; } prefill_
 
 static void ffn_sparse_batch(pi_decoder *D, const pi_layer *L, float *x, int n, int n0, int n1, int ith, int nth);
 
-/* This thread's rows of matrix j for all n tokens: Y[t][r] = W X[t]; optionally x[t][r] += Y[t][r] */
+/* This thread's rows of matrix j for all n tokens: Y[t][r] = W X[t] (+ bias[r]); optionally x[t][r] += Y[t][r] */
 static void rows_all_tokens(const pi_layer *L, int j, const pi_act *a, int n, float *Y, int ldy, float *x, int ldx,
-                            int ith) {
+                            const float *bias, int ith) {
     const pi_mat *m = pi_layer_mat(L, j);
     const pi_seg *s = &L->seg[j][ith];
     pi_mat_run_seg(m, s, a, n, Y, ldy);
-    if (!x) return;
+    if (!x && !bias) return;
     const int unit = pi_mat_unit(m), r1 = s->u1 * unit < m->rows ? s->u1 * unit : m->rows;
     for (int t = 0; t < n; t++)
-        for (int r = s->u0 * unit; r < r1; r++) x[(size_t)t * ldx + r] += Y[(size_t)t * ldy + r];
+        for (int r = s->u0 * unit; r < r1; r++) {
+            if (bias) Y[(size_t)t * ldy + r] += bias[r];
+            if (x) x[(size_t)t * ldx + r] += Y[(size_t)t * ldy + r];
+        }
 }
 
 static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int ith, int nth) {
@@ -80,14 +85,17 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
     pi_split(n, ith, nth, &t0, &t1);
 
     pi_prof_phase(D, ith, PH_ATTN_PROJ);
+    if (D->parallel) /* the FFN's input: the layer's x, before o_proj adds into it */
+        memcpy(P->xpar + (size_t)t0 * d, x + (size_t)t0 * d, (size_t)(t1 - t0) * d * sizeof(float));
+    const float *xf = D->parallel ? P->xpar : x;
     for (int t = t0; t < t1; t++) {
-        pi_rmsnorm(x + (size_t)t * d, L->attn_norm, d, D->eps, P->xn + (size_t)t * d);
+        pi_norm(D, x + (size_t)t * d, L->attn_norm, L->attn_norm_b, P->xn + (size_t)t * d);
         pi_act_fill(&P->act_x, P->xn + (size_t)t * d, t, 0, d, L->need_attn & ~PI_NEED_F32);
     }
     pi_dec_barrier(D, ith);
-    rows_all_tokens(L, MQ, &P->act_x, n, P->q, qd, NULL, 0, ith);
-    rows_all_tokens(L, MK, &P->act_x, n, P->k, kvd, NULL, 0, ith);
-    rows_all_tokens(L, MV, &P->act_x, n, P->v, kvd, NULL, 0, ith);
+    rows_all_tokens(L, MQ, &P->act_x, n, P->q, qd, NULL, 0, NULL, ith);
+    rows_all_tokens(L, MK, &P->act_x, n, P->k, kvd, NULL, 0, NULL, ith);
+    rows_all_tokens(L, MV, &P->act_x, n, P->v, kvd, NULL, 0, NULL, ith);
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_ATTN_CORE);
@@ -116,12 +124,12 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_O_PROJ);
-    rows_all_tokens(L, MO, &P->act_att, n, P->y, d, x, d, ith);
+    rows_all_tokens(L, MO, &P->act_att, n, P->y, d, x, d, L->bo, ith);
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_FFN);
     for (int t = t0; t < t1; t++) {
-        pi_rmsnorm(x + (size_t)t * d, L->ffn_norm, d, D->eps, P->xn + (size_t)t * d);
+        pi_norm(D, xf + (size_t)t * d, L->ffn_norm, L->ffn_norm_b, P->xn + (size_t)t * d);
         pi_act_fill(&P->act_x, P->xn + (size_t)t * d, t, 0, d, L->need_ffn & ~PI_NEED_F32);
     }
     pi_dec_barrier(D, ith);
@@ -134,8 +142,8 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
         return;
     }
     if (n1 > n0) {
-        if (L->gate.raw) rows_all_tokens(L, MGATE, &P->act_x, n, P->g, nff, NULL, 0, ith);
-        rows_all_tokens(L, MUP, &P->act_x, n, P->u, nff, NULL, 0, ith);
+        if (L->gate.raw) rows_all_tokens(L, MGATE, &P->act_x, n, P->g, nff, NULL, 0, NULL, ith);
+        rows_all_tokens(L, MUP, &P->act_x, n, P->u, nff, NULL, 0, L->bu, ith);
         const int need_d = pi_need_of(L->down.qtype) & ~PI_NEED_F32;
         for (int t = 0; t < n; t++) {
             float *g = P->g + (size_t)t * nff;
@@ -144,7 +152,7 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
         }
     }
     pi_dec_barrier(D, ith);
-    rows_all_tokens(L, MDOWN, &P->act_h, n, P->y, d, x, d, ith);
+    rows_all_tokens(L, MDOWN, &P->act_h, n, P->y, d, x, d, L->bd, ith);
     pi_dec_barrier(D, ith);
 }
 
@@ -160,7 +168,7 @@ static void ffn_sparse_batch(pi_decoder *D, const pi_layer *L, float *x, int n, 
     float *yp = P->yp[ith], *uv = P->uv[ith];
     memset(yp, 0, (size_t)n * d * sizeof(float));
     if (n1 > n0) {
-        if (L->gate.raw) rows_all_tokens(L, MGATE, &P->act_x, n, P->g, nff, NULL, 0, ith);
+        if (L->gate.raw) rows_all_tokens(L, MGATE, &P->act_x, n, P->g, nff, NULL, 0, NULL, ith);
         int nu = 0;
         if (relu_gate) { /* union of the tokens' active neurons in this chunk */
             for (int i = n0; i < n1; i++)
@@ -169,9 +177,10 @@ static void ffn_sparse_batch(pi_decoder *D, const pi_layer *L, float *x, int n, 
             for (int t = 0; t < n; t++) {
                 const pi_act at = pi_act_token(&P->act_x, t);
                 pi_mat_gather(&L->up, w->idx, nu, &at, uv + (size_t)t * nff);
+                if (L->bu) for (int j = 0; j < nu; j++) uv[(size_t)t * nff + j] += L->bu[w->idx[j]];
             }
         } else {
-            rows_all_tokens(L, MUP, &P->act_x, n, P->u, nff, NULL, 0, ith);
+            rows_all_tokens(L, MUP, &P->act_x, n, P->u, nff, NULL, 0, L->bu, ith);
         }
         int32_t *kept = P->kept[ith];
         for (int t = 0; t < n; t++) {
@@ -202,6 +211,9 @@ static void ffn_sparse_batch(pi_decoder *D, const pi_layer *L, float *x, int n, 
             float *xt = x + (size_t)t * d;
             for (int r = r0; r < r1; r++) xt[r] += src[r];
         }
+    if (L->bd)
+        for (int t = 0; t < n; t++)
+            for (int r = r0; r < r1; r++) x[(size_t)t * d + r] += L->bd[r];
     pi_dec_barrier(D, ith);
 }
 
@@ -213,7 +225,7 @@ static void prefill_job(void *varg, int ith, int nth) {
         pi_tws *w = &D->tw[ith];
         const float *xl = s->x + (size_t)(s->n - 1) * D->d;
         pi_prof_phase(D, ith, PH_HEAD);
-        pi_rmsnorm(xl, D->out_norm, D->d, D->eps, w->xn);
+        pi_norm(D, xl, D->out_norm, D->out_norm_b, w->xn);
         pi_act_fill(&w->act, w->xn, 0, 0, D->d, pi_need_of(D->head.qtype));
         pi_mat_run_seg(&D->head, &D->head_seg[ith], &w->act, 1, s->logits, 0);
     }
@@ -223,6 +235,7 @@ static void prefill_job(void *varg, int ith, int nth) {
 int pi_decoder_prefill(pi_decoder *D, float *x, int n_tok, int pos0, float *logits) {
     if (ensure_prefill(D, n_tok)) return -1;
     prefill_args s = {D, x, n_tok, pos0, logits};
+    pi_add_positions(D, x, n_tok, pos0); /* x holds the tokens' embeddings */
     if (D->prof) { D->t_last = pi_now_ns(); D->cur = PH_ATTN_PROJ; }
     pi_pool_run(D->pool, prefill_job, &s);
     D->tokens += n_tok;

@@ -166,6 +166,32 @@ static PyObject *Decoder_set_qk_norm(DecoderObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* set_form(norm_kind, parallel, out_norm_bias, pos_embd, n_pos): NORM_RMS 0 | NORM_LAYER 1, the parallel residual
+ * flag, the final LayerNorm's bias (f32 [d] pointer or 0), learned positions (f32 [n_pos, d] pointer or 0) */
+static PyObject *Decoder_set_form(DecoderObject *self, PyObject *args) {
+    int nk, par, n_pos;
+    void *onb, *pe;
+    if (!PyArg_ParseTuple(args, "ipO&O&i", &nk, &par, pi_conv_ptr, &onb, pi_conv_ptr, &pe, &n_pos)) return NULL;
+    if (idle(self)) return NULL;
+    if (pi_decoder_set_form(self->D, nk, par, onb, pe, n_pos))
+        return PyErr_Format(PyExc_ValueError, "set_form: norm kind 0|1, and learned positions need n_pos >= n_ctx "
+                            "(%d)", self->D->n_ctx);
+    Py_RETURN_NONE;
+}
+
+/* set_biases(layer, attn_norm_b, ffn_norm_b, o_bias, up_bias, down_bias): f32 pointers or 0, after set_layer */
+static PyObject *Decoder_set_biases(DecoderObject *self, PyObject *args) {
+    int il;
+    void *an, *fn, *bo, *bu, *bd;
+    if (!PyArg_ParseTuple(args, "iO&O&O&O&O&", &il, pi_conv_ptr, &an, pi_conv_ptr, &fn, pi_conv_ptr, &bo, pi_conv_ptr,
+                          &bu, pi_conv_ptr, &bd))
+        return NULL;
+    if (idle(self) || check_layer(self, il)) return NULL;
+    if (pi_decoder_set_biases(self->D, il, an, fn, bo, bu, bd))
+        return PyErr_Format(PyExc_ValueError, "set_biases(%d): set_layer() first", il);
+    Py_RETURN_NONE;
+}
+
 /* set_predictor(layer, fc1, fc2, threshold): (ptr, qtype) tuples, fc1 [r, d], fc2 [n_ff, r]; fc1 None removes it. */
 static PyObject *Decoder_set_predictor(DecoderObject *self, PyObject *args) {
     int il, r;
@@ -425,6 +451,11 @@ static PyMethodDef Decoder_methods[] = {
      "set_sparse(layer, down_t, gate_t, up_t, t_h, t_x): neuron-sparse FFN for decode ((ptr, qtype) or None)"},
     {"set_qk_norm", (PyCFunction)Decoder_set_qk_norm, METH_VARARGS,
      "set_qk_norm(layer, q_norm, k_norm): per-head RMSNorm weights of q and k before RoPE (qwen3), or 0, 0"},
+    {"set_form", (PyCFunction)Decoder_set_form, METH_VARARGS,
+     "set_form(norm_kind, parallel, out_norm_bias, pos_embd, n_pos): RMS 0 | LayerNorm 1, parallel residual, "
+     "final norm bias and learned positions (pointers or 0)"},
+    {"set_biases", (PyCFunction)Decoder_set_biases, METH_VARARGS,
+     "set_biases(layer, attn_norm_b, ffn_norm_b, o_bias, up_bias, down_bias): f32 pointers or 0, after set_layer"},
     {"set_predictor", (PyCFunction)Decoder_set_predictor, METH_VARARGS,
      "set_predictor(layer, fc1, fc2, rank, threshold): activation predictor for the sparse FFN ((ptr, qtype) or None)"},
     {"kept", (PyCFunction)Decoder_kept, METH_VARARGS,
