@@ -171,12 +171,12 @@ def test_truncated_data_and_header(tiny_llama_gguf, tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    p = tmp_path / "falcon.gguf"
-    w = GGUFWriter(str(p), "falcon")
+    p = tmp_path / "mpt.gguf"
+    w = GGUFWriter(str(p), "mpt")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    assert "unsupported architecture 'falcon' (supported: llama, bamboo, qwen2, qwen3)" in _error(p)
+    assert "unsupported architecture 'mpt' (supported: llama, bamboo, qwen2, qwen3, falcon, opt)" in _error(p)
 
 
 def _patch_tensor_type(src: Path, dst: Path, name: str, raw_type: int) -> Path:

@@ -19,11 +19,13 @@ from ..errors import ModelFormatError, one_line
 from ..core.config import ModelConfig, RopeScaling
 from ..core.weights import LayerWeights, ModelWeights
 from . import quants
-from .names import gguf_name
+from .names import GGUF_ATTN_NORM_2, GGUF_QKV, gguf_name
 from ..core.tensor import QTensor
 
 PWRI_MAGIC = b"PWRI"
-SUPPORTED_ARCHS = ("llama", "bamboo", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "bamboo", "qwen2", "qwen3", "falcon", "opt")
+# falcon (llama.cpp's names) and opt (this package's, in llama.cpp's conventions: position_embd, .bias tensors)
+# use LayerNorm with bias; falcon runs attention and MLP in parallel from one fused attn_qkv (rows q | k | v)
 # ModelConfig names, as powerinfer.ffn_activation stores them: "gelu" is erf, "gelu_tanh" is ggml_gelu. None of
 # SUPPORTED_ARCHS uses GELU in llama.cpp; one that did would default to "gelu_tanh", llama.cpp's form.
 ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh")
@@ -283,8 +285,9 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
     head_dim = key("attention.key_length", d_model // n_head)
 
     # The FFN activation is a property of the model: an explicit key wins; PowerInfer's PWRI files are
-    # ReLU-family llamas (ReluLLaMA, ProSparse); Bamboo is dReLU (relu(gate) * relu(up)).
-    activation = "relu" if pwri or arch == "bamboo" else "silu"
+    # ReLU-family llamas (ReluLLaMA, ProSparse); Bamboo is dReLU (relu(gate) * relu(up)); llama.cpp runs falcon's
+    # MLP with ggml_gelu (tanh form); OPT is ReLU.
+    activation = "relu" if pwri or arch in ("bamboo", "opt") else "gelu_tanh" if arch == "falcon" else "silu"
     ffn_kind = "dglu" if arch == "bamboo" else "glu"
     if "blk.0.ffn_gate.weight" not in tensors:
         ffn_kind = "mlp"
@@ -298,8 +301,9 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
         raise ModelFormatError(f"{path}: unsupported powerinfer.ffn_kind {ffn_kind!r} "
                                f"(supported: {', '.join(FFN_KINDS)})")
 
+    layer_norm = arch in ("falcon", "opt")
     return ModelConfig(
-        arch=arch if arch in ("qwen2", "qwen3") else "llama",
+        arch=arch if arch in ("qwen2", "qwen3", "falcon", "opt") else "llama",
         n_vocab=tensors["token_embd.weight"].rows,
         d_model=d_model,
         n_layer=key("block_count"),
@@ -307,11 +311,12 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
         n_head_kv=key("attention.head_count_kv", n_head),
         head_dim=head_dim,
         n_ff=key("feed_forward_length"),
-        norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-5, float)),
+        norm_eps=_f32(key("attention.layer_norm_epsilon" if layer_norm else "attention.layer_norm_rms_epsilon", 1e-5,
+                          float)),
         rope_theta=_f32(key("rope.freq_base", 10000.0, float)),
         rope_dim=key("rope.dimension_count", head_dim),
         # llama.cpp's converter permutes llama q/k rows so that rotation pairs are adjacent; qwen2/3 are not.
-        rope_style="neox" if arch in ("qwen2", "qwen3") else "norm",
+        rope_style="neox" if arch in ("qwen2", "qwen3", "falcon") else "norm",
         rope_scaling=_rope_scaling(path, arch, md, tensors),
         context_length=key("context_length", 4096),
         activation=activation,
@@ -319,6 +324,9 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
         tie_embeddings="output.weight" not in tensors,
         attn_bias="blk.0.attn_q.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        norm="layer" if layer_norm else "rms",
+        parallel_residual=arch == "falcon",
+        positions="learned" if arch == "opt" else "rope",
         name=str(md.get("general.name", "")),
     )
 
@@ -390,14 +398,26 @@ def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) 
     embed = get(gguf_name("embed_tokens"), (v, d))
     norm = get(gguf_name("norm"), (d,))
     lm_head = embed if cfg.tie_embeddings else get(gguf_name("lm_head"), (v, d))
+    pos_embd = None
+    if cfg.positions == "learned":
+        t = tensors.get(gguf_name("pos_embd"))
+        if t is None or len(t.shape) != 2 or t.shape[1] != d:
+            raise ModelFormatError(f"{path}: missing tensor {gguf_name('pos_embd')} [n_positions, {d}]")
+        pos_embd = get(t.name, t.shape)
     shapes = dict(input_layernorm=(d,), q_proj=(q_dim, d), k_proj=(kv_dim, d), v_proj=(kv_dim, d),
                   o_proj=(d, q_dim), post_attention_layernorm=(d,), gate_proj=(ff, d), up_proj=(ff, d),
                   q_bias=(q_dim,), k_bias=(kv_dim,), v_bias=(kv_dim,), q_norm=(cfg.head_dim,),
                   k_norm=(cfg.head_dim,))
     optional = dict(gate_proj=cfg.ffn_kind == "mlp", q_bias=not cfg.attn_bias, k_bias=not cfg.attn_bias,
                     v_bias=not cfg.attn_bias, q_norm=not cfg.qk_norm, k_norm=not cfg.qk_norm)
+    if cfg.norm == "layer":  # falcon / opt: biases where the file has them
+        shapes.update(input_layernorm_bias=(d,), post_attention_layernorm_bias=(d,), o_bias=(d,), up_bias=(ff,),
+                      down_bias=(d,))
+        optional.update(dict.fromkeys(("input_layernorm_bias", "post_attention_layernorm_bias", "o_bias", "up_bias",
+                                       "down_bias", "q_bias", "k_bias", "v_bias"), True))
     layers = []
     for i in range(cfg.n_layer):
+        fused = _falcon_layer(cfg, i, tensors, get, todo) if cfg.arch == "falcon" else {}
         if gguf_name("down_t", i) in tensors:  # PowerInfer stores down_proj transposed (neuron-major)
             down = get(gguf_name("down_t", i), (ff, d))
             transposed.add(down.name)
@@ -405,7 +425,7 @@ def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) 
             down = get(gguf_name("down_proj", i), (d, ff))
         # an act(up) MLP (powerinfer.ffn_kind = mlp) reads no gate, even where the file has one: the C decoder
         # binds a gate exactly when the FFN is gated
-        layer = {role: (None if role == "gate_proj" and cfg.ffn_kind == "mlp" else
+        layer = {role: (fused[role] if role in fused else None if role == "gate_proj" and cfg.ffn_kind == "mlp" else
                         get(gguf_name(role, i), shape, optional=optional.get(role, False)))
                  for role, shape in shapes.items()}
         layers.append(dict(layer, down_proj=down, down_t=down if down.name in transposed else None))
@@ -420,15 +440,49 @@ def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) 
         t = converted.get(t.name, t)
         return quants.transpose(t, report) if t.name in transposed else t
 
+    layer_norm = cfg.norm == "layer"
     weights = ModelWeights(
         embed_tokens=native(embed),
         layers=[LayerWeights(**{k: (converted.get(t.name, t) if k == "down_t" and t is not None else native(t))
                                 for k, t in layer.items()}) for layer in layers],
         norm=native(norm),
         lm_head=None,
+        norm_bias=native(get(gguf_name("norm_bias"), (d,), optional=True)) if layer_norm else None,
+        pos_embd=native(pos_embd),
     )
     weights.lm_head = weights.embed_tokens if cfg.tie_embeddings else native(lm_head)
     return weights, used
+
+
+def _falcon_layer(cfg: ModelConfig, i: int, tensors: dict[str, QTensor], get, todo: list) -> dict:
+    """Falcon's layer i in LayerWeights roles: attn_qkv split into q, k, v row views of the one buffer (and its bias);
+    the 40B layout's attn_norm_2 feeds attention and attn_norm the MLP (llama.cpp's build_falcon), the 7B layout
+    has attn_norm only, shared."""
+    d, hd = cfg.d_model, cfg.head_dim
+    sizes = (cfg.n_head * hd, cfg.n_head_kv * hd, cfg.n_head_kv * hd)
+    out = {}
+    for suffix, roles, shape in ((".weight", ("q_proj", "k_proj", "v_proj"), (sum(sizes), d)),
+                                 (".bias", ("q_bias", "k_bias", "v_bias"), (sum(sizes),))):
+        t = get(f"blk.{i}.{GGUF_QKV}{suffix}", shape, optional=suffix == ".bias")
+        if t is None:
+            out.update(dict.fromkeys(roles))
+            continue
+        todo[:] = [x for x in todo if x is not t]  # the row views are converted instead of the whole
+        start = 0
+        for role, n in zip(roles, sizes):
+            part = QTensor(f"{t.name}[{role[0]}]", t.qtype, (n, *shape[1:]), t.data[start:start + n])
+            if quants.needs_conversion(part.qtype):
+                todo.append(part)
+            out[role] = part
+            start += n
+    norm2 = f"blk.{i}.{GGUF_ATTN_NORM_2}"
+    mlp_w, mlp_b = get(gguf_name("input_layernorm", i), (d,)), get(gguf_name("input_layernorm_bias", i), (d,), True)
+    if f"{norm2}.weight" in tensors:
+        out.update(input_layernorm=get(f"{norm2}.weight", (d,)), input_layernorm_bias=get(f"{norm2}.bias", (d,), True))
+    else:
+        out.update(input_layernorm=mlp_w, input_layernorm_bias=mlp_b)
+    out.update(post_attention_layernorm=mlp_w, post_attention_layernorm_bias=mlp_b)
+    return out
 
 
 def _convert(todo: list[QTensor], report) -> dict[str, QTensor]:

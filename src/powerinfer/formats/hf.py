@@ -1,6 +1,7 @@
 """Hugging Face model directories (`config.json` + `*.safetensors`, sharded or not) -> ModelConfig + ModelWeights.
 
-Llama family only: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM. HF keeps q/k rows in their
+LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM here; FalconForCausalLM and
+OPTForCausalLM in formats/hf_families.py. HF keeps q/k rows in their
 original order, so RoPE rotates halves ("neox" style). Weights stay F32/F16/BF16 and memory-mapped.
 Reads both config spellings: transformers >= 5 (`rope_parameters`) and earlier (`rope_theta` +
 `rope_scaling`). The tokenizer files are left to formats/tokenizer.py; `LoadedModel.path` points at them.
@@ -20,6 +21,7 @@ from .artifact import MAX_JSON_BYTES
 from ..core.config import ModelConfig, RopeScaling
 from ..core.weights import LayerWeights, ModelWeights
 from ..core.tensor import QTensor
+from .hf_families import family_config, family_of, family_weights
 from .names import hf_name
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -55,11 +57,18 @@ def _read_json(path: Path):
 
 
 def _config(path: Path, cfg_path: Path, raw: dict) -> ModelConfig:
+    family = family_of(raw)
+    if family is not None:
+        try:
+            return family_config(path, cfg_path, raw, family)
+        except KeyError as e:
+            raise ModelFormatError(f"{cfg_path}: missing key {e.args[0]!r}") from None
     archs = raw.get("architectures") or []
     model_type = raw.get("model_type")
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and model_type not in ("llama", "mistral", "qwen2", "qwen3"):
         raise ModelFormatError(f"{cfg_path}: unsupported architecture {archs or model_type!r} "
-                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}, FalconForCausalLM, "
+                               "OPTForCausalLM)")
     act = raw.get("hidden_act", "silu")
     if act not in _ACTIVATIONS:
         raise ModelFormatError(f"{cfg_path}: unsupported hidden_act {act!r} (supported: {', '.join(_ACTIVATIONS)})")
@@ -191,10 +200,25 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, ModelWeights, dict]:
         return t
 
     c = config
+    if c.arch in ("falcon", "opt"):
+        weights = family_weights(path, c, raw, tensors, get)
+    elif any(n.endswith(("o_proj.bias", "mlp.down_proj.bias", "mlp.up_proj.bias")) for n in tensors):
+        raise ModelFormatError(f"{path}: o_proj / MLP biases are not supported (attention_bias or mlp_bias in a llama)")
+    else:
+        weights = _llama_weights(c, tensors, get)
+    metadata = {"general.architecture": c.arch, "general.name": c.name, "hf.config": raw}
+    tok_cfg = path / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        doc = _read_json(tok_cfg)
+        template = doc.get("chat_template") if isinstance(doc, dict) else None
+        if isinstance(template, str):
+            metadata["tokenizer.chat_template"] = template
+    return config, weights, metadata
+
+
+def _llama_weights(c: ModelConfig, tensors: dict[str, QTensor], get) -> ModelWeights:
     d, ff, v = c.d_model, c.n_ff, c.n_vocab
     q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
-    if any(n.endswith(("o_proj.bias", "mlp.down_proj.bias", "mlp.up_proj.bias")) for n in tensors):
-        raise ModelFormatError(f"{path}: o_proj / MLP biases are not supported (attention_bias or mlp_bias in a llama)")
     shapes = dict(input_layernorm=(d,), q_proj=(q_dim, d), k_proj=(kv_dim, d), v_proj=(kv_dim, d),
                   o_proj=(d, q_dim), post_attention_layernorm=(d,), gate_proj=(ff, d), up_proj=(ff, d),
                   down_proj=(d, ff), q_bias=(q_dim,), k_bias=(kv_dim,), v_bias=(kv_dim,), q_norm=(c.head_dim,),
@@ -206,20 +230,8 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, ModelWeights, dict]:
     embed = get(hf_name("embed_tokens"), (v, d))
     if not c.tie_embeddings and hf_name("lm_head") not in tensors:
         c.tie_embeddings = True  # some checkpoints drop the duplicate head without setting the flag
-    weights = ModelWeights(
-        embed_tokens=embed,
-        layers=layers,
-        norm=get(hf_name("norm"), (d,)),
-        lm_head=embed if c.tie_embeddings else get(hf_name("lm_head"), (v, d)),
-    )
-    metadata = {"general.architecture": c.arch, "general.name": c.name, "hf.config": raw}
-    tok_cfg = path / "tokenizer_config.json"
-    if tok_cfg.is_file():
-        doc = _read_json(tok_cfg)
-        template = doc.get("chat_template") if isinstance(doc, dict) else None
-        if isinstance(template, str):
-            metadata["tokenizer.chat_template"] = template
-    return config, weights, metadata
+    return ModelWeights(embed_tokens=embed, layers=layers, norm=get(hf_name("norm"), (d,)),
+                        lm_head=embed if c.tie_embeddings else get(hf_name("lm_head"), (v, d)))
 
 
 def describe_dtypes(weights: ModelWeights) -> str:

@@ -23,7 +23,7 @@ from ..core.files import atomic_path
 from ..errors import PowerInferError
 from . import quants
 from .gguf import open_gguf
-from .names import gguf_name
+from .names import GGUF_ATTN_NORM_2, GGUF_QKV, gguf_name
 
 OUTTYPES = {"same": None, "f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
 
@@ -149,19 +149,54 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _write_from_hf(src: Path, out: Path, predictors, outtype: str, progress, log) -> Path:
-    """An HF llama-family directory (config.json + safetensors, byte-level BPE tokenizer.json) as a PowerInfer
-    GGUF with llama.cpp's names and metadata: q/k rows permuted to GGUF's RoPE pair order, down transposed."""
+    """An HF llama, Falcon or OPT directory (config.json + safetensors, byte-level BPE tokenizer.json) as a
+    PowerInfer GGUF with llama.cpp's names and metadata (opt: this package's, formats/gguf.py): llama q/k rows
+    permuted to GGUF's RoPE pair order, falcon's q/k/v fused as attn_qkv, down transposed."""
     from .loader import load_model
 
     loaded = load_model(src)
     cfg = loaded.config
-    if cfg.arch != "llama":
-        raise PowerInferError(f"{src}: convert writes llama-architecture GGUF from HF directories; this is {cfg.arch}")
+    if cfg.arch not in ("llama", "falcon", "opt"):
+        raise PowerInferError(f"{src}: convert writes llama, falcon and opt GGUF from HF directories; this is "
+                              f"{cfg.arch}")
+    if cfg.arch == "falcon" and not cfg.parallel_residual:
+        raise PowerInferError(f"{src}: a Falcon without parallel attention (parallel_attn = false) has no GGUF form")
     if cfg.rope_scaling.kind != "none":
         raise PowerInferError(f"{src}: RoPE scaling {cfg.rope_scaling.kind!r} is not written by convert yet")
     with atomic_path(out) as tmp:
         _write_hf_gguf(loaded, src, tmp, predictors, outtype, progress, log)
     return out
+
+
+class _Rows:
+    """Row blocks written as one tensor (falcon's attn_qkv: rows q | k | v)."""
+
+    def __init__(self, parts):
+        self.parts, self.qtype = parts, parts[0].qtype
+        self.shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+
+    def dequantize(self):
+        import torch
+
+        return torch.cat([p.dequantize() for p in self.parts])
+
+
+def _falcon_items(i: int, lw) -> list:
+    """llama.cpp's falcon tensors of layer i: attn_norm feeds the MLP (and attention too when there is no
+    attn_norm_2, the 7B layout), attn_norm_2 attention (40B); fused attn_qkv; down as ffn_down_t."""
+    items = [(gguf_name("input_layernorm", i), lw.post_attention_layernorm, None),
+             (gguf_name("input_layernorm_bias", i), lw.post_attention_layernorm_bias, None)]
+    if lw.input_layernorm is not lw.post_attention_layernorm:
+        items += [(f"blk.{i}.{GGUF_ATTN_NORM_2}.weight", lw.input_layernorm, None),
+                  (f"blk.{i}.{GGUF_ATTN_NORM_2}.bias", lw.input_layernorm_bias, None)]
+    items.append((f"blk.{i}.{GGUF_QKV}.weight", _Rows([lw.q_proj, lw.k_proj, lw.v_proj]), None))
+    if lw.q_bias is not None:
+        items.append((f"blk.{i}.{GGUF_QKV}.bias", _Rows([lw.q_bias, lw.k_bias, lw.v_bias]), None))
+    items += [(gguf_name("o_proj", i), lw.o_proj, None), (gguf_name("o_bias", i), lw.o_bias, None),
+              (gguf_name("up_proj", i), lw.up_proj, None), (gguf_name("up_bias", i), lw.up_bias, None),
+              (gguf_name("down_t", i), lw.down_proj, lambda a: np.ascontiguousarray(a.T)),
+              (gguf_name("down_bias", i), lw.down_bias, None)]
+    return [it for it in items if it[1] is not None]
 
 
 def _write_hf_gguf(loaded, src: Path, tmp: Path, predictors, outtype: str, progress, log) -> None:
@@ -171,7 +206,7 @@ def _write_hf_gguf(loaded, src: Path, tmp: Path, predictors, outtype: str, progr
 
     cfg, w = loaded.config, loaded.weights
     target = OUTTYPES[outtype]
-    wr = GGUFWriter(str(tmp), "llama")
+    wr = GGUFWriter(str(tmp), cfg.arch)
     wr.add_name(cfg.name or src.name)
     wr.add_block_count(cfg.n_layer)
     wr.add_context_length(cfg.context_length)
@@ -179,9 +214,13 @@ def _write_hf_gguf(loaded, src: Path, tmp: Path, predictors, outtype: str, progr
     wr.add_feed_forward_length(cfg.n_ff)
     wr.add_head_count(cfg.n_head)
     wr.add_head_count_kv(cfg.n_head_kv)
-    wr.add_rope_freq_base(cfg.rope_theta)
-    wr.add_rope_dimension_count(cfg.rope_dim)
-    wr.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.positions == "rope":
+        wr.add_rope_freq_base(cfg.rope_theta)
+        wr.add_rope_dimension_count(cfg.rope_dim)
+    if cfg.norm == "layer":
+        wr.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        wr.add_layer_norm_rms_eps(cfg.norm_eps)
     if cfg.head_dim * cfg.n_head != cfg.d_model:
         wr.add_key_length(cfg.head_dim)
         wr.add_value_length(cfg.head_dim)
@@ -209,22 +248,33 @@ def _write_hf_gguf(loaded, src: Path, tmp: Path, predictors, outtype: str, progr
             t.dequantize().numpy().reshape(-1)
         if transform is not None:
             values = transform(values)
-        qt = Q.F32 if values.ndim == 1 else (target or (t.qtype if t.qtype in (Q.F32, Q.F16) else Q.F16))
+        qt = Q.F32 if values.ndim == 1 else (target or (t.qtype if getattr(t, "qtype", None) in (Q.F32, Q.F16)
+                                                         else Q.F16))
         if not _fits(qt, values.shape[-1]):
             qt = Q.F16
         stored = _encode(values, qt) if values.ndim > 1 else np.ascontiguousarray(values, dtype=np.float32)
         wr.add_tensor(name, stored, raw_dtype=qt if stored.dtype == np.uint8 else None)
 
     items = [(gguf_name("embed_tokens"), w.embed_tokens, None)]
-    permute = {"q_proj": lambda a: _permute_qk(a, cfg.n_head), "k_proj": lambda a: _permute_qk(a, cfg.n_head_kv),
-               "down_t": lambda a: np.ascontiguousarray(a.T)}
+    if w.pos_embd is not None:
+        items.append((gguf_name("pos_embd"), w.pos_embd, None))
+    transpose = {"down_t": lambda a: np.ascontiguousarray(a.T)}
+    # llama.cpp's llama q/k rows are permuted to adjacent RoPE pairs; falcon keeps HF's halves, opt has no RoPE
+    permute = {"q_proj": lambda a: _permute_qk(a, cfg.n_head),
+               "k_proj": lambda a: _permute_qk(a, cfg.n_head_kv), **transpose} if cfg.arch == "llama" else transpose
     for i, lw in enumerate(w.layers):
-        for role in ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_layernorm",
-                     "up_proj", "down_t", "gate_proj"):
+        if cfg.arch == "falcon":
+            items += _falcon_items(i, lw)
+            continue
+        for role in ("input_layernorm", "input_layernorm_bias", "q_proj", "q_bias", "k_proj", "k_bias", "v_proj",
+                     "v_bias", "o_proj", "o_bias", "post_attention_layernorm", "post_attention_layernorm_bias",
+                     "up_proj", "up_bias", "down_t", "down_bias", "gate_proj"):
             t = lw.down_proj if role == "down_t" else getattr(lw, role)
             if t is not None:
                 items.append((gguf_name(role, i), t, permute.get(role)))
     items.append((gguf_name("norm"), w.norm, None))
+    if w.norm_bias is not None:
+        items.append((gguf_name("norm_bias"), w.norm_bias, None))
     if w.lm_head is not w.embed_tokens:
         items.append((gguf_name("lm_head"), w.lm_head, None))
     show = sys.stderr.isatty() if progress is None else progress

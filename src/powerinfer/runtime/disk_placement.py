@@ -12,7 +12,8 @@ powerinfer.md 6.1):
   neuron cache  CACHE_FRACTION of what the budget has left for neurons (at least MIN_CACHE_SLOTS bundles: a 7B
                 Q4_0 at 40% of its file has ~0.1 GiB left after attention, so a share of the whole budget would
                 leave no hot neurons) for recently fired disk neurons
-                (LRU, kernels/csrc/disk.c; a layer that fires more disk neurons than the cache holds reads the rest
+                (2Q: a FIFO for neurons read once, an LRU for neurons read again within 5 tokens, kernels/csrc/
+                disk.c; a layer that fires more disk neurons than the cache holds reads the rest
                 into overflow slots it gives back after the layer).
   hot neurons   the most often firing neurons (the profile's counts via the injected solver, prepare/solve.py; with
                 no profile an even share of every layer, its first neurons), as many bundles as the rest holds.
@@ -129,7 +130,7 @@ class RamPlan:
                  f"{self.source}",
                  "  resident dense parts: " + ", ".join(f"{k} {mib(v)}" for k, v in self.dense.items()),
                  f"  neuron cache: {self.cache_slots} slots of {self.slot_bytes} bytes ({mib(self.cache_bytes)}, "
-                 f"LRU); resident bundles {mib(self.resident_bytes)}",
+                 f"2Q); resident bundles {mib(self.resident_bytes)}",
                  "  layer  resident neurons   disk neurons"]
         for il, (r, dk) in enumerate(zip(self.resident, self.disk)):
             lines.append(f"  {il:5d}  {len(r):7d} ({len(r) / n_ff:5.1%})  {len(dk):12d}")
