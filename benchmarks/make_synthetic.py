@@ -53,7 +53,8 @@ S = 0.9: p from 0.012 to the 0.9 cap). Each neuron gets its own channel-0 gate w
 z_k = Phi^-1(1 - p_k) (hot neurons: positive), so it fires iff N(0,1) > z_k; the per-layer gamma (analytic with z_max,
 then calibrated by bisection on the measured zero fraction) keeps the mean at S. The verification prints the
 realised share of firings carried by the designed top TOP of neurons (and by the measured top TOP, which a few
-tokens overstate).
+tokens overstate). --activation-counts writes the designed rates as the activation counts `powerinfer profile`
+writes, so a placement (--ram-budget, --vram-budget) keeps the designed hot neurons without running the model.
 
 Low-rank gates and exact predictors (--gate-rank R): gate = A @ B (A [n_ff, R] unit rows, B [R, d] ~ N(0, 1/d),
 channel 0 excluded) plus the channel-0 offsets, a rank R + 1 matrix with the entry distribution of a random one.
@@ -68,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
@@ -82,7 +82,8 @@ from gguf.quants import quantize
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_blocks import (LowRankGate, RandomQ4_0, Streamed, drop_written, firing_rates,  # noqa: E402
                               tokenizer_metadata, top_share)
-from synthetic_verify import engine_smoke, run_layers, write_predictors  # noqa: E402
+from synthetic_verify import (DESIGN_TOKENS, engine_smoke, mem_available, run_layers,  # noqa: E402
+                              write_activation_counts, write_predictors)
 
 SHAPES = {
     "7b": dict(d_model=4096, n_ff=11008, n_layer=32, n_head=32, n_head_kv=32, vocab=32000, ctx=4096,
@@ -350,15 +351,6 @@ def write(spec: Spec, out: Path, name: str) -> None:
     bar.close()
 
 
-def _mem_available() -> int:
-    """MemAvailable (free memory plus what the kernel can reclaim), in bytes."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[
@@ -383,6 +375,10 @@ def main(argv=None) -> int:
                     help="low-rank gates (rank R + 1 with the channel-0 offsets) and their exact predictors written "
                          "to FILE.predictors.safetensors")
     ap.add_argument("--predictors-out", metavar="FILE", help="where --gate-rank writes the predictors")
+    ap.add_argument("--activation-counts", nargs="?", const="", metavar="DIR",
+                    help="with --locality: write the designed firing rates as activation counts (activation_N.pt, "
+                         "the layout `powerinfer profile` writes and placements read) to DIR (bare flag: the "
+                         "model's default profile directory, ~/.cache/powerinfer/<fingerprint>/profile/activation)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     ap.add_argument("--calib-tokens", type=int, default=64, metavar="N",
                     help="calibration text tokens for the per-layer gamma (default: 64; 0 keeps the analytic value)")
@@ -411,6 +407,8 @@ def main(argv=None) -> int:
             problems.append("--locality needs --sparsity (the mean firing rate)")
     if a.gate_rank is not None and not 1 <= a.gate_rank < shape["d_model"]:
         problems.append(f"--gate-rank must be in [1, d_model), got {a.gate_rank}")
+    if a.activation_counts is not None and a.locality is None:
+        problems.append("--activation-counts needs --locality (without it every neuron has the same rate)")
     if a.predictors_out and not a.gate_rank:
         problems.append("--predictors-out needs --gate-rank (only low-rank gates have exact predictors)")
     spec = Spec(qtype=TYPES[a.type][0], activation=a.activation, sparsity=a.sparsity, seed=a.seed,
@@ -465,6 +463,10 @@ def main(argv=None) -> int:
         preds = write_predictors(gates, out, pred_path)
         print(f"wrote {pred_path} ({pred_path.stat().st_size / 2**20:.1f} MiB, exact predictors of rank "
               f"{2 * (spec.gate_rank + 1)}, fingerprint {preds.meta['fingerprint']}) in {time.perf_counter() - t1:.1f} s")
+    if spec.locality is not None and a.activation_counts is not None:
+        where = write_activation_counts([spec.rates(i) for i in range(spec.n_layer)], out, a.activation_counts)
+        print(f"wrote {where}/activation_0..{spec.n_layer - 1}.pt: the designed firing rates x {DESIGN_TOKENS:,} "
+              "tokens (no text was run; the measured share of the designed top neurons is printed below)")
     if held:
         fr = [st.zero_fraction for st in layers]
         per_tok = [t for st in layers for t in st.per_token]
@@ -486,7 +488,7 @@ def main(argv=None) -> int:
             print(f"predictors (threshold 0) against the file's {a.type} gate: recall {statistics.fmean(rec):.4f} "
                   f"(per layer min {min(rec):.4f}), precision {statistics.fmean(prec):.4f} "
                   f"(min {min(prec):.4f})")
-        avail = _mem_available()
+        avail = mem_available()
         if size > avail / 2:
             print(f"engine run skipped: the file ({size / 2**30:.1f} GiB) is more than half the available memory "
                   f"({avail / 2**30:.1f} GiB)")

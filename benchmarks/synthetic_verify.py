@@ -1,7 +1,9 @@
 """Calibration and verification of benchmarks/make_synthetic.py's files with the torch reference model (one layer
-in memory at a time), the exact predictors of its low-rank gates, and a run of the compiled decoder."""
+in memory at a time), the exact predictors of its low-rank gates, a run of the compiled decoder, and the designed
+firing rates written as activation counts."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,3 +163,30 @@ def engine_smoke(path: Path, text: str) -> str:
     if not torch.isfinite(logits).all():
         raise SystemExit("error: the engine produced non-finite logits for the synthetic model")
     return f"engine ({llm.runner.compute}) ran {len(ids)} tokens, logits finite"
+
+
+DESIGN_TOKENS = 1_000_000  # the rates are written as counts over this many (virtual) tokens
+
+
+def write_activation_counts(rates: list[np.ndarray], path: Path, directory: str) -> Path:
+    """Per layer round(p_k * DESIGN_TOKENS) of the designed firing rates as activation_N.pt (a 1-D int64 tensor,
+    upstream's layout), in `directory` or, when empty, the finished file's default profile directory."""
+    import torch
+
+    from powerinfer.prepare.profile import default_profile_dir
+    from powerinfer.sparse.artifacts import model_fingerprint
+
+    out = Path(directory) if directory else default_profile_dir(model_fingerprint(open_model(path))) / "activation"
+    out.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(rates):
+        torch.save(torch.from_numpy(np.rint(p * DESIGN_TOKENS).astype(np.int64)), out / f"activation_{i}.pt")
+    return out
+
+
+def mem_available() -> int:
+    """MemAvailable (free memory plus what the kernel can reclaim), in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
