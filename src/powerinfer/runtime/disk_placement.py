@@ -148,8 +148,9 @@ def ram_dense_parts(loaded, n_ctx: int, gate_resident: bool, predictors=None) ->
     parts = {"attention": attention, "norms": norms, "output_head": size(w.lm_head),
              "kv_cache": 2 * cfg.n_layer * n_ctx * cfg.n_head_kv * cfg.head_dim * KV_BYTES,
              "rope_tables": 2 * n_ctx * (cfg.rope_dim // 2) * 4}
-    if predictors is not None:
-        parts["predictors"] = sum((a.numel() + b.numel()) * 2 for a, b in zip(predictors.fc1, predictors.fc2))
+    if predictors is not None:  # the f16 copies the decoder reads, and the tensors as loaded (held by the spec)
+        parts["predictors"] = sum((a.numel() + b.numel()) * 2 + a.numel() * a.element_size() + b.numel() *
+                                  b.element_size() for a, b in zip(predictors.fc1, predictors.fc2))
     if gate_resident:
         parts["gate"] = sum(size(lw.gate_proj) for lw in w.layers)
     return parts

@@ -59,10 +59,15 @@ def model_fingerprint(loaded) -> str:
     w = loaded.weights
     tensors = list(w.named_tensors())
     tensors += sorted(loaded.extra_tensors.items())
+    from ..formats.pages import release_mapped
+
     for role, t in tensors:
         h.update(f"\n{role} {t.name} {t.qtype.name} {list(t.shape)}\n".encode())
         head = np.ascontiguousarray(np.asarray(t.data).reshape(-1)[:_SAMPLE_BYTES])  # <= 256 elements
         h.update(head.view(np.uint8)[:_SAMPLE_BYTES].tobytes())
+        # one sample maps a whole page-cache folio (large folios: ~0.8 MB a tensor, 228 MB of a 7B's file mapped
+        # into the process), which a --ram-budget run must not carry: give the mapping back
+        release_mapped(t.data)
     return h.hexdigest()[:16]
 
 
