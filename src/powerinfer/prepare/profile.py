@@ -54,19 +54,21 @@ class RecordingFFN(nn.Module):
         self.register_buffer("gate_proj", dense(lw.gate_proj if self.kind != "mlp" else None, dtype))
         self.register_buffer("up_proj", dense(lw.up_proj, dtype))
         self.register_buffer("down_proj", dense(lw.down_proj, dtype))
+        self.register_buffer("up_bias", dense(lw.up_bias, dtype))  # falcon/opt MLP biases, None elsewhere
+        self.register_buffer("down_bias", dense(lw.down_bias, dtype))
         self.counts = torch.zeros(lw.up_proj.rows, dtype=torch.int64)
         self.tokens = 0
         self.samples = samples  # SampleWriter or None
 
     def forward(self, x, residual=None):
-        h = ffn_hidden(self.kind, self.act, x, self.gate_proj, self.up_proj)
+        h = ffn_hidden(self.kind, self.act, x, self.gate_proj, self.up_proj, self.up_bias)
         fired = (h != 0) & (h.abs() >= self.t_h)
         flat = fired.reshape(-1, fired.shape[-1])
         self.counts += flat.sum(0)
         self.tokens += flat.shape[0]
         if self.samples is not None:
             self.samples.add(self.layer, residual.reshape(-1, residual.shape[-1]), flat)
-        return F.linear(h, self.down_proj)
+        return F.linear(h, self.down_proj, self.down_bias)
 
 
 class SampleWriter:

@@ -44,12 +44,12 @@ class PredictorFFN(FFNWeights):
         x = x.reshape(-1, x.shape[-1])
         r = (residual if residual is not None else x).reshape(-1, x.shape[-1])
         predicted = (torch.relu(r @ self.fc1.T) @ self.fc2.T) >= self.threshold
-        h = ffn_hidden(self.kind, self.act, x, self.gate_proj, self.up_proj)
+        h = ffn_hidden(self.kind, self.act, x, self.gate_proj, self.up_proj, self.up_bias)
         true = (h != 0) & (h.abs() >= self.t_h)
         self.active += int(true.sum())
         self.misses += int((true & ~predicted).sum())
         keep = true & predicted
-        out = F.linear(h * keep, self.down_proj)
+        out = F.linear(h * keep, self.down_proj, self.down_bias)
         kept = keep.sum(1)
         n_pred = predicted.sum(1)
         self.stats.record({"h": kept, "up": n_pred}, n_pred * self._in_row + kept * self._down_row)

@@ -80,7 +80,7 @@ class ThresholdFFN(FFNWeights):
                 up = up.index_select(1, cols)
         else:
             kept_x = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
-        return ffn_hidden(self.kind, self.act, x, gate, up), kept_x  # as DenseFFN, operation for operation
+        return ffn_hidden(self.kind, self.act, x, gate, up, self.up_bias), kept_x  # as DenseFFN, op for op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.capture is not None:
@@ -101,7 +101,7 @@ class ThresholdFFN(FFNWeights):
                 h, down = h.index_select(1, idx), down.index_select(1, idx)
         else:
             kept_h = torch.full((x.shape[0],), n_ff, dtype=torch.long)
-        out = F.linear(h, down)
+        out = F.linear(h, down, self.down_bias)
         in_bytes = kept_x * self._in_col if self.thresholds["x"] > 0 else torch.full_like(kept_x, self._in_dense)
         self.stats.record({"x": kept_x, "h": kept_h}, in_bytes + kept_h * self._down_row)
         return out.reshape(*lead, out.shape[-1])
