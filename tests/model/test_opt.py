@@ -72,3 +72,11 @@ def test_info_prints_the_architecture(opt):
     rows = {line.split("  ", 1)[0]: line.split("  ", 1)[1].strip() for line in out.stdout.splitlines() if "  " in line}
     assert rows["architecture"] == "opt" and rows["rope"] == "none (learned position embeddings)"
     assert rows["norm / residual"] == "LayerNorm / sequential" and rows["ffn"] == "mlp with relu"
+
+
+def test_ram_budget_placement_is_refused(opt):
+    """The disk tier's FFN normalises with RMSNorm and adds no biases: an OPT is refused, not run wrong."""
+    from powerinfer.settings import PlacementSettings
+
+    with pytest.raises(PowerInferError, match="placements run llama-family models; opt"):
+        make_runner(load_model(opt["same"]), 128, 1, placement=PlacementSettings(ram_budget=1.0))

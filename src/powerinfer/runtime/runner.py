@@ -175,7 +175,15 @@ def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: 
     CPU, torch on any other device). `placement` (settings.PlacementSettings): with a fast tier (CUDA, or
     --hot-device), a HybridRunner over the tiers runtime/placement.py plans (`solve` finds hot neurons when no
     index is cached); without one, or when its budget cannot hold the dense parts, the CPU runner."""
+    c = loaded.config
+    # the disk tier's and the hybrid FFN's norms are RMSNorm on the post-attention residual, without biases
+    llama_block = c.norm == "rms" and not c.parallel_residual and c.positions == "rope"
+    unplaceable = PowerInferError(f"--ram-budget / --vram-budget placements run llama-family models; {c.arch} "
+                                  "(LayerNorm, biases, parallel residual or learned positions) runs on the CPU "
+                                  "decoder without them")
     if placement is not None and getattr(placement, "ram_budget", None) is not None:
+        if not llama_block:
+            raise unplaceable
         import sys
 
         from .disk_runner import DiskRunner
@@ -191,6 +199,8 @@ def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: 
 
         plan = plan_tiers(loaded, placement, n_ctx or loaded.config.context_length, solve, log or sys.stderr)
         if plan is not None:
+            if not llama_block:
+                raise unplaceable
             from .hybrid_runner import HybridRunner
 
             return HybridRunner(loaded, n_ctx, n_threads, n_batch, plan)
