@@ -335,10 +335,20 @@ def bench(loaded, opts: BenchOptions, n_batch: int = 512, sparsity="off", sparse
              for t in [Test("pp", n, d) for n in opts.prompt_lengths] + [Test("tg", n, d) for n in opts.gen_lengths]]
     cfg = loaded.config
     n_ctx = max(t.depth + t.n for t in tests)
+    try:
+        runner = make_runner(loaded, n_ctx, opts.thread_counts[0], min(n_batch, n_ctx), placement=placement,
+                             solve=solve, log=log)
+    except PowerInferError as e:
+        if "KV cache" not in str(e):
+            raise
+        # bench has no -c: its context is the deepest -d plus the longest test
+        d = max(opts.depths)
+        raise PowerInferError(f"{str(e).removesuffix('; lower -c/--ctx-size')} "
+                              + (f"(-d {d} plus the longest test); lower -d/--n-depth" if d else
+                                 "(the longest test); lower -p/-n")) from None
+    # after the runner, so a context that cannot be allocated is one line on stderr, not a warning and an error
     if cfg.context_length and n_ctx > cfg.context_length:
         print(f"warning: {n_ctx} tokens exceed the model's trained context of {cfg.context_length}", file=log)
-    runner = make_runner(loaded, n_ctx, opts.thread_counts[0], min(n_batch, n_ctx), placement=placement, solve=solve,
-                         log=log)
     sparse_desc = "dense FFN"
     if sparsity != "off" or predictors:
         sparse_desc = apply_sparsity(runner, loaded, sparsity, sparse_method, predictors, calibrate=calibrate)
