@@ -221,6 +221,26 @@ static void run_rows(const pi_layer *L, int j, const pi_act *a, float *y, float 
 }
 
 /* ---- neuron-sparse FFN (see pi_layer) ---- */
+
+int pi_predict_chunk(pi_decoder *D, const pi_layer *L, pi_tws *w, const float *x, int n0, int n1, float *u,
+                     const uint8_t *cand, int32_t *idx, int ith, int nth) {
+    const int r = L->fc1.rows;
+    int r0, r1, nc = 0;
+    pi_act_fill(&w->act, x, 0, 0, D->d, pi_need_of(L->fc1.qtype));
+    pi_split(r, ith, nth, &r0, &r1); /* the hidden layer is split over the threads */
+    if (r1 > r0) {
+        pi_mat_rows(&L->fc1, r0, r1, &w->act, D->z);
+        for (int i = r0; i < r1; i++) D->z[i] = D->z[i] > 0.0f ? D->z[i] : 0.0f;
+    }
+    pi_dec_barrier(D, ith);
+    if (n1 > n0) { /* then each thread predicts its chunk */
+        pi_act_fill(&w->act_z, D->z, 0, 0, r, pi_need_of(L->fc2.qtype));
+        pi_mat_rows(&L->fc2, n0, n1, &w->act_z, u);
+        for (int i = n0; i < n1; i++)
+            if (u[i] >= L->t_pred && (!cand || cand[i])) idx[nc++] = i;
+    }
+    return nc;
+}
 static inline int keep_h(float h, float t_h) { return h != 0.0f && fabsf(h) >= t_h; }
 
 /* The nc candidates in w->idx (a predictor's or a tier's): gate rows gathered, and up rows for those that can fire
@@ -278,24 +298,8 @@ static void ffn_sparse(pi_decoder *D, int il, const float *x, float *xout, const
     w->kept_u[il] = n1 - n0; /* up rows read: all of the chunk unless the ReLU gate selects them below */
     w->kept_g[il] = 0;       /* gate rows read by gathers (a dense gate is counted by the caller) */
     memset(w->yp, 0, (size_t)d * sizeof(float));
-    if (L->fc1.raw) { /* predictor: the hidden layer is split over the threads, then each predicts its chunk */
-        const int r = L->fc1.rows;
-        int r0, r1;
-        pi_act_fill(&w->act, x, 0, 0, d, pi_need_of(L->fc1.qtype));
-        pi_split(r, ith, nth, &r0, &r1);
-        if (r1 > r0) {
-            pi_mat_rows(&L->fc1, r0, r1, &w->act, D->z);
-            for (int i = r0; i < r1; i++) D->z[i] = D->z[i] > 0.0f ? D->z[i] : 0.0f;
-        }
-        pi_dec_barrier(D, ith);
-        int nc = 0;
-        if (n1 > n0) {
-            pi_act_fill(&w->act_z, D->z, 0, 0, r, pi_need_of(L->fc2.qtype));
-            pi_mat_rows(&L->fc2, n0, n1, &w->act_z, u); /* logits of the chunk, in u's slots */
-            for (int i = n0; i < n1; i++)
-                if (u[i] >= L->t_pred && (!cand || cand[i])) w->idx[nc++] = i;
-        }
-        nk = ffn_gather(D, L, w, nc, il);
+    if (L->fc1.raw) { /* predictor: the chunk's logits in u's slots, its candidates in w->idx */
+        nk = ffn_gather(D, L, w, pi_predict_chunk(D, L, w, x, n0, n1, u, cand, w->idx, ith, nth), il);
     } else if (cand) { /* a tier's neurons: row gathers over its candidates in this thread's chunk */
         int nc = 0;
         for (int i = n0; i < n1; i++)

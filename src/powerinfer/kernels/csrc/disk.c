@@ -375,21 +375,7 @@ void pi_ffn_disk(pi_decoder *D, int il, const float *x, float *xout, int ith, in
     /* 1. the active set of this thread's chunk: the predictor's candidates, or the exact ReLU gate over the
      * resident gate matrix (as ffn_sparse in decoder.c computes them) */
     if (L->fc1.raw) {
-        const int r = L->fc1.rows;
-        int r0, r1;
-        pi_act_fill(&w->act, x, 0, 0, d, pi_need_of(L->fc1.qtype));
-        pi_split(r, ith, nth, &r0, &r1);
-        if (r1 > r0) {
-            pi_mat_rows(&L->fc1, r0, r1, &w->act, D->z);
-            for (int i = r0; i < r1; i++) D->z[i] = D->z[i] > 0.0f ? D->z[i] : 0.0f;
-        }
-        pi_dec_barrier(D, ith);
-        if (n1 > n0) {
-            pi_act_fill(&w->act_z, D->z, 0, 0, r, pi_need_of(L->fc2.qtype));
-            pi_mat_rows(&L->fc2, n0, n1, &w->act_z, u);
-            for (int i = n0; i < n1; i++)
-                if (u[i] >= L->t_pred) idx[nc++] = i;
-        }
+        nc = pi_predict_chunk(D, L, w, x, n0, n1, u, NULL, idx, ith, nth);
     } else if (n1 > n0) {
         pi_act_fill(&w->act, xn, 0, 0, d, L->need_ffn);
         pi_mat_run_seg(&L->gate, &L->seg[MGATE][ith], &w->act, 1, g, 0);
