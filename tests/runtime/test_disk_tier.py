@@ -328,3 +328,26 @@ def test_run_with_a_ram_budget_prints_the_disk_tier_and_the_same_text(capsys, ti
     assert main(argv + ["--ram-budget", "0.0001"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "this model needs in RAM at -c 64" in err[0]
+
+
+def test_perplexity_with_a_ram_budget_reports_the_disk_tier_after_each_chunk(capsys, tiny_gguf, tmp_path):
+    """A long run says what the disk tier costs as it goes: after every chunk (stderr, beside llama.cpp's running
+    values on stdout), the bytes read, hit rate and I/O wait per step so far; the perplexity equals the all-RAM run's."""
+    from powerinfer.cli import main
+
+    model = tiny_gguf(activation="relu", qtype=Q.Q8_0, n_layer=3, n_ff=256, context_length=128, gate_rank=4,
+                      gate_bias=0.5, tokenizer=True, n_vocab=300)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 12)
+    # -b 1: the all-RAM run evaluates one token per step as the disk tier does (batched prompts round differently)
+    argv = ["perplexity", "-m", str(model.path), "-f", str(text), "-c", "32", "--chunks", "3", "-b", "1"]
+    assert main(argv) == 0
+    ram = capsys.readouterr()
+    assert main(argv + ["--ram-budget", "0.0015"]) == 0
+    disk = capsys.readouterr()
+    lines = [ln for ln in disk.err.splitlines() if ln.startswith("perplexity: chunk ")]
+    assert [ln.split(":")[1].strip() for ln in lines] == ["chunk 1/3", "chunk 2/3", "chunk 3/3"]
+    assert all("MiB read" in ln and "neuron cache hit rate" in ln and "I/O wait" in ln for ln in lines)
+    assert "disk tier" not in ram.err
+    ppl = [ln for ln in ram.out.splitlines() if ln.startswith("Final estimate")]
+    assert ppl and ppl == [ln for ln in disk.out.splitlines() if ln.startswith("Final estimate")]

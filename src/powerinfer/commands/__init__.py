@@ -13,6 +13,16 @@ from __future__ import annotations
 import sys
 
 
+def disk_line(disk: dict) -> str:
+    """The disk tier's counters per step (runtime/disk_runner.py `disk_stats`) in one line: what run --verbose prints
+    at the end and perplexity prints after each chunk."""
+    rate = f", {disk['read_rate_mb_s']:.0f} MB/s while waiting" if disk["read_rate_mb_s"] else ""
+    return (f"disk tier, per step ({disk['tokens']} steps): {disk['bytes_per_token'] / 2**20:.2f} MiB read "
+            f"({disk['bundles_per_token']:.0f} neuron bundles in {disk['reads_per_token']:.0f} reads), neuron cache "
+            f"hit rate {disk['hit_rate']:.1%}, I/O wait {disk['io_wait_ms_per_token']:.2f} ms "
+            f"({'O_DIRECT' if disk['o_direct'] else 'buffered'}{rate})")
+
+
 def load_model_noted(path, allow_non_finite: bool = False):
     """formats.loader.load_model, saying on stderr what was converted at load and which non-finite tensors
     --allow-non-finite let through (the commands that run the model and report its numbers: run, perplexity, bench,

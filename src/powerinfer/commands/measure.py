@@ -15,7 +15,7 @@ from ..prepare.calibrate import calibrate_default
 from ..prepare.solve import solve_hot_sets
 from ..settings import ModelSettings, SamplingParams, from_namespace
 from ..textdata import describe, pydoc_topics, read_text
-from . import load_model_noted
+from . import disk_line, load_model_noted
 
 
 # -- perplexity ----------------------------------------------------------------------------------------------------
@@ -67,13 +67,23 @@ def cmd_perplexity(args) -> int:
     bar = tqdm(total=n_chunk, unit="chunk", file=sys.stderr, desc="perplexity") if show_bar else None
     stream_out = sys.stderr if opts.json else sys.stdout
 
+    # With --ram-budget a long run also says what the disk tier costs, chunk by chunk (counters since the start)
+    disk_stats = getattr(llm.runner, "disk_stats", None)
+
     def on_chunk(i, n, ppl):
+        disk = disk_stats() if disk_stats else None
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(ppl=f"{ppl:.4f}")
+            if disk and disk["tokens"]:
+                bar.set_postfix(ppl=f"{ppl:.4f}", disk=f"{disk['bytes_per_token'] / 2**20:.1f}MiB/tok",
+                                hit=f"{disk['hit_rate']:.0%}", io_wait=f"{disk['io_wait_ms_per_token']:.0f}ms/tok")
+            else:
+                bar.set_postfix(ppl=f"{ppl:.4f}")
         else:
             stream_out.write(f"[{i + 1}]{ppl:.4f},")
             stream_out.flush()
+            if disk and disk["tokens"]:
+                print(f"\nperplexity: chunk {i + 1}/{n}: {disk_line(disk)}", file=log)
 
     try:
         r = perplexity(llm.runner, tokens, n_ctx, bos_id=bos, max_chunks=opts.chunks, logits_out=opts.logits_out,

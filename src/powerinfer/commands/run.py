@@ -18,7 +18,7 @@ from ..options import InfoOptions, RunOptions, TokenizeOptions
 from ..options_llama import ChatOptions, LlamaCompatFlags, unescape
 from ..settings import ModelSettings, SamplingParams, from_namespace
 from ..textdata import read_text
-from . import load_model_noted
+from . import disk_line, load_model_noted
 from .chat import Session, run_conversation, run_text
 
 
@@ -145,11 +145,7 @@ def _print_stats(r, runner=None, verbose=False, seed=None):
               file=sys.stderr)
     disk = runner.disk_stats() if verbose and hasattr(runner, "disk_stats") else None
     if disk and disk["tokens"]:
-        rate = f", {disk['read_rate_mb_s']:.0f} MB/s while waiting" if disk["read_rate_mb_s"] else ""
-        print(f"disk tier, per step ({disk['tokens']} steps): {disk['bytes_per_token'] / 2**20:.2f} MiB read "
-              f"({disk['bundles_per_token']:.0f} neuron bundles in {disk['reads_per_token']:.0f} reads), neuron cache "
-              f"hit rate {disk['hit_rate']:.1%}, I/O wait {disk['io_wait_ms_per_token']:.2f} ms "
-              f"({'O_DIRECT' if disk['o_direct'] else 'buffered'}{rate})", file=sys.stderr)
+        print(disk_line(disk), file=sys.stderr)
     if verbose and ffn:
         print("layer  neurons skipped  input skipped", file=sys.stderr)
         for i, (s, x) in enumerate(zip(ffn["sparsity_per_layer"], ffn["input_sparsity_per_layer"])):
