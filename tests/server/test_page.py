@@ -104,28 +104,25 @@ def test_page_streams_a_reply_and_draws_the_neurons_that_fire(page, tiny_server,
     assert page.problems == []
 
 
-def test_stop_cancels_the_generation_on_the_server(page, serve, tiny_model):
-    # a server of its own with room for a reply of 60,000 tokens (minutes of work): the shared one's 6,000 were
-    # done before the page drew its first words on a fast host, and Stop was gone when the test reached for it
-    tiny_server = serve("-m", str(tiny_model.path), "--sparsity", "auto", "-c", "65536", "-t", "2", "--temp", "0",
-                        "--ignore-eos")
-    page.goto(tiny_server.url + "/")
-    page.fill("#max_tokens", "60000")
-    before = tiny_server.metrics()
-    _send(page, "Write forever.")
-    # the first visible character: a random model's bytes are mostly held back as incomplete UTF-8, so the text
-    # grows far slower than the tokens do
+def test_stop_cancels_the_generation_on_the_server(page, bundled_server):
+    # the bundled model writes at a real model's pace: a tiny random model's thousands of tokens a second were done,
+    # or kept the page's main thread too busy to take the click, before the test reached Stop
+    server = bundled_server
+    page.goto(server.url + "/")
+    page.fill("#max_tokens", "3000")
+    before = server.metrics()
+    _send(page, "Write a very long story about a dragon, in many chapters.")
+    # Stop as soon as the reply has begun
     sync_api.expect(page.locator(".msg.assistant .body")).to_have_text(re.compile(r"\S"))
     assert page.is_visible("#stop") and not page.is_visible("#send")
-    # dispatched, not clicked: the button moves every frame while the reply grows, and click() waits for it to be
-    # still (30 s on a fast host)
+    # dispatched, not clicked: the button moves while the reply grows, and click() waits for it to stand still
     page.locator("#stop").dispatch_event("click")
     page.wait_for_selector("#send:not([hidden])")
     assert page.inner_text(".msg.assistant .stats").startswith("stopped after")
-    tiny_server.wait_idle(10)
-    after = tiny_server.metrics()
+    server.wait_idle(10)
+    after = server.metrics()
     assert after["powerinfer_requests_cancelled_total"] == before["powerinfer_requests_cancelled_total"] + 1
-    assert after["powerinfer_tokens_predicted_total"] - before["powerinfer_tokens_predicted_total"] < 30000
+    assert after["powerinfer_tokens_predicted_total"] - before["powerinfer_tokens_predicted_total"] < 1500
     assert page.problems == []
 
 
