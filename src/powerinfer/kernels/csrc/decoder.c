@@ -154,6 +154,18 @@ static void run_rows(const pi_layer *L, int j, const pi_act *a, float *y, float 
 
 /* ---- neuron-sparse FFN (see pi_layer) ---- */
 
+void pi_reduce_partials(pi_decoder *D, float *xout, const float *bias, int ith, int nth) {
+    pi_dec_barrier(D, ith);
+    int r0, r1; /* this thread's slice of x */
+    pi_split(D->d, ith, nth, &r0, &r1);
+    for (int t = 0; t < nth; t++) {
+        const float *yp = D->tw[t].yp;
+        for (int r = r0; r < r1; r++) xout[r] += yp[r];
+    }
+    if (bias) for (int r = r0; r < r1; r++) xout[r] += bias[r];
+    pi_dec_barrier(D, ith);
+}
+
 int pi_predict_chunk(pi_decoder *D, const pi_layer *L, pi_tws *w, const float *x, int n0, int n1, float *u,
                      const uint8_t *cand, int32_t *idx, int ith, int nth) {
     const int r = L->fc1.rows;
@@ -274,15 +286,7 @@ static void ffn_sparse(pi_decoder *D, int il, const float *x, float *xout, const
     }
     w->kept_h[il] = nk;
     w->kept_x[il] = ith == 0 ? nx : 0;
-    pi_dec_barrier(D, ith);
-    int r0, r1; /* reduce the threads' sums over this thread's slice of x */
-    pi_split(d, ith, nth, &r0, &r1);
-    for (int t = 0; t < nth; t++) {
-        const float *yp = D->tw[t].yp;
-        for (int r = r0; r < r1; r++) xout[r] += yp[r];
-    }
-    if (L->bd) for (int r = r0; r < r1; r++) xout[r] += L->bd[r];
-    pi_dec_barrier(D, ith);
+    pi_reduce_partials(D, xout, L->bd, ith, nth);
 }
 
 /* ---- decode ---- */

@@ -154,6 +154,9 @@ int pi_decoder_set_biases(pi_decoder *D, int il, const float *attn_norm_b, const
 /* PowerInfer's predictor over thread ith's chunk [n0, n1) of a layer's neurons (every thread calls it: the hidden
  * layer fc1 is split over the threads, then a barrier): the chunk's logits fc2 relu(fc1 x) go to u[n0..n1), the
  * neurons with logit >= t_pred (and cand[i] when cand is given) to idx; returns their count */
+/* x += the sum of the threads' partial FFN outputs (tw[t].yp) and the bias, each thread over its slice of x,
+ * between two barriers (every thread calls it) */
+void pi_reduce_partials(pi_decoder *D, float *xout, const float *bias, int ith, int nth);
 int pi_predict_chunk(pi_decoder *D, const pi_layer *L, pi_tws *w, const float *x, int n0, int n1, float *u,
                      const uint8_t *cand, int32_t *idx, int ith, int nth);
 /* qwen3's per-head q/k RMSNorm weights ([hd] each, both or neither); set_layer clears them */

@@ -422,12 +422,5 @@ void pi_ffn_disk(pi_decoder *D, int il, const float *x, float *xout, int ith, in
     pi_mat_axpy(&dl->down, s, w->hv, nk, 0, d, w->yp);
     w->kept_h[il] = nk;
     w->kept_x[il] = ith == 0 ? d : 0;
-    pi_dec_barrier(D, ith);
-    int r0, r1; /* reduce the threads' sums over this thread's slice of x */
-    pi_split(d, ith, nth, &r0, &r1);
-    for (int t = 0; t < nth; t++) {
-        const float *yp = D->tw[t].yp;
-        for (int r = r0; r < r1; r++) xout[r] += yp[r];
-    }
-    pi_dec_barrier(D, ith);
+    pi_reduce_partials(D, xout, NULL, ith, nth);
 }
