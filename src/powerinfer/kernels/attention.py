@@ -25,22 +25,26 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_head
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_head: int,
-                     n_head_kv: int, n_threads: int = 1, iters: int = 1) -> tuple[torch.Tensor, float]:
-    """(out [n_head*head_dim], ns per call): the query at position `pos` against cache rows 0..pos."""
+                     n_head_kv: int, n_threads: int = 1, iters: int = 1, softcap: float = 0.0,
+                     window: int = 0) -> tuple[torch.Tensor, float]:
+    """(out [n_head*head_dim], ns per call): the query at position `pos` against cache rows 0..pos (the last
+    `window` of them when window > 0), scores soft-capped to softcap*tanh(s/softcap) when softcap > 0 (Gemma 2)."""
     hd = _check(q, k_cache, v_cache, n_head, n_head_kv)
     out = torch.empty(n_head * hd, dtype=torch.float32)
     ns = _C.attention(0, q.data_ptr(), 1, pos, n_head, n_head_kv, hd, k_cache.data_ptr(), v_cache.data_ptr(),
-                      k_cache.shape[0], out.data_ptr(), n_threads, iters)
+                      k_cache.shape[0], out.data_ptr(), n_threads, iters, float(softcap), int(window))
     return out, ns
 
 
 def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos0: int, n_head: int,
-                      n_head_kv: int, n_threads: int = 1, iters: int = 1) -> tuple[torch.Tensor, float]:
+                      n_head_kv: int, n_threads: int = 1, iters: int = 1, softcap: float = 0.0,
+                      window: int = 0) -> tuple[torch.Tensor, float]:
     """(out [n_tok, n_head*head_dim], ns per call): queries q [n_tok, n_head*head_dim] at positions pos0.., each
-    against cache rows 0..its own position (causal)."""
+    against cache rows 0..its own position (causal; the last `window` of them when window > 0), softcap as in
+    attention_decode."""
     hd = _check(q, k_cache, v_cache, n_head, n_head_kv)
     n = q.shape[0]
     out = torch.empty(n, n_head * hd, dtype=torch.float32)
     ns = _C.attention(1, q.data_ptr(), n, pos0, n_head, n_head_kv, hd, k_cache.data_ptr(), v_cache.data_ptr(),
-                      k_cache.shape[0], out.data_ptr(), n_threads, iters)
+                      k_cache.shape[0], out.data_ptr(), n_threads, iters, float(softcap), int(window))
     return out, ns

@@ -228,15 +228,20 @@ def _vec(t: QTensor | None) -> torch.Tensor | None:
 
 
 def attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_kv: int, n_head: int,
-                  n_head_kv: int, head_dim: int) -> torch.Tensor:
-    """q [n_head, head_dim] (roped); caches f16 [n_ctx, n_head_kv*head_dim]; float64 [n_head*head_dim]."""
-    k = k_cache[:n_kv].double().reshape(n_kv, n_head_kv, head_dim)
-    v = v_cache[:n_kv].double().reshape(n_kv, n_head_kv, head_dim)
+                  n_head_kv: int, head_dim: int, scale: float = 0.0, softcap: float = 0.0,
+                  window: int = 0) -> torch.Tensor:
+    """q [n_head, head_dim] (roped); caches f16 [n_ctx, n_head_kv*head_dim]; float64 [n_head*head_dim]. Gemma's
+    options: scale (0: 1/sqrt(head_dim)), scores capped to softcap*tanh(s/softcap), only the last `window` rows."""
+    lo = n_kv - window if 0 < window < n_kv else 0
+    k = k_cache[lo:n_kv].double().reshape(n_kv - lo, n_head_kv, head_dim)
+    v = v_cache[lo:n_kv].double().reshape(n_kv - lo, n_head_kv, head_dim)
     out = []
     for h in range(n_head):
         g = h // (n_head // n_head_kv)
         qh = q[h].half().double()  # ggml converts q to the f16 K's vec_dot_type
-        s = (k[:, g, :] @ qh) / math.sqrt(head_dim)
+        s = (k[:, g, :] @ qh) * (scale or 1.0 / math.sqrt(head_dim))
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
         p = torch.softmax(s, dim=0).half().double()  # kq rounded to f16 for the f16 V product
         out.append(p @ v[:, g, :])
     return torch.cat(out)

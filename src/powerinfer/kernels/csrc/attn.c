@@ -13,7 +13,7 @@ static inline const uint16_t *row16(const uint8_t *base, size_t stride, int t) {
 }
 
 static void scores_portable(const float *q, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0, int n,
-                            float scale, float *e, size_t ld, float *m, float *l) {
+                            float scale, float softcap, float *e, size_t ld, float *m, float *l) {
     float qh[PI_MAX_HEAD_DIM];
     for (int h = h0; h < h1; h++) {
         const uint8_t *kb = kv->k + pi_row_bytes(kv->type, h / rep * hd);
@@ -25,6 +25,7 @@ static void scores_portable(const float *q, int h0, int h1, int rep, int hd, con
             float acc = 0.0f;
             for (int j = 0; j < hd; j++) acc += qh[j] * pi_fp16_to_fp32(k[j]);
             er[i] = acc * scale;
+            if (softcap > 0.0f) er[i] = softcap * tanhf(er[i] / softcap);
             mx = er[i] > mx ? er[i] : mx;
         }
         double sum = 0.0;
@@ -53,15 +54,17 @@ static void values_portable(float *e, size_t ld, const float *f, int h0, int h1,
 
 /* One query at a time: the decode kernels over its visible rows (scores in scratch). */
 static void tile_portable(const float *q, size_t q_stride, int nq, int n_rep, int hd, const pi_kv_head *kv, int pos0,
-                          float scale, float *scratch, float *out, size_t out_stride) {
-    for (int j = 0; j < nq; j++)
+                          float scale, float softcap, int window, float *scratch, float *out, size_t out_stride) {
+    for (int j = 0; j < nq; j++) {
+        const int end = pos0 + j + 1, lo = window > 0 && end > window ? end - window : 0;
         for (int r = 0; r < n_rep; r++) { /* head index 0 of a one-head "layer": q, e, m, l, f, out at offset 0 */
             float m, l, f;
-            scores_portable(q + (size_t)j * q_stride + (size_t)r * hd, 0, 1, 1, hd, kv, 0, pos0 + j + 1, scale, scratch,
-                            0, &m, &l);
+            scores_portable(q + (size_t)j * q_stride + (size_t)r * hd, 0, 1, 1, hd, kv, lo, end - lo, scale, softcap,
+                            scratch, 0, &m, &l);
             f = 1.0f / l;
-            values_portable(scratch, 0, &f, 0, 1, 1, hd, kv, 0, pos0 + j + 1, out + (size_t)j * out_stride + (size_t)r * hd);
+            values_portable(scratch, 0, &f, 0, 1, 1, hd, kv, lo, end - lo, out + (size_t)j * out_stride + (size_t)r * hd);
         }
+    }
 }
 
 const pi_attn_ops pi_attn_portable_f16 = {scores_portable, values_portable, tile_portable, 1};
@@ -122,8 +125,10 @@ void pi_attn_ws_free(pi_attn_ws *w) {
 }
 
 void pi_attn_decode(const pi_attn_decode_args *a, int ith, int nth) {
-    const int nh = a->n_head, hd = a->hd, rep = nh / a->n_head_kv, n_kv = a->n_kv;
-    const float scale = 1.0f / sqrtf((float)hd);
+    const int nh = a->n_head, hd = a->hd, rep = nh / a->n_head_kv;
+    /* a sliding window reads rows t_lo .. n_kv-1 only; chunks and e are indexed from t_lo */
+    const int t_lo = a->window > 0 && a->n_kv > a->window ? a->n_kv - a->window : 0, n_kv = a->n_kv - t_lo;
+    const float scale = a->scale > 0.0f ? a->scale : 1.0f / sqrtf((float)hd), cap = a->softcap;
     pi_attn_ws *w = a->ws;
     const size_t ld = (size_t)w->n_ctx;
     const pi_kv_head kv = pi_kv_head_of(a->kv_type, a->k, a->v, a->stride, 0, hd);
@@ -133,9 +138,9 @@ void pi_attn_decode(const pi_attn_decode_args *a, int ith, int nth) {
     if (n_kv <= PI_ATTN_CHUNK) { /* one chunk: the threads split the query heads */
         for (int ha = h0; ha < h1; ha += PI_ATTN_CALL_HEADS) {
             const int hb = h1 - ha < PI_ATTN_CALL_HEADS ? h1 : ha + PI_ATTN_CALL_HEADS;
-            a->ops->scores(a->q, ha, hb, rep, hd, &kv, 0, n_kv, scale, w->e, ld, hm, hl);
+            a->ops->scores(a->q, ha, hb, rep, hd, &kv, t_lo, n_kv, scale, cap, w->e, ld, hm, hl);
             for (int h = ha; h < hb; h++) f[h] = 1.0f / hl[h];
-            a->ops->values(w->e, ld, f, ha, hb, rep, hd, &kv, 0, n_kv, a->out);
+            a->ops->values(w->e, ld, f, ha, hb, rep, hd, &kv, t_lo, n_kv, a->out);
         }
         return;
     }
@@ -147,7 +152,7 @@ void pi_attn_decode(const pi_attn_decode_args *a, int ith, int nth) {
         const int t0 = c * PI_ATTN_CHUNK, n = n_kv - t0 < PI_ATTN_CHUNK ? n_kv - t0 : PI_ATTN_CHUNK;
         for (int ha = 0; ha < nh; ha += PI_ATTN_CALL_HEADS) {
             const int hb = nh - ha < PI_ATTN_CALL_HEADS ? nh : ha + PI_ATTN_CALL_HEADS;
-            a->ops->scores(a->q, ha, hb, rep, hd, &kv, t0, n, scale, w->e + t0, ld, w->m + (size_t)c * nh,
+            a->ops->scores(a->q, ha, hb, rep, hd, &kv, t_lo + t0, n, scale, cap, w->e + t0, ld, w->m + (size_t)c * nh,
                            w->l + (size_t)c * nh);
         }
     }
@@ -168,7 +173,7 @@ void pi_attn_decode(const pi_attn_decode_args *a, int ith, int nth) {
             for (int h = 0; h < nh; h++) f[h] = expf(w->m[(size_t)c * nh + h] - hm[h]) * hl[h];
             for (int ha = 0; ha < nh; ha += PI_ATTN_CALL_HEADS) {
                 const int hb = nh - ha < PI_ATTN_CALL_HEADS ? nh : ha + PI_ATTN_CALL_HEADS;
-                a->ops->values(w->e + t0, ld, f, ha, hb, rep, hd, &kv, t0, n, w->o + (size_t)c * nh * hd);
+                a->ops->values(w->e + t0, ld, f, ha, hb, rep, hd, &kv, t_lo + t0, n, w->o + (size_t)c * nh * hd);
             }
         }
     }
@@ -186,16 +191,16 @@ void pi_attn_decode(const pi_attn_decode_args *a, int ith, int nth) {
 
 /* ---- prefill ---- */
 void pi_attn_prefill(const pi_attn_ops *ops, const float *q, size_t q_stride, int n, int pos0, int n_head,
-                     int n_head_kv, int hd, int kv_type, const void *k, const void *v, size_t stride, float *scratch,
-                     float *out, size_t out_stride, int ith, int nth) {
+                     int n_head_kv, int hd, int kv_type, const void *k, const void *v, size_t stride, float scale,
+                     float softcap, int window, float *scratch, float *out, size_t out_stride, int ith, int nth) {
     const int rep = n_head / n_head_kv, tq = ops->tile_q;
     const int n_tiles = (n + tq - 1) / tq, n_items = n_tiles * n_head_kv;
-    const float scale = 1.0f / sqrtf((float)hd);
+    if (scale <= 0.0f) scale = 1.0f / sqrtf((float)hd);
     for (int it = ith; it < n_items; it += nth) {
         const int tile = it / n_head_kv, g = it % n_head_kv, ta = tile * tq, nq = n - ta < tq ? n - ta : tq;
         const pi_kv_head kv = pi_kv_head_of(kv_type, k, v, stride, g, hd);
         const size_t h = (size_t)g * rep;
-        ops->tile(q + (size_t)ta * q_stride + h * hd, q_stride, nq, rep, hd, &kv, pos0 + ta, scale, scratch,
-                  out + (size_t)ta * out_stride + h * hd, out_stride);
+        ops->tile(q + (size_t)ta * q_stride + h * hd, q_stride, nq, rep, hd, &kv, pos0 + ta, scale, softcap, window,
+                  scratch, out + (size_t)ta * out_stride + h * hd, out_stride);
     }
 }

@@ -57,14 +57,18 @@ typedef struct {
  * tile:   causal attention of queries at positions pos0 .. pos0+nq-1 (nq <= tile_q; query j's heads at
  *         q + j*q_stride, n_rep of them, hd apart, all reading kv) over rows 0 .. pos0+nq-1; out likewise
  *         (out_stride). The same numbers as `scores` + `values` with f = 1/l per query. scratch:
- *         pi_attn_tile_floats(hd, n_ctx) floats, 64-byte aligned. */
+ *         pi_attn_tile_floats(hd, n_ctx) floats, 64-byte aligned.
+ * softcap > 0: every score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2's attention logit
+ * soft-capping, llama.cpp's attn_soft_cap); m[h] is then the capped max. window > 0 (tile): query position p sees
+ * rows p - window < t <= p only (llama.cpp's LLAMA_SWA_TYPE_STANDARD, HF's sliding_window_overlay); the decode
+ * driver passes a window as the first row instead. */
 typedef struct pi_attn_ops {
     void (*scores)(const float *q, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0, int n, float scale,
-                   float *e, size_t ld, float *m, float *l);
+                   float softcap, float *e, size_t ld, float *m, float *l);
     void (*values)(float *e, size_t ld, const float *f, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0,
                    int n, float *out);
     void (*tile)(const float *q, size_t q_stride, int nq, int n_rep, int hd, const pi_kv_head *kv, int pos0,
-                 float scale, float *scratch, float *out, size_t out_stride);
+                 float scale, float softcap, int window, float *scratch, float *out, size_t out_stride);
     int tile_q;
 } pi_attn_ops;
 
@@ -97,7 +101,8 @@ void pi_attn_ws_free(pi_attn_ws *w);
 
 typedef void (*pi_attn_barrier_fn)(void *ctx, int ith);
 
-/* One decode position: q [n_head*hd] (roped) against rows 0 .. n_kv-1 of a layer cache; run by all nth threads.
+/* One decode position: q [n_head*hd] (roped) against rows 0 .. n_kv-1 of a layer cache (rows n_kv - window ..
+ * n_kv-1 when window > 0); run by all nth threads. scale 0 is 1/sqrt(hd); softcap as in pi_attn_ops.
  * When it returns, this thread's heads (pi_split(n_head, ith, nth)) of out are final; the others are after the
  * caller's next barrier. */
 typedef struct {
@@ -110,13 +115,16 @@ typedef struct {
     pi_attn_ws *ws;
     pi_attn_barrier_fn barrier;
     void *ctx;
+    float scale, softcap;
+    int window;
 } pi_attn_decode_args;
 void pi_attn_decode(const pi_attn_decode_args *a, int ith, int nth);
 
-/* Prefill: queries t < n at positions pos0+t (row t at q + t*q_stride, every head) against rows 0 .. pos0+n-1;
- * this thread's share of the (tile, KV head) work items, dealt round-robin (later tiles cost more). */
+/* Prefill: queries t < n at positions pos0+t (row t at q + t*q_stride, every head) against rows 0 .. pos0+n-1
+ * (the last `window` of them per query when window > 0); scale 0 is 1/sqrt(hd); this thread's share of the
+ * (tile, KV head) work items, dealt round-robin (later tiles cost more). */
 void pi_attn_prefill(const pi_attn_ops *ops, const float *q, size_t q_stride, int n, int pos0, int n_head,
-                     int n_head_kv, int hd, int kv_type, const void *k, const void *v, size_t stride, float *scratch,
-                     float *out, size_t out_stride, int ith, int nth);
+                     int n_head_kv, int hd, int kv_type, const void *k, const void *v, size_t stride, float scale,
+                     float softcap, int window, float *scratch, float *out, size_t out_stride, int ith, int nth);
 
 #endif

@@ -50,6 +50,15 @@ AI __m256 exp_neg(__m256 x) { /* x <= 0, clamped at -87 so 2^n stays a normal fl
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+/* cap * tanh(x / cap), as attn_avx512.c's softcap_ps */
+AI __m256 softcap_ps(__m256 x, __m256 cap, __m256 inv_cap) {
+    const __m256 t = _mm256_mul_ps(x, inv_cap), sign = _mm256_set1_ps(-0.0f);
+    const __m256 a = _mm256_andnot_ps(sign, t);
+    const __m256 e = exp_neg(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f)));
+    const __m256 th = _mm256_div_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), e), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    return _mm256_mul_ps(_mm256_or_ps(th, _mm256_and_ps(sign, t)), cap);
+}
+
 AI __m256 reduce8(const __m256 *a) { /* r[i] = sum of the 8 lanes of a[i] */
     const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
     const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
@@ -89,7 +98,7 @@ AI void scores_block(const float *qh, int ha, int hb, const int ND, const int SH
 }
 
 AI void scores_nd(const float *q, int h0, int h1, int rep, const int ND, const pi_kv_head *kv, int t0, int n,
-                  float scale, float *e, size_t ld, float *m, float *l) {
+                  float scale, float softcap, float *e, size_t ld, float *m, float *l) {
     const int hd = 8 * ND;
     const size_t st = kv->stride;
     const uint8_t *kb = kv->k + (size_t)t0 * st;
@@ -115,14 +124,17 @@ AI void scores_nd(const float *q, int h0, int h1, int rep, const int ND, const p
                 scores_block(qh - (size_t)h0 * hd, ha, hb, ND, 0, kb + (size_t)g * hd * 2, st, i0, nt, vscale, kf, e, ld, vm - h0);
         }
     }
-    for (int h = h0; h < h1; h++) { /* e = exp(s - max), sum */
+    const __m256 vcap = _mm256_set1_ps(softcap), vinv = _mm256_set1_ps(softcap > 0.0f ? 1.0f / softcap : 0.0f);
+    for (int h = h0; h < h1; h++) { /* e = exp(s - max), sum (capped s and max: tanh keeps the order) */
         float *er = e + (size_t)h * ld;
-        const float mx = hmax(vm[h - h0]);
+        float mx = hmax(vm[h - h0]);
+        if (softcap > 0.0f) mx = _mm256_cvtss_f32(softcap_ps(_mm256_set1_ps(mx), vcap, vinv));
         __m256 vs = _mm256_setzero_ps();
         for (int i0 = 0; i0 < n; i0 += 8) {
             const __m256i km = _mm256_castps_si256(tail_mask(n - i0));
-            const __m256 x = _mm256_and_ps(exp_neg(_mm256_sub_ps(_mm256_maskload_ps(er + i0, km), _mm256_set1_ps(mx))),
-                                           _mm256_castsi256_ps(km));
+            __m256 sc = _mm256_maskload_ps(er + i0, km);
+            if (softcap > 0.0f) sc = softcap_ps(sc, vcap, vinv);
+            const __m256 x = _mm256_and_ps(exp_neg(_mm256_sub_ps(sc, _mm256_set1_ps(mx))), _mm256_castsi256_ps(km));
             _mm256_maskstore_ps(er + i0, km, x);
             vs = _mm256_add_ps(vs, x);
         }
@@ -132,13 +144,13 @@ AI void scores_nd(const float *q, int h0, int h1, int rep, const int ND, const p
 }
 
 static void scores(const float *q, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0, int n, float scale,
-                   float *e, size_t ld, float *m, float *l) {
+                   float softcap, float *e, size_t ld, float *m, float *l) {
     switch (hd) {
-    case 64: scores_nd(q, h0, h1, rep, 8, kv, t0, n, scale, e, ld, m, l); break;
-    case 128: scores_nd(q, h0, h1, rep, 16, kv, t0, n, scale, e, ld, m, l); break;
+    case 64: scores_nd(q, h0, h1, rep, 8, kv, t0, n, scale, softcap, e, ld, m, l); break;
+    case 128: scores_nd(q, h0, h1, rep, 16, kv, t0, n, scale, softcap, e, ld, m, l); break;
     default:
-        if (hd % 8) pi_attn_portable_f16.scores(q, h0, h1, rep, hd, kv, t0, n, scale, e, ld, m, l);
-        else scores_nd(q, h0, h1, rep, hd / 8, kv, t0, n, scale, e, ld, m, l);
+        if (hd % 8) pi_attn_portable_f16.scores(q, h0, h1, rep, hd, kv, t0, n, scale, softcap, e, ld, m, l);
+        else scores_nd(q, h0, h1, rep, hd / 8, kv, t0, n, scale, softcap, e, ld, m, l);
     }
 }
 
@@ -198,8 +210,10 @@ static void values(float *e, size_t ld, const float *f, int h0, int h1, int rep,
  * fma chains); softmax down the lanes; probabilities normalized, rounded to f16; then O^T[d][lane] += P[pos] *
  * V[pos][d] over 8-row blocks of V, 4 dims in flight (independent chains). */
 AI void tile_head(const float *q, size_t q_stride, int nq, int hd, const pi_kv_head *kv, int pos0, float scale,
-                  float *Qt, float *kf, float *Ot, float *S, float *out, size_t out_stride) {
+                  float softcap, int window, float *Qt, float *kf, float *Ot, float *S, float *out, size_t out_stride) {
     const int n_pos = pos0 + nq;
+    /* a sliding window: rows before the first query's window are never read (lo, a multiple of 8) */
+    const int lo = window > 0 && pos0 + 1 > window ? (pos0 + 1 - window) / 8 * 8 : 0;
     for (int d = 0; d < hd; d++) {
         float col[8];
         for (int j = 0; j < 8; j++) col[j] = j < nq ? q[(size_t)j * q_stride + d] : 0.0f;
@@ -208,8 +222,11 @@ AI void tile_head(const float *q, size_t q_stride, int nq, int hd, const pi_kv_h
     }
     const __m256i lane_next = _mm256_add_epi32(_mm256_set1_epi32(pos0 + 1), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const __m256 vscale = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
+    const __m256 vcap = _mm256_set1_ps(softcap), vinv = _mm256_set1_ps(softcap > 0.0f ? 1.0f / softcap : 0.0f);
+    /* lane j sees rows >= pos0 + 1 + j - window */
+    const __m256i lane_lo = _mm256_sub_epi32(lane_next, _mm256_set1_epi32(window > 0 ? window : 1 << 30));
     __m256 vmax = ninf;
-    for (int p0 = 0; p0 < n_pos; p0 += 8) {
+    for (int p0 = lo; p0 < n_pos; p0 += 8) {
         const int np = n_pos - p0 < 8 ? n_pos - p0 : 8;
         for (int i = 0; i < 8; i++) { /* tail rows repeat the last (finite; masked) */
             const uint16_t *kr = row(kv->k, kv->stride, p0 + (i < np ? i : np - 1));
@@ -222,23 +239,27 @@ AI void tile_head(const float *q, size_t q_stride, int nq, int hd, const pi_kv_h
             _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qd, _mm256_broadcast_ss(kf + i * hd + d), acc[i]);
         }
         for (int i = 0; i < np; i++) { /* causal: lane j sees positions <= pos0 + j */
-            const __m256 vis = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane_next, _mm256_set1_epi32(p0 + i)));
-            const __m256 sv = _mm256_blendv_ps(ninf, _mm256_mul_ps(acc[i], vscale), vis);
+            const __m256i pv = _mm256_set1_epi32(p0 + i);
+            const __m256 vis = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpgt_epi32(lane_lo, pv),
+                                                                       _mm256_cmpgt_epi32(lane_next, pv)));
+            __m256 sv = _mm256_mul_ps(acc[i], vscale);
+            if (softcap > 0.0f) sv = softcap_ps(sv, vcap, vinv);
+            sv = _mm256_blendv_ps(ninf, sv, vis);
             _mm256_store_ps(S + 8 * (size_t)(p0 + i), sv);
             vmax = _mm256_max_ps(vmax, sv);
         }
     }
     __m256 vsum = _mm256_setzero_ps();
-    for (int p = 0; p < n_pos; p++) {
+    for (int p = lo; p < n_pos; p++) {
         const __m256 e = exp_neg(_mm256_sub_ps(_mm256_load_ps(S + 8 * (size_t)p), vmax));
         _mm256_store_ps(S + 8 * (size_t)p, e);
         vsum = _mm256_add_ps(vsum, e);
     }
     const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), vsum);
-    for (int p = 0; p < n_pos; p++) /* masked scores were -inf: exp ~1e-38, 0 after the f16 rounding */
+    for (int p = lo; p < n_pos; p++) /* masked scores were -inf: exp ~1e-38, 0 after the f16 rounding */
         _mm256_store_ps(S + 8 * (size_t)p, round_f16(_mm256_mul_ps(_mm256_load_ps(S + 8 * (size_t)p), inv)));
     float *vf = kf;
-    for (int p0 = 0; p0 < n_pos; p0 += 8) {
+    for (int p0 = lo; p0 < n_pos; p0 += 8) {
         const int np = n_pos - p0 < 8 ? n_pos - p0 : 8;
         __m256 P[8];
         for (int i = 0; i < 8; i++) {
@@ -262,14 +283,16 @@ AI void tile_head(const float *q, size_t q_stride, int nq, int hd, const pi_kv_h
 }
 
 static void tile(const float *q, size_t q_stride, int nq, int n_rep, int hd, const pi_kv_head *kv, int pos0,
-                 float scale, float *scratch, float *out, size_t out_stride) {
+                 float scale, float softcap, int window, float *scratch, float *out, size_t out_stride) {
     if (hd % 8 || hd > PI_ATTN_TILE_HD) {
-        pi_attn_portable_f16.tile(q, q_stride, nq, n_rep, hd, kv, pos0, scale, scratch, out, out_stride);
+        pi_attn_portable_f16.tile(q, q_stride, nq, n_rep, hd, kv, pos0, scale, softcap, window, scratch, out,
+                                  out_stride);
         return;
     }
     float *Qt = scratch, *kf = Qt + 8 * PI_ATTN_TILE_HD, *Ot = kf + 8 * PI_ATTN_TILE_HD, *S = Ot + 8 * PI_ATTN_TILE_HD;
     for (int r = 0; r < n_rep; r++)
-        tile_head(q + (size_t)r * hd, q_stride, nq, hd, kv, pos0, scale, Qt, kf, Ot, S, out + (size_t)r * hd, out_stride);
+        tile_head(q + (size_t)r * hd, q_stride, nq, hd, kv, pos0, scale, softcap, window, Qt, kf, Ot, S,
+                  out + (size_t)r * hd, out_stride);
 }
 
 const pi_attn_ops pi_attn_avx2_f16 = {scores, values, tile, 8};

@@ -41,6 +41,17 @@ AI __m512 exp_neg(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* cap * tanh(x / cap) (soft-capping, attn.h), tanh(|t|) = (1 - e) / (1 + e) with e = exp(-2|t|), sign restored;
+ * absolute error ~1e-7 * cap, well inside the f16 rounding of the probabilities. */
+AI __m512 softcap_ps(__m512 x, __m512 cap, __m512 inv_cap) {
+    const __m512 t = _mm512_mul_ps(x, inv_cap);
+    const __m512 a = _mm512_abs_ps(t);
+    const __m512 e = exp_neg(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
+    const __m512 th = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), e), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(t), _mm512_set1_epi32((int)0x80000000u));
+    return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(th), sign)), cap);
+}
+
 /* r[i] = sum of the 16 lanes of a[i], i < 16. */
 AI __m512 reduce16(const __m512 *a) {
     __m512 c[4];
@@ -110,7 +121,7 @@ AI void scores_block(const float *qh, int ha, int hb, const int ND, const int SH
 }
 
 AI void scores_nd(const float *q, int h0, int h1, int rep, const int ND, const pi_kv_head *kv, int t0, int n,
-                  float scale, float *e, size_t ld, float *m, float *l) {
+                  float scale, float softcap, float *e, size_t ld, float *m, float *l) {
     const int hd = 16 * ND;
     const size_t st = kv->stride, hb_bytes = (size_t)hd * 2;
     const uint8_t *kb = kv->k + (size_t)t0 * st;
@@ -137,14 +148,18 @@ AI void scores_nd(const float *q, int h0, int h1, int rep, const int ND, const p
                 scores_block(qh - (size_t)h0 * hd, ha, hb, ND, 0, kb + g * hb_bytes, st, i0, nt, vscale, kf, e, ld, vm - h0);
         }
     }
-    for (int h = h0; h < h1; h++) { /* e = exp(s - max), sum */
+    const __m512 vcap = _mm512_set1_ps(softcap), vinv = _mm512_set1_ps(softcap > 0.0f ? 1.0f / softcap : 0.0f);
+    for (int h = h0; h < h1; h++) { /* e = exp(s - max), sum (capped s and max: tanh keeps the order) */
         float *er = e + (size_t)h * ld;
-        const float mx = _mm512_reduce_max_ps(vm[h - h0]);
+        float mx = _mm512_reduce_max_ps(vm[h - h0]);
+        if (softcap > 0.0f) mx = _mm512_cvtss_f32(softcap_ps(_mm512_set1_ps(mx), vcap, vinv));
         const __m512 vmx = _mm512_set1_ps(mx);
         __m512 vs = _mm512_setzero_ps();
         for (int i0 = 0; i0 < n; i0 += 16) {
             const __mmask16 km = tail_mask(n - i0);
-            const __m512 x = _mm512_maskz_mov_ps(km, exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(km, er + i0), vmx)));
+            __m512 sc = _mm512_maskz_loadu_ps(km, er + i0);
+            if (softcap > 0.0f) sc = softcap_ps(sc, vcap, vinv);
+            const __m512 x = _mm512_maskz_mov_ps(km, exp_neg(_mm512_sub_ps(sc, vmx)));
             _mm512_mask_storeu_ps(er + i0, km, x);
             vs = _mm512_add_ps(vs, x);
         }
@@ -154,14 +169,14 @@ AI void scores_nd(const float *q, int h0, int h1, int rep, const int ND, const p
 }
 
 static void scores(const float *q, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0, int n, float scale,
-                   float *e, size_t ld, float *m, float *l) {
+                   float softcap, float *e, size_t ld, float *m, float *l) {
     switch (hd) { /* constant head_dim chunks keep q and the accumulators in registers */
-    case 32: scores_nd(q, h0, h1, rep, 2, kv, t0, n, scale, e, ld, m, l); break;
-    case 64: scores_nd(q, h0, h1, rep, 4, kv, t0, n, scale, e, ld, m, l); break;
-    case 128: scores_nd(q, h0, h1, rep, 8, kv, t0, n, scale, e, ld, m, l); break;
+    case 32: scores_nd(q, h0, h1, rep, 2, kv, t0, n, scale, softcap, e, ld, m, l); break;
+    case 64: scores_nd(q, h0, h1, rep, 4, kv, t0, n, scale, softcap, e, ld, m, l); break;
+    case 128: scores_nd(q, h0, h1, rep, 8, kv, t0, n, scale, softcap, e, ld, m, l); break;
     default:
-        if (hd % 16) pi_attn_portable_f16.scores(q, h0, h1, rep, hd, kv, t0, n, scale, e, ld, m, l);
-        else scores_nd(q, h0, h1, rep, hd / 16, kv, t0, n, scale, e, ld, m, l);
+        if (hd % 16) pi_attn_portable_f16.scores(q, h0, h1, rep, hd, kv, t0, n, scale, softcap, e, ld, m, l);
+        else scores_nd(q, h0, h1, rep, hd / 16, kv, t0, n, scale, softcap, e, ld, m, l);
     }
 }
 
@@ -242,8 +257,10 @@ static void values(float *e, size_t ld, const float *f, int h0, int h1, int rep,
  * vertical; the probabilities are normalized, then rounded to f16, then meet V (lanes = dims, 4 queries x 4
  * 16-dim chunks of accumulators per pass, stopping at the group's last visible row). */
 AI void tile_head(const float *q, size_t q_stride, int nq, const int ND, const pi_kv_head *kv, int pos0, float scale,
-                  float *S, float *Qt, float *kf, float *out, size_t out_stride) {
+                  float softcap, int window, float *S, float *Qt, float *kf, float *out, size_t out_stride) {
     const int hd = 16 * ND, n_pos = pos0 + nq; /* positions 0 .. pos0+nq-1 */
+    /* a sliding window: rows before the first query's window are never read (lo, a multiple of 8) */
+    const int lo = window > 0 && pos0 + 1 > window ? (pos0 + 1 - window) / 8 * 8 : 0;
     for (int d = 0; d < hd; d++) { /* Qt[d][lane], f16-rounded q, zero lanes past nq */
         float col[16];
         for (int l = 0; l < 16; l++) col[l] = l < nq ? q[(size_t)l * q_stride + d] : 0.0f;
@@ -251,8 +268,11 @@ AI void tile_head(const float *q, size_t q_stride, int nq, const int ND, const p
     }
     const __m512i lane_pos = _mm512_add_epi32(_mm512_set1_epi32(pos0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+    const __m512 vcap = _mm512_set1_ps(softcap), vinv = _mm512_set1_ps(softcap > 0.0f ? 1.0f / softcap : 0.0f);
+    /* lane l sees rows > pos0 + l - window */
+    const __m512i lane_lo = _mm512_sub_epi32(lane_pos, _mm512_set1_epi32(window > 0 ? window : 1 << 30));
     __m512 vmax = ninf;
-    for (int p0 = 0; p0 < n_pos; p0 += 8) {
+    for (int p0 = lo; p0 < n_pos; p0 += 8) {
         const int np = n_pos - p0 < 8 ? n_pos - p0 : 8;
         _Pragma("GCC unroll 16") for (int i = 0; i < 8; i++) { /* K rows -> f32 scratch (tail rows repeat the last) */
             const uint16_t *kr = row(kv->k, kv->stride, p0 + (i < np ? i : np - 1));
@@ -265,20 +285,24 @@ AI void tile_head(const float *q, size_t q_stride, int nq, const int ND, const p
             _Pragma("GCC unroll 16") for (int i = 0; i < 8; i++) acc[i] = _mm512_fmadd_ps(qd, _mm512_set1_ps(kf[i * hd + d]), acc[i]);
         }
         _Pragma("GCC unroll 16") for (int i = 0; i < np; i++) { /* causal: query lane l sees positions <= pos0 + l */
-            const __mmask16 vis = _mm512_cmp_epi32_mask(_mm512_set1_epi32(p0 + i), lane_pos, _MM_CMPINT_LE);
-            const __m512 sv = _mm512_mask_mul_ps(ninf, vis, acc[i], vscale);
+            const __m512i pv = _mm512_set1_epi32(p0 + i);
+            const __mmask16 vis = _mm512_cmp_epi32_mask(pv, lane_pos, _MM_CMPINT_LE) &
+                                  _mm512_cmp_epi32_mask(pv, lane_lo, _MM_CMPINT_NLE);
+            __m512 sv = _mm512_mul_ps(acc[i], vscale);
+            if (softcap > 0.0f) sv = softcap_ps(sv, vcap, vinv);
+            sv = _mm512_mask_mov_ps(ninf, vis, sv);
             _mm512_store_ps(S + 16 * (size_t)(p0 + i), sv);
             vmax = _mm512_max_ps(vmax, sv);
         }
     }
     __m512 vsum = _mm512_setzero_ps();
-    for (int p = 0; p < n_pos; p++) {
+    for (int p = lo; p < n_pos; p++) {
         const __m512 e = exp_neg(_mm512_sub_ps(_mm512_load_ps(S + 16 * (size_t)p), vmax));
         _mm512_store_ps(S + 16 * (size_t)p, e);
         vsum = _mm512_add_ps(vsum, e);
     }
     const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), vsum);
-    for (int p = 0; p < n_pos; p++)
+    for (int p = lo; p < n_pos; p++)
         _mm512_store_ps(S + 16 * (size_t)p, round_f16(_mm512_mul_ps(_mm512_load_ps(S + 16 * (size_t)p), inv)));
     const int NJ = ND < 4 ? ND : 4;
     for (int l0 = 0; l0 < nq; l0 += 4) {
@@ -288,7 +312,7 @@ AI void tile_head(const float *q, size_t q_stride, int nq, const int ND, const p
             __m512 acc[4][4];
             _Pragma("GCC unroll 16") for (int a = 0; a < 4; a++)
                 _Pragma("GCC unroll 16") for (int b = 0; b < 4; b++) acc[a][b] = _mm512_setzero_ps();
-            for (int p = 0; p < last; p++) {
+            for (int p = lo; p < last; p++) {
                 const uint16_t *vr = row(kv->v, kv->stride, p) + 16 * j0;
                 __m512 vv[4];
                 _Pragma("GCC unroll 16") for (int b = 0; b < 4; b++) vv[b] = b < nj ? ldh(vr + 16 * b) : _mm512_setzero_ps();
@@ -304,9 +328,10 @@ AI void tile_head(const float *q, size_t q_stride, int nq, const int ND, const p
 }
 
 static void tile(const float *q, size_t q_stride, int nq, int n_rep, int hd, const pi_kv_head *kv, int pos0,
-                 float scale, float *scratch, float *out, size_t out_stride) {
+                 float scale, float softcap, int window, float *scratch, float *out, size_t out_stride) {
     if (hd % 16 || hd > PI_ATTN_TILE_HD) {
-        pi_attn_portable_f16.tile(q, q_stride, nq, n_rep, hd, kv, pos0, scale, scratch, out, out_stride);
+        pi_attn_portable_f16.tile(q, q_stride, nq, n_rep, hd, kv, pos0, scale, softcap, window, scratch, out,
+                                  out_stride);
         return;
     }
     float *Qt = scratch, *kf = Qt + 16 * PI_ATTN_TILE_HD, *S = kf + 8 * PI_ATTN_TILE_HD;
@@ -314,10 +339,10 @@ static void tile(const float *q, size_t q_stride, int nq, int n_rep, int hd, con
         const float *qr = q + (size_t)r * hd;
         float *o = out + (size_t)r * hd;
         switch (hd) { /* constant head_dim: q columns and accumulators unroll */
-        case 32: tile_head(qr, q_stride, nq, 2, kv, pos0, scale, S, Qt, kf, o, out_stride); break;
-        case 64: tile_head(qr, q_stride, nq, 4, kv, pos0, scale, S, Qt, kf, o, out_stride); break;
-        case 128: tile_head(qr, q_stride, nq, 8, kv, pos0, scale, S, Qt, kf, o, out_stride); break;
-        default: tile_head(qr, q_stride, nq, hd / 16, kv, pos0, scale, S, Qt, kf, o, out_stride); break;
+        case 32: tile_head(qr, q_stride, nq, 2, kv, pos0, scale, softcap, window, S, Qt, kf, o, out_stride); break;
+        case 64: tile_head(qr, q_stride, nq, 4, kv, pos0, scale, softcap, window, S, Qt, kf, o, out_stride); break;
+        case 128: tile_head(qr, q_stride, nq, 8, kv, pos0, scale, softcap, window, S, Qt, kf, o, out_stride); break;
+        default: tile_head(qr, q_stride, nq, hd / 16, kv, pos0, scale, softcap, window, S, Qt, kf, o, out_stride); break;
         }
     }
 }

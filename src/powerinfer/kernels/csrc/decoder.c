@@ -53,6 +53,8 @@ void pi_norm(const pi_decoder *D, const float *x, const float *w, const float *b
 }
 
 void pi_add_positions(const pi_decoder *D, float *x, int n, int pos0) {
+    if (D->embed_scale != 1.0f) /* Gemma: ggml_scale(inpL, sqrtf(n_embd)), f32 like HF's normalizer */
+        for (size_t i = 0; i < (size_t)n * D->d; i++) x[i] *= D->embed_scale;
     if (!D->pos_embd) return;
     for (int t = 0; t < n; t++) {
         const float *p = D->pos_embd + (size_t)(pos0 + t) * D->d;
@@ -88,6 +90,26 @@ void pi_ffn_act(const pi_decoder *D, float *g, const float *u, int n) {
     case FFN_DGLU: for (int i = 0; i < n; i++) g[i] = act1(D->act, g[i]) * act1(D->act, u[i]); break;
     default: for (int i = 0; i < n; i++) g[i] = act1(D->act, g[i]) * u[i]; break;
     }
+}
+
+/* x[r] += rmsnorm(y)[r] * w[r] over this thread's slice of x (Gemma's post-attention / post-FFN norm); every thread
+ * sums y itself (cheaper than another barrier), y must be complete; the caller's barrier follows */
+void pi_post_norm_add(const pi_decoder *D, const float *y, const float *w, float *x, int ith, int nth) {
+    double sum = 0.0;
+    for (int i = 0; i < D->d; i++) sum += (double)(y[i] * y[i]);
+    const float scale = 1.0f / sqrtf((float)(sum / D->d) + D->eps);
+    int r0, r1;
+    pi_split(D->d, ith, nth, &r0, &r1);
+    for (int r = r0; r < r1; r++) x[r] += (y[r] * scale) * w[r];
+}
+
+/* Gemma 2's final logit soft-capping over this thread's rows of the head */
+void pi_head_softcap(const pi_decoder *D, float *logits, int ith) {
+    if (D->final_softcap <= 0.0f) return;
+    const pi_seg *s = &D->head_seg[ith];
+    const int unit = pi_mat_unit(&D->head), r1 = s->u1 * unit < D->head.rows ? s->u1 * unit : D->head.rows;
+    const float c = D->final_softcap;
+    for (int r = s->u0 * unit; r < r1; r++) logits[r] = c * tanhf(logits[r] / c);
 }
 
 void pi_prof_phase(pi_decoder *D, int ith, int ph) {
@@ -286,6 +308,15 @@ static void ffn_sparse(pi_decoder *D, int il, const float *x, float *xout, const
     }
     w->kept_h[il] = nk;
     w->kept_x[il] = ith == 0 ? nx : 0;
+    if (L->ffn_post_norm) { /* the FFN output into y (this thread's slice zeroed, then summed), normed into x */
+        int r0, r1;
+        pi_split(d, ith, nth, &r0, &r1);
+        memset(D->y + r0, 0, (size_t)(r1 - r0) * sizeof(float));
+        pi_reduce_partials(D, D->y, L->bd, ith, nth);
+        pi_post_norm_add(D, D->y, L->ffn_post_norm, xout, ith, nth);
+        pi_dec_barrier(D, ith);
+        return;
+    }
     pi_reduce_partials(D, xout, L->bd, ith, nth);
 }
 
@@ -312,7 +343,8 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_ATTN_CORE);
-    const float *cs = D->cos + (size_t)pos * half, *sn = D->sin + (size_t)pos * half;
+    const float *cs = (L->rope_local ? D->cos_local : D->cos) + (size_t)pos * half;
+    const float *sn = (L->rope_local ? D->sin_local : D->sin) + (size_t)pos * half;
     int g0, g1, h0, h1;
     pi_split(D->n_head_kv, ith, nth, &g0, &g1);
     for (int g = g0; g < g1; g++) {
@@ -329,10 +361,12 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
         if (L->bq) for (int i = 0; i < hd; i++) qh[i] += L->bq[h * hd + i];
         if (L->q_norm) pi_rmsnorm(qh, L->q_norm, hd, D->eps, qh);
         pi_rope(qh, 1, hd, D->rope_dim, D->rope_style, cs, sn);
+        if (D->attn_scale > 0.0f) for (int i = 0; i < hd; i++) qh[i] *= D->attn_scale;
     }
     pi_dec_barrier(D, ith);
     const pi_attn_decode_args aa = {pi_attn_ops_for(D->kv_type), D->n_head, D->n_head_kv, hd, pos + 1, D->kv_type,
-                                    L->kc, L->vc, pi_row_bytes(D->kv_type, kvd), D->q, D->att, &D->aw, attn_barrier, D};
+                                    L->kc, L->vc, pi_row_bytes(D->kv_type, kvd), D->q, D->att, &D->aw, attn_barrier, D,
+                                    D->attn_scale > 0.0f ? 1.0f : 0.0f, D->attn_softcap, L->window};
     pi_attn_decode(&aa, ith, nth); /* this thread's heads h0..h1 of att are final */
     const int need_o = pi_need_of(L->o.qtype);
     if (hd % PI_QK == 0) {
@@ -345,8 +379,12 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
     }
 
     pi_prof_phase(D, ith, PH_O_PROJ);
-    run_rows(L, MO, &D->act_att, D->y, x, L->bo, ith);
+    run_rows(L, MO, &D->act_att, D->y, L->attn_post_norm ? NULL : x, L->bo, ith);
     pi_dec_barrier(D, ith);
+    if (L->attn_post_norm) {
+        pi_post_norm_add(D, D->y, L->attn_post_norm, x, ith, nth);
+        pi_dec_barrier(D, ith);
+    }
 
     pi_prof_phase(D, ith, PH_FFN);
     if (D->disk && D->disk->layers[il].where) {
@@ -370,8 +408,12 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
         pi_act_fill(&D->act_h, D->g, 0, n0, n1, pi_need_of(L->down.qtype));
     }
     pi_dec_barrier(D, ith);
-    run_rows(L, MDOWN, &D->act_h, D->y, x, L->bd, ith);
+    run_rows(L, MDOWN, &D->act_h, D->y, L->ffn_post_norm ? NULL : x, L->bd, ith);
     pi_dec_barrier(D, ith);
+    if (L->ffn_post_norm) {
+        pi_post_norm_add(D, D->y, L->ffn_post_norm, x, ith, nth);
+        pi_dec_barrier(D, ith);
+    }
 }
 
 static void decode_head(pi_decoder *D, float *x, float *logits, int ith, int nth) {
@@ -380,6 +422,7 @@ static void decode_head(pi_decoder *D, float *x, float *logits, int ith, int nth
     pi_norm(D, x, D->out_norm, D->out_norm_b, w->xn);
     pi_act_fill(&w->act, w->xn, 0, 0, D->d, pi_need_of(D->head.qtype));
     pi_mat_run_seg(&D->head, &D->head_seg[ith], &w->act, 1, logits, 0);
+    pi_head_softcap(D, logits, ith);
     (void)nth;
 }
 

@@ -32,6 +32,10 @@ typedef struct {
     const float *q_norm, *k_norm;      /* [hd]: RMSNorm of every q / k head before RoPE (qwen3), or NULL */
     const float *attn_norm_b, *ffn_norm_b; /* [d]: LayerNorm biases (NORM_LAYER), or NULL */
     const float *bo, *bu, *bd;         /* biases of o_proj [d], up [n_ff], down [d] (falcon, opt), or NULL */
+    /* Gemma: RMSNorms of the attention and FFN outputs before they join the residual ([d] each, or NULL); the
+     * attention window (the last `window` positions, 0: all) and which RoPE tables the layer reads (1: local) */
+    const float *attn_post_norm, *ffn_post_norm;
+    int window, rope_local;
     uint16_t *kc, *vc;                 /* [n_ctx][n_head_kv*head_dim] f16, owned by Python */
     int need_attn, need_ffn;           /* activation forms the layer's inputs need (PI_NEED_*) */
     /* Neuron-sparse FFN (decode only; prefill stays dense): on when down_t.raw is set. Per 32-neuron chunk of a
@@ -88,6 +92,11 @@ typedef struct pi_decoder {
     /* learned positions (opt): row p of pos_embd [n_pos][d] is added to the input at position p (rope_dim 0) */
     const float *pos_embd;
     int n_pos;
+    /* Gemma: input embeddings times embed_scale (sqrt(d), 1 otherwise); q times attn_scale after RoPE, the kernels'
+     * scale then 1 (0: 1/sqrt(hd), as llama.cpp's f_attention_scale with kq_scale 1); attention scores and logits
+     * soft-capped to c*tanh(s/c) (0: off); the local layers' RoPE tables [n_ctx][rope_dim/2] (NULL: the global) */
+    float embed_scale, attn_scale, attn_softcap, final_softcap;
+    const float *cos_local, *sin_local;
     pi_mat head;
     int head_bound;
     pi_seg head_seg[PI_MAX_THREADS];
@@ -161,6 +170,14 @@ int pi_predict_chunk(pi_decoder *D, const pi_layer *L, pi_tws *w, const float *x
                      const uint8_t *cand, int32_t *idx, int ith, int nth);
 /* qwen3's per-head q/k RMSNorm weights ([hd] each, both or neither); set_layer clears them */
 int pi_decoder_set_qk_norm(pi_decoder *D, int il, const float *q_norm, const float *k_norm);
+/* Gemma's model-wide scales, soft-caps and local RoPE tables (see pi_decoder; cos_local/sin_local both or neither).
+ * 0 ok, -1 bad values. */
+int pi_decoder_set_scales(pi_decoder *D, float embed_scale, float attn_scale, float attn_softcap, float final_softcap,
+                          const float *cos_local, const float *sin_local);
+/* Gemma's layer il: post-attention and post-FFN norms ([d] each, both or neither), attention window (0: none) and
+ * local RoPE (needs set_scales' local tables). 0 ok, -1 bad. set_layer clears them. */
+int pi_decoder_set_layer_attn(pi_decoder *D, int il, const float *attn_post_norm, const float *ffn_post_norm,
+                              int window, int rope_local);
 const pi_mat *pi_layer_mat(const pi_layer *L, int j); /* MQ .. MDOWN */
 void pi_layer_ranges(const pi_layer *L, int n_ff, int ith, int nth, int u0[M_N], int u1[M_N]);
 
@@ -176,9 +193,11 @@ int pi_decoder_prefill(pi_decoder *D, float *x, int n_tok, int pos0, float *logi
 void pi_rmsnorm(const float *x, const float *w, int n, float eps, float *out);
 /* the decoder's norm (D->norm_kind) of x [d] with weight w and bias b (LayerNorm only; may be NULL) */
 void pi_norm(const pi_decoder *D, const float *x, const float *w, const float *b, float *out);
-/* x[t][r] += pos_embd[pos0 + t][r] for n tokens when the model has learned positions */
+/* the input embeddings of n tokens: x[t][r] *= embed_scale, then += pos_embd[pos0 + t][r] for learned positions */
 void pi_add_positions(const pi_decoder *D, float *x, int n, int pos0);
 void pi_rope(float *v, int n_heads, int hd, int rope_dim, int style, const float *cs, const float *sn);
+void pi_post_norm_add(const pi_decoder *D, const float *y, const float *w, float *x, int ith, int nth);
+void pi_head_softcap(const pi_decoder *D, float *logits, int ith);
 void pi_ffn_act(const pi_decoder *D, float *g, const float *u, int n); /* g <- ffn(g, u) */
 void pi_split(int total, int ith, int nth, int *a, int *b);
 void pi_prof_phase(pi_decoder *D, int ith, int ph);

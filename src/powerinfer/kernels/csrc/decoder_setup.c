@@ -184,6 +184,7 @@ pi_decoder *pi_decoder_new(int n_layer, int d, int n_head, int n_head_kv, int hd
     D->ffn_kind = ffn_kind; D->n_ctx = n_ctx;
     D->kv_type = PI_F16;
     D->pack_ffn = PI_PACK_ALL;
+    D->embed_scale = 1.0f;
     D->L = calloc((size_t)n_layer, sizeof(pi_layer));
     const int qd = n_head * hd, kvd = n_head_kv * hd, mx = d > n_ff ? d : n_ff;
     D->q = pi_aligned_alloc((size_t)qd * 4);
@@ -333,6 +334,28 @@ int pi_decoder_set_qk_norm(pi_decoder *D, int il, const float *q_norm, const flo
     if (il < 0 || il >= D->n_layer || !D->L[il].bound || (q_norm == NULL) != (k_norm == NULL)) return -1;
     D->L[il].q_norm = q_norm;
     D->L[il].k_norm = k_norm;
+    return 0;
+}
+
+int pi_decoder_set_scales(pi_decoder *D, float embed_scale, float attn_scale, float attn_softcap, float final_softcap,
+                          const float *cos_local, const float *sin_local) {
+    if (!(embed_scale > 0.0f) || !(attn_scale >= 0.0f) || !(attn_softcap >= 0.0f) || !(final_softcap >= 0.0f) ||
+        (cos_local == NULL) != (sin_local == NULL))
+        return -1;
+    D->embed_scale = embed_scale; D->attn_scale = attn_scale;
+    D->attn_softcap = attn_softcap; D->final_softcap = final_softcap;
+    D->cos_local = cos_local; D->sin_local = sin_local;
+    return 0;
+}
+
+int pi_decoder_set_layer_attn(pi_decoder *D, int il, const float *attn_post_norm, const float *ffn_post_norm,
+                              int window, int rope_local) {
+    if (il < 0 || il >= D->n_layer || !D->L[il].bound || (attn_post_norm == NULL) != (ffn_post_norm == NULL) ||
+        window < 0 || (rope_local && !D->cos_local))
+        return -1;
+    pi_layer *L = &D->L[il];
+    L->attn_post_norm = attn_post_norm; L->ffn_post_norm = ffn_post_norm;
+    L->window = window; L->rope_local = rope_local != 0;
     return 0;
 }
 

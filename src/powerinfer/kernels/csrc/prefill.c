@@ -77,6 +77,13 @@ static void rows_all_tokens(const pi_layer *L, int j, const pi_act *a, int n, fl
         }
 }
 
+/* Gemma: x[t] += rmsnorm(y[t]) * w for this thread's tokens [t0, t1) (y = P->y, complete), then a barrier */
+static void post_norm_tokens(pi_decoder *D, const float *w, float *x, int t0, int t1, int ith) {
+    const int d = D->d;
+    for (int t = t0; t < t1; t++) pi_post_norm_add(D, D->pf.y + (size_t)t * d, w, x + (size_t)t * d, 0, 1);
+    pi_dec_barrier(D, ith);
+}
+
 static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int ith, int nth) {
     const pi_layer *L = &D->L[il];
     pi_prefill_ws *P = &D->pf;
@@ -99,9 +106,10 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_ATTN_CORE);
+    const float *cos_l = L->rope_local ? D->cos_local : D->cos, *sin_l = L->rope_local ? D->sin_local : D->sin;
     for (int t = t0; t < t1; t++) {
         const int pos = pos0 + t;
-        const float *cs = D->cos + (size_t)pos * half, *sn = D->sin + (size_t)pos * half;
+        const float *cs = cos_l + (size_t)pos * half, *sn = sin_l + (size_t)pos * half;
         float *q = P->q + (size_t)t * qd, *k = P->k + (size_t)t * kvd, *v = P->v + (size_t)t * kvd;
         if (L->bq) for (int i = 0; i < qd; i++) q[i] += L->bq[i];
         if (L->bk) for (int i = 0; i < kvd; i++) k[i] += L->bk[i];
@@ -112,20 +120,23 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
         }
         pi_rope(q, D->n_head, hd, D->rope_dim, D->rope_style, cs, sn);
         pi_rope(k, D->n_head_kv, hd, D->rope_dim, D->rope_style, cs, sn);
+        if (D->attn_scale > 0.0f) for (int i = 0; i < qd; i++) q[i] *= D->attn_scale;
         pi_kv_write(D->kv_type, L->kc, L->vc, pi_row_bytes(D->kv_type, kvd), pos, 0, D->n_head_kv, hd, k, v);
     }
     pi_dec_barrier(D, ith);
     const int need_o = pi_need_of(L->o.qtype) & ~PI_NEED_F32;
     /* attention tiles (attn.h): (tile, KV head) items dealt round-robin, each runs the group's query heads */
     pi_attn_prefill(pi_attn_ops_for(D->kv_type), P->q, qd, n, pos0, D->n_head, D->n_head_kv, hd, D->kv_type, L->kc,
-                    L->vc, pi_row_bytes(D->kv_type, kvd), P->tile_scratch[ith], P->att, qd, ith, nth);
+                    L->vc, pi_row_bytes(D->kv_type, kvd), D->attn_scale > 0.0f ? 1.0f : 0.0f, D->attn_softcap, L->window,
+                    P->tile_scratch[ith], P->att, qd, ith, nth);
     pi_dec_barrier(D, ith);
     for (int t = t0; t < t1; t++) pi_act_fill(&P->act_att, P->att + (size_t)t * qd, t, 0, qd, need_o);
     pi_dec_barrier(D, ith);
 
     pi_prof_phase(D, ith, PH_O_PROJ);
-    rows_all_tokens(L, MO, &P->act_att, n, P->y, d, x, d, L->bo, ith);
+    rows_all_tokens(L, MO, &P->act_att, n, P->y, d, L->attn_post_norm ? NULL : x, d, L->bo, ith);
     pi_dec_barrier(D, ith);
+    if (L->attn_post_norm) post_norm_tokens(D, L->attn_post_norm, x, t0, t1, ith);
 
     pi_prof_phase(D, ith, PH_FFN);
     for (int t = t0; t < t1; t++) {
@@ -152,8 +163,9 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
         }
     }
     pi_dec_barrier(D, ith);
-    rows_all_tokens(L, MDOWN, &P->act_h, n, P->y, d, x, d, L->bd, ith);
+    rows_all_tokens(L, MDOWN, &P->act_h, n, P->y, d, L->ffn_post_norm ? NULL : x, d, L->bd, ith);
     pi_dec_barrier(D, ith);
+    if (L->ffn_post_norm) post_norm_tokens(D, L->ffn_post_norm, x, t0, t1, ith);
 }
 
 /* The decoder's neuron-sparse FFN for a few tokens at once (decoder.c, ffn_sparse): gate for every token
@@ -205,16 +217,24 @@ static void ffn_sparse_batch(pi_decoder *D, const pi_layer *L, float *x, int n, 
     pi_dec_barrier(D, ith);
     int r0, r1;
     pi_split(d, ith, nth, &r0, &r1);
+    float *dst = L->ffn_post_norm ? P->y : x; /* Gemma: the FFN output is normed before it joins x */
+    if (L->ffn_post_norm)
+        for (int t = 0; t < n; t++) memset(dst + (size_t)t * d + r0, 0, (size_t)(r1 - r0) * sizeof(float));
     for (int th = 0; th < nth; th++)
         for (int t = 0; t < n; t++) {
             const float *src = P->yp[th] + (size_t)t * d;
-            float *xt = x + (size_t)t * d;
+            float *xt = dst + (size_t)t * d;
             for (int r = r0; r < r1; r++) xt[r] += src[r];
         }
     if (L->bd)
         for (int t = 0; t < n; t++)
-            for (int r = r0; r < r1; r++) x[(size_t)t * d + r] += L->bd[r];
+            for (int r = r0; r < r1; r++) dst[(size_t)t * d + r] += L->bd[r];
     pi_dec_barrier(D, ith);
+    if (L->ffn_post_norm) {
+        int t0, t1;
+        pi_split(n, ith, nth, &t0, &t1);
+        post_norm_tokens(D, L->ffn_post_norm, x, t0, t1, ith);
+    }
 }
 
 static void prefill_job(void *varg, int ith, int nth) {
@@ -228,6 +248,7 @@ static void prefill_job(void *varg, int ith, int nth) {
         pi_norm(D, xl, D->out_norm, D->out_norm_b, w->xn);
         pi_act_fill(&w->act, w->xn, 0, 0, D->d, pi_need_of(D->head.qtype));
         pi_mat_run_seg(&D->head, &D->head_seg[ith], &w->act, 1, s->logits, 0);
+        pi_head_softcap(D, s->logits, ith);
     }
     pi_prof_phase(D, ith, PH_HEAD);
 }

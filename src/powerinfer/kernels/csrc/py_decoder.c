@@ -179,6 +179,33 @@ static PyObject *Decoder_set_form(DecoderObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* set_scales(embed_scale, attn_scale, attn_softcap, final_softcap, cos_local, sin_local): Gemma's input scale, q
+ * scale (0: 1/sqrt(head_dim) in the kernels), soft-caps (0: off) and local RoPE tables (f32 [n_ctx, rope_dim/2]
+ * pointers, or 0, 0) */
+static PyObject *Decoder_set_scales(DecoderObject *self, PyObject *args) {
+    float es, as, ac, fc;
+    void *cl, *sl;
+    if (!PyArg_ParseTuple(args, "ffffO&O&", &es, &as, &ac, &fc, pi_conv_ptr, &cl, pi_conv_ptr, &sl)) return NULL;
+    if (idle(self)) return NULL;
+    if (pi_decoder_set_scales(self->D, es, as, ac, fc, cl, sl))
+        return PyErr_Format(PyExc_ValueError, "set_scales: embed_scale > 0, the others >= 0, both local tables or "
+                            "neither");
+    Py_RETURN_NONE;
+}
+
+/* set_layer_attn(layer, attn_post_norm, ffn_post_norm, window, rope_local): Gemma's post norms (f32 [d] pointers,
+ * both or 0, 0), attention window (0: all positions) and local RoPE flag, after set_layer */
+static PyObject *Decoder_set_layer_attn(DecoderObject *self, PyObject *args) {
+    int il, window, local;
+    void *an, *fn;
+    if (!PyArg_ParseTuple(args, "iO&O&ip", &il, pi_conv_ptr, &an, pi_conv_ptr, &fn, &window, &local)) return NULL;
+    if (idle(self) || check_layer(self, il)) return NULL;
+    if (pi_decoder_set_layer_attn(self->D, il, an, fn, window, local))
+        return PyErr_Format(PyExc_ValueError, "set_layer_attn(%d): set_layer() first, both post norms or neither, "
+                            "window >= 0, local RoPE after set_scales' tables", il);
+    Py_RETURN_NONE;
+}
+
 /* set_biases(layer, attn_norm_b, ffn_norm_b, o_bias, up_bias, down_bias): f32 pointers or 0, after set_layer */
 static PyObject *Decoder_set_biases(DecoderObject *self, PyObject *args) {
     int il;
@@ -454,6 +481,12 @@ static PyMethodDef Decoder_methods[] = {
     {"set_form", (PyCFunction)Decoder_set_form, METH_VARARGS,
      "set_form(norm_kind, parallel, out_norm_bias, pos_embd, n_pos): RMS 0 | LayerNorm 1, parallel residual, "
      "final norm bias and learned positions (pointers or 0)"},
+    {"set_scales", (PyCFunction)Decoder_set_scales, METH_VARARGS,
+     "set_scales(embed_scale, attn_scale, attn_softcap, final_softcap, cos_local, sin_local): Gemma's scales, "
+     "soft-caps (0: off) and local RoPE tables (pointers or 0, 0)"},
+    {"set_layer_attn", (PyCFunction)Decoder_set_layer_attn, METH_VARARGS,
+     "set_layer_attn(layer, attn_post_norm, ffn_post_norm, window, rope_local): Gemma's post norms, attention window "
+     "and local RoPE, after set_layer"},
     {"set_biases", (PyCFunction)Decoder_set_biases, METH_VARARGS,
      "set_biases(layer, attn_norm_b, ffn_norm_b, o_bias, up_bias, down_bias): f32 pointers or 0, after set_layer"},
     {"set_predictor", (PyCFunction)Decoder_set_predictor, METH_VARARGS,
