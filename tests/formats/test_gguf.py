@@ -176,7 +176,9 @@ def test_unsupported_architecture(tmp_path):
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    assert "unsupported architecture 'mpt' (supported: llama, bamboo, qwen2, qwen3, falcon, opt)" in _error(p)
+    err = _error(p)
+    assert "unsupported architecture 'mpt' (supported: llama, bamboo, qwen2, qwen3, falcon, opt" in err
+    assert "gemma2, gemma3)" in err
 
 
 def _patch_tensor_type(src: Path, dst: Path, name: str, raw_type: int) -> Path:

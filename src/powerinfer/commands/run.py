@@ -272,6 +272,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _gemma_rows(c) -> list[tuple[str, object]]:
+    """Gemma's attention and output options, where the model has them."""
+    if not (c.post_norms or c.sliding_window or c.attn_softcap or c.final_softcap or c.embed_scale != 1.0):
+        return []
+    n_local = sum(c.is_local(i) for i in range(c.n_layer))
+    local = f", rope theta {c.rope_local_theta:g}" if c.local_rope() is not None else ""
+    return [("attention", f"q scale {c.attn_scale or c.head_dim ** -0.5:.4g}, soft-cap {c.attn_softcap or 'none'}, "
+                          f"sliding window {c.sliding_window or 'none'} on {n_local} of {c.n_layer} layers{local}"),
+            ("post norms / embedding scale / final soft-cap",
+             f"{'yes' if c.post_norms else 'no'} / {c.embed_scale:.4g} / {c.final_softcap or 'none'}")]
+
+
 def model_facts(loaded) -> list[tuple[str, object]]:
     """(label, value) rows describing a loaded model: what `powerinfer info` prints."""
     c, w = loaded.config, loaded.weights
@@ -299,6 +311,7 @@ def model_facts(loaded) -> list[tuple[str, object]]:
                  if c.positions == "rope" else "none (learned position embeddings)"),
         ("norm / residual", f"{'LayerNorm' if c.norm == 'layer' else 'RMSNorm'} / "
                             f"{'parallel attention + FFN' if c.parallel_residual else 'sequential'}"),
+        *_gemma_rows(c),
         ("ffn", f"{c.ffn_kind} with {c.activation}"),
         ("tied output head", c.tie_embeddings),
         ("tokenizer", f"{loaded.metadata.get('tokenizer.ggml.model', '-')}"

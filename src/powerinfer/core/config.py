@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import ModelFormatError
 
@@ -58,11 +58,36 @@ class ModelConfig:
     parallel_residual: bool = False
     # rope: rotary q/k; learned: a [n_pos, d] table added to the token embeddings, no RoPE (opt)
     positions: str = "rope"
+    # Gemma 2/3 (llama.cpp's build_gemma2_iswa / build_gemma3): the embeddings times embed_scale (sqrt(d_model)); q
+    # times attn_scale before attention (query_pre_attn_scalar^-0.5; 0: 1/sqrt(head_dim)); attention scores and
+    # final logits soft-capped to c*tanh(s/c) (0: off); RMSNorms of the attention and FFN outputs (post_norms);
+    # local layers (is_local) attend to the last sliding_window positions and rotate with rope_local_theta
+    # (gemma3: 10000, unscaled; 0: the global tables)
+    embed_scale: float = 1.0
+    attn_scale: float = 0.0
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    post_norms: bool = False
+    sliding_window: int = 0
+    swa_pattern: int = 0  # llama.cpp's set_swa_pattern: layer i is local iff i % swa_pattern < swa_pattern - 1
+    rope_local_theta: float = 0.0
     name: str = ""
 
     def __post_init__(self):
         if not self.rope_dim:
             self.rope_dim = self.head_dim
+
+    def local_rope(self) -> "ModelConfig | None":
+        """The config whose RoPE tables the local layers read (gemma3: base rope_local_theta, no scaling), or None
+        when they read the global ones."""
+        if not self.rope_local_theta or not self.sliding_window:
+            return None
+        return replace(self, rope_theta=self.rope_local_theta, rope_scaling=RopeScaling(), rope_local_theta=0.0)
+
+    def is_local(self, layer: int) -> bool:
+        """Whether `layer` is a sliding-window layer (gemma2: every other one from 0; gemma3: 5 of every 6)."""
+        p = self.swa_pattern
+        return self.sliding_window > 0 and p > 0 and layer % p < p - 1
 
     @property
     def trained_context(self) -> int:
@@ -79,7 +104,8 @@ class ModelConfig:
         n_head = 0, head_dim = 10^6, context = 2^40, NaN epsilon): ModelFormatError naming the field."""
         ints = dict(n_vocab=(1, MAX_VOCAB), d_model=(1, MAX_WIDTH), n_layer=(1, MAX_LAYERS), n_head=(1, MAX_HEADS),
                     n_head_kv=(1, MAX_HEADS), head_dim=(1, MAX_HEAD_DIM), n_ff=(1, MAX_WIDTH),
-                    rope_dim=(0, MAX_HEAD_DIM), context_length=(1, MAX_CONTEXT))
+                    rope_dim=(0, MAX_HEAD_DIM), context_length=(1, MAX_CONTEXT), sliding_window=(0, MAX_CONTEXT),
+                    swa_pattern=(0, MAX_LAYERS))
         for name, (lo, hi) in ints.items():
             v = getattr(self, name)
             if not isinstance(v, int) or not lo <= v <= hi:
@@ -93,7 +119,8 @@ class ModelConfig:
         if self.rope_dim % 2 or self.rope_dim > self.head_dim:
             raise ModelFormatError(f"{source}: rope dimension {self.rope_dim} must be even and at most the head "
                                    f"dimension {self.head_dim}")
-        for name, lo in (("norm_eps", 0.0), ("rope_theta", None)):
+        for name, lo in (("norm_eps", 0.0), ("rope_theta", None), ("embed_scale", None), ("attn_scale", 0.0),
+                         ("attn_softcap", 0.0), ("final_softcap", 0.0), ("rope_local_theta", 0.0)):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= lo if lo is not None else v > 0)):
                 raise ModelFormatError(f"{source}: {name} = {v!r} must be a finite number "

@@ -29,6 +29,9 @@ class LayerWeights:
     o_bias: QTensor | None = None
     up_bias: QTensor | None = None
     down_bias: QTensor | None = None
+    # Gemma: RMSNorms of the attention output and of the FFN output before each joins the residual, f32 [d]
+    post_attn_norm: QTensor | None = None
+    post_ffn_norm: QTensor | None = None
     # The file's own neuron-major down projection [n_ff, d] (PowerInfer GGUF `ffn_down_t`), kept as stored so the
     # sparse FFN reads it directly; down_proj is then its transpose, made at load for the dense paths.
     down_t: QTensor | None = None

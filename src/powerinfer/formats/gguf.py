@@ -19,11 +19,13 @@ from ..errors import ModelFormatError, one_line
 from ..core.config import ModelConfig, RopeScaling
 from ..core.weights import LayerWeights, ModelWeights
 from . import quants
+from .gguf_gemma import GEMMA_ARCHS, gemma_config
 from .names import GGUF_ATTN_NORM_2, GGUF_QKV, gguf_name
 from ..core.tensor import QTensor
 
 PWRI_MAGIC = b"PWRI"
 SUPPORTED_ARCHS = ("llama", "bamboo", "qwen2", "qwen3", "falcon", "opt")
+SUPPORTED_ARCHS += GEMMA_ARCHS  # Gemma's options are read by formats/gguf_gemma.py
 # falcon (llama.cpp's names) and opt (this package's, in llama.cpp's conventions: position_embd, .bias tensors)
 # use LayerNorm with bias; falcon runs attention and MLP in parallel from one fused attn_qkv (rows q | k | v)
 # ModelConfig names, as powerinfer.ffn_activation stores them: "gelu" is erf, "gelu_tanh" is ggml_gelu. None of
@@ -302,7 +304,7 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
                                f"(supported: {', '.join(FFN_KINDS)})")
 
     layer_norm = arch in ("falcon", "opt")
-    return ModelConfig(
+    config = ModelConfig(
         arch=arch if arch in ("qwen2", "qwen3", "falcon", "opt") else "llama",
         n_vocab=tensors["token_embd.weight"].rows,
         d_model=d_model,
@@ -329,6 +331,7 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
         positions="learned" if arch == "opt" else "rope",
         name=str(md.get("general.name", "")),
     )
+    return gemma_config(path, config, md) if arch in GEMMA_ARCHS else config
 
 
 def _rope_scaling(path: Path, arch: str, md: dict, tensors: dict[str, QTensor]) -> RopeScaling:
@@ -415,6 +418,8 @@ def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) 
                       down_bias=(d,))
         optional.update(dict.fromkeys(("input_layernorm_bias", "post_attention_layernorm_bias", "o_bias", "up_bias",
                                        "down_bias", "q_bias", "k_bias", "v_bias"), True))
+    if cfg.post_norms:  # Gemma: norms of the attention and FFN outputs (post_attention_norm, post_ffw_norm)
+        shapes.update(post_attn_norm=(d,), post_ffn_norm=(d,))
     layers = []
     for i in range(cfg.n_layer):
         fused = _falcon_layer(cfg, i, tensors, get, todo) if cfg.arch == "falcon" else {}

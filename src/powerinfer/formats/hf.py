@@ -22,6 +22,7 @@ from ..core.config import ModelConfig, RopeScaling
 from ..core.weights import LayerWeights, ModelWeights
 from ..core.tensor import QTensor
 from .hf_families import family_config, family_of, family_weights
+from .hf_gemma import gemma_config, gemma_of, gemma_weights
 from .names import hf_name
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -57,6 +58,11 @@ def _read_json(path: Path):
 
 
 def _config(path: Path, cfg_path: Path, raw: dict) -> ModelConfig:
+    if gemma_of(raw):
+        try:
+            return gemma_config(path, cfg_path, raw, gemma_of(raw))
+        except KeyError as e:
+            raise ModelFormatError(f"{cfg_path}: missing key {e.args[0]!r}") from None
     family = family_of(raw)
     if family is not None:
         try:
@@ -200,7 +206,9 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, ModelWeights, dict]:
         return t
 
     c = config
-    if c.arch in ("falcon", "opt"):
+    if gemma_of(raw):
+        weights = gemma_weights(c, tensors, get)
+    elif c.arch in ("falcon", "opt"):
         weights = family_weights(path, c, raw, tensors, get)
     elif any(n.endswith(("o_proj.bias", "mlp.down_proj.bias", "mlp.up_proj.bias")) for n in tensors):
         raise ModelFormatError(f"{path}: o_proj / MLP biases are not supported (attention_bias or mlp_bias in a llama)")

@@ -25,6 +25,10 @@ LAYER_NAMES: dict[str, tuple[str, str]] = {
     "o_bias": ("attn_output.bias", "self_attn.o_proj.bias"),
     "up_bias": ("ffn_up.bias", "mlp.up_proj.bias"),
     "down_bias": ("ffn_down.bias", "mlp.down_proj.bias"),
+    # Gemma's norms of the attention and FFN outputs (llama.cpp: attn_post_norm, ffn_post_norm). HF Gemma calls the
+    # first post_attention_layernorm, llama's name for the FFN input norm: formats/hf_gemma.py maps Gemma's names
+    "post_attn_norm": ("post_attention_norm.weight", "post_attn_norm.weight"),
+    "post_ffn_norm": ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"),
 }
 # PowerInfer GGUF: down_proj stored neuron-major (one row per neuron).
 GGUF_DOWN_T = "ffn_down_t.weight"

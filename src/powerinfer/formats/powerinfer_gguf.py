@@ -23,6 +23,7 @@ from ..core.files import atomic_path
 from ..errors import PowerInferError
 from . import quants
 from .gguf import open_gguf
+from .gguf_gemma import GEMMA_ARCHS, default_attn_scale
 from .names import GGUF_ATTN_NORM_2, GGUF_QKV, gguf_name
 
 OUTTYPES = {"same": None, "f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
@@ -156,6 +157,12 @@ def _write_from_hf(src: Path, out: Path, predictors, outtype: str, progress, log
 
     loaded = load_model(src)
     cfg = loaded.config
+    if cfg.arch in GEMMA_ARCHS:  # llama.cpp's gemma2/gemma3 names and keys, norms already 1 + w (formats/hf_gemma.py)
+        if cfg.rope_scaling.kind not in ("none", "linear"):
+            raise PowerInferError(f"{src}: RoPE scaling {cfg.rope_scaling.kind!r} is not written by convert yet")
+        with atomic_path(out) as tmp:
+            _write_hf_gguf(loaded, src, tmp, predictors, outtype, progress, log)
+        return out
     if cfg.arch not in ("llama", "falcon", "opt"):
         raise PowerInferError(f"{src}: convert writes llama, falcon and opt GGUF from HF directories; this is "
                               f"{cfg.arch}")
@@ -199,6 +206,24 @@ def _falcon_items(i: int, lw) -> list:
     return [it for it in items if it[1] is not None]
 
 
+def _gemma_metadata(wr: GGUFWriter, cfg) -> None:
+    """Gemma's keys as llama.cpp's converter writes them (formats/gguf_gemma.py reads them back), and the q scale
+    where query_pre_attn_scalar differs from the one llama.cpp derives from the model's shape."""
+    if cfg.sliding_window:
+        wr.add_sliding_window(cfg.sliding_window)
+    if cfg.arch == "gemma2":
+        wr.add_attn_logit_softcapping(cfg.attn_softcap)
+    if cfg.final_softcap or cfg.arch == "gemma2":  # (a gemma2 file without the key means llama.cpp's 30)
+        wr.add_final_logit_softcapping(cfg.final_softcap)
+    if cfg.rope_scaling.kind == "linear":
+        from gguf import RopeScalingType
+
+        wr.add_rope_scaling_type(RopeScalingType.LINEAR)
+        wr.add_rope_scaling_factor(cfg.rope_scaling.factor)
+    if abs(cfg.attn_scale - default_attn_scale(cfg.arch, cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_dim)) > 1e-7:
+        wr.add_float32(f"{cfg.arch}.attention.scale", cfg.attn_scale)
+
+
 def _write_hf_gguf(loaded, src: Path, tmp: Path, predictors, outtype: str, progress, log) -> None:
     from tqdm import tqdm
 
@@ -225,6 +250,8 @@ def _write_hf_gguf(loaded, src: Path, tmp: Path, predictors, outtype: str, progr
         wr.add_key_length(cfg.head_dim)
         wr.add_value_length(cfg.head_dim)
     wr.add_string("powerinfer.ffn_activation", cfg.activation)  # PWRI without it would mean ReLU
+    if cfg.arch in GEMMA_ARCHS:
+        _gemma_metadata(wr, cfg)
     try:
         tok = metadata_from_hf_dir(src)
     except PowerInferError as e:
@@ -272,6 +299,9 @@ def _write_hf_gguf(loaded, src: Path, tmp: Path, predictors, outtype: str, progr
             t = lw.down_proj if role == "down_t" else getattr(lw, role)
             if t is not None:
                 items.append((gguf_name(role, i), t, permute.get(role)))
+    if cfg.arch in GEMMA_ARCHS:  # q/k norms (gemma3) and the attention / FFN output norms
+        items += [(gguf_name(role, i), getattr(lw, role), None) for i, lw in enumerate(w.layers)
+                  for role in ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm") if getattr(lw, role) is not None]
     items.append((gguf_name("norm"), w.norm, None))
     if w.norm_bias is not None:
         items.append((gguf_name("norm_bias"), w.norm_bias, None))

@@ -64,11 +64,12 @@ def _new_decoder(c, n_ctx: int, n_threads: int, ffn_only: bool = False) -> "_C.D
 
 
 def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1,
-                 pack_ffn: int = PACK_ALL, before_layer=None) -> "_C.Decoder":
+                 pack_ffn: int = PACK_ALL, before_layer=None, rope_local=None) -> "_C.Decoder":
     """A Decoder bound to ModelWeights / KVCache / ModelConfig; the arrays it reads are kept alive on it
     (`dec._keep`). Block-format matrices are repacked once (dec.packed_bytes) for the 16-row kernels; `pack_ffn`
     says which FFN matrices (the disk tier packs only a resident gate, or none). `before_layer(i)` runs before
-    layer i is bound (the disk tier drops the file pages the previous layer's packing faulted in)."""
+    layer i is bound (the disk tier drops the file pages the previous layer's packing faulted in). `rope_local`:
+    the (cos, sin) tables of Gemma 3's local layers (config.local_rope()), when the model has them."""
     c = config
     _check_supported(c)
     kv_dim = c.n_head_kv * c.head_dim
@@ -81,6 +82,7 @@ def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1,
         if tuple(t.shape) != (kv.n_ctx, half):
             raise ValueError(f"rope tables must be [n_ctx={kv.n_ctx}, rope_dim/2={half}], got {tuple(t.shape)}")
     dec.set_rope(h.hold(cos), h.hold(sin))
+    _set_scales(dec, h, c, kv.n_ctx, rope_local)
     if len(weights.layers) != c.n_layer or len(kv.k) != c.n_layer:
         raise ValueError("config.n_layer does not match the weights / KV cache")
     for i, L in enumerate(weights.layers):
@@ -99,6 +101,10 @@ def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1,
         if L.q_norm is not None:
             dec.set_qk_norm(i, h.vec(L.q_norm, c.head_dim), h.vec(L.k_norm, c.head_dim))
         _set_biases(dec, h, c, i, L)
+        if L.post_attn_norm is not None or c.is_local(i):  # Gemma
+            window = c.sliding_window if c.is_local(i) else 0
+            dec.set_layer_attn(i, h.vec(L.post_attn_norm, c.d_model) or 0, h.vec(L.post_ffn_norm, c.d_model) or 0,
+                               window, bool(window) and rope_local is not None)
     head = h.mat(weights.lm_head)
     dec.set_output(h.vec(weights.norm, c.d_model), head[0], head[1])
     _set_form(dec, h, c, weights, kv.n_ctx)
@@ -124,6 +130,19 @@ def bind_ffn_decoder(config, weights, n_threads: int = 1) -> "_C.Decoder":
     _set_form(dec, h, c, weights, 1)
     dec._keep = h.keep
     return dec
+
+
+def _set_scales(dec, h: _Holder, c, n_ctx: int, rope_local) -> None:
+    """Gemma's embedding scale, q scale, soft-caps and local RoPE tables (decoder.h set_scales)."""
+    if c.embed_scale == 1.0 and not (c.attn_scale or c.attn_softcap or c.final_softcap or rope_local is not None):
+        return
+    cl = sl = 0
+    if rope_local is not None:
+        cos, sin = (_f32_vec(t) for t in rope_local)
+        if tuple(cos.shape) != (n_ctx, c.rope_dim // 2) or cos.shape != sin.shape:
+            raise ValueError(f"local rope tables must be [n_ctx={n_ctx}, rope_dim/2], got {tuple(cos.shape)}")
+        cl, sl = h.hold(cos), h.hold(sin)
+    dec.set_scales(float(c.embed_scale), float(c.attn_scale), float(c.attn_softcap), float(c.final_softcap), cl, sl)
 
 
 def _set_biases(dec, h: _Holder, c, i: int, L) -> None:

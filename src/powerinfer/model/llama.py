@@ -1,7 +1,10 @@
 """The llama family as pure math (STYLE 1; gpt-fast model.py, mlx-lm models/llama.py): Llama-2/3, Mistral,
 SmolLM2, Qwen2 (q/k/v biases), Qwen3 (q/k norms), ReLU-family variants (ReluLLaMA, ProSparse, Bamboo's dReLU),
 and the options Falcon and OPT need: LayerNorm with bias, biases on every projection, a parallel residual
-(falcon: x + attn(norm(x)) + ffn(norm'(x))) and learned position embeddings instead of RoPE (opt).
+(falcon: x + attn(norm(x)) + ffn(norm'(x))) and learned position embeddings instead of RoPE (opt), and Gemma 2/3's
+(HF Gemma2/Gemma3ForCausalLM): embeddings times sqrt(d), norms of the attention and FFN outputs, q scaled by
+query_pre_attn_scalar^-0.5, attention and final logits soft-capped (c*tanh(s/c)), sliding-window layers with their
+own RoPE base (gemma3).
 
 This is the reference path (and the prefill / GPU path): weights are dequantized once to `dtype`, the FFN
 is injected as a factory (model/ffn.py's DenseFFN by default), the KV cache is the shared f16 KVCache. No I/O, no sampling.
@@ -71,6 +74,9 @@ class Attention(nn.Module):
         # qwen3: each head's q and k RMS-normalised over head_dim before RoPE
         self.q_norm = RMSNorm(dense(lw.q_norm, dtype), config.norm_eps) if lw.q_norm is not None else None
         self.k_norm = RMSNorm(dense(lw.k_norm, dtype), config.norm_eps) if lw.k_norm is not None else None
+        # Gemma: a sliding window on local layers (rotated with the local RoPE tables when the model has them)
+        self.window = config.sliding_window if config.is_local(layer) else 0
+        self.local_rope = bool(self.window) and config.local_rope() is not None
 
     def forward(self, x: torch.Tensor, start_pos: int, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor):
         """x [T, d] at positions start_pos..; cos/sin [T, rope_dim/2] for those positions."""
@@ -98,11 +104,18 @@ class Attention(nn.Module):
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
 
-        scores = torch.einsum("thd,shd->hts", q, keys) / math.sqrt(self.head_dim)
-        # Causal: the query at position start_pos+t sees cache positions 0..start_pos+t.
+        c = self.config
+        if c.attn_scale:  # Gemma: query_pre_attn_scalar^-0.5
+            scores = torch.einsum("thd,shd->hts", q, keys) * c.attn_scale
+        else:
+            scores = torch.einsum("thd,shd->hts", q, keys) / math.sqrt(self.head_dim)
+        if c.attn_softcap:  # Gemma 2: attention logit soft-capping
+            scores = torch.tanh(scores / c.attn_softcap) * c.attn_softcap
+        # Causal: the query at position start_pos+t sees cache positions 0..start_pos+t (the last `window` of them).
         q_pos = torch.arange(start_pos, end, device=x.device)[:, None]
         k_pos = torch.arange(end, device=x.device)[None, :]
-        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        hidden = (k_pos > q_pos) | (k_pos <= q_pos - self.window) if self.window else k_pos > q_pos
+        scores = scores.masked_fill(hidden, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
         out = torch.einsum("hts,shd->thd", probs, values).reshape(T, self.n_head * self.head_dim)
         return F.linear(out, self.o_proj, self.o_bias)
@@ -117,8 +130,17 @@ class Block(nn.Module):
                                                   lw.post_attention_layernorm_bias, dtype)
         self.ffn = ffn
         self.parallel = config.parallel_residual
+        # Gemma: the attention and FFN outputs are RMS-normalised before they join the residual
+        self.post_attn_norm = make_norm(config, lw.post_attn_norm, None, dtype) if lw.post_attn_norm is not None \
+            else None
+        self.post_ffn_norm = make_norm(config, lw.post_ffn_norm, None, dtype) if lw.post_ffn_norm is not None else None
 
     def forward(self, x: torch.Tensor, start_pos: int, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor):
+        if self.post_attn_norm is not None:
+            h = x + self.post_attn_norm(self.attn(self.input_layernorm(x), start_pos, cache, cos, sin))
+            hn = self.post_attention_layernorm(h)
+            y = self.ffn(hn, residual=h) if getattr(self.ffn, "takes_residual", False) else self.ffn(hn)
+            return h + self.post_ffn_norm(y)
         h = x + self.attn(self.input_layernorm(x), start_pos, cache, cos, sin)
         if self.parallel:  # falcon: the FFN reads the layer input too, both outputs join the residual
             if getattr(self.ffn, "takes_residual", False):
@@ -151,6 +173,9 @@ class Transformer(nn.Module):
         # The same float32 tables the C decoder reads (model/rope.py), grown to the cache size on first use.
         self.register_buffer("rope_cos", torch.empty(0, config.rope_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0, config.rope_dim // 2), persistent=False)
+        self.local_rope = config.local_rope()  # gemma3's local layers' tables, grown with the global ones
+        self.register_buffer("rope_cos_local", torch.empty(0, config.rope_dim // 2), persistent=False)
+        self.register_buffer("rope_sin_local", torch.empty(0, config.rope_dim // 2), persistent=False)
 
     def forward(self, tokens: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
         """tokens LongTensor [T] at positions start_pos.. -> logits [T, n_vocab] (in `dtype`)."""
@@ -160,12 +185,21 @@ class Transformer(nn.Module):
         if self.rope_cos.shape[0] < end:
             cos, sin = rope_tables(self.config, max(cache.n_ctx, end))
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+            if self.local_rope is not None:
+                cos, sin = rope_tables(self.local_rope, max(cache.n_ctx, end))
+                self.rope_cos_local, self.rope_sin_local = cos.to(self.rope_cos.device), sin.to(self.rope_cos.device)
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        local = (self.rope_cos_local[start_pos:end], self.rope_sin_local[start_pos:end]) if self.local_rope else None
         x = F.embedding(tokens, self.embed_tokens)
+        if self.config.embed_scale != 1.0:  # Gemma: sqrt(d) in the activations' dtype, as HF's normalizer
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         if self.pos_embd is not None:
             if end > self.pos_embd.shape[0]:
                 raise ValueError(f"positions up to {end} exceed the model's {self.pos_embd.shape[0]} learned positions")
             x = x + self.pos_embd[start_pos:end]
         for block in self.layers:
-            x = block(x, start_pos, cache, cos, sin)
-        return F.linear(self.norm(x), self.embed_tokens if self.tied else self.lm_head)
+            x = block(x, start_pos, cache, *(local if block.attn.local_rope else (cos, sin)))
+        logits = F.linear(self.norm(x), self.embed_tokens if self.tied else self.lm_head)
+        if self.config.final_softcap:  # Gemma 2: final logit soft-capping
+            logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+        return logits

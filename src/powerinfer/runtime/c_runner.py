@@ -25,8 +25,10 @@ class CRunner(CachedSequence):
         self.weights = loaded.weights
         self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim)
         self.rope_cos, self.rope_sin = rope_tables(cfg, self.n_ctx)
+        local = cfg.local_rope()  # gemma3's local layers rotate with their own base
+        self.rope_local = rope_tables(local, self.n_ctx) if local is not None else None
         self.decoder = kernels.bind_decoder(cfg, loaded.weights, self.kv, self.rope_cos, self.rope_sin, n_threads,
-                                            pack_ffn, before_layer)
+                                            pack_ffn, before_layer, rope_local=self.rope_local)
         self._x = torch.empty(self.n_batch, cfg.d_model, dtype=torch.float32)
         self._embed_base = kernels.address(loaded.weights.embed_tokens.data)
         self._logits = torch.empty(cfg.n_vocab, dtype=torch.float32)

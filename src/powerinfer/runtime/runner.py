@@ -177,10 +177,10 @@ def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: 
     index is cached); without one, or when its budget cannot hold the dense parts, the CPU runner."""
     c = loaded.config
     # the disk tier's and the hybrid FFN's norms are RMSNorm on the post-attention residual, without biases
-    llama_block = c.norm == "rms" and not c.parallel_residual and c.positions == "rope"
+    llama_block = c.norm == "rms" and not c.parallel_residual and c.positions == "rope" and not c.post_norms
     unplaceable = PowerInferError(f"--ram-budget / --vram-budget placements run llama-family models; {c.arch} "
-                                  "(LayerNorm, biases, parallel residual or learned positions) runs on the CPU "
-                                  "decoder without them")
+                                  "(LayerNorm, biases, parallel residual, learned positions or Gemma's post-FFN "
+                                  "norm) runs on the CPU decoder without them")
     if placement is not None and getattr(placement, "ram_budget", None) is not None:
         if not llama_block:
             raise unplaceable
