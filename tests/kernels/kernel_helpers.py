@@ -19,6 +19,25 @@ ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in kernels.available_
                                                    reason=f"this CPU lacks {isa}"))
         for isa in ("avx512", "avx2", "portable")]
 FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16, Q.BF16, Q.F32]
+KQUANTS = [Q.Q4_K, Q.Q5_K, Q.Q6_K]  # 256-value super-blocks: shapes with cols % 256 == 0
+_KQ_BYTES = {Q.Q4_K: 144, Q.Q5_K: 176, Q.Q6_K: 210}
+
+
+def random_kquant(qtype, rows, cols, rng, scale=1.0) -> np.ndarray:
+    """uint8 [rows, row_bytes] of random K-quant super-blocks: every quant, qh and scale byte random (all bit
+    patterns of the packed 6-bit scales and the int8 Q6_K scales occur), f16 d (and dmin) sized so values are
+    O(scale). gguf-py has no K-quant quantizer; the kernels' parity does not need plausible weights, only valid ones."""
+    nsb, bb = cols // 256, _KQ_BYTES[qtype]
+    raw = rng.integers(0, 256, size=(rows, nsb, bb), dtype=np.uint8)
+    d = (rng.uniform(0.5, 1.5, size=(rows, nsb)) * scale).astype(np.float16)
+    if qtype == Q.Q6_K:
+        raw[..., 208:210] = (d / np.float16(1024)).view(np.uint8).reshape(rows, nsb, 2)  # |sc*q| up to 4096
+    else:
+        # dmin = d * the mean quant (7.5 for 4 bits, 15.5 for 5): weights average about zero, as real ones do
+        dd = d / np.float16(256)
+        raw[..., 0:2] = dd.view(np.uint8).reshape(rows, nsb, 2)
+        raw[..., 2:4] = (dd * np.float16(7.5 if qtype == Q.Q4_K else 15.5)).astype(np.float16).view(np.uint8).reshape(rows, nsb, 2)
+    return raw.reshape(rows, nsb * bb)
 
 
 def make_qtensor(qtype, rows, cols, rng, scale=1.0, name="w") -> QTensor:
@@ -30,6 +49,8 @@ def make_qtensor(qtype, rows, cols, rng, scale=1.0, name="w") -> QTensor:
         data = w.astype(np.float16)
     elif qtype == Q.BF16:
         data = quantize(w, Q.BF16).view(np.uint16)
+    elif qtype in KQUANTS:
+        data = random_kquant(qtype, rows, cols, rng, scale)
     else:
         data = quantize(w, qtype)
     return QTensor(name, Q(qtype), (rows, cols), data)

@@ -20,6 +20,7 @@ import weakref
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize as gguf_dequantize
 
 from ..core.tensor import QTensor
 
@@ -85,6 +86,9 @@ def dequantize(w: QTensor) -> torch.Tensor:
     if qtype == QT.BF16:
         u16 = np.array(w.data).view(np.uint16).astype(np.uint32) << 16
         return torch.from_numpy(u16.view(np.float32)).reshape(w.shape)
+    if qtype in KQUANTS:
+        return torch.from_numpy(gguf_dequantize(np.ascontiguousarray(np.asarray(w.data)).view(np.uint8), qtype)
+                                .astype(np.float32).reshape(w.shape))
     q, d, m = _blocks(w)
     vals = q.float() * d[..., None]
     if m is not None:
@@ -124,6 +128,8 @@ def block_terms(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     if qtype in (QT.F32, QT.F16, QT.BF16):
         xr = {QT.F32: x, QT.F16: x.half().float(), QT.BF16: x.bfloat16().float()}[qtype]
         return dequantize(w).double() * xr.double()[..., None, :]
+    if qtype in KQUANTS:
+        return kquant_terms(w, x)
     q, d, m = _blocks(w)
     xq, xd, xs, _ = quantize_q8(x)
     nb = w.cols // QK
@@ -133,6 +139,61 @@ def block_terms(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     terms = isum * (d.double() * xd.double()[..., None, :])
     if m is not None:
         terms = torch.cat((terms, m.double() * xs.double()[..., None, :]), dim=-1)
+    return terms
+
+
+# ---- K-quants (kernels/csrc/kquant.h): 256-value super-blocks against the same q8 activations ----
+KQUANTS = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
+QK_K = 256
+
+
+def kquant_ints(w: QTensor):
+    """Integer quants and exact f32 scales of a K-quant matrix, one entry per scale group:
+    Q4_K/Q5_K: (q int32 [rows, nsb*8, 32] (0..15 / 0..31), d*sc f32 [rows, nsb*8], dmin*m f32 [rows, nsb*8]),
+    value = (d*sc)*q - dmin*m; Q6_K: (q int32 [rows, nsb*16, 16] (-32..31), d*sc f32 [rows, nsb*16], None),
+    value = (d*sc)*q. Decoded from ggml's byte layout with numpy; tests check it against gguf-py's dequantizer."""
+    qtype = QT(w.qtype)
+    nsb = w.cols // QK_K
+    raw = np.ascontiguousarray(np.asarray(w.data)).view(np.uint8).reshape(w.rows, nsb, -1)
+    if qtype == QT.Q6_K:
+        ql, qh = raw[..., 0:128].astype(np.int32), raw[..., 128:192].astype(np.int32)
+        sc = raw[..., 192:208].view(np.int8).astype(np.float32)
+        d = raw[..., 208:210].copy().view(np.float16).astype(np.float32)
+        halves = []
+        for h in range(2):
+            lo, hi, bits = ql[..., 64 * h:64 * h + 32], ql[..., 64 * h + 32:64 * h + 64], qh[..., 32 * h:32 * h + 32]
+            halves += [(lo & 15) | ((bits & 3) << 4), (hi & 15) | (((bits >> 2) & 3) << 4),
+                       (lo >> 4) | (((bits >> 4) & 3) << 4), (hi >> 4) | (((bits >> 6) & 3) << 4)]
+        q = np.concatenate(halves, axis=-1).reshape(w.rows, nsb * 16, 16) - 32
+        ds = (d * sc).reshape(w.rows, nsb * 16)  # f16 x int8: exact in f32
+        return torch.from_numpy(q), torch.from_numpy(ds), None
+    d = raw[..., 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = raw[..., 2:4].copy().view(np.float16).astype(np.float32)
+    sc6 = raw[..., 4:16].astype(np.int32)
+    sc = np.concatenate([sc6[..., 0:4] & 63, (sc6[..., 8:12] & 15) | ((sc6[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([sc6[..., 4:8] & 63, (sc6[..., 8:12] >> 4) | ((sc6[..., 4:8] >> 6) << 4)], axis=-1)
+    qs = raw[..., 48 if qtype == QT.Q5_K else 16:].astype(np.int32).reshape(w.rows, nsb, 4, 1, 32)
+    q = np.concatenate([qs & 15, qs >> 4], axis=3).reshape(w.rows, nsb, 8, 32)  # group g: sub-blocks 2g, 2g+1
+    if qtype == QT.Q5_K:
+        qh = raw[..., 16:48].astype(np.int32)[:, :, None, :]
+        q = q + (((qh >> np.arange(8)[None, None, :, None]) & 1) << 4)
+    ds = (d * sc.astype(np.float32)).reshape(w.rows, nsb * 8)
+    dm = (dmin * mn.astype(np.float32)).reshape(w.rows, nsb * 8)
+    return torch.from_numpy(q.reshape(w.rows, nsb * 8, 32)), torch.from_numpy(ds), torch.from_numpy(dm)
+
+
+def kquant_terms(w: QTensor, x: torch.Tensor) -> torch.Tensor:
+    """block_terms of a K-quant matrix (kquant.h): per 32-value activation block b and scale group s in it,
+    (d*sc[s]) * dx[b] * sum(q * xq) and, for Q4_K/Q5_K, -(dmin*m[s]) * (dx[b] * sum(xq)); float64."""
+    q, ds, dm = kquant_ints(w)
+    xq, xd, _, xsum = quantize_q8(x.float())
+    g = q.shape[-1]  # values per scale group: 32 or 16
+    xq = xq.reshape(*xq.shape[:-1], -1, g).double()
+    isum = torch.einsum("rbj,...bj->...rb", q.double(), xq)
+    dx = xd.double().repeat_interleave(QK // g, dim=-1)  # the activation block of each group
+    terms = isum * ds.double() * dx[..., None, :]
+    if dm is not None:
+        terms = torch.cat((terms, -dm.double() * (xd.double() * xsum.double())[..., None, :]), dim=-1)
     return terms
 
 

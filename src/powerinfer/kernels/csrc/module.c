@@ -18,8 +18,9 @@ int pi_conv_ptr(PyObject *o, void *out) {
 }
 
 static int check_qtype(int qtype) {
-    if (pi_row_bytes(qtype, 32) == 0) {
-        PyErr_Format(PyExc_ValueError, "unsupported ggml type id %d (native: 0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0, 30 BF16)", qtype);
+    if (pi_row_bytes(qtype, PI_QK_K) == 0) {
+        PyErr_Format(PyExc_ValueError, "unsupported ggml type id %d (native: 0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0, "
+                     "12 Q4_K, 13 Q5_K, 14 Q6_K, 30 BF16)", qtype);
         return -1;
     }
     return 0;
@@ -94,6 +95,7 @@ static PyObject *run_mm(int qtype, const void *w, int rows, int cols, const floa
     if (check_qtype(qtype)) return NULL;
     if (!w || !x || !y || rows <= 0 || cols <= 0 || n_tok <= 0) return PyErr_Format(PyExc_ValueError, "bad pointer or shape");
     if (pi_need_of(qtype) == PI_NEED_Q8 && cols % PI_QK) return PyErr_Format(PyExc_ValueError, "cols must be a multiple of 32");
+    if (pi_is_kquant(qtype) && cols % PI_QK_K) return PyErr_Format(PyExc_ValueError, "K-quants need cols a multiple of 256");
     if (nth < 1) nth = 1;
     pi_mat m;
     const int need = pi_need_of(qtype);
@@ -189,24 +191,25 @@ static PyObject *py_transpose_q8_0(PyObject *self, PyObject *args) {
     void *src, *dst;
     if (!PyArg_ParseTuple(args, "iO&iiO&", &qtype, pi_conv_ptr, &src, &rows, &cols, pi_conv_ptr, &dst)) return NULL;
     if (check_qtype(qtype)) return NULL;
-    if (!src || !dst || rows <= 0 || cols <= 0 || rows % PI_QK || cols % PI_QK)
-        return PyErr_Format(PyExc_ValueError, "rows and cols must be positive multiples of 32, pointers non-null");
-    float *tile = pi_aligned_alloc((size_t)rows * PI_QK * sizeof(float));
+    const int sw = pi_is_kquant(qtype) ? PI_QK_K : PI_QK; /* strip width: one block of the source */
+    if (!src || !dst || rows <= 0 || cols <= 0 || rows % PI_QK || cols % sw)
+        return PyErr_Format(PyExc_ValueError, "rows must be a positive multiple of 32 and cols of %d, pointers non-null", sw);
+    float *tile = pi_aligned_alloc((size_t)rows * sw * sizeof(float));
     if (!tile) return PyErr_NoMemory();
-    const size_t row_bytes = pi_row_bytes(qtype, cols), blk_bytes = pi_row_bytes(qtype, PI_QK);
+    const size_t row_bytes = pi_row_bytes(qtype, cols), blk_bytes = pi_row_bytes(qtype, sw);
     const size_t nb = (size_t)rows / PI_QK;
     Py_BEGIN_ALLOW_THREADS
     pi_blk_q8_0 *out = dst;
-    for (int cb = 0; cb < cols / PI_QK; cb++) {
+    for (int cb = 0; cb < cols / sw; cb++) {
         const uint8_t *strip = (const uint8_t *)src + (size_t)cb * blk_bytes;
-        for (int r = 0; r < rows; r++) pi_dequantize(qtype, strip + (size_t)r * row_bytes, PI_QK, tile + (size_t)r * PI_QK);
-        for (int k = 0; k < PI_QK; k++) {
-            pi_blk_q8_0 *o = out + ((size_t)cb * PI_QK + k) * nb;
+        for (int r = 0; r < rows; r++) pi_dequantize(qtype, strip + (size_t)r * row_bytes, sw, tile + (size_t)r * sw);
+        for (int k = 0; k < sw; k++) {
+            pi_blk_q8_0 *o = out + ((size_t)cb * sw + k) * nb;
             for (size_t rb = 0; rb < nb; rb++) {
                 float col[PI_QK], d, s;
                 int8_t qs[PI_QK];
                 int32_t sum;
-                for (int i = 0; i < PI_QK; i++) col[i] = tile[(rb * PI_QK + i) * PI_QK + k];
+                for (int i = 0; i < PI_QK; i++) col[i] = tile[(rb * PI_QK + i) * sw + k];
                 pi_k->quant_q8(col, 1, qs, &d, &s, &sum);
                 o[rb].d = pi_fp32_to_fp16(d); /* d is already f16-rounded: exact */
                 memcpy(o[rb].qs, qs, PI_QK);
@@ -289,6 +292,8 @@ static PyObject *sparse_call(int kind, int qtype, void *w, int rows, int cols, v
         return PyErr_Format(PyExc_ValueError, "column range [%d, %d) outside [0, %d)", c0, c1, cols);
     if (pi_need_of(qtype) == PI_NEED_Q8 && (cols % PI_QK || (kind == BS_AXPY && (c0 % PI_QK || c1 % PI_QK))))
         return PyErr_Format(PyExc_ValueError, "block formats need cols (and c0, c1) multiples of 32");
+    if (pi_is_kquant(qtype) && (cols % PI_QK_K || (kind == BS_AXPY && (c0 % PI_QK_K || c1 % PI_QK_K))))
+        return PyErr_Format(PyExc_ValueError, "K-quants need cols (and c0, c1) multiples of 256");
     if (check_idx(idx, n, rows)) return NULL;
     if (nth < 1) nth = 1;
     const int need = pi_need_of(qtype);

@@ -14,7 +14,8 @@
 #include <string.h>
 
 /* GGML type ids (gguf.GGMLQuantizationType). */
-enum { PI_F32 = 0, PI_F16 = 1, PI_Q4_0 = 2, PI_Q4_1 = 3, PI_Q8_0 = 8, PI_BF16 = 30 };
+enum { PI_F32 = 0, PI_F16 = 1, PI_Q4_0 = 2, PI_Q4_1 = 3, PI_Q8_0 = 8, PI_Q4_K = 12, PI_Q5_K = 13, PI_Q6_K = 14,
+       PI_BF16 = 30 };
 
 #define PI_QK 32 /* values per quantization block */
 #define PI_G 16  /* rows per packed group: one zmm lane per row (see pi_mat) */
@@ -22,6 +23,9 @@ enum { PI_F32 = 0, PI_F16 = 1, PI_Q4_0 = 2, PI_Q4_1 = 3, PI_Q8_0 = 8, PI_BF16 = 
 typedef struct { uint16_t d; uint8_t qs[16]; } pi_blk_q4_0;        /* value = (nibble - 8) * d */
 typedef struct { uint16_t d, m; uint8_t qs[16]; } pi_blk_q4_1;     /* value = nibble * d + m */
 typedef struct { uint16_t d; int8_t qs[32]; } pi_blk_q8_0;         /* value = q * d */
+/* K-quants: 256-value super-blocks (kquant.h has the layouts and their kernels). */
+#define PI_QK_K 256
+static inline int pi_is_kquant(int qtype) { return qtype == 12 || qtype == 13 || qtype == 14; }
 
 /* ---- scalar conversions (bit-exact, round-to-nearest-even; after Maratyszcza's FP16 library) ---- */
 static inline float pi_bits_f32(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
@@ -88,7 +92,7 @@ typedef struct {
 
 static inline int pi_need_of(int qtype) {
     switch (qtype) {
-    case PI_Q4_0: case PI_Q4_1: case PI_Q8_0: return PI_NEED_Q8;
+    case PI_Q4_0: case PI_Q4_1: case PI_Q8_0: case PI_Q4_K: case PI_Q5_K: case PI_Q6_K: return PI_NEED_Q8;
     case PI_F16: return PI_NEED_F16;
     case PI_BF16: return PI_NEED_BF16;
     default: return PI_NEED_F32;

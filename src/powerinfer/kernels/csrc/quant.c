@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 
 #include "pi.h"
+#include "kquant.h"
 
 float pi_f16_table[65536];
 
@@ -78,6 +79,7 @@ size_t pi_row_bytes(int qtype, int cols) {
     case PI_Q4_0: return (size_t)(cols / PI_QK) * sizeof(pi_blk_q4_0);
     case PI_Q4_1: return (size_t)(cols / PI_QK) * sizeof(pi_blk_q4_1);
     case PI_Q8_0: return (size_t)(cols / PI_QK) * sizeof(pi_blk_q8_0);
+    case PI_Q4_K: case PI_Q5_K: case PI_Q6_K: return (size_t)(cols / PI_QK_K) * pi_kq_block_bytes(qtype);
     default: return 0;
     }
 }
@@ -125,6 +127,7 @@ int pi_dequantize(int qtype, const void *src, size_t n, float *dst) {
         }
         return 0;
     }
+    case PI_Q4_K: case PI_Q5_K: case PI_Q6_K: return pi_kq_dequantize(qtype, src, n, dst);
     default: return -1;
     }
 }
@@ -222,6 +225,7 @@ int pi_mat_init(pi_mat *m, int qtype, const void *raw, int rows, int cols, int p
     memset(m, 0, sizeof *m);
     if (rows <= 0 || cols <= 0 || pi_row_bytes(qtype, cols) == 0) return -1;
     if (pi_need_of(qtype) == PI_NEED_Q8 && cols % PI_QK) return -1;
+    if (pi_is_kquant(qtype) && cols % PI_QK_K) return -1;
     m->qtype = qtype; m->rows = rows; m->cols = cols;
     m->raw = raw;
     m->row_bytes = pi_row_bytes(qtype, cols);
@@ -262,6 +266,7 @@ static pi_rows_fn rows_fn(int qtype) {
     case PI_Q8_0: return pi_k->rows_q8_0;
     case PI_F16: return pi_k->rows_f16;
     case PI_BF16: return pi_k->rows_bf16;
+    case PI_Q4_K: case PI_Q5_K: case PI_Q6_K: return pi_kq_rows(qtype);
     default: return pi_k->rows_f32;
     }
 }
@@ -299,6 +304,7 @@ void pi_mat_axpy(const pi_mat *m, const int32_t *idx, const float *h, int n, int
     case PI_Q8_0: f = pi_k->axpy_rows_q8_0; break;
     case PI_F16: f = pi_k->axpy_rows_f16; break;
     case PI_BF16: f = pi_k->axpy_rows_bf16; break;
+    case PI_Q4_K: case PI_Q5_K: case PI_Q6_K: f = pi_kq_axpy; break;
     default: f = pi_k->axpy_rows_f32; break;
     }
     f(m, idx, h, n, c0, c1, y);
