@@ -88,7 +88,10 @@ def gemma_config(path: Path, cfg_path: Path, raw: dict, arch: str) -> ModelConfi
 
 def _plus_one(t: QTensor) -> QTensor:
     """Gemma's norm weight w as the plain RMSNorm weight 1 + w (float32, as llama.cpp's converter writes it)."""
-    w = np.asarray(t.dequantize().numpy(), dtype=np.float32).reshape(t.shape) + np.float32(1.0)
+    if t.qtype in (Q.F32, Q.F16):
+        w = np.asarray(t.data, dtype=np.float32).reshape(t.shape) + np.float32(1.0)
+    else:  # BF16, stored as raw uint16: its f32 value is the high half
+        w = (np.asarray(t.data, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(t.shape) + np.float32(1)
     return QTensor(t.name, Q.F32, t.shape, w)
 
 
