@@ -167,3 +167,18 @@ def test_run_with_sparsity(llama_cpp_gemmas):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "ffn sparsity" in out.stderr, out.stderr
+
+
+def test_k_shift_rotates_local_layers_with_their_base(gemmas):
+    """Gemma 3's layer 0 is local (RoPE base 10000, against the global layers' 1e6 scaled by 2): after dropping 30
+    positions its shifted keys equal a fresh evaluation of the shortened sequence (within one f16 ulp); rotated
+    back with the global base instead they are off by 1.8x the largest key."""
+    loaded = load_model(gemmas["gemma3"]["same"])
+    ids = [(7 * i + 3) % loaded.config.n_vocab for i in range(100)]
+    shifted, fresh = make_runner(loaded, 128, 2), make_runner(loaded, 128, 2)
+    shifted.eval(ids)
+    assert shifted.shift(3, 30)
+    fresh.eval(ids[:3] + ids[33:])
+    n = fresh.n_past
+    k, k_ref = shifted.kv.k[0][:n].float(), fresh.kv.k[0][:n].float()
+    assert (k - k_ref).abs().max().item() <= 2 ** -8 * k_ref.abs().max().item()

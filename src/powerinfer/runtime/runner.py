@@ -92,10 +92,15 @@ class CachedSequence:
         cfg = self.config
         angle = -n_discard * rope_inv_freq(cfg)  # float64 angles, as rope_tables computes them
         cos, sin = torch.cos(angle).float()[None, :], torch.sin(angle).float()[None, :]
+        local = cfg.local_rope()  # gemma3: the local layers' keys were rotated with their own base
+        if local is not None:
+            angle = -n_discard * rope_inv_freq(local)
+            local = torch.cos(angle).float()[None, :], torch.sin(angle).float()[None, :]
         t = n - lo
-        for k_cache, v_cache in zip(kv.k, kv.v):
+        for il, (k_cache, v_cache) in enumerate(zip(kv.k, kv.v)):
+            c, s = local if local is not None and cfg.is_local(il) else (cos, sin)
             keys = k_cache[lo:n].float().view(t, cfg.n_head_kv, cfg.head_dim)
-            keys = apply_rope(keys, cos.to(keys.device).expand(t, -1), sin.to(keys.device).expand(t, -1),
+            keys = apply_rope(keys, c.to(keys.device).expand(t, -1), s.to(keys.device).expand(t, -1),
                               cfg.rope_style)
             k_cache[n_keep:n_keep + t] = keys.reshape(t, -1).to(k_cache.dtype)
             v_cache[n_keep:n_keep + t] = v_cache[lo:n].clone()  # overlapping ranges: copy out first
