@@ -8,8 +8,8 @@ Models:
                        written as GGUF (one file per distinct spec per session). TinyModel.path is the file,
                        .hf_model() its transformers twin, .hf_state the float32 weights the file encodes.
   tiny_llama_gguf      factory by type: tiny_llama_gguf("Q4_1", activation="relu") -> TinyModel (arch llama).
-                       qtype: F32 F16 BF16 Q8_0 Q4_0 Q4_1 (native) or Q5_0 Q5_1 Q6_K Q4_K (converted at load,
-                       K-quants need d_model and n_ff multiples of 256).
+                       qtype: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q6_K Q4_K (native; K-quants need d_model and n_ff
+                       multiples of 256) or Q5_0 Q5_1 (converted at load).
   tiny_qwen2_gguf      same for qwen2 (q/k/v biases, neox RoPE).
   tiny_hf_dir          factory: tiny_hf_dir(dtype=torch.float32, save_kw=None, **TinySpec fields)
                        -> (directory, TinyModel): the transformers twin saved with save_pretrained.

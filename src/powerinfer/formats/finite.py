@@ -2,7 +2,8 @@
 `ggml_validate_row_data`, which llama.cpp runs under --check-tensors, checks the same things).
 
 Floats are checked value by value. Block formats are checked through their f16 scales (Q8_0/Q4_0: d; Q4_1: d and
-m): the quants themselves are small integers, so a block decodes to a non-finite value exactly when a scale is one.
+m; Q4_K/Q5_K: d and dmin; Q6_K: d, its sub-block scales being int8): the quants themselves are small integers,
+so a block decodes to a non-finite value exactly when a scale is one.
 The scales are read as integers with a strided view (an f16 is non-finite iff its five exponent bits are all set),
 so nothing is converted or copied: the bundled SmolLM2 Q4_1 (4.3 M blocks) takes 13-22 ms.
 """
@@ -12,7 +13,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 # f16 fields per block (byte offsets) of the native block formats
-_SCALE_OFFSETS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2)}
+_SCALE_OFFSETS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 _F16_EXP, _BF16_EXP = 0x7C00, 0x7F80
 
 

@@ -1,6 +1,7 @@
 """Load-time conversion of GGUF tensor types the kernels do not read (DESIGN decision 4).
 
-The kernels read F32, F16, BF16, Q8_0, Q4_0 and Q4_1. Every other type is converted once, when the model
+The kernels read F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K (the K-quants as stored, so a
+Q4_K_M file runs at its own size: kernels/csrc/kquant.h). Every other type is converted once, when the model
 is loaded: dequantized with gguf-py's reference dequantizers (`gguf.quants.dequantize`) and requantized with
 `gguf.quants.quantize` into the native type chosen below. The loss is measured while converting and
 returned in a `ConversionReport` that the CLI prints.
@@ -19,11 +20,10 @@ How the targets were chosen (relative RMS error ||w' - w|| / ||w||, ggml's own q
     IQ4_NL/IQ4_XS              total +49%           +0.001
 
 Rule: Q4_1 where requantizing raises the source's own error by less than 5 %, Q8_0 otherwise; 5-, 6- and
-8-bit types always go to Q8_0 (a 4-bit target would multiply their error by 2-4).
-Q4_K is the exception that got its own code: its 32-value sub-blocks are exactly a Q4_1 block
-(y = d*sc*q - dmin*m with 4-bit q), so `_q4_k_to_q4_1` re-packs the nibbles and folds the scales into
-Q4_1's f16 scale/min. Measured: +0.0007 relative RMS (f16 rounding of the folded scales), 5.0 bpw
-instead of 4.5, against +0.043 for the generic requantization or 1.9x the memory for Q8_0.
+8-bit types always go to Q8_0 (a 4-bit target would multiply their error by 2-4). The Q4_K/Q5_K/Q6_K rows
+above are what those types cost before the kernels read them (Q6_K -> Q8_0 was +30 % memory); they no longer
+convert. Q5_0/Q5_1 (llama.cpp's fallback for K-quant tensors whose rows are not a multiple of 256 values,
+e.g. SmolLM2's 576-wide ones), Q2_K, Q3_K and the IQ types still do, and the load message says which.
 
 Speed (numpy, one core): dequantize ~270 M values/s, quantize Q8_0 ~240 M/s, Q4_1 ~170 M/s, so a 7B
 model takes about a minute; a tqdm bar is shown when the work exceeds a few seconds.
@@ -34,15 +34,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
-from gguf.quants import Q4_K, dequantize, quantize
+from gguf.quants import dequantize, quantize
 
 from ..errors import ModelFormatError
 from ..core.tensor import NATIVE_TYPES, QTensor
 
 TARGET: dict[Q, Q] = {
     Q.F64: Q.F32,
-    Q.Q5_0: Q.Q8_0, Q.Q5_1: Q.Q8_0, Q.Q5_K: Q.Q8_0, Q.Q6_K: Q.Q8_0,
-    Q.Q2_K: Q.Q4_1, Q.Q3_K: Q.Q8_0, Q.Q4_K: Q.Q4_1,
+    Q.Q5_0: Q.Q8_0, Q.Q5_1: Q.Q8_0, Q.Q2_K: Q.Q4_1, Q.Q3_K: Q.Q8_0,
     Q.IQ1_S: Q.Q4_1, Q.IQ1_M: Q.Q4_1, Q.IQ2_XXS: Q.Q4_1, Q.IQ2_XS: Q.Q4_1, Q.IQ2_S: Q.Q4_1,
     Q.IQ3_XXS: Q.Q8_0, Q.IQ3_S: Q.Q8_0, Q.IQ4_NL: Q.Q8_0, Q.IQ4_XS: Q.Q8_0,
     # Ternary (TQ*) and fp4 (MXFP4, NVFP4) grids are not uniform 16-level grids: Q4_1 adds 20-50 %.
@@ -134,10 +133,7 @@ def convert_tensor(t: QTensor, report: ConversionReport, values: np.ndarray | No
         return t
     target = target_type(t.qtype, t.name)
     ref = values if values is not None else to_float(t.qtype, t.data).reshape(t.shape)
-    if t.qtype == Q.Q4_K and target == Q.Q4_1:
-        data = _q4_k_to_q4_1(np.asarray(t.data).reshape(t.rows, -1))
-    else:
-        data = from_float(ref.reshape(t.rows, t.cols) if len(t.shape) > 1 else ref, target)
+    data = from_float(ref.reshape(t.rows, t.cols) if len(t.shape) > 1 else ref, target)
     new = QTensor(t.name, target, t.shape, data)
     report.add(f"{t.qtype.name}->{target.name}", t.qtype, target, t.nbytes, new.nbytes, ref,
                to_float(target, data).reshape(t.shape))
@@ -170,24 +166,3 @@ def transpose(t: QTensor, report: ConversionReport | None = None, name: str | No
                    to_float(target, data).reshape(shape))
     return new
 
-
-def _q4_k_to_q4_1(raw: np.ndarray) -> np.ndarray:
-    """Re-pack Q4_K rows as Q4_1 without requantizing (see the module docstring for why and the numbers).
-
-    Q4_K super-block (256 values, 144 bytes): f16 d, f16 dmin, 12 bytes of packed 6-bit (scale, min) for
-    eight 32-value sub-blocks, 128 bytes of nibbles (chunk c of 32 bytes: low nibbles = sub-block 2c,
-    high nibbles = sub-block 2c+1); value = d*scale*q - dmin*min. Q4_1 block (32 values, 20 bytes):
-    f16 d, f16 m, 16 bytes (byte i: value i in the low nibble, value i+16 in the high); value = d*q + m.
-    """
-    rows = raw.shape[0]
-    blocks = raw.reshape(-1, 144)
-    d = blocks[:, 0:2].view(np.float16).astype(np.float32)
-    dmin = blocks[:, 2:4].view(np.float16).astype(np.float32)
-    scale, minimum = Q4_K.get_scale_min(blocks[:, 4:16])  # [n, 8] each, as gguf-py decodes them
-    nibbles = blocks[:, 16:].reshape(-1, 4, 32)
-    q = np.stack([nibbles & 0x0F, nibbles >> 4], axis=2).reshape(-1, 8, 32)
-    out = np.empty((blocks.shape[0], 8, 20), dtype=np.uint8)
-    out[:, :, 0:2] = (d * scale).astype(np.float16).view(np.uint8).reshape(-1, 8, 2)
-    out[:, :, 2:4] = (-(dmin * minimum)).astype(np.float16).view(np.uint8).reshape(-1, 8, 2)
-    out[:, :, 4:] = q[:, :, :16] | (q[:, :, 16:] << 4)
-    return out.reshape(rows, -1)
