@@ -18,7 +18,8 @@ MAX_CONTEXT = 1 << 24
 
 @dataclass
 class RopeScaling:
-    """RoPE frequency scaling. kind: none | linear | llama3 | yarn (as in GGUF `rope.scaling.*`)."""
+    """RoPE frequency scaling. kind: none | linear | llama3 | yarn (as in GGUF `rope.scaling.*`) | longrope
+    (Phi-3's LongRoPE / SuScaled: GGUF `rope_factors_long` / `rope_factors_short`)."""
 
     kind: str = "none"
     factor: float = 1.0
@@ -28,11 +29,19 @@ class RopeScaling:
     # Per-frequency divisors of the inverse frequencies (GGUF `rope_freqs.weight`, where llama.cpp's converter
     # bakes llama3 scaling); when set they replace the llama3 formula. Length rope_dim/2.
     freq_factors: tuple[float, ...] | None = None
+    # longrope: per-frequency divisors for a context past original_context (long) or within it (short); llama.cpp
+    # picks one set for the whole context by its size (llama_model::get_rope_factors), as does transformers by the
+    # sequence length. Length rope_dim/2 each.
+    long_factors: tuple[float, ...] | None = None
+    short_factors: tuple[float, ...] | None = None
+    # cos/sin magnitude (GGUF rope.scaling.attn_factor; llama.cpp multiplies its yarn_attn_factor by it): LongRoPE's
+    # sqrt(1 + ln(context / original) / ln(original))
+    attn_factor: float = 1.0
 
 
 @dataclass
 class ModelConfig:
-    arch: str  # "llama" | "qwen2" | "qwen3" | "falcon" | "opt"
+    arch: str  # "llama" | "qwen2" | "qwen3" | "falcon" | "opt" | "phi3"
     n_vocab: int
     d_model: int
     n_layer: int
@@ -126,13 +135,17 @@ class ModelConfig:
                 raise ModelFormatError(f"{source}: {name} = {v!r} must be a finite number "
                                        f"{'>= 0' if lo is not None else '> 0'}")
         rs = self.rope_scaling
-        scale = (rs.factor, rs.low_freq_factor, rs.high_freq_factor, *(rs.freq_factors or ()))
+        scale = (rs.factor, rs.low_freq_factor, rs.high_freq_factor, rs.attn_factor, *(rs.freq_factors or ()),
+                 *(rs.long_factors or ()), *(rs.short_factors or ()))
         if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scale):
             raise ModelFormatError(f"{source}: RoPE scaling factors must be finite and > 0")
         if not isinstance(rs.original_context, int) or not 0 <= rs.original_context <= MAX_CONTEXT:
             raise ModelFormatError(f"{source}: RoPE original context {rs.original_context!r} is outside "
                                    f"[0, {MAX_CONTEXT:,}]")
-        if rs.freq_factors is not None and len(rs.freq_factors) != self.rope_dim // 2:
-            raise ModelFormatError(f"{source}: {len(rs.freq_factors)} RoPE frequency factors for rope dimension "
-                                   f"{self.rope_dim} (expected {self.rope_dim // 2})")
+        for factors in (rs.freq_factors, rs.long_factors, rs.short_factors):
+            if factors is not None and len(factors) != self.rope_dim // 2:
+                raise ModelFormatError(f"{source}: {len(factors)} RoPE frequency factors for rope dimension "
+                                       f"{self.rope_dim} (expected {self.rope_dim // 2})")
+        if rs.kind == "longrope" and (rs.long_factors is None or rs.short_factors is None):
+            raise ModelFormatError(f"{source}: LongRoPE scaling needs both long and short frequency factors")
         return self

@@ -19,12 +19,13 @@ from ..errors import ModelFormatError, one_line
 from ..core.config import ModelConfig, RopeScaling
 from ..core.weights import LayerWeights, ModelWeights
 from . import quants
+from .gguf_phi3 import phi3_layer, phi3_rope_scaling
 from .gguf_gemma import GEMMA_ARCHS, gemma_config
 from .names import GGUF_ATTN_NORM_2, GGUF_QKV, gguf_name
 from ..core.tensor import QTensor
 
 PWRI_MAGIC = b"PWRI"
-SUPPORTED_ARCHS = ("llama", "bamboo", "qwen2", "qwen3", "falcon", "opt")
+SUPPORTED_ARCHS = ("llama", "bamboo", "qwen2", "qwen3", "falcon", "opt", "phi3")
 SUPPORTED_ARCHS += GEMMA_ARCHS  # Gemma's options are read by formats/gguf_gemma.py
 # falcon (llama.cpp's names) and opt (this package's, in llama.cpp's conventions: position_embd, .bias tensors)
 # use LayerNorm with bias; falcon runs attention and MLP in parallel from one fused attn_qkv (rows q | k | v)
@@ -291,7 +292,7 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
     # MLP with ggml_gelu (tanh form); OPT is ReLU.
     activation = "relu" if pwri or arch in ("bamboo", "opt") else "gelu_tanh" if arch == "falcon" else "silu"
     ffn_kind = "dglu" if arch == "bamboo" else "glu"
-    if "blk.0.ffn_gate.weight" not in tensors:
+    if "blk.0.ffn_gate.weight" not in tensors and arch != "phi3":  # phi3's gate is the first half of ffn_up
         ffn_kind = "mlp"
     activation = md.get("powerinfer.ffn_activation", activation)
     ffn_kind = md.get("powerinfer.ffn_kind", ffn_kind)
@@ -305,7 +306,7 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
 
     layer_norm = arch in ("falcon", "opt")
     config = ModelConfig(
-        arch=arch if arch in ("qwen2", "qwen3", "falcon", "opt") else "llama",
+        arch=arch if arch in ("qwen2", "qwen3", "falcon", "opt", "phi3") else "llama",
         n_vocab=tensors["token_embd.weight"].rows,
         d_model=d_model,
         n_layer=key("block_count"),
@@ -318,7 +319,7 @@ def _config(path: Path, md: dict, tensors: dict[str, QTensor], pwri: bool) -> Mo
         rope_theta=_f32(key("rope.freq_base", 10000.0, float)),
         rope_dim=key("rope.dimension_count", head_dim),
         # llama.cpp's converter permutes llama q/k rows so that rotation pairs are adjacent; qwen2/3 are not.
-        rope_style="neox" if arch in ("qwen2", "qwen3", "falcon") else "norm",
+        rope_style="neox" if arch in ("qwen2", "qwen3", "falcon", "phi3") else "norm",
         rope_scaling=_rope_scaling(path, arch, md, tensors),
         context_length=key("context_length", 4096),
         activation=activation,
@@ -347,6 +348,9 @@ def _rope_scaling(path: Path, arch: str, md: dict, tensors: dict[str, QTensor]) 
     if kind == "none" and f"{arch}.rope.scale_linear" in md:  # pre-2024 GGUF spelling
         kind, factor = "linear", number(f"{arch}.rope.scale_linear", 1.0)
     orig = number(f"{arch}.rope.scaling.original_context_length", 0, int)
+    attn_factor = number(f"{arch}.rope.scaling.attn_factor", 1.0)
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+        return phi3_rope_scaling(path, tensors, orig, attn_factor)
     if "rope_freqs.weight" in tensors:
         # Llama 3.1+: llama.cpp's converter bakes the llama3 scaling into per-frequency divisors.
         t = tensors["rope_freqs.weight"]
@@ -355,12 +359,13 @@ def _rope_scaling(path: Path, arch: str, md: dict, tensors: dict[str, QTensor]) 
             raise ModelFormatError(f"{path}: tensor rope_freqs.weight has shape {list(t.shape)}, expected "
                                    "[rope_dim/2]")
         freq = t.dequantize().tolist()
-        return RopeScaling(kind="llama3", factor=max(freq), original_context=orig, freq_factors=tuple(freq))
+        return RopeScaling(kind="llama3", factor=max(freq), original_context=orig, freq_factors=tuple(freq),
+                           attn_factor=attn_factor)
     if kind not in ("none", "linear", "yarn", "llama3") and factor != 1.0:
         raise ModelFormatError(f"{path}: unsupported RoPE scaling {kind!r} (supported: linear, yarn, llama3)")
     if kind not in ("linear", "yarn", "llama3"):
         kind = "none"
-    return RopeScaling(kind=kind, factor=factor, original_context=orig)
+    return RopeScaling(kind=kind, factor=factor, original_context=orig, attn_factor=attn_factor)
 
 
 def _file_type(md: dict, tensors: dict[str, QTensor]) -> str:
@@ -422,7 +427,8 @@ def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) 
         shapes.update(post_attn_norm=(d,), post_ffn_norm=(d,))
     layers = []
     for i in range(cfg.n_layer):
-        fused = _falcon_layer(cfg, i, tensors, get, todo) if cfg.arch == "falcon" else {}
+        fused = _falcon_layer(cfg, i, tensors, get, todo) if cfg.arch == "falcon" else \
+            phi3_layer(cfg, i, tensors, get, todo) if cfg.arch == "phi3" else {}
         if gguf_name("down_t", i) in tensors:  # PowerInfer stores down_proj transposed (neuron-major)
             down = get(gguf_name("down_t", i), (ff, d))
             transposed.add(down.name)
@@ -434,8 +440,8 @@ def _weights(path: Path, cfg: ModelConfig, tensors: dict[str, QTensor], report) 
                         get(gguf_name(role, i), shape, optional=optional.get(role, False)))
                  for role, shape in shapes.items()}
         layers.append(dict(layer, down_proj=down, down_t=down if down.name in transposed else None))
-    if "rope_freqs.weight" in tensors:
-        used.add("rope_freqs.weight")
+    used.update(n for n in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+                if n in tensors)
 
     converted = _convert(todo, report)
 

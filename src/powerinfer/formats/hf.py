@@ -1,7 +1,7 @@
 """Hugging Face model directories (`config.json` + `*.safetensors`, sharded or not) -> ModelConfig + ModelWeights.
 
-LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM here; FalconForCausalLM and
-OPTForCausalLM in formats/hf_families.py. HF keeps q/k rows in their
+LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM here; FalconForCausalLM,
+OPTForCausalLM and Phi3ForCausalLM in formats/hf_families.py. HF keeps q/k rows in their
 original order, so RoPE rotates halves ("neox" style). Weights stay F32/F16/BF16 and memory-mapped.
 Reads both config spellings: transformers >= 5 (`rope_parameters`) and earlier (`rope_theta` +
 `rope_scaling`). The tokenizer files are left to formats/tokenizer.py; `LoadedModel.path` points at them.
@@ -74,7 +74,7 @@ def _config(path: Path, cfg_path: Path, raw: dict) -> ModelConfig:
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and model_type not in ("llama", "mistral", "qwen2", "qwen3"):
         raise ModelFormatError(f"{cfg_path}: unsupported architecture {archs or model_type!r} "
                                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}, FalconForCausalLM, "
-                               "OPTForCausalLM)")
+                               "OPTForCausalLM, Phi3ForCausalLM)")
     act = raw.get("hidden_act", "silu")
     if act not in _ACTIVATIONS:
         raise ModelFormatError(f"{cfg_path}: unsupported hidden_act {act!r} (supported: {', '.join(_ACTIVATIONS)})")
@@ -208,7 +208,7 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, ModelWeights, dict]:
     c = config
     if gemma_of(raw):
         weights = gemma_weights(c, tensors, get)
-    elif c.arch in ("falcon", "opt"):
+    elif c.arch in ("falcon", "opt", "phi3"):
         weights = family_weights(path, c, raw, tensors, get)
     elif any(n.endswith(("o_proj.bias", "mlp.down_proj.bias", "mlp.up_proj.bias")) for n in tensors):
         raise ModelFormatError(f"{path}: o_proj / MLP biases are not supported (attention_bias or mlp_bias in a llama)")

@@ -1,4 +1,5 @@
-"""HF Falcon (FalconForCausalLM) and OPT (OPTForCausalLM) directories in the llama roles of core/weights.py.
+"""HF Falcon (FalconForCausalLM), OPT (OPTForCausalLM) and Phi-3 (Phi3ForCausalLM) directories in the llama roles
+of core/weights.py.
 
 Falcon: one fused query_key_value matrix whose row order depends on the layout: new_decoder_architecture (40B/180B)
 groups each KV head's queries with its key and value, multi_query (7B) stores all queries then one key and one
@@ -9,20 +10,26 @@ halves; ALiBi models are refused.
 OPT: learned positions (row p + 2 of embed_positions is position p: OPTLearnedPositionalEmbedding's offset), a
 LayerNorm before attention and before the MLP (do_layer_norm_before), biases on every projection, ReLU MLP (fc1,
 fc2), a final LayerNorm, head tied to the embeddings.
+Phi-3: a llama with fused self_attn.qkv_proj (rows q | k | v) and mlp.gate_up_proj (rows gate | up: transformers'
+Phi3MLP chunks it in that order), both read as row views; LongRoPE (rope type longrope, or su / yarn in older
+configs, which transformers maps to it) with long_factor / short_factor and attention_factor (given, else
+sqrt(1 + ln(factor) / ln(original)), factor = max_position_embeddings / original_max_position_embeddings).
+sliding_window is not applied, as llama.cpp does not.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
-from ..core.config import ModelConfig
+from ..core.config import ModelConfig, RopeScaling
 from ..core.tensor import QTensor
 from ..core.weights import LayerWeights, ModelWeights
 from ..errors import ModelFormatError
 
-ARCHITECTURES = {"FalconForCausalLM": "falcon", "OPTForCausalLM": "opt"}
-MODEL_TYPES = {"falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon", "opt": "opt"}
+ARCHITECTURES = {"FalconForCausalLM": "falcon", "OPTForCausalLM": "opt", "Phi3ForCausalLM": "phi3"}
+MODEL_TYPES = {"falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon", "opt": "opt", "phi3": "phi3"}
 _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 OPT_POSITION_OFFSET = 2
 
@@ -48,6 +55,8 @@ def _activation(raw: dict, key: str, default: str, cfg_path: Path) -> str:
 
 def family_config(path: Path, cfg_path: Path, raw: dict, family: str) -> ModelConfig:
     get = raw.get
+    if family == "phi3":
+        return _phi3_config(path, cfg_path, raw)
     if family == "falcon":
         if get("alibi"):
             raise ModelFormatError(f"{cfg_path}: Falcon with ALiBi positions is not supported (RoPE models only)")
@@ -86,6 +95,60 @@ def family_config(path: Path, cfg_path: Path, raw: dict, family: str) -> ModelCo
         norm="layer", positions="learned", name=str(get("_name_or_path") or path.name))
 
 
+def _phi3_config(path: Path, cfg_path: Path, raw: dict) -> ModelConfig:
+    get = raw.get
+    params = dict(get("rope_scaling") or {})
+    params.update(get("rope_parameters") or {})
+    d, n_head = int(get("hidden_size")), int(get("num_attention_heads"))
+    head_dim = d // n_head
+    rope_dim = int(head_dim * float(params.get("partial_rotary_factor", get("partial_rotary_factor", 1.0))))
+    n_ctx = int(get("max_position_embeddings", 4096))
+    orig = int(get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or n_ctx)
+    kind = params.get("rope_type", params.get("type", "default"))
+    scaling = RopeScaling()
+    if kind in ("longrope", "su", "yarn"):
+        factor = float(params.get("factor") or n_ctx / orig)
+        attn = params.get("attention_factor")
+        attn = float(attn) if attn is not None else \
+            math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1.0 else 1.0
+        scaling = RopeScaling(kind="longrope", original_context=orig, attn_factor=attn,
+                              long_factors=tuple(float(x) for x in params["long_factor"]),
+                              short_factors=tuple(float(x) for x in params["short_factor"]))
+    elif kind not in ("default", None):
+        raise ModelFormatError(f"{cfg_path}: unsupported rope scaling {kind!r} for Phi-3 (supported: longrope)")
+    if get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ModelFormatError(f"{cfg_path}: unsupported hidden_act {get('hidden_act')!r} for Phi-3 (supported: silu)")
+    return ModelConfig(
+        arch="phi3", n_vocab=int(get("vocab_size")), d_model=d, n_layer=int(get("num_hidden_layers")), n_head=n_head,
+        n_head_kv=int(get("num_key_value_heads") or n_head), head_dim=head_dim, n_ff=int(get("intermediate_size")),
+        norm_eps=float(get("rms_norm_eps", 1e-5)), rope_theta=_rope_theta(raw), rope_dim=rope_dim, rope_style="neox",
+        rope_scaling=scaling, context_length=n_ctx, activation="silu", ffn_kind="glu",
+        tie_embeddings=bool(get("tie_word_embeddings", False)), name=str(get("_name_or_path") or path.name))
+
+
+def _phi3_weights(c: ModelConfig, tensors: dict[str, QTensor], get) -> ModelWeights:
+    d, ff, hd = c.d_model, c.n_ff, c.head_dim
+    sizes = (c.n_head * hd, c.n_head_kv * hd, c.n_head_kv * hd)
+    layers = []
+    for i in range(c.n_layer):
+        p = f"model.layers.{i}."
+        qkv = get(p + "self_attn.qkv_proj.weight", (sum(sizes), d))
+        gate_up = get(p + "mlp.gate_up_proj.weight", (2 * ff, d))
+        layers.append(LayerWeights(
+            input_layernorm=get(p + "input_layernorm.weight", (d,)),
+            q_proj=_rows(qkv, 0, sizes[0], "q"), k_proj=_rows(qkv, sizes[0], sizes[1], "k"),
+            v_proj=_rows(qkv, sizes[0] + sizes[1], sizes[2], "v"),
+            o_proj=get(p + "self_attn.o_proj.weight", (d, sizes[0])),
+            post_attention_layernorm=get(p + "post_attention_layernorm.weight", (d,)),
+            gate_proj=_rows(gate_up, 0, ff, "gate"), up_proj=_rows(gate_up, ff, ff, "up"),
+            down_proj=get(p + "mlp.down_proj.weight", (d, ff))))
+    embed = get("model.embed_tokens.weight", (c.n_vocab, d))
+    if not c.tie_embeddings and "lm_head.weight" not in tensors:
+        c.tie_embeddings = True
+    return ModelWeights(embed_tokens=embed, layers=layers, norm=get("model.norm.weight", (d,)),
+                        lm_head=embed if c.tie_embeddings else get("lm_head.weight", (c.n_vocab, d)))
+
+
 def _rows(t: QTensor, start: int, n: int, role: str) -> QTensor:
     return QTensor(f"{t.name}[{role}]", t.qtype, (n, *t.shape[1:]), t.data[start:start + n])
 
@@ -110,6 +173,8 @@ def _falcon_qkv(t: QTensor, c: ModelConfig, raw: dict) -> list[QTensor]:
 
 
 def family_weights(path: Path, c: ModelConfig, raw: dict, tensors: dict[str, QTensor], get) -> ModelWeights:
+    if c.arch == "phi3":
+        return _phi3_weights(c, tensors, get)
     d, ff, v = c.d_model, c.n_ff, c.n_vocab
     bias = c.attn_bias
     layers = []

@@ -150,9 +150,10 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _write_from_hf(src: Path, out: Path, predictors, outtype: str, progress, log) -> Path:
-    """An HF llama, Falcon or OPT directory (config.json + safetensors, byte-level BPE tokenizer.json) as a
+    """An HF llama, Falcon, OPT or Phi-3 directory (config.json + safetensors, byte-level BPE tokenizer.json) as a
     PowerInfer GGUF with llama.cpp's names and metadata (opt: this package's, formats/gguf.py): llama q/k rows
-    permuted to GGUF's RoPE pair order, falcon's q/k/v fused as attn_qkv, down transposed."""
+    permuted to GGUF's RoPE pair order, falcon's and phi3's q/k/v fused as attn_qkv, phi3's gate and up fused as
+    ffn_up with its LongRoPE factors, down transposed."""
     from .loader import load_model
 
     loaded = load_model(src)
@@ -163,12 +164,12 @@ def _write_from_hf(src: Path, out: Path, predictors, outtype: str, progress, log
         with atomic_path(out) as tmp:
             _write_hf_gguf(loaded, src, tmp, predictors, outtype, progress, log)
         return out
-    if cfg.arch not in ("llama", "falcon", "opt"):
-        raise PowerInferError(f"{src}: convert writes llama, falcon and opt GGUF from HF directories; this is "
+    if cfg.arch not in ("llama", "falcon", "opt", "phi3"):
+        raise PowerInferError(f"{src}: convert writes llama, falcon, opt and phi3 GGUF from HF directories; this is "
                               f"{cfg.arch}")
     if cfg.arch == "falcon" and not cfg.parallel_residual:
         raise PowerInferError(f"{src}: a Falcon without parallel attention (parallel_attn = false) has no GGUF form")
-    if cfg.rope_scaling.kind != "none":
+    if cfg.rope_scaling.kind not in ("none", "longrope"):
         raise PowerInferError(f"{src}: RoPE scaling {cfg.rope_scaling.kind!r} is not written by convert yet")
     with atomic_path(out) as tmp:
         _write_hf_gguf(loaded, src, tmp, predictors, outtype, progress, log)
@@ -204,6 +205,16 @@ def _falcon_items(i: int, lw) -> list:
               (gguf_name("down_t", i), lw.down_proj, lambda a: np.ascontiguousarray(a.T)),
               (gguf_name("down_bias", i), lw.down_bias, None)]
     return [it for it in items if it[1] is not None]
+
+
+def _phi3_items(i: int, lw) -> list:
+    """llama.cpp's phi3 tensors of layer i: fused attn_qkv (q | k | v) and ffn_up (gate | up), down as ffn_down_t."""
+    return [(gguf_name("input_layernorm", i), lw.input_layernorm, None),
+            (f"blk.{i}.{GGUF_QKV}.weight", _Rows([lw.q_proj, lw.k_proj, lw.v_proj]), None),
+            (gguf_name("o_proj", i), lw.o_proj, None),
+            (gguf_name("post_attention_layernorm", i), lw.post_attention_layernorm, None),
+            (gguf_name("up_proj", i), _Rows([lw.gate_proj, lw.up_proj]), None),
+            (gguf_name("down_t", i), lw.down_proj, lambda a: np.ascontiguousarray(a.T))]
 
 
 def _gemma_metadata(wr: GGUFWriter, cfg) -> None:
@@ -252,6 +263,13 @@ def _write_hf_gguf(loaded, src: Path, tmp: Path, predictors, outtype: str, progr
     wr.add_string("powerinfer.ffn_activation", cfg.activation)  # PWRI without it would mean ReLU
     if cfg.arch in GEMMA_ARCHS:
         _gemma_metadata(wr, cfg)
+    rs = cfg.rope_scaling
+    if rs.kind == "longrope":  # llama.cpp's keys and tensors for Phi-3's LongRoPE
+        wr.add_rope_scaling_orig_ctx_len(rs.original_context)
+        wr.add_rope_scaling_attn_factors(rs.attn_factor)
+    template = loaded.metadata.get("tokenizer.chat_template")
+    if isinstance(template, str) and template:
+        wr.add_chat_template(template)
     try:
         tok = metadata_from_hf_dir(src)
     except PowerInferError as e:
@@ -290,8 +308,8 @@ def _write_hf_gguf(loaded, src: Path, tmp: Path, predictors, outtype: str, progr
     permute = {"q_proj": lambda a: _permute_qk(a, cfg.n_head),
                "k_proj": lambda a: _permute_qk(a, cfg.n_head_kv), **transpose} if cfg.arch == "llama" else transpose
     for i, lw in enumerate(w.layers):
-        if cfg.arch == "falcon":
-            items += _falcon_items(i, lw)
+        if cfg.arch in ("falcon", "phi3"):
+            items += _falcon_items(i, lw) if cfg.arch == "falcon" else _phi3_items(i, lw)
             continue
         for role in ("input_layernorm", "input_layernorm_bias", "q_proj", "q_bias", "k_proj", "k_bias", "v_proj",
                      "v_bias", "o_proj", "o_bias", "post_attention_layernorm", "post_attention_layernorm_bias",
@@ -307,6 +325,11 @@ def _write_hf_gguf(loaded, src: Path, tmp: Path, predictors, outtype: str, progr
         items.append((gguf_name("norm_bias"), w.norm_bias, None))
     if w.lm_head is not w.embed_tokens:
         items.append((gguf_name("lm_head"), w.lm_head, None))
+    if rs.kind == "longrope":
+        from ..core.tensor import QTensor
+
+        for name, f in (("rope_factors_long.weight", rs.long_factors), ("rope_factors_short.weight", rs.short_factors)):
+            items.append((name, QTensor(name, Q.F32, (len(f),), np.array(f, dtype=np.float32)), None))
     show = sys.stderr.isatty() if progress is None else progress
     for name, t, fn in tqdm(items, desc="convert", unit="tensor", disable=not show, file=sys.stderr):
         put(name, t, fn)

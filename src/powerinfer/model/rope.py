@@ -7,7 +7,12 @@ inv_freq[i] = theta^(-2i/rope_dim), i < rope_dim/2, then
           smooth in between);
   yarn:   "lite" YaRN (arXiv 2309.00071) as ggml's rope_yarn: per dimension a ramp mixes interpolated
           (inv_freq/factor) and extrapolated (inv_freq) angles, beta_fast=32 and beta_slow=1 (llama.cpp
-          defaults), and cos/sin are scaled by mscale = 1 + 0.1*ln(factor).
+          defaults), and cos/sin are scaled by mscale = 1 + 0.1*ln(factor);
+  longrope: Phi-3's LongRoPE (arXiv 2402.13753), divided by per-frequency factors: the long set when the context
+          is longer than the original one, else the short set (llama.cpp's get_rope_factors decides by the
+          context size, so every position of one context uses the same set).
+cos/sin are also scaled by the file's attention factor (GGUF rope.scaling.attn_factor, LongRoPE's
+sqrt(1 + ln(s)/ln(original)); llama.cpp's attn_factor argument of ggml_rope_ext).
 Angles are computed in float64 and the tables stored as float32, so the torch model and the C decoder
 (which reads `rope_tables`) rotate with the same numbers.
 """
@@ -23,11 +28,15 @@ YARN_BETA_FAST = 32.0
 YARN_BETA_SLOW = 1.0
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """float64 [rope_dim/2] inverse frequencies, scaling included (yarn's mscale is applied by rope_tables)."""
+def rope_inv_freq(config: ModelConfig, n_ctx: int | None = None) -> torch.Tensor:
+    """float64 [rope_dim/2] inverse frequencies, scaling included (yarn's mscale is applied by rope_tables).
+    n_ctx: the context size, which picks LongRoPE's long or short factors (None: short)."""
     dim = config.rope_dim
     inv_freq = config.rope_theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     s = config.rope_scaling
+    if s.kind == "longrope":
+        long = n_ctx is not None and n_ctx > (s.original_context or config.context_length)
+        return inv_freq / torch.tensor(s.long_factors if long else s.short_factors, dtype=torch.float64)
     if s.freq_factors is not None:
         return inv_freq / torch.tensor(s.freq_factors, dtype=torch.float64)
     if s.kind == "linear":
@@ -43,16 +52,17 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def rope_mscale(config: ModelConfig) -> float:
-    """Magnitude scale of cos/sin: YaRN's attention temperature, 1 otherwise."""
+    """Magnitude scale of cos/sin: the file's attention factor, times YaRN's attention temperature."""
     s = config.rope_scaling
     if s.kind == "yarn" and s.factor > 1.0:
-        return 1.0 + 0.1 * math.log(s.factor)
-    return 1.0
+        return s.attn_factor * (1.0 + 0.1 * math.log(s.factor))
+    return s.attn_factor
 
 
-def rope_angles(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) float32 [len(positions), rope_dim/2] for the given absolute positions."""
-    angles = positions.to(torch.float64)[:, None] * rope_inv_freq(config)[None, :]
+def rope_angles(config: ModelConfig, positions: torch.Tensor, n_ctx: int | None = None) \
+        -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) float32 [len(positions), rope_dim/2] for the given absolute positions in a context of n_ctx."""
+    angles = positions.to(torch.float64)[:, None] * rope_inv_freq(config, n_ctx)[None, :]
     m = rope_mscale(config)
     return (angles.cos() * m).float(), (angles.sin() * m).float()
 
@@ -60,7 +70,7 @@ def rope_angles(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Ten
 def rope_tables(config: ModelConfig, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) float32 [n_ctx, rope_dim/2], row = position. Column i rotates the pair (2i, 2i+1) for
     rope_style "norm" and (i, i + rope_dim/2) for "neox"."""
-    cos, sin = rope_angles(config, torch.arange(n_ctx))
+    cos, sin = rope_angles(config, torch.arange(n_ctx), n_ctx)
     return cos.contiguous(), sin.contiguous()
 
 

@@ -90,7 +90,7 @@ class CachedSequence:
         from ..model.rope import apply_rope, rope_inv_freq
 
         cfg = self.config
-        angle = -n_discard * rope_inv_freq(cfg)  # float64 angles, as rope_tables computes them
+        angle = -n_discard * rope_inv_freq(cfg, self.n_ctx)  # float64 angles, as rope_tables computes them
         cos, sin = torch.cos(angle).float()[None, :], torch.sin(angle).float()[None, :]
         local = cfg.local_rope()  # gemma3: the local layers' keys were rotated with their own base
         if local is not None:
