@@ -22,6 +22,9 @@ def _pre_name(pre_tokenizer: dict | None) -> str:
     text = json.dumps(pre_tokenizer or {})
     if r"\\p{N}{1,3}" in text:
         return "llama-bpe"
+    if '"Punctuation"' in text and "[0-9][0-9][0-9]" in text:
+        # Falcon: punctuation runs, GPT-2's byte-level regex, digits in threes (llama.cpp's "falcon" regexes)
+        return "falcon"
     if ('"Digits"' in text and '"individual_digits": true' in text) or r'"Regex": "\\p{N}"' in text:
         return "smollm"  # digits split one by one, then GPT-2's regex: the SmolLM / StarCoder family
     if r"\\p{N}" in text and '"Split"' in text:
@@ -30,6 +33,15 @@ def _pre_name(pre_tokenizer: dict | None) -> str:
         return "gpt-2"
     log.warning("the HF pre-tokenizer is not one llama.cpp names; using its default regex")
     return "default"
+
+
+def _template_adds_bos(post_processor) -> bool | None:
+    procs = post_processor.get("processors", [post_processor]) if isinstance(post_processor, dict) else []
+    for proc in procs:
+        single = proc.get("single", []) if isinstance(proc, dict) and proc.get("type") == "TemplateProcessing" else []
+        if len(single) > 1 and isinstance(single[0], dict) and single[0].get("SpecialToken", {}).get("id"):
+            return True
+    return None
 
 
 def metadata_from_hf_dir(path: Path) -> dict:
@@ -70,8 +82,14 @@ def metadata_from_hf_dir(path: Path) -> dict:
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.add_bos_token": bool(cfg.get("add_bos_token", False)),
     }
+    # gguf-py's SpecialVocab: tokenizer_config's add_bos_token, else a TemplateProcessing post-processor that puts a
+    # special token first (Llama 3's tokenizer.json has no add_bos_token), else the pre-tokenizer's default
+    add_bos = cfg.get("add_bos_token")
+    if not isinstance(add_bos, bool):
+        add_bos = _template_adds_bos(spec.get("post_processor"))
+    if add_bos is not None:
+        meta["tokenizer.ggml.add_bos_token"] = add_bos
     for key, gguf_key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
                           ("pad_token", "padding")):
         i = token_id(key)
