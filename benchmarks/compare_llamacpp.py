@@ -91,7 +91,7 @@ class Exact:
         from powerinfer.model.llama import Transformer
 
         cfg = loaded.config
-        self.model = Transformer(cfg, loaded.weights, "dense", dtype=torch.float64)
+        self.model = Transformer(cfg, loaded.weights, dtype=torch.float64)
         self.new_cache = lambda n: KVCache.allocate(cfg.n_layer, n, cfg.n_head_kv * cfg.head_dim,
                                                     dtype=torch.float64)
 
