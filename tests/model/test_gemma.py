@@ -59,7 +59,7 @@ def test_config_from_gguf_and_hf(gemmas, arch):
 def test_torch_reference_matches_transformers(gemmas, arch):
     loaded = load_model(gemmas[arch]["same"])
     ours = stepwise_logits(Transformer(loaded.config, loaded.weights), loaded.config, TOKENS, 8, n_ctx=128)
-    assert rel(ours, gemmas[arch]["ref"]) < 2e-5  # measured 5.5e-7 (gemma2) / 3.9e-7 (gemma3)
+    assert rel(ours, gemmas[arch]["ref"]) < 2e-5  # measured 5.5e-7 (gemma2) / 4.0e-7 (gemma3)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -84,7 +84,7 @@ OPTIONS = [("gemma2", "attn_softcap", 0.0), ("gemma2", "final_softcap", 0.0), ("
 def test_each_option_decides_the_logits(gemmas, arch, option, off):
     """The C decoder with one of Gemma's options left out is far from transformers (measured max rel error: gemma2
     without attention soft-capping 0.68, final soft-capping 1.27, the window 0.65, query_pre_attn_scalar 0.07, the
-    embedding scale 1.39; gemma3 without the window ~0.5, the local RoPE base ~0.4, the embedding scale ~0.9), so the
+    embedding scale 1.39; gemma3 without the window 0.61, the local RoPE base 0.27, the embedding scale 0.99), so the
     parity above is evidence that each one is applied."""
     loaded = load_model(gemmas[arch]["same"])
     loaded.config = dataclasses.replace(loaded.config, **{option: off})
