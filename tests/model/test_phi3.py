@@ -90,6 +90,27 @@ def test_c_decoder_on_hf_directory(phi3s):
     assert rel(ours, ref) < 5e-3 and (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_phi4_mini_shape(tmp_path):
+    """Phi-4-mini's form of phi3: RoPE over 3/4 of each head (partial_rotary_factor 0.75: rope dimension 12 of 16,
+    six LongRoPE factors) and the head tied to the embeddings: max rel error 1.1e-3, top-1 72/72."""
+    import transformers
+
+    from fixtures.hf_families import _randomize
+
+    cfg = transformers.Phi3Config(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=32, sliding_window=None,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.75, tie_word_embeddings=True,
+        rope_scaling=dict(type="longrope", long_factor=[1.0, 1.5, 2.2, 3.0, 4.1, 5.0],
+                          short_factor=[1.0, 1.05, 1.1, 1.2, 1.25, 1.3]))
+    model = _randomize(transformers.Phi3ForCausalLM(cfg), 6, scale=0.15)
+    path = save(model, tmp_path, "phi4")["same"]
+    loaded = load_model(path)
+    assert (loaded.config.rope_dim, loaded.config.tie_embeddings) == (12, True)
+    ref, ours = hf_logits(model), c_logits(loaded)
+    assert rel(ours, ref) < 5e-3 and (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
 def test_q8_0_c_decoder_matches_torch_reference(phi3s):
     """The same Q8_0 weights (gate and up are row views of the quantized ffn_up): the C decoder rounds activations
     to Q8 blocks as llama.cpp does, the reference reads the weights dequantized in f32: max rel error 4.9e-2, top-1
