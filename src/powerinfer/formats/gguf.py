@@ -8,12 +8,15 @@ Tensor names and metadata keys follow llama.cpp (`blk.N.attn_q.weight`, `{arch}.
 from __future__ import annotations
 
 import math
+import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType as Q, GGUFReader, GGUFValueType, LlamaFileType
+from gguf.gguf_reader import ReaderField
 
 from ..errors import ModelFormatError, one_line
 from ..core.config import ModelConfig, RopeScaling
@@ -43,6 +46,50 @@ MAX_DIMS = 4
 # string: its u64 length; a nested array: u32 type + u64 count).
 _MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES = 13, 24
 _MIN_ITEM_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
+
+
+_U64 = struct.Struct("<Q")
+
+
+class _StringParts(Sequence):
+    """gguf-py's parts of a string-array field (key length, key, value type, item type, count, then each string's
+    u64 length and bytes), made on access from the offsets `_Reader._string_array` found."""
+
+    def __init__(self, raw_itype, alen, mv: memoryview, starts: list[int], ends: list[int]):
+        self.head = [raw_itype, alen]  # the key's three parts are put in front by _Reader._build_fields
+        self.mv, self.starts, self.ends = mv, starts, ends
+
+    def __len__(self):
+        return len(self.head) + 2 * len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        if i < len(self.head):
+            return self.head[i]
+        k, is_bytes = divmod(i - len(self.head), 2)
+        start = self.starts[k]
+        return self.mv[start:self.ends[k]] if is_bytes else self.mv[start - 8:start].cast("Q")
+
+    def strings(self, index_or_slice=slice(None)):
+        mv, starts, ends = self.mv, self.starts, self.ends
+        if isinstance(index_or_slice, slice):
+            return [str(mv[a:b], "utf-8") for a, b in zip(starts[index_or_slice], ends[index_or_slice])]
+        return str(mv[starts[index_or_slice]:ends[index_or_slice]], "utf-8")
+
+
+class _StringArrayField(ReaderField):
+    """A ReaderField of an array of strings whose contents() decodes straight from the map (same values and
+    errors as gguf-py's: a string that is not UTF-8 raises UnicodeDecodeError)."""
+    __slots__ = ()
+
+    def contents(self, index_or_slice=slice(None)):
+        return self.parts.strings(index_or_slice)
 
 
 class _Reader(GGUFReader):
@@ -86,10 +133,6 @@ class _Reader(GGUFReader):
             raise ModelFormatError(f"{self._path}: corrupt or truncated GGUF header: {what or 'a field'} needs "
                                    f"bytes {offset:,}..{offset + nbytes:,} but the file has {size:,}")
 
-    def _build_fields(self, offs, count):
-        self._need(offs, int(count) * _MIN_KV_BYTES, f"{int(count):,} metadata key/values")
-        return super()._build_fields(offs, count)
-
     def _build_tensor_info(self, offs, count):
         self._need(offs, int(count) * _MIN_TENSOR_INFO_BYTES, f"{int(count):,} tensor infos")
         return super()._build_tensor_info(offs, count)
@@ -115,25 +158,51 @@ class _Reader(GGUFReader):
         return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, itype]
 
     def _string_array(self, orig_offs, raw_itype, alen, n):
-        """An array of n strings as gguf-py lays it out (parts: item type, count, then each string's length and
-        bytes; data: the indices of the bytes), with memoryview slices for parts: gguf-py makes two numpy views per
-        string, and a vocabulary's ~100k strings (tokens and merges) were most of the time to load a small model
-        (SmolLM2: about 1 s of a 3.5 s start)."""
+        """An array of n strings: one pass over the length prefixes (bounded by the file), the strings themselves
+        decoded only when `contents()` asks (`_StringArrayField`). gguf-py makes two numpy views per string, and
+        its layout (item type, count, then each string's length and bytes as separate parts) as memoryview slices
+        still cost 0.4-0.7 s of SmolLM2's start for the ~98k strings of its tokens and merges (this pass: 8 ms)."""
         self._get(orig_offs, np.uint8)  # the map as a plain ndarray (self._plain), every read below bounded by it
         mv = memoryview(self._plain)
         size = len(mv)
+        unpack = _U64.unpack_from
         offs = orig_offs + 12
-        parts: list = [raw_itype, alen]
-        for _ in range(n):
+        starts, ends = [0] * n, [0] * n
+        for i in range(n):
             if offs + 8 > size:
                 self._need(offs, 8, f"an array of {n:,} STRING values")
-            length = int.from_bytes(mv[offs:offs + 8], "little")
-            if offs + 8 + length > size:
+            (length,) = unpack(mv, offs)
+            end = offs + 8 + length
+            if end > size:
                 self._need(offs + 8, length, f"an array of {n:,} STRING values")
-            parts.append(mv[offs:offs + 8].cast("Q"))
-            parts.append(mv[offs + 8:offs + 8 + length])
-            offs += 8 + length
-        return offs - orig_offs, parts, list(range(3, 2 * n + 2, 2)), [GGUFValueType.ARRAY, GGUFValueType.STRING]
+            starts[i], ends[i] = offs + 8, end
+            offs = end
+        parts = _StringParts(raw_itype, alen, mv, starts, ends)
+        return offs - orig_offs, parts, range(3, 2 * n + 2, 2), [GGUFValueType.ARRAY, GGUFValueType.STRING]
+
+    def _build_fields(self, offs, count):
+        self._need(offs, int(count) * _MIN_KV_BYTES, f"{int(count):,} metadata key/values")
+        # gguf-py's loop (GGUFReader._build_fields), except that a string array's parts stay a `_StringParts`:
+        # its `parts += field_parts` would make a numpy view of every string of the vocabulary again
+        for _ in range(count):
+            orig_offs = offs
+            kv_klen, kv_kdata = self._get_str(offs)
+            offs += int(kv_klen.nbytes + kv_kdata.nbytes)
+            raw_kv_type = self._get(offs, np.uint32)
+            offs += int(raw_kv_type.nbytes)
+            head = [kv_klen, kv_kdata, raw_kv_type]
+            field_size, field_parts, field_idxs, field_types = self._get_field_parts(offs, raw_kv_type[0])
+            name = str(bytes(kv_kdata), encoding="utf-8")
+            if isinstance(field_parts, _StringParts):
+                field_parts.head = head + field_parts.head
+                field = _StringArrayField(orig_offs, name, field_parts, range(6, 6 + 2 * len(field_parts.starts), 2),
+                                          field_types)
+            else:
+                field = ReaderField(orig_offs, name, head + field_parts, [i + len(head) for i in field_idxs],
+                                    field_types)
+            self._push_field(field, skip_sum=True)
+            offs += field_size
+        return offs
 
     def _get_tensor_info_field(self, orig_offs):
         name_len = int(self._get(orig_offs, np.uint64)[0])
