@@ -1,18 +1,26 @@
 #!/usr/bin/env python
-"""Write a synthetic llama GGUF: random weights in a real model's shape, for speed work without downloads.
+"""Write a synthetic GGUF (llama, qwen3 or falcon): random weights in a real model's shape, for speed work without
+downloads.
 
     python benchmarks/make_synthetic.py --shape 7b --type Q4_0 --activation relu --sparsity 0.9 -o relu7b.gguf
     python benchmarks/make_synthetic.py --shape custom --d-model 64 --n-ff 256 --n-layer 2 --vocab 2048 \
         --type Q8_0 --sparsity 0.8 -o tiny.gguf
     python benchmarks/make_synthetic.py --shape 7b --sparsity 0.9 --locality 0.26:0.8 --gate-rank 64 \
         -o /work/models/relu7b-loc.gguf      # + relu7b-loc.predictors.safetensors (exact predictors)
+    python benchmarks/make_synthetic.py --shape qwen3-8b --activation silu -o qwen3-8b.gguf
+    python benchmarks/make_synthetic.py --shape falcon-7b --activation gelu -o falcon-7b.gguf
 
 Shapes: `7b` is Llama-2-7B / ReluLLaMA-7B (d 4096, ff 11008, 32 layers, 32 heads, vocab 32000), `46b` is
 Llama-2-70B's layer shape with 54 of its 80 layers (d 8192, ff 28672, 64/8 heads, vocab 32000; 46.7 B parameters,
 26.3 GB = 24.5 GiB in Q4_0: more than the 23.5 GiB of RAM of the machines this project measures on, and small
 enough that its neuron-bundle file still fits beside it on their 68 GB of free disk), `smollm2` is
 SmolLM2-135M (d 576, ff 1536, 30 layers, 9/3 heads, vocab 49152, tied head), `custom` a tiny default
-(d 64, ff 256, 2 layers) for tests; any --d-model/--n-ff/... flag overrides the shape's value.
+(d 64, ff 256, 2 layers) for tests; any --d-model/--n-ff/... flag overrides the shape's value. Those are llama
+files; `qwen3-8b` (d 4096, ff 12288, 36 layers, 32/8 heads of 128, vocab 151936, rope base 1e6, eps 1e-6) writes the
+`qwen3` family (per-head q/k RMSNorms) and `falcon-7b` (d 4544, ff 18176, 32 layers, 71 heads, 1 K/V head, vocab
+65024) the `falcon` family (fused QKV, one shared LayerNorm with bias, parallel attention and MLP, ungated MLP:
+--activation gelu for Falcon-7B, relu for ReluFalcon); --arch picks the family for any shape (e.g. a tiny qwen3 with
+--shape custom --arch qwen3). Names and keys are llama.cpp's (benchmarks/synthetic_arch.py).
 Quality is irrelevant, but the file is a complete model: the tokenizer (vocabulary, merges, special ids, chat
 template) is copied from the bundled SmolLM2 GGUF, truncated (merges whose parts or result fall outside are
 dropped) or padded with unused tokens to --vocab, so the engine tokenizes and generates with it. ReLU files
@@ -80,7 +88,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFReader, GGUFWr
 from gguf.quants import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_blocks import (LowRankGate, RandomQ4_0, Streamed, drop_written, firing_rates,  # noqa: E402
+from synthetic_arch import ARCHS, GATED, head_tensors, layer_tensors, write_hparams  # noqa: E402
+from synthetic_blocks import (LowRankGate, Matrix, RandomQ4_0, Streamed, firing_rates,  # noqa: E402
                               tokenizer_metadata, top_share)
 from synthetic_verify import (DESIGN_TOKENS, engine_smoke, mem_available, run_layers,  # noqa: E402
                               write_activation_counts, write_predictors)
@@ -94,6 +103,10 @@ SHAPES = {
                     rope_theta=100000.0, tie=True),
     "custom": dict(d_model=64, n_ff=256, n_layer=2, n_head=4, n_head_kv=2, vocab=49152, ctx=2048,
                    rope_theta=10000.0, tie=False),
+    "qwen3-8b": dict(d_model=4096, n_ff=12288, n_layer=36, n_head=32, n_head_kv=8, vocab=151936, ctx=40960,
+                     rope_theta=1e6, tie=False, eps=1e-6, arch="qwen3"),
+    "falcon-7b": dict(d_model=4544, n_ff=18176, n_layer=32, n_head=71, n_head_kv=1, vocab=65024, ctx=2048,
+                      rope_theta=10000.0, tie=False, arch="falcon"),
 }
 TYPES = {"Q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0), "Q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
          "Q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0), "F16": (Q.F16, LlamaFileType.MOSTLY_F16),
@@ -101,7 +114,6 @@ TYPES = {"Q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0), "Q4_1": (Q.Q4_1, LlamaFile
 CONST = 4.0  # channel-0 constant of the residual stream: the block max of a N(0,1) row, so quantized exactly
 GATE_B = 4.0  # |gate[:, 0]| in units of the gate's std: the block max again (Q4_0 keeps its block max exact)
 ALPHA = 0.1  # rms of each layer's attention / FFN contribution, relative to the embedding's rms of 1
-CHUNK_VALUES = 1 << 24  # values drawn + quantized per step (64 MB of float32)
 LOCALITY_DEFAULT = "0.26:0.8"  # PowerInfer's OPT-30B figure (module docstring)
 
 
@@ -123,6 +135,7 @@ class Spec:
     eps: float = 1e-5
     locality: tuple[float, float] | None = None  # (TOP, SHARE): the top TOP of neurons carry SHARE of firings
     gate_rank: int | None = None
+    arch: str = "llama"
 
     @property
     def head_dim(self) -> int:
@@ -156,6 +169,10 @@ def _mean_sq(f) -> float:
     return float(np.sum(f(z) ** 2 * np.exp(-z * z / 2)) * (z[1] - z[0]) / math.sqrt(2 * math.pi))
 
 
+ACTS = {"relu": lambda z: np.maximum(z, 0), "silu": lambda z: z / (1 + np.exp(-z)),
+        "gelu": lambda z: 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))}  # tanh form
+
+
 def _relu_shift_mean_sq(z: np.ndarray) -> float:
     """mean over z of E[relu(Z - z)^2], Z ~ N(0,1): (1 + z^2)(1 - Phi(z)) - z phi(z) in closed form."""
     z = np.asarray(z, np.float64)
@@ -179,34 +196,6 @@ def gate_offsets(spec: Spec, layer: int) -> np.ndarray:
         return np.zeros(spec.n_ff, np.float32)
     z = spec.thresholds(layer)
     return (-GATE_B / math.sqrt(spec.d_model) * z / z.max()).astype(np.float32)
-
-
-class Matrix:
-    """A random matrix drawn and quantized chunk by chunk as GGUFWriter.write_tensor_data writes it."""
-
-    def __init__(self, rows, cols, qtype, std, seed, fix=None, bar=None):
-        self.rows, self.cols, self.qtype, self.std = rows, cols, qtype, std
-        self.seed, self.fix, self.bar = seed, fix, bar
-        block, size = GGML_QUANT_SIZES[qtype]
-        self.row_bytes = cols // block * size
-        self.nbytes = rows * self.row_bytes
-
-    def byte_shape(self):
-        return (self.rows, self.row_bytes)
-
-    def tofile(self, fout) -> None:
-        rng = np.random.default_rng(self.seed)
-        step = max(1, CHUNK_VALUES // self.cols)
-        for r0 in range(0, self.rows, step):
-            x = rng.standard_normal((min(step, self.rows - r0), self.cols), dtype=np.float32)
-            x *= self.std
-            if self.fix is not None:
-                self.fix(x, r0)
-            q = quantize(x, self.qtype) if self.qtype != Q.F32 else x
-            q.tofile(fout)
-            if self.bar is not None:
-                self.bar.update(x.size)
-            drop_written(fout)
 
 
 def tensor_plan(spec: Spec, bar) -> list[tuple[str, object]]:
@@ -261,13 +250,13 @@ def tensor_plan(spec: Spec, bar) -> list[tuple[str, object]]:
         if const:
             ms = _relu_shift_mean_sq(spec.thresholds(layer))
         else:
-            ms = _mean_sq((lambda z: np.maximum(z, 0)) if spec.activation == "relu" else (lambda z: z / (1 + np.exp(-z))))
+            ms = _mean_sq(ACTS[spec.activation])
         return ALPHA / math.sqrt(ff * ms)
 
     plan = [("token_embd.weight", mat(spec.vocab, d, 1.0, embed_fix))]
     for i in range(spec.n_layer):
         p = f"blk.{i}."
-        plan += [
+        plan += layer_tensors(spec, p, dict([
             (p + "attn_norm.weight", vec(0.0)),
             (p + "attn_q.weight", blocks(spec.n_head * hd, d, d ** -0.5)),
             (p + "attn_k.weight", blocks(spec.n_head_kv * hd, d, d ** -0.5)),
@@ -277,8 +266,8 @@ def tensor_plan(spec: Spec, bar) -> list[tuple[str, object]]:
             (p + "ffn_gate.weight", gate(i)),
             (p + "ffn_up.weight", blocks(ff, d, d ** -0.5, up_fix, zero_col0=True)),
             (p + "ffn_down.weight", blocks(d, ff, down_std(i), zero_row0, zero_row0=True)),
-        ]
-    plan.append(("output_norm.weight", vec(0.0)))
+        ]), blocks)
+    plan += head_tensors(spec, vec(0.0))
     if not spec.tie:
         plan.append(("output.weight", blocks(spec.vocab, d, d ** -0.5)))
     return plan
@@ -294,19 +283,11 @@ def write(spec: Spec, out: Path, name: str) -> None:
     reader = GGUFReader(str(bundled_model_path()))
     src = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
     tok = tokenizer_metadata(src, spec.vocab)
-    w = GGUFWriter(str(out), "llama")
+    w = GGUFWriter(str(out), spec.arch)
     w.add_name(name)
     w.add_file_type(TYPES[spec.qtype.name][1])
     w.add_vocab_size(spec.vocab)
-    w.add_context_length(spec.ctx)
-    w.add_embedding_length(spec.d_model)
-    w.add_block_count(spec.n_layer)
-    w.add_feed_forward_length(spec.n_ff)
-    w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head_kv)
-    w.add_rope_dimension_count(spec.head_dim)
-    w.add_rope_freq_base(spec.rope_theta)
-    w.add_layer_norm_rms_eps(spec.eps)
+    write_hparams(w, spec)
     w.add_quantization_version(2)
     if spec.activation == "relu":
         w.add_string("powerinfer.ffn_activation", "relu")
@@ -328,12 +309,9 @@ def write(spec: Spec, out: Path, name: str) -> None:
         else:
             w.add_string(k, v)
 
-    n_values = spec.vocab * spec.d_model * (1 if spec.tie else 2) + spec.n_layer * (
-        2 * spec.d_model * spec.n_head * spec.head_dim + 2 * spec.d_model * spec.n_head_kv * spec.head_dim
-        + 3 * spec.d_model * spec.n_ff)
-    bar = tqdm(total=n_values, unit="val", unit_scale=True, desc=f"writing {out.name}", file=sys.stderr,
-               mininterval=1.0)
+    bar = tqdm(unit="val", unit_scale=True, desc=f"writing {out.name}", file=sys.stderr, mininterval=1.0)
     plan = tensor_plan(spec, bar)
+    bar.reset(total=sum(t.rows * t.cols for _, t in plan if isinstance(t, (Matrix, Streamed))))
     for tname, t in plan:
         if isinstance(t, (Matrix, Streamed)):
             if spec.qtype == Q.F32:
@@ -356,7 +334,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[
                                      __doc__.index("How --sparsity"):])
     ap.add_argument("--shape", choices=sorted(SHAPES), required=True,
-                    help="7b (Llama-2-7B/ReluLLaMA-7B), smollm2 (SmolLM2-135M) or custom (tiny defaults)")
+                    help="7b (Llama-2-7B/ReluLLaMA-7B), 46b, smollm2 (SmolLM2-135M), custom (tiny defaults), "
+                         "qwen3-8b or falcon-7b")
+    ap.add_argument("--arch", choices=ARCHS, help="model family (default: the shape's; llama for the llama shapes)")
     for flag, key, help_ in (("--d-model", "d_model", "hidden size"), ("--n-ff", "n_ff", "FFN neurons per layer"),
                              ("--n-layer", "n_layer", "layers"), ("--n-head", "n_head", "attention heads"),
                              ("--n-head-kv", "n_head_kv", "key/value heads (GQA)"),
@@ -364,8 +344,9 @@ def main(argv=None) -> int:
                              ("--ctx", "ctx", "trained context length written to the metadata")):
         ap.add_argument(flag, dest=key, type=int, metavar="N", help=f"{help_} (default: the shape's)")
     ap.add_argument("--type", default="Q4_0", choices=list(TYPES), help="type of every matrix (default: Q4_0)")
-    ap.add_argument("--activation", default="relu", choices=["relu", "silu"],
-                    help="FFN activation: relu (ReLU-family, exact zeros) or silu (SwiGLU) (default: relu)")
+    ap.add_argument("--activation", default="relu", choices=list(ACTS),
+                    help="FFN activation: relu (ReLU-family, exact zeros), silu (SwiGLU; llama, qwen3) or gelu "
+                         "(falcon's ungated MLP) (default: relu)")
     ap.add_argument("--sparsity", type=float, metavar="S",
                     help="make S (0 < S < 1) of the FFN neurons inactive per token (relu only; see below)")
     ap.add_argument("--locality", nargs="?", const=LOCALITY_DEFAULT, metavar="TOP:SHARE",
@@ -393,7 +374,14 @@ def main(argv=None) -> int:
     for key in ("d_model", "n_ff", "n_layer", "n_head", "n_head_kv", "vocab", "ctx"):
         if getattr(a, key) is not None:
             shape[key] = getattr(a, key)
+    shape["arch"] = a.arch or shape.get("arch", "llama")
     problems = []
+    gated = shape["arch"] in GATED
+    if a.activation == ("silu" if not gated else "gelu"):
+        problems.append(f"--activation {a.activation} does not fit {shape['arch']} (its FFN is "
+                        f"{'gated: relu or silu' if gated else 'an ungated MLP: relu or gelu'})")
+    if a.sparsity is not None and not gated:
+        problems.append(f"--sparsity steers the FFN gate; {shape['arch']} has none")
     locality = None
     if a.locality is not None:
         try:
@@ -452,7 +440,8 @@ def main(argv=None) -> int:
     held = tok.encode(pydoc_topics("eval"), add_bos=False)[:a.verify_tokens]
     gates = [t for name, t in tensor_plan(spec, None) if name.endswith("ffn_gate.weight")] if spec.gate_rank else None
     t1 = time.perf_counter()
-    layers = run_layers(out, calib, held, a.sparsity, a.verify_layers, gates) if calib or held else []
+    # falcon's MLP has no gate to measure (the reference layers run gated, sequential-residual blocks)
+    layers = run_layers(out, calib, held, a.sparsity, a.verify_layers, gates) if (calib or held) and gated else []
     n_checked = min(spec.n_layer, a.verify_layers or spec.n_layer)
     if calib:
         print(f"calibrated ffn_norm[0] of {n_checked} layers on {len(calib)} calibration tokens (pydoc topics, "
@@ -467,7 +456,7 @@ def main(argv=None) -> int:
         where = write_activation_counts([spec.rates(i) for i in range(spec.n_layer)], out, a.activation_counts)
         print(f"wrote {where}/activation_0..{spec.n_layer - 1}.pt: the designed firing rates x {DESIGN_TOKENS:,} "
               "tokens (no text was run; the measured share of the designed top neurons is printed below)")
-    if held:
+    if layers:
         fr = [st.zero_fraction for st in layers]
         per_tok = [t for st in layers for t in st.per_token]
         what = "relu(gate) == 0" if a.activation == "relu" else "gate <= 0 (silu has no exact zeros)"
@@ -488,6 +477,7 @@ def main(argv=None) -> int:
             print(f"predictors (threshold 0) against the file's {a.type} gate: recall {statistics.fmean(rec):.4f} "
                   f"(per layer min {min(rec):.4f}), precision {statistics.fmean(prec):.4f} "
                   f"(min {min(prec):.4f})")
+    if held:
         avail = mem_available()
         if size > avail / 2:
             print(f"engine run skipped: the file ({size / 2**30:.1f} GiB) is more than half the available memory "

@@ -5,6 +5,8 @@
   sign, so the weights are zero-mean with std d * sqrt(21.5). These are blocks a quantizer could have produced
   from a random matrix, and the decoder's work does not depend on their values; they serve every matrix whose
   exact values the sparsity construction does not use (attention, up, down, output head).
+* `Matrix`: a random float matrix drawn and quantized chunk by chunk (the matrices whose values matter, and every
+  matrix of a type other than Q4_0).
 * `LowRankGate`: gate = A @ B of rank r plus the per-neuron channel-0 offsets (a rank r + 1 matrix), and the exact
   activation predictor that goes with it (`exact_predictor`).
 * `firing_rates`: per-neuron firing probabilities with locality (a capped power law).
@@ -19,10 +21,12 @@ import math
 import os
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf.quants import quantize
 
 Q4_0_BLOCK, Q4_0_BYTES = 32, 18
 UNIFORM_NIBBLE_MEAN_SQ = 21.5  # E[(q - 8)^2] for q uniform on 0..15: (16^2 - 1) / 12 + 0.5^2
-CHUNK_VALUES = 1 << 24
+CHUNK_VALUES = 1 << 24  # values drawn (+ quantized) per step: 64 MB of float32
 DROP_EVERY = 1 << 30  # bytes written between flush + fadvise(DONTNEED): a >RAM file must not fill the page cache
 
 
@@ -102,6 +106,34 @@ class RandomQ4_0(Streamed):
             if self.zero_row0 and r0 == 0:
                 zero_row_q4_0(blocks, 0)
             yield blocks
+
+
+class Matrix:
+    """A random matrix drawn and quantized chunk by chunk as GGUFWriter.write_tensor_data writes it."""
+
+    def __init__(self, rows, cols, qtype, std, seed, fix=None, bar=None):
+        self.rows, self.cols, self.qtype, self.std = rows, cols, qtype, std
+        self.seed, self.fix, self.bar = seed, fix, bar
+        block, size = GGML_QUANT_SIZES[qtype]
+        self.row_bytes = cols // block * size
+        self.nbytes = rows * self.row_bytes
+
+    def byte_shape(self):
+        return (self.rows, self.row_bytes)
+
+    def tofile(self, fout) -> None:
+        rng = np.random.default_rng(self.seed)
+        step = max(1, CHUNK_VALUES // self.cols)
+        for r0 in range(0, self.rows, step):
+            x = rng.standard_normal((min(step, self.rows - r0), self.cols), dtype=np.float32)
+            x *= self.std
+            if self.fix is not None:
+                self.fix(x, r0)
+            q = quantize(x, self.qtype) if self.qtype != Q.F32 else x
+            q.tofile(fout)
+            if self.bar is not None:
+                self.bar.update(x.size)
+            drop_written(fout)
 
 
 class LowRankGate(Streamed):
