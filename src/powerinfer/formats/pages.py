@@ -81,3 +81,16 @@ def release_mapped(data) -> None:
     lo, hi = start // PAGE * PAGE, -(-(start + a.nbytes) // PAGE) * PAGE
     if hi > lo:
         _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+
+
+def available_memory() -> int:
+    """Bytes of memory the kernel says are available now (MemAvailable: free plus reclaimable page cache), or the
+    physical memory where /proc/meminfo is absent."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -52,13 +52,42 @@ def _f32_vec(t) -> torch.Tensor | np.ndarray:
 
 
 def _weight(t: QTensor) -> tuple[np.ndarray, int, int]:
-    """(contiguous data, address, qtype) of a weight matrix, checked against its declared size."""
+    """(contiguous data, address, qtype) of a weight matrix, checked against its declared size; the qtype is the
+    C kernels' code (a PanelTensor's is its panel type)."""
     data = np.asarray(t.data)
     if not data.flags["C_CONTIGUOUS"]:
         data = np.ascontiguousarray(data)
     if data.nbytes != t.nbytes:
         raise ValueError(f"{t.name}: {data.nbytes} bytes of data, expected {t.rows} x {t.row_bytes}")
-    return data, address(data), int(t.qtype)
+    return data, address(data), int(t.qtype) + (PANEL_TYPES if isinstance(t, PanelTensor) else 0)
+
+
+# csrc/panels.h: a panel copy's C type is 100 + its source's GGML type
+PANEL_TYPES = 100
+PANEL_SOURCES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
+
+
+class PanelTensor(QTensor):
+    """The neuron panels of a row-major Q4_0/Q4_1/Q8_0 matrix [d, n_ff] (csrc/panels.c): a neuron-major [n_ff, d]
+    copy for the sparse FFN's down_t made of the source's own blocks regrouped, 32 neurons a panel, so it holds
+    the same bytes and the same weights bit for bit (a requantized Q8_0 down_t is 1.9x a Q4_0 down and rounds
+    every weight again). `qtype` is the source's; rows are neurons and `row_bytes` their average share."""
+
+    def dequantize(self):
+        from .reference import panels_dequantize
+
+        return panels_dequantize(self)
+
+
+def panels(t: QTensor, name: str | None = None) -> PanelTensor:
+    """The neuron panels of `t` [d, n_ff] (Q4_0, Q4_1 or Q8_0; both sizes multiples of 32)."""
+    if t.qtype not in PANEL_SOURCES or t.rows % 32 or t.cols % 32:
+        raise ValueError(f"{t.name}: {t.qtype.name} [{t.rows}, {t.cols}] has no neuron panels")
+    src, addr, qtype = _weight(t)
+    out = PanelTensor(name or f"{t.name}.panels", t.qtype, (t.cols, t.rows), None)
+    out.data = np.empty(out.nbytes, dtype=np.uint8)
+    _C.make_panels(qtype, addr, t.rows, t.cols, address(out.data))
+    return out
 
 
 def _out(shape, out: torch.Tensor | None) -> torch.Tensor:

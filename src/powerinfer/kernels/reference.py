@@ -216,9 +216,34 @@ def gather_ref(w: QTensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def axpy_ref(wt: QTensor, idx: torch.Tensor, h: torch.Tensor, c0: int = 0, c1: int | None = None) -> torch.Tensor:
     """Neuron-major axpy: sum_j h[j] * Wt[idx[j], c0:c1] in float64 (h is not quantized)."""
+    from .ops import PanelTensor
+
     c1 = wt.cols if c1 is None else c1
-    rows = dequantize(select_rows(wt, idx))[:, c0:c1].double()
+    if isinstance(wt, PanelTensor):
+        rows = panels_dequantize(wt)[idx.long(), c0:c1].double()
+    else:
+        rows = dequantize(select_rows(wt, idx))[:, c0:c1].double()
     return (h.double()[:, None] * rows).sum(0)
+
+
+def panels_dequantize(p: QTensor) -> torch.Tensor:
+    """float32 [n_ff, d] of neuron panels (ops.PanelTensor), decoded field by field from the layout csrc/panels.c
+    documents: per panel of 32 neurons, d f16 scales, Q4_1's d f16 mins, then each neuron's quants for d outputs
+    in 16-byte runs of 32 (low nibbles the first 16 outputs) or d int8 (Q8_0)."""
+    n_ff, d = p.shape
+    raw = np.ascontiguousarray(np.asarray(p.data)).view(np.uint8).reshape(n_ff // 32, -1)  # one panel per line
+    scale = raw[:, :2 * d].copy().view(np.float16).astype(np.float32)  # [panels, d]
+    mins = raw[:, 2 * d:4 * d].copy().view(np.float16).astype(np.float32) if p.qtype == QT.Q4_1 else None
+    quants = raw[:, (4 if mins is not None else 2) * d:].reshape(n_ff // 32, 32, -1)  # [panels, neuron, bytes]
+    if p.qtype == QT.Q8_0:
+        vals = quants.view(np.int8).astype(np.float32)
+    else:
+        runs = quants.reshape(n_ff // 32, 32, d // 32, 16)
+        vals = np.concatenate([runs & 0x0F, runs >> 4], axis=-1).reshape(n_ff // 32, 32, d).astype(np.float32)
+        if p.qtype == QT.Q4_0:
+            vals -= 8.0
+    w = vals * scale[:, None, :] + (mins[:, None, :] if mins is not None else 0.0)
+    return torch.from_numpy(np.ascontiguousarray(w.reshape(n_ff, d)))
 
 
 def ffn_sparse_ref(config, layer, n: torch.Tensor, down_t: QTensor, t_h: float = 0.0, t_x: float = 0.0,

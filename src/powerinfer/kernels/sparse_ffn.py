@@ -10,7 +10,7 @@ from .. import _C
 from ..core.sparse_spec import SparseSpec
 from ..core.tensor import QTensor, row_bytes
 from ..errors import PowerInferError
-from .ops import _weight, transposed, transposed_qtype
+from .ops import PANEL_SOURCES, _weight, panels, transposed, transposed_qtype
 
 
 class Kept(NamedTuple):
@@ -39,9 +39,13 @@ class SparseFFN:
     Input-major gate/up copies are made only for layers with x > 0. Copies are cached, so changing specs is
     cheap; `off()` returns the decoder to the dense FFN."""
 
-    def __init__(self, dec: "_C.Decoder", config, weights, gathers: bool = False):
+    def __init__(self, dec: "_C.Decoder", config, weights, gathers: bool = False, use_panels: bool = False):
         # gathers: the decoder reads every FFN row by gathers over candidates (an FFN-only tier decoder)
+        # use_panels: a Q4_0/Q4_1/Q8_0 down without its own down_t is read as neuron panels (ops.PanelTensor: the
+        # same bytes regrouped) instead of a requantized Q8_0 transpose (1.9x a Q4_0 down's bytes). The tiers
+        # that slice or page down_t by rows (hybrid, disk) keep the row copy.
         self.dec, self.config, self.weights, self._gathers = dec, config, weights, gathers
+        self._panels = use_panels
         self._copies: dict[tuple[int, str], QTensor] = {}
         self.spec: SparseSpec | None = None
         self._pred_keep: list[torch.Tensor] = []  # the f16 predictor matrices the decoder reads
@@ -55,6 +59,9 @@ class SparseFFN:
             lw = self.weights.layers[il]
             own = lw.down_t if role == "down" else None
             src = {"down": lw.down_proj, "gate": lw.gate_proj, "up": lw.up_proj}[role]
+            if own is None and role == "down" and self._panels and src.qtype in PANEL_SOURCES and \
+                    src.rows % 32 == 0 and src.cols % 32 == 0:
+                own = panels(src, f"blk.{il}.down_t")
             self._copies[key] = own if own is not None else transposed(src, f"blk.{il}.{role}_t")
         return self._copies[key]
 

@@ -4,11 +4,14 @@ and the output head), one per prompt chunk (`Decoder.prefill`); weights and the 
 from __future__ import annotations
 
 import torch
+from gguf import GGMLQuantizationType
 
 from .. import _C, kernels
 from ..core.sparse_spec import SparseSpec
+from ..core.tensor import row_bytes
 from ..errors import PowerInferError
 from ..formats.loader import LoadedModel
+from ..formats.pages import available_memory, release_file_pages
 from ..model.kvcache import KVCache
 from ..model.rope import rope_tables
 from .runner import CachedSequence
@@ -22,13 +25,19 @@ class CRunner(CachedSequence):
                  pack_ffn: int = kernels.PACK_ALL, before_layer=None):
         cfg = loaded.config
         super().__init__(cfg, n_ctx, n_threads, n_batch)
-        self.weights = loaded.weights
+        self.weights, self._loaded = loaded.weights, loaded
         self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim)
         self.rope_cos, self.rope_sin = rope_tables(cfg, self.n_ctx)
         local = cfg.local_rope()  # gemma3's local layers rotate with their own base
         self.rope_local = rope_tables(local, self.n_ctx) if local is not None else None
+        # One copy of the model (#17): the decoder packs every block-format matrix into its own arenas, so each
+        # layer's file pages are given back once the next layer is bound, and all of them after the head (7B Q4_0
+        # at -c 4096: peak RSS 7.7 GB -> 4.3 GB at load). What is still read in place (embedding rows, F16/F32
+        # matrices) faults back in from the page cache when used.
+        release = before_layer or (lambda i: release_file_pages(loaded))
         self.decoder = kernels.bind_decoder(cfg, loaded.weights, self.kv, self.rope_cos, self.rope_sin, n_threads,
-                                            pack_ffn, before_layer, rope_local=self.rope_local)
+                                            pack_ffn, release, rope_local=self.rope_local)
+        release_file_pages(loaded)
         self._x = torch.empty(self.n_batch, cfg.d_model, dtype=torch.float32)
         self._embed_base = kernels.address(loaded.weights.embed_tokens.data)
         self._logits = torch.empty(cfg.n_vocab, dtype=torch.float32)
@@ -45,8 +54,10 @@ class CRunner(CachedSequence):
         if spec is not None:
             spec.check(self.config.n_layer)
             if self._sparse is None:
-                self._sparse = kernels.SparseFFN(self.decoder, self.config, self.weights)
+                self._sparse = kernels.SparseFFN(self.decoder, self.config, self.weights,
+                                                 use_panels=_memory_is_tight(self.weights))
             self._sparse.on(spec)
+            release_file_pages(self._loaded)  # the pages the neuron-major copies were made from
         elif self._sparse is not None:
             self._sparse.off()
         self.spec = spec
@@ -146,3 +157,14 @@ class CRunner(CachedSequence):
         except MemoryError as e:  # threads or buffers refused: the decoder keeps its old threads (kernels/csrc)
             raise PowerInferError(str(e)) from None
         self.n_threads = n
+
+
+def _memory_is_tight(weights) -> bool:
+    """Whether the sparse FFN's down_t should be neuron panels (the down's own bytes) rather than Q8_0 copies (1.9x a
+    Q4_0 down's bytes): when those copies would take more than a quarter of the memory available now. Panels cost
+    decode speed where few neurons fire (one Q4_0 7B down, 10% active, one thread: 1.4-1.9x the Q8_0 axpy's time,
+    about 2% of a decode step; at 100% active they are faster), so they are the choice only when memory is short:
+    a 7B Q4_0 ReLU model's copies are 1.5 GB against its 0.8 GB of panels."""
+    extra = sum(lw.down_proj.cols * row_bytes(GGMLQuantizationType.Q8_0, lw.down_proj.rows)  # [n_ff, d] Q8_0
+                for lw in weights.layers if lw.down_t is None and lw.down_proj.rows % 32 == 0)
+    return extra > available_memory() / 4

@@ -46,11 +46,8 @@ class DiskRunner(CRunner):
         if cfg.ffn_kind == "mlp" and gate_resident:
             gate_resident = False  # an act(up) MLP has no gate: its activity needs predictors (set_sparse says so)
         pack = kernels.PACK_GATE if gate_resident else 0
-        # the packed copies are the resident ones: each layer's file pages leave once it is packed, so loading
-        # holds one layer of the model file at a time, not all of it
-        super().__init__(loaded, n_ctx, n_threads, n_batch, pack_ffn=pack,
-                         before_layer=lambda i: release_file_pages(loaded))
-        release_file_pages(loaded)
+        # the packed copies are the resident ones (CRunner gives each layer's file pages back once it is packed)
+        super().__init__(loaded, n_ctx, n_threads, n_batch, pack_ffn=pack)
         self.loaded, self.ram_budget, self.solve, self.log = loaded, ram_budget, solve, log
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / model_fingerprint(loaded)
         self.plan: RamPlan | None = None

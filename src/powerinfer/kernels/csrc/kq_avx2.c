@@ -30,7 +30,8 @@ AI __m128i scales_mins(const uint8_t *q) { /* sc in bytes 0-7, mins in 8-15 (as 
     u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
     u[2] = mins_lo;
     u[0] &= k1;
-    return _mm_loadu_si128((const __m128i *)u);
+    /* from registers: a 16-byte load of the four 4-byte stores just made would miss store forwarding */
+    return _mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]);
 }
 
 AI void rows_q45(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, float *y, const int Q5) {

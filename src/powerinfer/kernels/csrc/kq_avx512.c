@@ -17,8 +17,16 @@
 
 #define AI static inline __attribute__((always_inline))
 #define KQ_ROWS 4
-/* Rows of a sparse list arrive in index order with nothing for the hardware prefetcher to follow: the rows
- * KQ_ROWS positions ahead are prefetched while this pass reads (one line per 64 bytes of the pass's progress). */
+/* The rows a later pass reads are prefetched while this one runs, in step with its progress (each super-block
+ * step prefetches the same super-block of those rows): a row list (sparse gate/up) gives the hardware prefetcher
+ * nothing to follow, and a dense range is file-backed memory without huge pages, where it stops at every 4 KiB
+ * page (pi.h: PI_PF_DIST). Dense ranges look ahead at least KQ_PF_BYTES; rows of a list one pass ahead. */
+#define KQ_PF_BYTES 16384
+AI int pf_ahead(const pi_mat *m, const int32_t *idx) {
+    if (idx) return KQ_ROWS;
+    const size_t pass = (size_t)KQ_ROWS * m->row_bytes;
+    return KQ_ROWS * (int)((KQ_PF_BYTES + pass - 1) / pass);
+}
 
 AI float h2f(uint16_t h) { return _cvtsh_ss(h); }
 AI float hsum256(__m256 v) {
@@ -38,12 +46,13 @@ AI __m128i scales_mins(const uint8_t *q) {
     u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
     u[2] = mins_lo;
     u[0] &= k1;
-    return _mm_loadu_si128((const __m128i *)u);
+    /* from registers: a 16-byte load of the four 4-byte stores just made would miss store forwarding */
+    return _mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]);
 }
 
 AI void prefetch_rows(const pi_mat *m, const int32_t *idx, int n, int j, size_t off, size_t len) {
     for (int k = 0; k < KQ_ROWS && j + k < n; k++) {
-        const char *p = (const char *)m->raw + (size_t)idx[j + k] * m->row_bytes + off;
+        const char *p = (const char *)m->raw + (size_t)PI_ROW(idx, j + k) * m->row_bytes + off;
         for (size_t o = 0; o < len; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
     }
 }
@@ -60,6 +69,7 @@ AI void rows_q45(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_a
     /* Q5_K: the qh bit of sub-block s is bit s of qh[l]; per weight vector [bit 2g | bit 2g+2] etc. */
     const __m512i bl0 = _mm512_inserti64x4(_mm512_set1_epi8(0x01), _mm256_set1_epi8(0x04), 1);
     const __m512i bh0 = _mm512_add_epi8(bl0, bl0), bl1 = _mm512_slli_epi16(bl0, 4), bh1 = _mm512_slli_epi16(bh0, 4);
+    const int ahead = pf_ahead(m, idx);
     for (int r = r0; r < r1; r += KQ_ROWS) {
         const int nr = r1 - r < KQ_ROWS ? r1 - r : KQ_ROWS;
         const uint8_t *w[KQ_ROWS];
@@ -71,7 +81,7 @@ AI void rows_q45(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_a
             accm[j] = _mm256_setzero_ps();
         }
         for (int sb = 0; sb < nsb; sb++) {
-            if (idx) prefetch_rows(m, idx, r1, r + KQ_ROWS, (size_t)sb * bb, bb);
+            prefetch_rows(m, idx, r1, r + ahead, (size_t)sb * bb, bb);
             const int8_t *xq = a->qs + (size_t)sb * PI_QK_K;
             const __m512i x01 = _mm512_loadu_si512(xq), x23 = _mm512_loadu_si512(xq + 64);
             const __m512i x45 = _mm512_loadu_si512(xq + 128), x67 = _mm512_loadu_si512(xq + 192);
@@ -134,6 +144,7 @@ static void rows_q6_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const
     __m512i pk[4];
     for (int k = 0; k < 4; k++)
         pk[k] = _mm512_add_epi32(_mm512_set1_epi32(4 * k), _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2));
+    const int ahead = pf_ahead(m, idx);
     for (int r = r0; r < r1; r += KQ_ROWS) {
         const int nr = r1 - r < KQ_ROWS ? r1 - r : KQ_ROWS;
         const pi_blk_q6_K *w[KQ_ROWS];
@@ -143,7 +154,7 @@ static void rows_q6_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const
             acc[j] = _mm512_setzero_ps();
         }
         for (int sb = 0; sb < nsb; sb++) {
-            if (idx) prefetch_rows(m, idx, r1, r + KQ_ROWS, (size_t)sb * bb, bb);
+            prefetch_rows(m, idx, r1, r + ahead, (size_t)sb * bb, bb);
             const int8_t *xq = a->qs + (size_t)sb * PI_QK_K;
             __m512i x[4], neg[4];
             _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {

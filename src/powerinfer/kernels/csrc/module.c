@@ -6,6 +6,7 @@
 #include <pthread.h>
 
 #include "pi.h"
+#include "panels.h"
 #include "pool.h"
 #include "pybind.h"
 
@@ -180,6 +181,21 @@ static PyObject *py_quantize_q8_0(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* make_panels(qtype, src_ptr, rows, cols, dst_ptr): the neuron panels (panels.h) of a GGUF-layout Q4_0/Q4_1/Q8_0
+ * matrix [rows = d, cols = n_ff], the same bytes regrouped: type pi_panels_of(qtype), [cols, rows]. */
+static PyObject *py_make_panels(PyObject *self, PyObject *args) {
+    int qtype, rows, cols, rc;
+    void *src, *dst;
+    if (!PyArg_ParseTuple(args, "iO&iiO&", &qtype, pi_conv_ptr, &src, &rows, &cols, pi_conv_ptr, &dst)) return NULL;
+    if (!src || !dst || rows <= 0 || cols <= 0) return PyErr_Format(PyExc_ValueError, "bad pointer or shape");
+    Py_BEGIN_ALLOW_THREADS
+    rc = pi_make_panels(qtype, src, rows, cols, dst);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_Format(PyExc_ValueError, "make_panels: type %d [%d, %d] has no panels (Q4_0, Q4_1, Q8_0 with "
+                                "both sizes multiples of 32)", qtype, rows, cols);
+    Py_RETURN_NONE;
+}
+
 /* transpose_q8_0(qtype, src_ptr, rows, cols, dst_ptr): the [cols, rows] Q8_0 copy of a GGUF-layout matrix
  * (down_proj -> down_t). One 32-column strip at a time: the strip's block of every source row is dequantized
  * into a [rows][32] tile (512 KB at rows = 4096; the source lines stay in cache for the next strip), then its 32
@@ -290,7 +306,8 @@ static PyObject *sparse_call(int kind, int qtype, void *w, int rows, int cols, v
         return PyErr_Format(PyExc_ValueError, "bad pointer or shape");
     if (kind == BS_AXPY && (c0 < 0 || c1 > cols || c0 > c1))
         return PyErr_Format(PyExc_ValueError, "column range [%d, %d) outside [0, %d)", c0, c1, cols);
-    if (pi_need_of(qtype) == PI_NEED_Q8 && (cols % PI_QK || (kind == BS_AXPY && (c0 % PI_QK || c1 % PI_QK))))
+    if ((pi_need_of(qtype) == PI_NEED_Q8 || pi_panel_base(qtype) >= 0) &&
+        (cols % PI_QK || (kind == BS_AXPY && (c0 % PI_QK || c1 % PI_QK))))
         return PyErr_Format(PyExc_ValueError, "block formats need cols (and c0, c1) multiples of 32");
     if (pi_is_kquant(qtype) && (cols % PI_QK_K || (kind == BS_AXPY && (c0 % PI_QK_K || c1 % PI_QK_K))))
         return PyErr_Format(PyExc_ValueError, "K-quants need cols (and c0, c1) multiples of 256");
@@ -450,6 +467,8 @@ static PyMethodDef methods[] = {
     {"bench_mm", py_bench_mm, METH_VARARGS,
      "bench_mm(qtype, w_ptr, rows, cols, x_ptr, n_tok, y_ptr, n_threads, packed, iters) -> ns per kernel call"},
     {"quantize_q8_0", py_quantize_q8_0, METH_VARARGS, "quantize_q8_0(x_ptr, n, dst_ptr): Q8_0 blocks of n f32 values"},
+    {"make_panels", py_make_panels, METH_VARARGS,
+     "make_panels(qtype, src_ptr, rows, cols, dst_ptr): neuron panels of a [rows, cols] Q4_0/Q4_1/Q8_0 matrix"},
     {"transpose_q8_0", py_transpose_q8_0, METH_VARARGS,
      "transpose_q8_0(qtype, src_ptr, rows, cols, dst_ptr): the [cols, rows] Q8_0 copy of a GGUF-layout matrix"},
     {"sparse_gather", py_sparse_gather, METH_VARARGS,

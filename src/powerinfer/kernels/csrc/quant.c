@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 
 #include "pi.h"
+#include "panels.h"
 #include "kquant.h"
 
 float pi_f16_table[65536];
@@ -80,6 +81,7 @@ size_t pi_row_bytes(int qtype, int cols) {
     case PI_Q4_1: return (size_t)(cols / PI_QK) * sizeof(pi_blk_q4_1);
     case PI_Q8_0: return (size_t)(cols / PI_QK) * sizeof(pi_blk_q8_0);
     case PI_Q4_K: case PI_Q5_K: case PI_Q6_K: return (size_t)(cols / PI_QK_K) * pi_kq_block_bytes(qtype);
+    case PI_Q4_0_PANELS: case PI_Q4_1_PANELS: case PI_Q8_0_PANELS: return pi_row_bytes(pi_panel_base(qtype), cols);
     default: return 0;
     }
 }
@@ -305,6 +307,7 @@ void pi_mat_axpy(const pi_mat *m, const int32_t *idx, const float *h, int n, int
     case PI_F16: f = pi_k->axpy_rows_f16; break;
     case PI_BF16: f = pi_k->axpy_rows_bf16; break;
     case PI_Q4_K: case PI_Q5_K: case PI_Q6_K: f = pi_kq_axpy; break;
+    case PI_Q4_0_PANELS: case PI_Q4_1_PANELS: case PI_Q8_0_PANELS: f = pi_axpy_panels; break;
     default: f = pi_k->axpy_rows_f32; break;
     }
     f(m, idx, h, n, c0, c1, y);
