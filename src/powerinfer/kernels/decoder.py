@@ -18,6 +18,11 @@ NORM_KINDS = {"rms": 0, "layer": 1}
 PACK_GATE, PACK_UP, PACK_DOWN, PACK_ALL = 1, 2, 4, 7
 
 
+# KV cache type (model/kvcache.py) -> (storage dtype, row width) of a row of kv_dim values; q8_0: 34-byte blocks
+_KV_STORAGE = {"f32": lambda n: (torch.float32, n), "f16": lambda n: (torch.float16, n),
+               "q8_0": lambda n: (torch.uint8, n // 32 * 34)}
+
+
 class _Holder:
     """Addresses of the arrays a Decoder reads, with the arrays kept alive in `keep` (set as `dec._keep`)."""
 
@@ -83,16 +88,25 @@ def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1,
             raise ValueError(f"rope tables must be [n_ctx={kv.n_ctx}, rope_dim/2={half}], got {tuple(t.shape)}")
     dec.set_rope(h.hold(cos), h.hold(sin))
     _set_scales(dec, h, c, kv.n_ctx, rope_local)
+    kv_types = getattr(kv, "type_k", "f16"), getattr(kv, "type_v", "f16")
+    for flag, name in zip(("-ctk", "-ctv"), kv_types):
+        if name == "q8_0" and c.head_dim % 32:  # a block must not straddle two heads (csrc/attn.h)
+            raise PowerInferError(f"{flag} q8_0: its 32-value blocks need a head_dim that is a multiple of 32; this "
+                                  f"model's is {c.head_dim} (use f16 or f32)")
+    if kv_types != ("f16", "f16"):
+        dec.set_kv_types(*kv.ggml_types)
+    widths = [_KV_STORAGE[t](kv_dim) for t in kv_types]
     if len(weights.layers) != c.n_layer or len(kv.k) != c.n_layer:
         raise ValueError("config.n_layer does not match the weights / KV cache")
     for i, L in enumerate(weights.layers):
         if before_layer is not None:
             before_layer(i)
         k, v = kv.k[i], kv.v[i]
-        for t in (k, v):
-            if t.dtype != torch.float16 or not t.is_contiguous() or t.device.type != "cpu" or \
-                    tuple(t.shape) != (kv.n_ctx, kv_dim):
-                raise ValueError(f"KV cache of layer {i} must be contiguous CPU float16 [{kv.n_ctx}, {kv_dim}]")
+        for t, (dtype, width), name in zip((k, v), widths, kv_types):
+            if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" or \
+                    tuple(t.shape) != (kv.n_ctx, width):
+                raise ValueError(f"KV cache of layer {i} must be contiguous CPU {name} rows [{kv.n_ctx}, {kv_dim} "
+                                 f"values]")
         dec.set_kv(i, h.hold(k), h.hold(v))
         dec.set_layer(i, h.vec(L.input_layernorm, c.d_model), h.mat(L.q_proj), h.mat(L.k_proj), h.mat(L.v_proj),
                       h.mat(L.o_proj), h.vec(L.post_attention_layernorm, c.d_model), h.mat(L.gate_proj),

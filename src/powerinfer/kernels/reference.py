@@ -313,22 +313,60 @@ def _vec(t: QTensor | None) -> torch.Tensor | None:
     return None if t is None else dequantize(t).double().reshape(-1)
 
 
+def kv_store_ref(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Rows x [..., n] f32 as a KV cache of type `kind` stores them: float32, float16 (round to nearest even) or
+    q8_0 blocks (uint8 [..., n/32*34]: f16 d then 32 int8, quantized as quantize_q8)."""
+    if kind == "f32":
+        return x.float().clone()
+    if kind == "f16":
+        return x.half()
+    q, d = quantize_q8_0(x)
+    qb = q.to(torch.int8).reshape(*x.shape[:-1], -1, QK).view(torch.uint8)
+    db = d.half().contiguous().view(torch.uint8).reshape(*x.shape[:-1], -1, 2)
+    return torch.cat([db, qb], -1).reshape(*x.shape[:-1], -1)
+
+
+def kv_values_ref(rows: torch.Tensor, kind: str) -> torch.Tensor:
+    """float64 values of KV cache rows of type `kind` (q8_0: q * d per block, exact)."""
+    if kind != "q8_0":
+        return rows.double()
+    b = rows.reshape(*rows.shape[:-1], -1, 34)
+    d = b[..., :2].contiguous().view(torch.float16).double()
+    return (b[..., 2:].contiguous().view(torch.int8).double() * d).reshape(*rows.shape[:-1], -1)
+
+
+def kv_round_q_ref(q: torch.Tensor, k_type: str) -> torch.Tensor:
+    """q as K's vec_dot_type sees it (ggml's mul_mat converts src1 to it): f32 as is, f16 rounded, q8_0 blocks."""
+    if k_type == "f32":
+        return q.float().double()
+    if k_type == "f16":
+        return q.half().double()
+    qq, d = quantize_q8_0(q)
+    return (qq.double().reshape(*q.shape[:-1], -1, QK) * d.double()[..., None]).reshape(q.shape)
+
+
 def attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_kv: int, n_head: int,
                   n_head_kv: int, head_dim: int, scale: float = 0.0, softcap: float = 0.0,
-                  window: int = 0) -> torch.Tensor:
-    """q [n_head, head_dim] (roped); caches f16 [n_ctx, n_head_kv*head_dim]; float64 [n_head*head_dim]. Gemma's
-    options: scale (0: 1/sqrt(head_dim)), scores capped to softcap*tanh(s/softcap), only the last `window` rows."""
+                  window: int = 0, k_type: str = "f16", v_type: str = "f16") -> torch.Tensor:
+    """q [n_head, head_dim] (roped); caches [n_ctx] rows of n_head_kv*head_dim values of k_type / v_type (f16:
+    llama.cpp's default; kv_store_ref's layouts); float64 [n_head*head_dim]. Gemma's options: scale (0:
+    1/sqrt(head_dim)), scores capped to softcap*tanh(s/softcap), only the last `window` rows.
+    q meets K in K's vec_dot_type (kv_round_q_ref); the probabilities meet an f16 V rounded to f16 (flash_attn off:
+    kq converted to V's vec_dot_type), an f32 or q8_0 V unrounded (q8_0 V: llama.cpp's flash attention, which
+    converts V rows to f32)."""
     lo = n_kv - window if 0 < window < n_kv else 0
-    k = k_cache[lo:n_kv].double().reshape(n_kv - lo, n_head_kv, head_dim)
-    v = v_cache[lo:n_kv].double().reshape(n_kv - lo, n_head_kv, head_dim)
+    k = kv_values_ref(k_cache[lo:n_kv], k_type).reshape(n_kv - lo, n_head_kv, head_dim)
+    v = kv_values_ref(v_cache[lo:n_kv], v_type).reshape(n_kv - lo, n_head_kv, head_dim)
     out = []
     for h in range(n_head):
         g = h // (n_head // n_head_kv)
-        qh = q[h].half().double()  # ggml converts q to the f16 K's vec_dot_type
+        qh = kv_round_q_ref(q[h], k_type)
         s = (k[:, g, :] @ qh) * (scale or 1.0 / math.sqrt(head_dim))
         if softcap:
             s = softcap * torch.tanh(s / softcap)
-        p = torch.softmax(s, dim=0).half().double()  # kq rounded to f16 for the f16 V product
+        p = torch.softmax(s, dim=0)
+        if v_type == "f16":
+            p = p.half().double()  # kq rounded to f16 for the f16 V product
         out.append(p @ v[:, g, :])
     return torch.cat(out)
 

@@ -1,7 +1,8 @@
-"""The KV cache: one f16 K and one f16 V tensor per layer, [n_ctx, n_head_kv*head_dim], row = position.
+"""The KV cache: one K and one V tensor per layer, [n_ctx] rows of n_head_kv*head_dim values, row = position.
 
-f16 like llama.cpp's default cache type. Owned by the runner; the torch model and the C decoder both read
-and write the same tensors (the C side receives their data pointers once).
+Data types as llama.cpp's -ctk/-ctv: f16 (its default), f32, or q8_0 (32-value blocks of an f16 scale and 32
+int8, 34 bytes: stored as uint8 rows [n_ctx, kv_dim/32*34]). Owned by the runner; the torch model reads and writes
+f32/f16 caches, the C decoder every type (its data pointers are bound once, kernels/csrc/attn.h).
 """
 from __future__ import annotations
 
@@ -12,34 +13,60 @@ import torch
 
 from ..errors import PowerInferError
 
+# type name -> (GGML type id, torch storage dtype, bytes per value stored as blocks of 32)
+KV_TYPES = {"f32": (0, torch.float32), "f16": (1, torch.float16), "q8_0": (8, torch.uint8)}
+Q8_0_BLOCK_BYTES = 34  # ggml block_q8_0: f16 d, int8 qs[32]
+
+
+def row_width(type_name: str, kv_dim: int) -> int:
+    """Elements of a cache row of kv_dim values in its storage dtype."""
+    return kv_dim // 32 * Q8_0_BLOCK_BYTES if type_name == "q8_0" else kv_dim
+
 
 @dataclass
 class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     n_ctx: int
+    type_k: str = "f16"
+    type_v: str = "f16"
 
     @classmethod
-    def allocate(cls, n_layer: int, n_ctx: int, kv_dim: int, device="cpu", dtype=torch.float16) -> "KVCache":
+    def allocate(cls, n_layer: int, n_ctx: int, kv_dim: int, device="cpu", type_k: str = "f16",
+                 type_v: str = "f16", dtype: torch.dtype | None = None) -> "KVCache":
+        """dtype (torch.float32 | torch.float16), when given, is both types (the torch model's callers)."""
+        if dtype is not None:
+            type_k = type_v = {torch.float32: "f32", torch.float16: "f16"}[dtype]
+        for name in (type_k, type_v):
+            if name not in KV_TYPES:
+                raise PowerInferError(f"unknown KV cache type {name!r} ({', '.join(KV_TYPES)})")
+            if name == "q8_0" and kv_dim % 32:
+                raise PowerInferError(f"a q8_0 KV cache needs rows of a multiple of 32 values, this model's are {kv_dim}")
+        widths = [row_width(t, kv_dim) for t in (type_k, type_v)]
+        dtypes = [KV_TYPES[t][1] for t in (type_k, type_v)]
         # Uninitialized on purpose: every reader stops at the last written position, and untouched pages cost
         # neither RAM nor load time (zeroing a 7B model's 2 GiB cache at n_ctx 4096 took 1.9 s of a 15.6 s load).
-        need = 2 * n_layer * n_ctx * kv_dim * torch.empty(0, dtype=dtype).element_size()
+        need = n_layer * n_ctx * sum(w * torch.empty(0, dtype=d).element_size() for w, d in zip(widths, dtypes))
         if torch.device(device).type == "cpu" and need > _physical_memory():
             # Linux overcommits: the allocation would succeed and the process be killed when the pages are used
             raise PowerInferError(f"the KV cache for a context of {n_ctx} tokens needs {need / 2**30:.1f} GiB, "
                                   f"more than this machine's {_physical_memory() / 2**30:.1f} GiB of memory; "
                                   f"lower -c/--ctx-size")
         try:
-            k = [torch.empty(n_ctx, kv_dim, dtype=dtype, device=device) for _ in range(n_layer)]
-            v = [torch.empty(n_ctx, kv_dim, dtype=dtype, device=device) for _ in range(n_layer)]
+            k = [torch.empty(n_ctx, widths[0], dtype=dtypes[0], device=device) for _ in range(n_layer)]
+            v = [torch.empty(n_ctx, widths[1], dtype=dtypes[1], device=device) for _ in range(n_layer)]
         except (RuntimeError, MemoryError):  # torch's "can't allocate memory" (CPU) / out of memory (CUDA)
             raise PowerInferError(f"the KV cache for a context of {n_ctx} tokens needs {need / 2**30:.1f} GiB "
                                   f"on {device}, which could not be allocated; lower -c/--ctx-size") from None
-        return cls(k, v, n_ctx)
+        return cls(k, v, n_ctx, type_k, type_v)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @property
+    def ggml_types(self) -> tuple[int, int]:
+        return KV_TYPES[self.type_k][0], KV_TYPES[self.type_v][0]
 
 
 def _physical_memory() -> int:

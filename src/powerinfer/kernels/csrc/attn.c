@@ -1,5 +1,5 @@
-/* Attention drivers (decode split-K, prefill tiles; see attn.h) and the portable f16 kernels, which are also
- * what the vector kernels fall back to for head sizes they do not cover. */
+/* Attention drivers (decode split-K, prefill tiles; see attn.h), the cache formats' row conversions, and the
+ * portable kernels, which are also what the vector kernels fall back to for head sizes they do not cover. */
 #include "attn.h"
 
 #include <math.h>
@@ -7,23 +7,72 @@
 
 void pi_split(int total, int ith, int nth, int *a, int *b); /* decoder.c */
 
-/* ---- portable f16 kernels (plain C; the ISA versions follow the same arithmetic) ---- */
-static inline const uint16_t *row16(const uint8_t *base, size_t stride, int t) {
-    return (const uint16_t *)(base + (size_t)t * stride);
+/* ---- formats ---- */
+int pi_kv_format_ok(int type, int hd) {
+    return type == PI_F32 || type == PI_F16 || (type == PI_Q8_0 && hd % PI_QK == 0);
 }
 
+/* n values of a cache row in f32 (n a multiple of 32 for q8_0) */
+static void row_f32(int type, const uint8_t *r, float *out, int n) {
+    if (type == PI_F32) {
+        memcpy(out, r, (size_t)n * sizeof(float));
+    } else if (type == PI_F16) {
+        for (int i = 0; i < n; i++) out[i] = pi_fp16_to_fp32(((const uint16_t *)r)[i]);
+    } else {
+        const pi_blk_q8_0 *b = (const pi_blk_q8_0 *)r;
+        for (int j = 0; j < n / PI_QK; j++) {
+            const float d = pi_fp16_to_fp32(b[j].d);
+            for (int i = 0; i < PI_QK; i++) out[j * PI_QK + i] = (float)b[j].qs[i] * d;
+        }
+    }
+}
+
+/* n values of x stored as a cache row of `type` (ggml's from_float: f16 round-to-nearest-even, q8_0 blocks as the
+ * q8 activations are quantized, pi.h) */
+static void row_store(int type, const float *x, uint8_t *r, int n) {
+    if (type == PI_F32) {
+        memcpy(r, x, (size_t)n * sizeof(float));
+    } else if (type == PI_F16) {
+        pi_k->to_f16(x, (uint16_t *)r, n);
+    } else {
+        pi_blk_q8_0 *b = (pi_blk_q8_0 *)r;
+        for (int j = 0; j < n / PI_QK; j++) {
+            float d, s;
+            int32_t sum;
+            pi_k->quant_q8(x + j * PI_QK, 1, b[j].qs, &d, &s, &sum);
+            b[j].d = pi_fp32_to_fp16(d); /* d is already f16-rounded: exact */
+        }
+    }
+}
+
+void pi_kv_round_q(int ktype, const float *q, float *out, int n) {
+    if (ktype == PI_F32) {
+        if (out != q) memcpy(out, q, (size_t)n * sizeof(float));
+    } else if (ktype == PI_F16) {
+        for (int i = 0; i < n; i++) out[i] = pi_round_fp16(q[i]);
+    } else {
+        for (int j = 0; j < n / PI_QK; j++) {
+            int8_t qs[PI_QK];
+            float d, s;
+            int32_t sum;
+            pi_k->quant_q8(q + j * PI_QK, 1, qs, &d, &s, &sum);
+            for (int i = 0; i < PI_QK; i++) out[j * PI_QK + i] = (float)qs[i] * d;
+        }
+    }
+}
+
+/* ---- portable kernels (plain C, any format; the ISA versions follow the same arithmetic) ---- */
 static void scores_portable(const float *q, int h0, int h1, int rep, int hd, const pi_kv_head *kv, int t0, int n,
                             float scale, float softcap, float *e, size_t ld, float *m, float *l) {
-    float qh[PI_MAX_HEAD_DIM];
+    float qh[PI_MAX_HEAD_DIM], kr[PI_MAX_HEAD_DIM];
     for (int h = h0; h < h1; h++) {
-        const uint8_t *kb = kv->k + pi_row_bytes(kv->type, h / rep * hd);
-        const float *qr = q + (size_t)h * hd;
+        const uint8_t *kb = kv->k + pi_kv_bytes(kv->ktype, h / rep * hd);
         float *er = e + (size_t)h * ld, mx = -INFINITY;
-        for (int i = 0; i < hd; i++) qh[i] = pi_round_fp16(qr[i]);
+        pi_kv_round_q(kv->ktype, q + (size_t)h * hd, qh, hd);
         for (int i = 0; i < n; i++) {
-            const uint16_t *k = row16(kb, kv->stride, t0 + i);
+            row_f32(kv->ktype, kb + (size_t)(t0 + i) * kv->kstride, kr, hd);
             float acc = 0.0f;
-            for (int j = 0; j < hd; j++) acc += qh[j] * pi_fp16_to_fp32(k[j]);
+            for (int j = 0; j < hd; j++) acc += qh[j] * kr[j];
             er[i] = acc * scale;
             if (softcap > 0.0f) er[i] = softcap * tanhf(er[i] / softcap);
             mx = er[i] > mx ? er[i] : mx;
@@ -40,14 +89,15 @@ static void scores_portable(const float *q, int h0, int h1, int rep, int hd, con
 
 static void values_portable(float *e, size_t ld, const float *f, int h0, int h1, int rep, int hd, const pi_kv_head *kv,
                             int t0, int n, float *out) {
+    float vr[PI_MAX_HEAD_DIM];
     for (int h = h0; h < h1; h++) {
-        const uint8_t *vb = kv->v + pi_row_bytes(kv->type, h / rep * hd);
+        const uint8_t *vb = kv->v + pi_kv_bytes(kv->vtype, h / rep * hd);
         float *er = e + (size_t)h * ld, *o = out + (size_t)h * hd;
         memset(o, 0, (size_t)hd * sizeof(float));
         for (int i = 0; i < n; i++) {
-            const float p = er[i] = pi_round_fp16(er[i] * f[h]);
-            const uint16_t *v = row16(vb, kv->stride, t0 + i);
-            for (int j = 0; j < hd; j++) o[j] += p * pi_fp16_to_fp32(v[j]);
+            const float p = er[i] = kv->vtype == PI_F16 ? pi_round_fp16(er[i] * f[h]) : er[i] * f[h];
+            row_f32(kv->vtype, vb + (size_t)(t0 + i) * kv->vstride, vr, hd);
+            for (int j = 0; j < hd; j++) o[j] += p * vr[j];
         }
     }
 }
@@ -67,30 +117,29 @@ static void tile_portable(const float *q, size_t q_stride, int nq, int n_rep, in
     }
 }
 
-const pi_attn_ops pi_attn_portable_f16 = {scores_portable, values_portable, tile_portable, 1};
+const pi_attn_ops pi_attn_portable = {scores_portable, values_portable, tile_portable, 1};
 
-/* ---- formats ---- */
 const pi_attn_ops *pi_attn_ops_for(int kv_type) {
-    if (kv_type != PI_F16) return NULL;
+    const int kt = pi_kv_ktype(kv_type), vt = pi_kv_vtype(kv_type);
+    if (!pi_kv_format_ok(kt, PI_QK) || !pi_kv_format_ok(vt, PI_QK)) return NULL;
 #if defined(PI_X86)
-    if (pi_k == &pi_kernels_avx512) return &pi_attn_avx512_f16;
-    if (pi_k == &pi_kernels_avx2) return &pi_attn_avx2_f16;
+    if (pi_k == &pi_kernels_avx512) return &pi_attn_avx512;
+    if (pi_k == &pi_kernels_avx2) return &pi_attn_avx2;
 #endif
-    return &pi_attn_portable_f16;
+    return &pi_attn_portable;
 }
 
-pi_kv_head pi_kv_head_of(int type, const void *k, const void *v, size_t stride, int g, int hd) {
-    const size_t off = pi_row_bytes(type, g * hd);
-    return (pi_kv_head){type, (const uint8_t *)k + off, (const uint8_t *)v + off, stride};
+pi_kv_head pi_kv_head_of(int kv_type, const void *k, const void *v, int kv_dim, int g, int hd) {
+    const int kt = pi_kv_ktype(kv_type), vt = pi_kv_vtype(kv_type);
+    return (pi_kv_head){kt, vt, (const uint8_t *)k + pi_kv_bytes(kt, g * hd), (const uint8_t *)v + pi_kv_bytes(vt, g * hd),
+                        pi_kv_bytes(kt, kv_dim), pi_kv_bytes(vt, kv_dim)};
 }
 
-void pi_kv_write(int type, void *kc, void *vc, size_t stride, int pos, int g0, int g1, int hd, const float *k,
+void pi_kv_write(int kv_type, void *kc, void *vc, int kv_dim, int pos, int g0, int g1, int hd, const float *k,
                  const float *v) {
-    (void)type; /* PI_F16 */
-    const size_t off = (size_t)pos * stride + pi_row_bytes(type, g0 * hd);
-    const int n = (g1 - g0) * hd;
-    pi_k->to_f16(k + (size_t)g0 * hd, (uint16_t *)((uint8_t *)kc + off), n);
-    pi_k->to_f16(v + (size_t)g0 * hd, (uint16_t *)((uint8_t *)vc + off), n);
+    const int kt = pi_kv_ktype(kv_type), vt = pi_kv_vtype(kv_type), n = (g1 - g0) * hd;
+    row_store(kt, k + (size_t)g0 * hd, (uint8_t *)kc + (size_t)pos * pi_kv_bytes(kt, kv_dim) + pi_kv_bytes(kt, g0 * hd), n);
+    row_store(vt, v + (size_t)g0 * hd, (uint8_t *)vc + (size_t)pos * pi_kv_bytes(vt, kv_dim) + pi_kv_bytes(vt, g0 * hd), n);
 }
 
 /* Tile scratch, the largest of the layouts: AVX-512's transposed q of 16 queries and a K block of 8 rows, or
@@ -131,7 +180,7 @@ void pi_attn_decode(const pi_attn_decode_args *a, int ith, int nth) {
     const float scale = a->scale > 0.0f ? a->scale : 1.0f / sqrtf((float)hd), cap = a->softcap;
     pi_attn_ws *w = a->ws;
     const size_t ld = (size_t)w->n_ctx;
-    const pi_kv_head kv = pi_kv_head_of(a->kv_type, a->k, a->v, a->stride, 0, hd);
+    const pi_kv_head kv = pi_kv_head_of(a->kv_type, a->k, a->v, a->kv_dim, 0, hd);
     float *hm = w->st + (size_t)ith * 3 * nh, *hl = hm + nh, *f = hl + nh; /* this thread's per-head scratch */
     int h0, h1;
     pi_split(nh, ith, nth, &h0, &h1);
@@ -191,14 +240,14 @@ void pi_attn_decode(const pi_attn_decode_args *a, int ith, int nth) {
 
 /* ---- prefill ---- */
 void pi_attn_prefill(const pi_attn_ops *ops, const float *q, size_t q_stride, int n, int pos0, int n_head,
-                     int n_head_kv, int hd, int kv_type, const void *k, const void *v, size_t stride, float scale,
+                     int n_head_kv, int hd, int kv_type, const void *k, const void *v, int kv_dim, float scale,
                      float softcap, int window, float *scratch, float *out, size_t out_stride, int ith, int nth) {
     const int rep = n_head / n_head_kv, tq = ops->tile_q;
     const int n_tiles = (n + tq - 1) / tq, n_items = n_tiles * n_head_kv;
     if (scale <= 0.0f) scale = 1.0f / sqrtf((float)hd);
     for (int it = ith; it < n_items; it += nth) {
         const int tile = it / n_head_kv, g = it % n_head_kv, ta = tile * tq, nq = n - ta < tq ? n - ta : tq;
-        const pi_kv_head kv = pi_kv_head_of(kv_type, k, v, stride, g, hd);
+        const pi_kv_head kv = pi_kv_head_of(kv_type, k, v, kv_dim, g, hd);
         const size_t h = (size_t)g * rep;
         ops->tile(q + (size_t)ta * q_stride + h * hd, q_stride, nq, rep, hd, &kv, pos0 + ta, scale, softcap, window,
                   scratch, out + (size_t)ta * out_stride + h * hd, out_stride);

@@ -1,9 +1,15 @@
 /* Attention over the KV cache, for decode (one query position) and prefill (a chunk of query positions).
  *
- * The cache format is a parameter: a layer's cache is rows of n_head_kv*head_dim values, one row per position,
- * in `type` (PI_F16 today, llama.cpp's default -ctk/-ctv f16); each (ISA, format) pair has its own kernels
- * (pi_attn_ops) and the drivers here only see rows through pi_kv_head. A new format (q8_0) adds its ops to
- * the per-ISA tables and a case in pi_attn_ops_for / pi_kv_write.
+ * The cache formats are parameters: a layer's K and V caches are rows of n_head_kv*head_dim values, one row per
+ * position, K in one format and V in another (llama.cpp's -ctk / -ctv: PI_F32, PI_F16 (the default) or PI_Q8_0,
+ * 32-value blocks with an f16 scale); kv_type carries both (PI_KV_TYPE). Each ISA's kernels (pi_attn_ops) take
+ * the formats as compile-time constants and the drivers here only see rows through pi_kv_head.
+ * Numerics per format, as ggml's: q meets K in K's vec_dot_type (f32: as is; f16: rounded to f16; q8_0: quantized
+ * to q8_0 blocks, ggml_vec_dot_q8_0_q8_0; the kernels multiply the dequantized values, exact in f32, so the
+ * score differs from the integer dot only by the f32 sum's rounding); the probabilities meet V rounded to f16
+ * for an f16 V (flash_attn off: kq converted to V's vec_dot_type), unrounded f32 for an f32 V, and unrounded
+ * against the dequantized rows for a q8_0 V (llama.cpp takes a quantized V only with flash attention, whose CPU
+ * kernel converts each V row to f32 and accumulates in f32: ggml_compute_forward_flash_attn_ext_f16).
  *
  * Decode (split-K, "flash-decoding"): past PI_ATTN_CHUNK positions the sequence is cut into chunks of that many
  * positions, dealt to the threads in contiguous runs; each thread streams its chunks' K rows once (pass 1:
@@ -39,21 +45,33 @@
 #define PI_ATTN_TILE_HD 256
 #define PI_MAX_HEAD_DIM 512 /* as decoder.h */
 
-/* One KV head's rows: position t's K values at k + t*stride bytes, V likewise. KV head g of the same cache is
- * pi_row_bytes(type, g*hd) bytes further (a cache row holds every KV head of its position). */
+/* K and V cache formats in one code (decoder.h kv_type): K in the low byte, V in the next. */
+#define PI_KV_TYPE(kt, vt) ((kt) | (vt) << 8)
+static inline int pi_kv_ktype(int kv_type) { return kv_type & 0xff; }
+static inline int pi_kv_vtype(int kv_type) { return kv_type >> 8 & 0xff; }
+/* Bytes of n values (n % 32 == 0 for q8_0) in a cache format. */
+static inline size_t pi_kv_bytes(int type, int n) {
+    return type == PI_F32 ? (size_t)n * 4 : type == PI_F16 ? (size_t)n * 2 : (size_t)n / PI_QK * sizeof(pi_blk_q8_0);
+}
+/* 1 if a cache format is one the kernels read (f32, f16, q8_0; q8_0 needs head_dim % 32 == 0). */
+int pi_kv_format_ok(int type, int hd);
+
+/* One KV head's rows: position t's K values at k + t*kstride bytes, V at v + t*vstride. KV head g of the same
+ * cache is pi_row_bytes(type, g*hd) bytes further (a cache row holds every KV head of its position). */
 typedef struct {
-    int type;
+    int ktype, vtype;
     const uint8_t *k, *v;
-    size_t stride;
+    size_t kstride, vstride;
 } pi_kv_head;
 
-/* The kernels of one ISA for one cache format. q is f32, roped; it is rounded to f16 before q.K (ggml converts
- * q to the f16 K's vec_dot_type); scores are scale * q.K. The decode kernels take query heads [h0, h1) of a layer
+/* The kernels of one ISA (every cache format: kv->ktype, kv->vtype). q is f32, roped; it is rounded to K's
+ * vec_dot_type before q.K (pi_kv_round_q); scores are scale * q.K. The decode kernels take query heads [h0, h1) of a layer
  * (head h reads KV head h / rep; kv is KV head 0) and index every per-head array by the head number itself:
  * q + h*hd, e + h*ld, m[h], l[h], f[h], out + h*hd. They walk the rows in blocks through every KV head in range,
  * so the cache streams by whole rows.
  * scores: rows [t0, t0+n): e[h*ld + i] = exp(s_hi - m[h]) with m[h] = max_i s_hi, l[h] = sum_i e[h*ld + i].
- * values: out[h*hd ..] = sum_i p_hi V[t0+i] with p_hi = round_f16(e[h*ld + i] * f[h]) (e is overwritten with p).
+ * values: out[h*hd ..] = sum_i p_hi V[t0+i] with p_hi = e[h*ld + i] * f[h], rounded to f16 for an f16 V (e is
+ *         overwritten with p).
  * tile:   causal attention of queries at positions pos0 .. pos0+nq-1 (nq <= tile_q; query j's heads at
  *         q + j*q_stride, n_rep of them, hd apart, all reading kv) over rows 0 .. pos0+nq-1; out likewise
  *         (out_stride). The same numbers as `scores` + `values` with f = 1/l per query. scratch:
@@ -72,19 +90,22 @@ typedef struct pi_attn_ops {
     int tile_q;
 } pi_attn_ops;
 
-extern const pi_attn_ops pi_attn_portable_f16;
+extern const pi_attn_ops pi_attn_portable;
 #if defined(PI_X86)
-extern const pi_attn_ops pi_attn_avx2_f16;
-extern const pi_attn_ops pi_attn_avx512_f16;
+extern const pi_attn_ops pi_attn_avx2;
+extern const pi_attn_ops pi_attn_avx512;
 #endif
 
-/* The selected ISA's ops for a cache format, or NULL if the format has none. */
+/* The selected ISA's ops for the cache formats kv_type (PI_KV_TYPE), or NULL if a format has none. */
 const pi_attn_ops *pi_attn_ops_for(int kv_type);
-/* Head g's rows of a layer cache whose rows start at k/v, stride bytes apart (head_dim hd). */
-pi_kv_head pi_kv_head_of(int type, const void *k, const void *v, size_t stride, int g, int hd);
-/* Store K and V of KV heads [g0, g1) at position pos (f32 [n_head_kv*hd], all heads) in the cache's format. */
-void pi_kv_write(int type, void *kc, void *vc, size_t stride, int pos, int g0, int g1, int hd, const float *k,
+/* Head g's rows of a layer cache whose rows start at k/v, kv_dim values a row (head_dim hd). */
+pi_kv_head pi_kv_head_of(int kv_type, const void *k, const void *v, int kv_dim, int g, int hd);
+/* Store K and V of KV heads [g0, g1) at position pos (f32 [n_head_kv*hd], all heads) in the caches' formats. */
+void pi_kv_write(int kv_type, void *kc, void *vc, int kv_dim, int pos, int g0, int g1, int hd, const float *k,
                  const float *v);
+/* q as K's vec_dot_type sees it, back in f32: as is (f32), rounded to f16 (f16), quantized to q8_0 blocks and
+ * dequantized (q8_0; n % 32 == 0). out may be q. */
+void pi_kv_round_q(int ktype, const float *q, float *out, int n);
 size_t pi_attn_tile_floats(int hd, int n_ctx); /* n_ctx: positions the tile may see */
 
 /* Decode workspace, sized for n_ctx positions, n_head heads and up to nth threads. */
@@ -109,7 +130,7 @@ typedef struct {
     const pi_attn_ops *ops;
     int n_head, n_head_kv, hd, n_kv, kv_type;
     const void *k, *v;
-    size_t stride;
+    int kv_dim; /* values per cache row */
     const float *q;
     float *out;
     pi_attn_ws *ws;
@@ -124,7 +145,7 @@ void pi_attn_decode(const pi_attn_decode_args *a, int ith, int nth);
  * (the last `window` of them per query when window > 0); scale 0 is 1/sqrt(hd); this thread's share of the
  * (tile, KV head) work items, dealt round-robin (later tiles cost more). */
 void pi_attn_prefill(const pi_attn_ops *ops, const float *q, size_t q_stride, int n, int pos0, int n_head,
-                     int n_head_kv, int hd, int kv_type, const void *k, const void *v, size_t stride, float scale,
+                     int n_head_kv, int hd, int kv_type, const void *k, const void *v, int kv_dim, float scale,
                      float softcap, int window, float *scratch, float *out, size_t out_stride, int ith, int nth);
 
 #endif

@@ -354,7 +354,7 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
         if (L->k_norm) pi_rmsnorm(kh, L->k_norm, hd, D->eps, kh);
         pi_rope(kh, 1, hd, D->rope_dim, D->rope_style, cs, sn);
     }
-    if (g1 > g0) pi_kv_write(D->kv_type, L->kc, L->vc, pi_row_bytes(D->kv_type, kvd), pos, g0, g1, hd, D->k, D->v);
+    if (g1 > g0) pi_kv_write(D->kv_type, L->kc, L->vc, kvd, pos, g0, g1, hd, D->k, D->v);
     pi_split(D->n_head, ith, nth, &h0, &h1);
     for (int h = h0; h < h1; h++) { /* before the barrier: past PI_ATTN_CHUNK positions every thread reads every head */
         float *qh = D->q + h * hd;
@@ -365,7 +365,7 @@ static void decode_layer(pi_decoder *D, int il, float *x, int pos, int ith, int 
     }
     pi_dec_barrier(D, ith);
     const pi_attn_decode_args aa = {pi_attn_ops_for(D->kv_type), D->n_head, D->n_head_kv, hd, pos + 1, D->kv_type,
-                                    L->kc, L->vc, pi_row_bytes(D->kv_type, kvd), D->q, D->att, &D->aw, attn_barrier, D,
+                                    L->kc, L->vc, kvd, D->q, D->att, &D->aw, attn_barrier, D,
                                     D->attn_scale > 0.0f ? 1.0f : 0.0f, D->attn_softcap, L->window};
     pi_attn_decode(&aa, ith, nth); /* this thread's heads h0..h1 of att are final */
     const int need_o = pi_need_of(L->o.qtype);

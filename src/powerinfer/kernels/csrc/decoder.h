@@ -36,7 +36,7 @@ typedef struct {
      * attention window (the last `window` positions, 0: all) and which RoPE tables the layer reads (1: local) */
     const float *attn_post_norm, *ffn_post_norm;
     int window, rope_local;
-    uint16_t *kc, *vc;                 /* [n_ctx][n_head_kv*head_dim] f16, owned by Python */
+    void *kc, *vc;                     /* [n_ctx] rows of n_head_kv*head_dim values (kv_type), owned by Python */
     int need_attn, need_ffn;           /* activation forms the layer's inputs need (PI_NEED_*) */
     /* Neuron-sparse FFN (decode only; prefill stays dense): on when down_t.raw is set. Per 32-neuron chunk of a
      * thread: gate (dense rows, or input-major gate_t over the kept input channels when t_x > 0); for ReLU
@@ -124,7 +124,7 @@ typedef struct pi_decoder {
     void *mem_att, *mem_h;
     pi_tws *tw;
     pi_prefill_ws pf;
-    int kv_type;    /* cache format of every layer (PI_F16) */
+    int kv_type;    /* K and V cache formats of every layer, PI_KV_TYPE(k, v) (attn.h; default f16, f16) */
     pi_attn_ws aw;  /* decode attention: scores and per-chunk softmax states (attn.h) */
     /* profiling (thread 0's view) */
     int prof;

@@ -182,7 +182,7 @@ pi_decoder *pi_decoder_new(int n_layer, int d, int n_head, int n_head_kv, int hd
     D->n_layer = n_layer; D->d = d; D->n_head = n_head; D->n_head_kv = n_head_kv; D->hd = hd; D->n_ff = n_ff;
     D->n_vocab = n_vocab; D->eps = eps; D->rope_dim = rope_dim; D->rope_style = rope_style; D->act = act;
     D->ffn_kind = ffn_kind; D->n_ctx = n_ctx;
-    D->kv_type = PI_F16;
+    D->kv_type = PI_KV_TYPE(PI_F16, PI_F16);
     D->pack_ffn = PI_PACK_ALL;
     D->embed_scale = 1.0f;
     D->L = calloc((size_t)n_layer, sizeof(pi_layer));
@@ -261,7 +261,7 @@ int pi_decoder_set_layer(pi_decoder *D, int il, const float *attn_norm, const pi
     pi_mat *dst[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
     const pi_mat *src[] = {q, k, v, o, gate, up, down};
     for (size_t j = 0; j < sizeof dst / sizeof *dst; j++) pi_mat_free(dst[j]);
-    uint16_t *kc = L->kc, *vc = L->vc; /* set_kv may come first */
+    void *kc = L->kc, *vc = L->vc; /* set_kv may come first */
     memset(L, 0, sizeof *L); /* also turns the sparse FFN off: set_sparse again after rebinding */
     L->kc = kc; L->vc = vc;
     for (size_t j = 0; j < sizeof dst / sizeof *dst; j++) {

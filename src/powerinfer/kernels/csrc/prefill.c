@@ -121,13 +121,13 @@ static void prefill_layer(pi_decoder *D, int il, float *x, int n, int pos0, int 
         pi_rope(q, D->n_head, hd, D->rope_dim, D->rope_style, cs, sn);
         pi_rope(k, D->n_head_kv, hd, D->rope_dim, D->rope_style, cs, sn);
         if (D->attn_scale > 0.0f) for (int i = 0; i < qd; i++) q[i] *= D->attn_scale;
-        pi_kv_write(D->kv_type, L->kc, L->vc, pi_row_bytes(D->kv_type, kvd), pos, 0, D->n_head_kv, hd, k, v);
+        pi_kv_write(D->kv_type, L->kc, L->vc, kvd, pos, 0, D->n_head_kv, hd, k, v);
     }
     pi_dec_barrier(D, ith);
     const int need_o = pi_need_of(L->o.qtype) & ~PI_NEED_F32;
     /* attention tiles (attn.h): (tile, KV head) items dealt round-robin, each runs the group's query heads */
     pi_attn_prefill(pi_attn_ops_for(D->kv_type), P->q, qd, n, pos0, D->n_head, D->n_head_kv, hd, D->kv_type, L->kc,
-                    L->vc, pi_row_bytes(D->kv_type, kvd), D->attn_scale > 0.0f ? 1.0f : 0.0f, D->attn_softcap, L->window,
+                    L->vc, kvd, D->attn_scale > 0.0f ? 1.0f : 0.0f, D->attn_softcap, L->window,
                     P->tile_scratch[ith], P->att, qd, ith, nth);
     pi_dec_barrier(D, ith);
     for (int t = t0; t < t1; t++) pi_act_fill(&P->act_att, P->att + (size_t)t * qd, t, 0, qd, need_o);

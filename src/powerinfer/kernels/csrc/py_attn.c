@@ -35,32 +35,33 @@ static void attn_job_fn(void *arg, int ith, int nth) {
     const pi_attn_decode_args *d = &j->d;
     const size_t qd = (size_t)d->n_head * d->hd;
     pi_attn_prefill(d->ops, j->q, qd, j->n, j->pos0, d->n_head, d->n_head_kv, d->hd, d->kv_type, d->k, d->v,
-                    d->stride, d->scale, d->softcap, d->window, j->scratch[ith], j->out, qd, ith, nth);
+                    d->kv_dim, d->scale, d->softcap, d->window, j->scratch[ith], j->out, qd, ith, nth);
 }
 
 /* attention(kind, q_ptr, n_tok, pos0, n_head, n_head_kv, head_dim, k_ptr, v_ptr, n_ctx, out_ptr, n_threads, iters
- * [, softcap, window]) -> ns per call (softcap, window: attn.h; 0 = none). kind 0 (decode): q [n_head*hd] against cache rows 0..pos0 (n_tok must be 1); kind 1 (prefill):
- * q [n_tok][n_head*hd] at positions pos0.. against rows 0..pos0+n_tok-1. Caches f16 [n_ctx][n_head_kv*hd]. */
+ * [, softcap, window, k_type, v_type]) -> ns per call (softcap, window: attn.h; 0 = none). kind 0 (decode): q [n_head*hd]
+ * against cache rows 0..pos0 (n_tok must be 1); kind 1 (prefill): q [n_tok][n_head*hd] at positions pos0.. against
+ * rows 0..pos0+n_tok-1. Caches [n_ctx] rows of n_head_kv*hd values in k_type / v_type (GGML ids; default F16). */
 static PyObject *py_attention(PyObject *self, PyObject *args) {
-    int kind, n_tok, pos0, nh, nkv, hd, n_ctx, nth, iters, window = 0;
+    int kind, n_tok, pos0, nh, nkv, hd, n_ctx, nth, iters, window = 0, kt = PI_F16, vt = PI_F16;
     float softcap = 0.0f;
     void *q, *k, *v, *out;
-    if (!PyArg_ParseTuple(args, "iO&iiiiiO&O&iO&ii|fi", &kind, pi_conv_ptr, &q, &n_tok, &pos0, &nh, &nkv, &hd,
+    if (!PyArg_ParseTuple(args, "iO&iiiiiO&O&iO&ii|fiii", &kind, pi_conv_ptr, &q, &n_tok, &pos0, &nh, &nkv, &hd,
                           pi_conv_ptr, &k, pi_conv_ptr, &v, &n_ctx, pi_conv_ptr, &out, &nth, &iters, &softcap,
-                          &window))
+                          &window, &kt, &vt))
         return NULL;
     if (!q || !k || !v || !out || (kind != 0 && kind != 1) || n_tok < 1 || pos0 < 0 || nh < 1 || nkv < 1 ||
         nh % nkv || hd < 1 || hd > PI_MAX_HEAD_DIM || pos0 + n_tok > n_ctx || (kind == 0 && n_tok != 1) ||
-        iters < 1 || nth < 1 || nth > 64 || !(softcap >= 0.0f) || window < 0)
+        iters < 1 || nth < 1 || nth > 64 || !(softcap >= 0.0f) || window < 0 || !pi_kv_format_ok(kt, hd) ||
+        !pi_kv_format_ok(vt, hd))
         return PyErr_Format(PyExc_ValueError, "bad attention arguments");
     attn_job j = {.kind = kind, .q = q, .out = out, .n = n_tok, .pos0 = pos0};
     pi_attn_ws ws = {0};
     int rc = 0;
     double ns = 0.0;
     Py_BEGIN_ALLOW_THREADS
-    j.d = (pi_attn_decode_args){pi_attn_ops_for(PI_F16), nh, nkv, hd, pos0 + 1, PI_F16, k, v,
-                                pi_row_bytes(PI_F16, nkv * hd), q, out, &ws, pool_barrier, NULL, 0.0f, softcap,
-                                window};
+    j.d = (pi_attn_decode_args){pi_attn_ops_for(PI_KV_TYPE(kt, vt)), nh, nkv, hd, pos0 + 1, PI_KV_TYPE(kt, vt), k, v,
+                                nkv * hd, q, out, &ws, pool_barrier, NULL, 0.0f, softcap, window};
     rc = kind == 0 ? pi_attn_ws_init(&ws, n_ctx, nh, hd, nth) : 0;
     for (int t = 0; t < nth && !rc; t++)
         if (kind == 1 && !(j.scratch[t] = pi_aligned_alloc(pi_attn_tile_floats(hd, n_ctx) * 4))) rc = -1;
@@ -81,8 +82,9 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
 static PyMethodDef attn_methods[] = {
     {"attention", py_attention, METH_VARARGS,
      "attention(kind, q_ptr, n_tok, pos0, n_head, n_head_kv, head_dim, k_ptr, v_ptr, n_ctx, out_ptr, n_threads, "
-     "iters[, softcap, window]) -> ns per call; kind 0: decode split-K at position pos0, 1: prefill tiles for "
-     "positions pos0..; softcap: scores capped to softcap*tanh(s/softcap), window: the last `window` rows only"},
+     "iters[, softcap, window, k_type, v_type]) -> ns per call; kind 0: decode split-K at position pos0, 1: prefill "
+     "tiles for positions pos0..; softcap: scores capped to softcap*tanh(s/softcap), window: the last `window` rows "
+     "only; k_type/v_type: GGML ids of the cache formats (F32 0, F16 1, Q8_0 8; default F16)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -81,6 +81,19 @@ static PyObject *Decoder_set_kv(DecoderObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* set_kv_types(k_type, v_type): the cache formats (GGML type ids: F32, F16, Q8_0) of every layer's K and V; before
+ * the first step, with caches of that format bound by set_kv. */
+static PyObject *Decoder_set_kv_types(DecoderObject *self, PyObject *args) {
+    int kt, vt;
+    if (!PyArg_ParseTuple(args, "ii", &kt, &vt)) return NULL;
+    if (idle(self)) return NULL;
+    if (!pi_kv_format_ok(kt, self->D->hd) || !pi_kv_format_ok(vt, self->D->hd))
+        return PyErr_Format(PyExc_ValueError, "KV cache types %d/%d: f32, f16 or q8_0 (q8_0 needs head_dim %% 32 == 0, "
+                            "head_dim is %d)", kt, vt, self->D->hd);
+    self->D->kv_type = PI_KV_TYPE(kt, vt);
+    Py_RETURN_NONE;
+}
+
 /* (ptr, qtype) tuple -> pi_mat (raw only; the decoder packs). None allowed when opt. */
 static int parse_mat(PyObject *o, int rows, int cols, pi_mat *m, int opt, const char *what) {
     memset(m, 0, sizeof *m);
@@ -470,7 +483,10 @@ static PyGetSetDef getset[] = {
 
 static PyMethodDef Decoder_methods[] = {
     {"set_rope", (PyCFunction)Decoder_set_rope, METH_VARARGS, "set_rope(cos_ptr, sin_ptr): f32 [n_ctx, rope_dim/2]"},
-    {"set_kv", (PyCFunction)Decoder_set_kv, METH_VARARGS, "set_kv(layer, k_ptr, v_ptr): f16 [n_ctx, n_head_kv*head_dim]"},
+    {"set_kv", (PyCFunction)Decoder_set_kv, METH_VARARGS,
+     "set_kv(layer, k_ptr, v_ptr): [n_ctx] rows of n_head_kv*head_dim values in the set_kv_types formats (f16)"},
+    {"set_kv_types", (PyCFunction)Decoder_set_kv_types, METH_VARARGS,
+     "set_kv_types(k_type, v_type): GGML type ids of the K and V caches (F32 0, F16 1, Q8_0 8)"},
     {"set_layer", (PyCFunction)Decoder_set_layer, METH_VARARGS,
      "set_layer(layer, attn_norm, q, k, v, o, ffn_norm, gate, up, down, q_bias, k_bias, v_bias); "
      "matrices (ptr, qtype), gate may be None, biases None or f32 ptr"},
