@@ -39,7 +39,7 @@ class LLM:
         self._lock = threading.Lock()  # held by the generation that owns the runner's KV cache
         self._owner: int | None = None  # its thread
         self.runner = make_runner(loaded, settings.n_ctx, settings.n_threads, settings.n_batch, placement=settings,
-                                  solve=solve_hot_sets)
+                                  solve=solve_hot_sets, cache_types=(settings.cache_type_k, settings.cache_type_v))
         self.runner.allow_non_finite = settings.allow_non_finite  # else NaN/inf logits are an error
         self.sparsity = "dense FFN"
         if settings.sparsity != "off" or settings.predictors:

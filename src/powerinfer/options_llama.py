@@ -131,8 +131,6 @@ NOTES: dict[str, tuple[tuple, str]] = {
                              "firing FFN neurons (upstream PowerInfer's rule), not whole layers; -ngl 0 means "
                              "--vram-budget 0"),
     "flash_attn": (("off",), "attention is one fused C kernel per layer here; there is no other kernel to pick"),
-    "cache_type_k": (("f16",), "the KV cache is f16 here (llama.cpp's default type)"),
-    "cache_type_v": (("f16",), "the KV cache is f16 here (llama.cpp's default type)"),
     "no_kv_offload": ((), "the KV cache lives on the fast tier only when --vram-budget places attention there"),
     "mlock": ((), "the weights stay mapped from the file; the OS keeps what decoding reads resident"),
     "no_mmap": ((), "GGUF tensors are read through the file's memory map (gguf-py); there is no copying loader"),
@@ -215,8 +213,6 @@ class LlamaCompatFlags:
 
     n_gpu_layers: str | None = _note(None, "-ngl", "--gpu-layers", "--n-gpu-layers", metavar="N")
     flash_attn: str | None = _note(None, "-fa", "--flash-attn", metavar="on|off|auto", nargs="?", const="on")
-    cache_type_k: str | None = _note(None, "-ctk", "--cache-type-k", metavar="TYPE")
-    cache_type_v: str | None = _note(None, "-ctv", "--cache-type-v", metavar="TYPE")
     no_kv_offload: bool = _switch("-nkvo", "--no-kv-offload")
     mlock: bool = _switch("--mlock")
     no_mmap: bool = _switch("--no-mmap")

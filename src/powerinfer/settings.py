@@ -72,6 +72,22 @@ def default_threads() -> int:
     return max(1, n)
 
 
+# KV cache data types (-ctk/-ctv): what the attention kernels read, of llama.cpp's list (common/arg.cpp
+# kv_cache_types: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1).
+KV_CACHE_TYPES = ("f32", "f16", "q8_0")
+_LLAMA_KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+
+def parse_cache_type(text, flag: str) -> str:
+    """-ctk/-ctv: one of KV_CACHE_TYPES (case-insensitive, as llama.cpp compares ggml type names)."""
+    t = str(text).strip().lower()
+    if t in KV_CACHE_TYPES:
+        return t
+    if t in _LLAMA_KV_CACHE_TYPES:
+        raise PowerInferError(f"{flag} {text}: not supported by these attention kernels (use {', '.join(KV_CACHE_TYPES)})")
+    raise PowerInferError(f"{flag}: unknown cache type {text!r} (allowed: {', '.join(KV_CACHE_TYPES)})")
+
+
 # Subcommands that run or place a model on tiers.
 PLACES = ("run", "perplexity", "bench", "solve", "prepare", "serve")
 
@@ -131,6 +147,15 @@ class ModelSettings(PlacementSettings):
                             help="CPU threads (default: all available cores)")
     n_batch: int = option(512, "-b", "--batch-size", metavar="N", commands=("run", "perplexity", "bench", "serve"),
                           help="prompt tokens processed per prefill call")
+    cache_type_k: str = option("f16", "-ctk", "--cache-type-k", metavar="TYPE",
+                               commands=("run", "perplexity", "bench", "serve"),
+                               help="KV cache data type for K: f32, f16 (default) or q8_0 (32-value blocks with an f16 "
+                                    "scale, 0.53x f16's bytes; q is quantized to q8_0 for q.K, as llama.cpp does)")
+    cache_type_v: str = option("f16", "-ctv", "--cache-type-v", metavar="TYPE",
+                               commands=("run", "perplexity", "bench", "serve"),
+                               help="KV cache data type for V: f32, f16 (default) or q8_0 (rows dequantized for the "
+                                    "product with unrounded f32 probabilities, as llama.cpp's flash attention, which "
+                                    "it requires for a quantized V; no -fa needed here)")
     sparsity: str = option("auto", "--sparsity", metavar="auto|off|S",
                            commands=("run", "perplexity", "bench", "serve"),
                            help="neuron-sparse FFN: off = dense; auto (default) = the fastest measured setting "
@@ -163,6 +188,8 @@ class ModelSettings(PlacementSettings):
         if self.n_ctx < 0:
             raise PowerInferError(f"--ctx-size must be >= 0, got {self.n_ctx}")
         self.sparsity = parse_sparsity(self.sparsity)
+        self.cache_type_k = parse_cache_type(self.cache_type_k, "--cache-type-k")
+        self.cache_type_v = parse_cache_type(self.cache_type_v, "--cache-type-v")
         if self.n_batch <= 0:
             raise PowerInferError(f"--batch-size must be > 0, got {self.n_batch}")
 

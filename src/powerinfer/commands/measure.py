@@ -158,7 +158,7 @@ def cmd_bench(args) -> int:
     # --sparsity S calibrates missing thresholds on first use, as run does.
     doc = bench(loaded, opts, settings.n_batch, settings.sparsity, settings.sparse_method, settings.predictors,
                 calibrate=calibrate_default, placement=settings, solve=solve_hot_sets, on_result=on_result,
-                log=sys.stderr)
+                log=sys.stderr, cache_types=(settings.cache_type_k, settings.cache_type_v))
     if opts.json:
         print(json.dumps(doc, indent=1))
         return 0

@@ -33,7 +33,7 @@ JSON schema (`--json`, "schema": "powerinfer.bench/1"):
   {"schema": str, "model": {"path", "type", "arch", "size_bytes", "n_params", "n_layer", "d_model", "n_ff",
                             "n_vocab", "activation", "bytes_per_token"},
    "system": {"isa", "cpu", "n_cpus", "python", "torch", "powerinfer"},
-   "settings": {"n_batch", "n_ctx", "repetitions", "warmup", "seed", "ffn"},
+   "settings": {"n_batch", "n_ctx", "repetitions", "warmup", "seed", "ffn", "type_k", "type_v", "kv_bytes"},
    "results": [{"test": "pp128" | "tg128" | "tg128 @ d4096", "n_prompt", "n_gen", "n_depth", "n_threads",
                 "samples_ns": [int],
                 "samples_ts": [float], "avg_ts", "stddev_ts", "median_ts", "avg_ns", "stddev_ns",
@@ -320,7 +320,7 @@ def _version() -> str:
 
 def bench(loaded, opts: BenchOptions, n_batch: int = 512, sparsity="off", sparse_method: str | None = None,
           predictors: str | None = None, *, calibrate=None, placement=None, solve=None, on_result=None,
-          log=sys.stderr) -> dict:
+          log=sys.stderr, cache_types: tuple[str, str] = ("f16", "f16")) -> dict:
     """llama-bench's tests (opts: lengths, thread counts, repetitions, seed) on `loaded`, with the sparse FFN
     `sparsity` / `sparse_method` / `predictors` (runtime/sparsity.py; `calibrate` makes missing thresholds) and the
     tiers `placement` asks for (runtime/placement.py; `solve` finds hot neurons).
@@ -337,7 +337,7 @@ def bench(loaded, opts: BenchOptions, n_batch: int = 512, sparsity="off", sparse
     n_ctx = max(t.depth + t.n for t in tests)
     try:
         runner = make_runner(loaded, n_ctx, opts.thread_counts[0], min(n_batch, n_ctx), placement=placement,
-                             solve=solve, log=log)
+                             solve=solve, log=log, cache_types=cache_types)
     except PowerInferError as e:
         if "KV cache" not in str(e):
             raise
@@ -364,7 +364,8 @@ def bench(loaded, opts: BenchOptions, n_batch: int = 512, sparsity="off", sparse
                    "torch": torch.__version__, "powerinfer": _version()},
         "settings": {"n_batch": runner.n_batch, "n_ctx": n_ctx, "repetitions": opts.repetitions,
                      "warmup": not opts.no_warmup, "seed": opts.seed, "ffn": sparse_desc,
-                     "placement": _placement_summary(runner)},
+                     "placement": _placement_summary(runner), "type_k": cache_types[0], "type_v": cache_types[1],
+                     "kv_bytes": runner.kv.nbytes if getattr(runner, "kv", None) is not None else None},
         "results": results, "peak_rss_mib": _peak_rss_mib(),
     }
 

@@ -22,11 +22,14 @@ class CRunner(CachedSequence):
     device = torch.device("cpu")
 
     def __init__(self, loaded: LoadedModel, n_ctx: int, n_threads: int, n_batch: int = 512,
-                 pack_ffn: int = kernels.PACK_ALL, before_layer=None):
+                 pack_ffn: int = kernels.PACK_ALL, before_layer=None, cache_types: tuple[str, str] | None = None):
         cfg = loaded.config
         super().__init__(cfg, n_ctx, n_threads, n_batch)
         self.weights, self._loaded = loaded.weights, loaded
-        self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim)
+        if cache_types is not None:  # -ctk/-ctv (a subclass may have set self.cache_types before)
+            self.cache_types = tuple(cache_types)
+        self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim, type_k=self.cache_types[0],
+                                   type_v=self.cache_types[1])
         self.rope_cos, self.rope_sin = rope_tables(cfg, self.n_ctx)
         local = cfg.local_rope()  # gemma3's local layers rotate with their own base
         self.rope_local = rope_tables(local, self.n_ctx) if local is not None else None

@@ -41,8 +41,11 @@ class DiskRunner(CRunner):
     compute = "c"
 
     def __init__(self, loaded, n_ctx: int, n_threads: int, n_batch: int, ram_budget: float, solve=None,
-                 log=sys.stderr, cache_dir: Path | None = None, gate_resident: bool = True):
+                 log=sys.stderr, cache_dir: Path | None = None, gate_resident: bool = True,
+                 cache_types: tuple[str, str] | None = None):
         cfg = loaded.config
+        if cache_types is not None:  # -ctk/-ctv, read by CRunner's allocation
+            self.cache_types = tuple(cache_types)
         if cfg.ffn_kind == "mlp" and gate_resident:
             gate_resident = False  # an act(up) MLP has no gate: its activity needs predictors (set_sparse says so)
         pack = kernels.PACK_GATE if gate_resident else 0

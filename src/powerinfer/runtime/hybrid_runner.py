@@ -15,19 +15,23 @@ from ..model.kvcache import KVCache
 from ..model.llama import Transformer
 from ..sparse.hybrid import CpuTier, HybridFFN, TierTimes
 from .placement import TierPlan
-from .runner import CachedSequence
+from .runner import CachedSequence, torch_cache_types
 
 
 class HybridRunner(CachedSequence):
     compute = "hybrid"
 
-    def __init__(self, loaded: LoadedModel, n_ctx: int, n_threads: int, n_batch: int, plan: TierPlan):
+    def __init__(self, loaded: LoadedModel, n_ctx: int, n_threads: int, n_batch: int, plan: TierPlan,
+                 cache_types: tuple[str, str] | None = None):
         cfg = loaded.config
+        cache_types = torch_cache_types(cache_types, "the fast tier (--vram-budget)")
         super().__init__(cfg, n_ctx, n_threads, n_batch)
         self.plan, self.device, self.weights = plan, plan.device, loaded.weights
         cold = any(len(h) < cfg.n_ff for h in plan.hot)
         self.cpu = CpuTier(cfg, loaded.weights, plan.hot, n_threads, self.device, self.n_batch) if cold else None
-        self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim, device=self.device)
+        self.cache_types = cache_types
+        self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim, device=self.device,
+                                   type_k=cache_types[0], type_v=cache_types[1])
 
         def ffn(lw, config, dtype, layer):
             return HybridFFN(lw, config, plan.hot[layer], self.cpu, dtype, layer)

@@ -18,6 +18,7 @@ import torch
 from ..core.config import ModelConfig
 from ..core.sparse_spec import SparseSpec
 from ..errors import ContextOverflowError, ModelFormatError, PowerInferError
+from ..model.kvcache import KV_TYPES
 
 
 class Runner(Protocol):
@@ -52,6 +53,8 @@ class CachedSequence:
 
     # --allow-non-finite: NaN/inf logits are replaced (NaN -> -inf) instead of being an error
     allow_non_finite: bool = False
+    # -ctk/-ctv: the KV cache's K and V types (model/kvcache.py), for runners that own one
+    cache_types: tuple[str, str] = ("f16", "f16")
 
     def __init__(self, config: ModelConfig, n_ctx: int, n_threads: int, n_batch: int):
         self.config = config
@@ -85,7 +88,7 @@ class CachedSequence:
         back-rotation is a pure rotation. False (nothing changed) when this runner keeps no such cache."""
         kv = getattr(self, "kv", None)
         lo, n = n_keep + n_discard, self.n_past
-        if kv is None or not 0 <= n_keep < lo <= n or not kv.k or kv.k[0].dtype not in (torch.float16, torch.float32):
+        if kv is None or not 0 <= n_keep < lo <= n or not kv.k or getattr(kv, "type_k", "f16") not in KV_TYPES:
             return False
         from ..model.rope import apply_rope, rope_inv_freq
 
@@ -99,11 +102,11 @@ class CachedSequence:
         t = n - lo
         for il, (k_cache, v_cache) in enumerate(zip(kv.k, kv.v)):
             c, s = local if local is not None and cfg.is_local(il) else (cos, sin)
-            keys = k_cache[lo:n].float().view(t, cfg.n_head_kv, cfg.head_dim)
+            keys = _key_rows(k_cache[lo:n], kv.type_k).view(t, cfg.n_head_kv, cfg.head_dim)
             keys = apply_rope(keys, c.to(keys.device).expand(t, -1), s.to(keys.device).expand(t, -1),
                               cfg.rope_style)
-            k_cache[n_keep:n_keep + t] = keys.reshape(t, -1).to(k_cache.dtype)
-            v_cache[n_keep:n_keep + t] = v_cache[lo:n].clone()  # overlapping ranges: copy out first
+            _store_key_rows(k_cache[n_keep:n_keep + t], keys.reshape(t, -1), kv.type_k)
+            v_cache[n_keep:n_keep + t] = v_cache[lo:n].clone()  # overlapping ranges: copy out first (any type: bytes)
         self.tokens = self.tokens[:n_keep] + self.tokens[lo:]
         return True
 
@@ -157,6 +160,41 @@ class CachedSequence:
         return None
 
 
+def _key_rows(rows: torch.Tensor, kind: str) -> torch.Tensor:
+    """f32 values of K cache rows; q8_0 rows dequantized by the C kernel (llama.cpp's K-shift of a quantized cache
+    casts to f32, ropes and copies back: llama-kv-cache.cpp build_rope_shift)."""
+    if kind != "q8_0":
+        return rows.float()
+    from .. import _C
+
+    rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], rows.shape[1] // 34 * 32, dtype=torch.float32)
+    _C.dequantize(8, rows.data_ptr(), out.numel(), out.data_ptr())
+    return out
+
+
+def _store_key_rows(dst: torch.Tensor, keys: torch.Tensor, kind: str) -> None:
+    """Write f32 keys into K cache rows of `kind` (q8_0: quantized as the decoder's cache writes)."""
+    if kind != "q8_0":
+        dst.copy_(keys.to(dst.dtype))
+        return
+    from .. import _C
+
+    keys = keys.float().contiguous()
+    out = torch.empty_like(dst)
+    _C.quantize_q8_0(keys.data_ptr(), keys.numel(), out.data_ptr())
+    dst.copy_(out)
+
+
+def torch_cache_types(cache_types, what: str) -> tuple[str, str]:
+    """The K/V types a torch-model runner can hold (its attention reads f32/f16 tensors), else a one-line error."""
+    cache_types = tuple(cache_types or ("f16", "f16"))
+    if "q8_0" in cache_types:
+        raise PowerInferError(f"-ctk/-ctv q8_0: {what} keeps its KV cache as torch tensors (f32 or f16); q8_0 runs on "
+                              "the C decoder (the CPU without --vram-budget)")
+    return cache_types
+
+
 def _check_logits(logits: torch.Tensor, pos: int, n: int, allow: bool) -> None:
     """NaN or infinite logits (corrupt or overflowing weights) are a one-line error naming the position, or, when
     allowed, made samplable in place: NaN -> -inf, +inf -> the largest float, a row with nothing finite -> zeros."""
@@ -175,11 +213,13 @@ def _check_logits(logits: torch.Tensor, pos: int, n: int, allow: bool) -> None:
 
 
 def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: str = "cpu",
-                compute: str = "auto", placement=None, solve=None, log=None) -> Runner:
+                compute: str = "auto", placement=None, solve=None, log=None,
+                cache_types: tuple[str, str] = ("f16", "f16")) -> Runner:
     """compute: "c" (the compiled CPU decoder), "torch" (the reference model on `device`), or "auto" (C on the
     CPU, torch on any other device). `placement` (settings.PlacementSettings): with a fast tier (CUDA, or
     --hot-device), a HybridRunner over the tiers runtime/placement.py plans (`solve` finds hot neurons when no
-    index is cached); without one, or when its budget cannot hold the dense parts, the CPU runner."""
+    index is cached); without one, or when its budget cannot hold the dense parts, the CPU runner. `cache_types`:
+    the KV cache's K and V types (-ctk/-ctv); the torch model (and so the fast tier) takes f32 and f16 only."""
     c = loaded.config
     # the disk tier's and the hybrid FFN's norms are RMSNorm on the post-attention residual, without biases
     llama_block = c.norm == "rms" and not c.parallel_residual and c.positions == "rope" and not c.post_norms
@@ -196,7 +236,7 @@ def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: 
         # the gate stays resident unless predictors decide activity (a guess the runner corrects in set_sparse)
         preds = getattr(placement, "predictors", None) or any(n.endswith(".fc1.weight") for n in loaded.extra_tensors)
         return DiskRunner(loaded, n_ctx, n_threads, n_batch, placement.ram_budget, solve=solve, log=log or sys.stderr,
-                          gate_resident=not preds)
+                          gate_resident=not preds, cache_types=cache_types)
     if placement is not None:
         import sys
 
@@ -208,15 +248,15 @@ def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: 
                 raise unplaceable
             from .hybrid_runner import HybridRunner
 
-            return HybridRunner(loaded, n_ctx, n_threads, n_batch, plan)
+            return HybridRunner(loaded, n_ctx, n_threads, n_batch, plan, cache_types=cache_types)
     if compute == "auto":
         compute = "c" if torch.device(device).type == "cpu" else "torch"
     if compute == "c":
         from .c_runner import CRunner
 
-        return CRunner(loaded, n_ctx, n_threads, n_batch)
+        return CRunner(loaded, n_ctx, n_threads, n_batch, cache_types=cache_types)
     if compute == "torch":
         from .torch_runner import TorchRunner
 
-        return TorchRunner(loaded, n_ctx, n_threads, n_batch, device)
+        return TorchRunner(loaded, n_ctx, n_threads, n_batch, device, cache_types=cache_types)
     raise PowerInferError(f"unknown compute {compute!r} (c | torch | auto)")

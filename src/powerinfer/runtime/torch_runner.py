@@ -10,19 +10,21 @@ from ..formats.loader import LoadedModel
 from ..model.kvcache import KVCache
 from ..model.llama import Transformer
 from ..sparse.ffn import ffn_factory
-from .runner import CachedSequence
+from .runner import CachedSequence, torch_cache_types
 
 
 class TorchRunner(CachedSequence):
     compute = "torch"
 
     def __init__(self, loaded: LoadedModel, n_ctx: int, n_threads: int, n_batch: int = 512, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, cache_types: tuple[str, str] | None = None):
         cfg = loaded.config
         super().__init__(cfg, n_ctx, n_threads, n_batch)
         self.device, self.dtype = torch.device(device), dtype
         self.weights = loaded.weights
-        self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim, device=self.device)
+        self.cache_types = torch_cache_types(cache_types, "the torch model")
+        self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim, device=self.device,
+                                   type_k=self.cache_types[0], type_v=self.cache_types[1])
         self.model = self._build(None)
 
     def _build(self, spec: SparseSpec | None) -> Transformer:
