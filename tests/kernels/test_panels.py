@@ -46,7 +46,8 @@ def _check_axpy(p, idx, h, c0=0, c1=None, y0=None, n_threads=1):
     err = (y[c0:c1].double() - y0[c0:c1].double() - ref).abs()
     panel = idx.long() // 32
     groups = 1 + int((panel[1:] != panel[:-1]).sum())  # runs of one panel in the list: one y term each
-    assert (err <= (groups + 34) * 2.0 ** -24 * _magnitudes(p, idx, h)[c0:c1]).all()
+    bound = (groups + 34) * 2.0 ** -24 * (_magnitudes(p, idx, h)[c0:c1] + y0[c0:c1].double().abs())  # y0: added to
+    assert (err <= bound).all()
 
 
 def _magnitudes(p, idx, h) -> torch.Tensor:
