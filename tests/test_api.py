@@ -106,3 +106,20 @@ def test_trailing_assistant_message_is_a_prefill(tiny):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Well,"}]
     assert tiny.chat_prompt(msgs).endswith("<|im_start|>assistant\nWell,")
     assert tiny.chat_prompt(msgs[:1]).endswith("<|im_start|>assistant\n")
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+@pytest.mark.parametrize("template_bos", [False, True])
+def test_chat_prompt_has_one_bos_exactly_when_the_vocabulary_asks(tiny_gguf, add_bos, template_bos):
+    """llama.cpp's chat: the template's own leading BOS is taken off and the tokenizer adds the model's BOS when
+    tokenizer.ggml.add_bos_token says so; a template BOS in a model without add_bos stays (nothing doubles)."""
+    template = ("{{ bos_token }}" if template_bos else "") + CHATML
+    llm = powerinfer.load(tiny_gguf(**TINY, add_bos=add_bos, chat_template=template).path, n_ctx=64, n_threads=1)
+    bos = llm.tokenizer.bos_id
+    ids = llm.chat_ids([{"role": "user", "content": "hi"}])
+    body = llm.tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_bos=False)
+    assert ids == ([bos] if add_bos or template_bos else []) + body

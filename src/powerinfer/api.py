@@ -83,9 +83,18 @@ class LLM:
                            bos_token=_piece(tok, tok.bos_id), eos_token=_piece(tok, tok.eos_id)) + prefill
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        """Token ids of the rendered chat prompt. The template already writes any BOS it wants; adding another
-        would double it."""
-        return self.tokenizer.encode(self.chat_prompt(messages), add_bos=False, parse_special=True)
+        """Token ids of the rendered chat prompt (chat_text_ids)."""
+        return self.chat_text_ids(self.chat_prompt(messages))
+
+    def chat_text_ids(self, text: str) -> list[int]:
+        """Token ids of a whole rendered chat prompt, with a BOS exactly when the vocabulary asks for one
+        (tokenizer.ggml.add_bos_token), as llama.cpp's chat does: a BOS the template writes itself is taken off
+        first (so it is never doubled), and a template that writes none still gets the model's BOS."""
+        tok = self.tokenizer
+        if not tok.add_bos or tok.bos_id is None:
+            return tok.encode(text, add_bos=False, parse_special=True)
+        bos = _piece(tok, tok.bos_id)  # the text chat_prompt gives the template as bos_token
+        return tok.encode(text[len(bos):] if bos and text.startswith(bos) else text, add_bos=True, parse_special=True)
 
     def stream_chat(self, messages: list[dict], **kw) -> Iterator[Response]:
         return self.stream(self.chat_ids(messages), **kw)

@@ -316,7 +316,7 @@ def run_conversation(session: Session, first_message: str | None, system: str | 
         if fed is not None and session.ids and prompt.startswith(fed):
             session.ids += session.tokenize(prompt[len(fed):], parse_special=True)
         else:  # first turn, /regen, or a template that rewrites earlier turns: the whole prompt again
-            session.ids = session.tokenize(prompt, parse_special=True)
+            session.ids = llm.chat_text_ids(prompt)
         if first:  # --keep -1: the whole first prompt (system message and first turn) survives shifts
             session.set_keep(len(session.ids))
             first = False
