@@ -154,8 +154,9 @@ def _kv_bytes_per_step(runner, test: Test) -> int:
     positions test.depth .. test.depth + n - 1 (rows: depth + (n + 1) / 2 on average)."""
     cfg = runner.config
     kv = getattr(runner, "kv", None)
-    row = kv.k[0].shape[1] * kv.k[0].element_size() if kv is not None else cfg.n_head_kv * cfg.head_dim * 2
-    return int(cfg.n_layer * 2 * row * (test.depth + (test.n + 1) / 2))
+    # a K row and a V row, each in its own type (-ctk/-ctv: q8_0 rows are uint8 blocks)
+    rows = kv.k[0][0].nbytes + kv.v[0][0].nbytes if kv is not None else 2 * cfg.n_head_kv * cfg.head_dim * 2
+    return int(cfg.n_layer * rows * (test.depth + (test.n + 1) / 2))
 
 
 def _profile_phases(runner, test: Test, ids: list[int]) -> dict | None:

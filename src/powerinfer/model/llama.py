@@ -7,7 +7,8 @@ query_pre_attn_scalar^-0.5, attention and final logits soft-capped (c*tanh(s/c))
 own RoPE base (gemma3).
 
 This is the reference path (and the prefill / GPU path): weights are dequantized once to `dtype`, the FFN
-is injected as a factory (model/ffn.py's DenseFFN by default), the KV cache is the shared f16 KVCache. No I/O, no sampling.
+is injected as a factory (model/ffn.py's DenseFFN by default), the KV cache is the shared KVCache (f16 or f32
+here). No I/O, no sampling.
   x = embed[tokens]
   per layer: h = x + o_proj(attention(rope(q), rope(k), v))   on input_layernorm(x), causal over the cache
              x = h + ffn(post_attention_layernorm(h))
