@@ -312,6 +312,14 @@ def test_a_dense_gate_is_refused_without_predictors(tiny_gguf):
         r.set_sparse(spec)
 
 
+def test_eval_before_the_sparse_rule_is_an_error_not_a_crash(tiny_gguf):
+    """The FFN is placed when set_sparse runs; an eval before it read unset layers (a segfault)."""
+    loaded = _model(tiny_gguf)
+    r = make_runner(loaded, N_CTX, 2, placement=PlacementSettings(ram_budget=1.0))
+    with pytest.raises(PowerInferError, match="call set_sparse"):
+        r.eval([1, 2, 3])
+
+
 def test_run_with_a_ram_budget_prints_the_disk_tier_and_the_same_text(capsys, tiny_gguf):
     from powerinfer.cli import main
 

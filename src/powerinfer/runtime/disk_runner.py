@@ -145,6 +145,9 @@ class DiskRunner(CRunner):
 
     # -- forward: one decode step per token ------------------------------------------------------------------
     def _forward(self, ids, all_logits):
+        if self.plan is None:  # no FFN is bound until the placement exists: the decoder would read unset layers
+            raise PowerInferError("--ram-budget places the FFN when the sparse rule is set: call set_sparse(spec) "
+                                  "before eval (powerinfer.load and the commands do)")
         self._last_step = len(ids) == 1 and not all_logits
         out = torch.empty(len(ids), self.config.n_vocab, dtype=torch.float32) if all_logits else None
         for i, tok in enumerate(ids):
