@@ -1,9 +1,5 @@
 """benchmarks/make_synthetic.py: the written file loads, tokenizes with the copied vocabulary, runs in the
 engine, and its ReLU FFNs are as sparse as asked, measured independently with the torch reference model."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,18 +9,6 @@ from powerinfer.formats.tokenizer import Tokenizer
 from powerinfer.model.llama import Transformer
 from powerinfer.sparse.ffn import make_ffn
 from powerinfer.textdata import pydoc_topics
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "make_synthetic.py"
-
-
-@pytest.fixture(scope="module")
-def make_synthetic():
-    spec = importlib.util.spec_from_file_location("make_synthetic", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod.main
-
 
 TINY = ["--shape", "custom", "--d-model", "128", "--n-ff", "512", "--n-layer", "3", "--n-head", "4",
         "--n-head-kv", "2", "--vocab", "1024"]

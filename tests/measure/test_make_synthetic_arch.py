@@ -1,10 +1,6 @@
 """benchmarks/make_synthetic.py --arch qwen3 / falcon: the files carry the family's tensors and keys as gguf-py's
 tables (llama.cpp's own) name them, this project reads them as that family, and, where llama-cpp-python is installed,
 llama.cpp loads them and computes the same logits as the C decoder."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import gguf
 import numpy as np
 import pytest
@@ -18,19 +14,9 @@ from powerinfer.model.llama import Transformer
 from powerinfer.sparse.ffn import make_ffn
 from powerinfer.textdata import pydoc_topics
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "make_synthetic.py"
 TINY = ["--shape", "custom", "--d-model", "128", "--n-ff", "512", "--n-layer", "2", "--n-head", "4",
         "--n-head-kv", "2", "--vocab", "1024", "--verify-tokens", "0"]
 TEXT = "The quick brown fox jumps over the lazy dog, again and again."
-
-
-@pytest.fixture(scope="module")
-def make_synthetic():
-    spec = importlib.util.spec_from_file_location("make_synthetic", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod.main
 
 
 @pytest.fixture(scope="module")

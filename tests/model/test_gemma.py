@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.gemma import SPM_N_VOCAB, WINDOW, gemma_model, save, write_llama_cpp_gemma
-from fixtures.hf_families import TOKENS, c_logits, greedy, hf_logits, rel
+from fixtures.gemma import SPM_N_VOCAB, WINDOW, gemma_model, write_llama_cpp_gemma
+from fixtures.hf_families import TOKENS, c_logits, greedy, hf_logits, rel, save
 from fixtures.tiny import stepwise_logits
 from powerinfer.core.sparse_spec import SparseSpec
 from powerinfer.formats.loader import load_model
