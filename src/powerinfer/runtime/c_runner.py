@@ -22,10 +22,10 @@ class CRunner(CachedSequence):
     device = torch.device("cpu")
 
     def __init__(self, loaded: LoadedModel, n_ctx: int, n_threads: int, n_batch: int = 512,
-                 pack_ffn: int = kernels.PACK_ALL, before_layer=None, cache_types: tuple[str, str] | None = None):
+                 pack_ffn: int = kernels.PACK_ALL, cache_types: tuple[str, str] | None = None):
         cfg = loaded.config
         super().__init__(cfg, n_ctx, n_threads, n_batch)
-        self.weights, self._loaded = loaded.weights, loaded
+        self.weights, self.loaded = loaded.weights, loaded
         if cache_types is not None:  # -ctk/-ctv (a subclass may have set self.cache_types before)
             self.cache_types = tuple(cache_types)
         self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim, type_k=self.cache_types[0],
@@ -37,9 +37,8 @@ class CRunner(CachedSequence):
         # layer's file pages are given back once the next layer is bound, and all of them after the head (7B Q4_0
         # at -c 4096: peak RSS 7.7 GB -> 4.3 GB at load). What is still read in place (embedding rows, F16/F32
         # matrices) faults back in from the page cache when used.
-        release = before_layer or (lambda i: release_file_pages(loaded))
         self.decoder = kernels.bind_decoder(cfg, loaded.weights, self.kv, self.rope_cos, self.rope_sin, n_threads,
-                                            pack_ffn, release, rope_local=self.rope_local)
+                                            pack_ffn, lambda i: release_file_pages(loaded), rope_local=self.rope_local)
         release_file_pages(loaded)
         self._x = torch.empty(self.n_batch, cfg.d_model, dtype=torch.float32)
         self._embed_base = kernels.address(loaded.weights.embed_tokens.data)
@@ -60,7 +59,7 @@ class CRunner(CachedSequence):
                 self._sparse = kernels.SparseFFN(self.decoder, self.config, self.weights,
                                                  use_panels=_memory_is_tight(self.weights))
             self._sparse.on(spec)
-            release_file_pages(self._loaded)  # the pages the neuron-major copies were made from
+            release_file_pages(self.loaded)  # the pages the neuron-major copies were made from
         elif self._sparse is not None:
             self._sparse.off()
         self.spec = spec

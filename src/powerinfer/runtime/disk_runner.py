@@ -51,7 +51,7 @@ class DiskRunner(CRunner):
         pack = kernels.PACK_GATE if gate_resident else 0
         # the packed copies are the resident ones (CRunner gives each layer's file pages back once it is packed)
         super().__init__(loaded, n_ctx, n_threads, n_batch, pack_ffn=pack)
-        self.loaded, self.ram_budget, self.solve, self.log = loaded, ram_budget, solve, log
+        self.ram_budget, self.solve, self.log = ram_budget, solve, log
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / model_fingerprint(loaded)
         self.plan: RamPlan | None = None
         self.bundles: Path | None = None
