@@ -2,10 +2,10 @@
 KV cache and RoPE tables. The enums here name what the C decoder's integer codes mean (csrc/decoder.h)."""
 from __future__ import annotations
 
-import torch
+from gguf import GGMLQuantizationType
 
 from .. import _C
-from ..core.tensor import QTensor
+from ..core.tensor import QTensor, row_bytes
 from ..errors import ModelFormatError, PowerInferError
 from .ops import _f32_vec, _weight, address
 
@@ -16,11 +16,6 @@ FFN_KINDS = {"glu": 0, "dglu": 1, "mlp": 2}
 NORM_KINDS = {"rms": 0, "layer": 1}
 # FFN matrices a decoder packs in RAM (csrc/decoder.h PI_PACK_*): all of them, or what the disk tier keeps resident
 PACK_GATE, PACK_UP, PACK_DOWN, PACK_ALL = 1, 2, 4, 7
-
-
-# KV cache type (model/kvcache.py) -> (storage dtype, row width) of a row of kv_dim values; q8_0: 34-byte blocks
-_KV_STORAGE = {"f32": lambda n: (torch.float32, n), "f16": lambda n: (torch.float16, n),
-               "q8_0": lambda n: (torch.uint8, n // 32 * 34)}
 
 
 class _Holder:
@@ -88,23 +83,24 @@ def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1,
             raise ValueError(f"rope tables must be [n_ctx={kv.n_ctx}, rope_dim/2={half}], got {tuple(t.shape)}")
     dec.set_rope(h.hold(cos), h.hold(sin))
     _set_scales(dec, h, c, kv.n_ctx, rope_local)
-    kv_types = getattr(kv, "type_k", "f16"), getattr(kv, "type_v", "f16")
+    kv_types = kv.type_k, kv.type_v
     for flag, name in zip(("-ctk", "-ctv"), kv_types):
         if name == "q8_0" and c.head_dim % 32:  # a block must not straddle two heads (csrc/attn.h)
             raise PowerInferError(f"{flag} q8_0: its 32-value blocks need a head_dim that is a multiple of 32; this "
                                   f"model's is {c.head_dim} (use f16 or f32)")
     if kv_types != ("f16", "f16"):
         dec.set_kv_types(*kv.ggml_types)
-    widths = [_KV_STORAGE[t](kv_dim) for t in kv_types]
+    # bytes of a cache row in each type (the cache's own GGML types: f32, f16, q8_0 blocks)
+    row_sizes = [row_bytes(GGMLQuantizationType(t), kv_dim) for t in kv.ggml_types]
     if len(weights.layers) != c.n_layer or len(kv.k) != c.n_layer:
         raise ValueError("config.n_layer does not match the weights / KV cache")
     for i, L in enumerate(weights.layers):
         if before_layer is not None:
             before_layer(i)
         k, v = kv.k[i], kv.v[i]
-        for t, (dtype, width), name in zip((k, v), widths, kv_types):
-            if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" or \
-                    tuple(t.shape) != (kv.n_ctx, width):
+        for t, size, name in zip((k, v), row_sizes, kv_types):
+            if not t.is_contiguous() or t.device.type != "cpu" or t.dim() != 2 or t.shape[0] != kv.n_ctx or \
+                    t.shape[1] * t.element_size() != size:
                 raise ValueError(f"KV cache of layer {i} must be contiguous CPU {name} rows [{kv.n_ctx}, {kv_dim} "
                                  f"values]")
         dec.set_kv(i, h.hold(k), h.hold(v))
