@@ -145,7 +145,7 @@ class Ours:
 
     def all_logits(self, ids):
         self.runner.truncate(0)
-        return self.runner.eval(ids, all_logits=True).double().numpy()
+        return self.runner.eval(ids, all_logits=True).astype(np.float64)
 
 
 def time_engine(engine, prompt, n_gen):

@@ -12,8 +12,8 @@ Medians over the repetitions, and powerinfer / llama.cpp ratios from this run; o
 the spread is large, so compare only numbers from one invocation.
 
 --stages also prints where the time of one `run` goes (child process; milliseconds since the process started):
-imports (numpy, gguf, torch, the CLI), model load, tokenizer, runner (decoder binding and weight packing),
-prefill and the first sampled token.
+imports (numpy, gguf, the CLI), model load, tokenizer, runner (decoder binding and weight packing), prefill and
+the first sampled token, and whether torch was imported on the way (the C decoder's path does not need it).
 """
 from __future__ import annotations
 
@@ -51,11 +51,9 @@ def mark(what):
     marks.append((what, time.perf_counter() - t0))
 import numpy; mark("import numpy")
 import gguf; mark("import gguf")
-import torch; mark("import torch")
 import powerinfer.cli; mark("import powerinfer.cli")
 from powerinfer.commands import load_model_noted
 from powerinfer.formats.loader import load_tokenizer
-from powerinfer.prepare.solve import solve_hot_sets
 from powerinfer.runtime.engine import sample_steps
 from powerinfer.runtime.runner import make_runner
 from powerinfer.runtime.sparsity import apply_sparsity
@@ -63,12 +61,13 @@ from powerinfer.settings import ModelSettings, SamplingParams
 s = ModelSettings(model=sys.argv[1] or None, n_threads=int(sys.argv[3]), n_ctx=int(sys.argv[2]))
 loaded = load_model_noted(s.model); mark("load model (GGUF header, tensors, finite check)")
 tok = load_tokenizer(loaded); mark("tokenizer")
-runner = make_runner(loaded, s.n_ctx, s.n_threads, s.n_batch, placement=s, solve=solve_hot_sets)
+runner = make_runner(loaded, s.n_ctx, s.n_threads, s.n_batch, placement=s)  # no GPU placement solved here
 mark("runner (decoder binding, weight packing)")
 apply_sparsity(runner, loaded, s.sparsity, s.sparse_method, s.predictors); mark("sparsity")
 ids = tok.encode(sys.argv[4]); mark("tokenize prompt")
 first, _ = next(sample_steps(runner, ids, SamplingParams(temp=0.0)))
 sys.stdout.write(tok.decode([first]) or "?"); sys.stdout.flush(); mark("prefill + first token printed")
+mark(f"(torch imported: {'yes' if 'torch' in sys.modules else 'no'})")
 prev = 0.0
 for what, t in marks:
     print(f"  {t * 1e3:7.0f} ms  (+{(t - prev) * 1e3:5.0f})  {what}", file=sys.stderr)

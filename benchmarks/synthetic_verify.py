@@ -84,7 +84,7 @@ def run_layers(path: Path, calib_ids: list[int] | None, eval_ids: list[int] | No
     streams = {}  # name -> [x, cache, cos, sin]
     for name, ids in (("calib", calib_ids if calibrate else None), ("eval", eval_ids)):
         if ids:
-            cos, sin = rope_tables(cfg, len(ids))
+            cos, sin = map(torch.from_numpy, rope_tables(cfg, len(ids)))
             streams[name] = [_embed_rows(loaded.weights.embed_tokens, ids),
                              KVCache.allocate(cfg.n_layer, len(ids), cfg.n_head_kv * cfg.head_dim), cos, sin]
     out = []
@@ -153,14 +153,12 @@ def torch_of(a: np.ndarray):
 
 def engine_smoke(path: Path, text: str) -> str:
     """The compiled decoder loads the file and computes finite logits for a few tokens of `text`."""
-    import torch
-
     import powerinfer
 
     llm = powerinfer.load(str(path), n_ctx=64, n_threads=1)
     ids = llm.tokenizer.encode(text)[:16]
     logits = llm.runner.eval(ids)
-    if not torch.isfinite(logits).all():
+    if not np.isfinite(logits).all():
         raise SystemExit("error: the engine produced non-finite logits for the synthetic model")
     return f"engine ({llm.runner.compute}) ran {len(ids)} tokens, logits finite"
 

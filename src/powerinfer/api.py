@@ -24,10 +24,22 @@ from .runtime import engine
 from .runtime.engine import Completion, Response
 from .runtime.runner import make_runner
 from .runtime.sparsity import apply_sparsity
-from .prepare.calibrate import calibrate_default
-from .prepare.solve import solve_hot_sets
 from .settings import ModelSettings, SamplingParams, field_names, split_settings
 
+
+
+# The offline pipeline's solver and calibration (prepare/, torch), handed to the runtime as callables: imported only
+# when a placement has no cached hot sets or a --sparsity has no cached thresholds, so a plain run never loads torch.
+def _solve_hot_sets(*args, **kwargs):
+    from .prepare.solve import solve_hot_sets
+
+    return solve_hot_sets(*args, **kwargs)
+
+
+def _calibrate_default(*args, **kwargs):
+    from .prepare.calibrate import calibrate_default
+
+    return calibrate_default(*args, **kwargs)
 
 class LLM:
     def __init__(self, loaded: LoadedModel, settings: ModelSettings, defaults: SamplingParams,
@@ -39,12 +51,12 @@ class LLM:
         self._lock = threading.Lock()  # held by the generation that owns the runner's KV cache
         self._owner: int | None = None  # its thread
         self.runner = make_runner(loaded, settings.n_ctx, settings.n_threads, settings.n_batch, placement=settings,
-                                  solve=solve_hot_sets, cache_types=(settings.cache_type_k, settings.cache_type_v))
+                                  solve=_solve_hot_sets, cache_types=(settings.cache_type_k, settings.cache_type_v))
         self.runner.allow_non_finite = settings.allow_non_finite  # else NaN/inf logits are an error
         self.sparsity = "dense FFN"
         if settings.sparsity != "off" or settings.predictors:
             self.sparsity = apply_sparsity(self.runner, loaded, settings.sparsity, settings.sparse_method,
-                                           settings.predictors, calibrate=calibrate_default)
+                                           settings.predictors, calibrate=_calibrate_default)
 
     @property
     def config(self):

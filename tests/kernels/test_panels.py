@@ -22,7 +22,7 @@ from test_kernels_sparse import random_weights
 from powerinfer import kernels
 from powerinfer.core.sparse_spec import SparseSpec
 from powerinfer.kernels import reference as R
-from powerinfer.kernels.ops import PanelTensor, panels
+from powerinfer.kernels.arrays import PanelTensor, panels
 
 SOURCES = (Q.Q4_0, Q.Q4_1, Q.Q8_0)
 

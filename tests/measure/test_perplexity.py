@@ -70,7 +70,7 @@ def test_ppl_matches_logits_of_whole_chunks(llm, tokens):
     for i in range(r.n_chunks):
         chunk = tokens[i * N_CTX:(i + 1) * N_CTX]
         runner.truncate(0)
-        logits = runner.eval(chunk, all_logits=True).double()
+        logits = torch.from_numpy(runner.eval(chunk, all_logits=True)).double()
         for j in range(N_CTX // 2 - 1, N_CTX - 1):
             nll.append(-(torch.log_softmax(logits[j], -1)[chunk[j + 1]]).item())
     assert len(nll) == r.n_tokens_scored

@@ -25,8 +25,8 @@ def qwen3(tiny_gguf):
 def _c_logits(loaded, tokens: torch.Tensor, n_prefill: int = 8) -> torch.Tensor:
     runner = make_runner(loaded, n_ctx=128, n_threads=2, compute="c")
     ids = tokens.tolist()
-    out = [runner.eval(ids[:n_prefill], all_logits=True).clone()]
-    out += [runner.eval([t]).clone()[None] for t in ids[n_prefill:]]
+    out = [torch.tensor(runner.eval(ids[:n_prefill], all_logits=True))]
+    out += [torch.tensor(runner.eval([t]))[None] for t in ids[n_prefill:]]
     return torch.cat(out)
 
 

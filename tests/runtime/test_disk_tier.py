@@ -67,13 +67,14 @@ def _ram(loaded, spec, threads=2):
 
 
 def _rel(a, b):
+    a, b = torch.as_tensor(a), torch.as_tensor(b)  # runners' logits are numpy
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def _greedy(r, n=24):
     # The prompt one step per token, as the disk tier runs it: the all-RAM batched prefill of a short prompt runs
     # the union of its tokens' active sets, which with inexact predictors computes neurons a step would not.
-    logits, toks = r.eval([1, 2, 3], all_logits=True)[-1], []
+    logits, toks = torch.from_numpy(r.eval([1, 2, 3], all_logits=True))[-1], []
     for _ in range(n):
         toks.append(int(logits.argmax()))
         logits = r.eval([toks[-1]])
@@ -105,7 +106,7 @@ def test_exact_relu_from_disk_is_the_all_ram_run(tiny_gguf, ffn_kind, threads):
     disk = _disk(loaded, budget, spec, threads)
     assert sum(len(d) for d in disk.plan.disk) == cfg.n_layer * (cfg.n_ff - 32)  # 1/8 of the neurons resident
     ram = _ram(loaded, spec, threads)
-    a, b = disk.eval(IDS, all_logits=True), ram.eval(IDS, all_logits=True)
+    a, b = torch.from_numpy(disk.eval(IDS, all_logits=True)), torch.from_numpy(ram.eval(IDS, all_logits=True))
     assert _rel(a, b) < 1e-4
     assert torch.equal(a, b)  # same neurons summed in the same order: the same floats
     st = disk.disk_stats()
@@ -122,7 +123,7 @@ def test_bundles_padded_to_512_byte_blocks_compute_the_same(tiny_gguf, monkeypat
     spec = SparseSpec.uniform(loaded.config.n_layer, method="relu")
     disk = _disk(loaded, _budget(loaded, 32), spec)
     assert disk.plan.slot_bytes == 512 and all(lay.bundle_bytes == 512 for lay in disk.plan.layouts)
-    assert torch.equal(disk.eval(IDS, all_logits=True), _ram(loaded, spec).eval(IDS, all_logits=True))
+    assert torch.equal(torch.from_numpy(disk.eval(IDS, all_logits=True)), torch.from_numpy(_ram(loaded, spec).eval(IDS, all_logits=True)))
     assert disk.disk_stats()["bytes_per_token"] % 512 == 0
 
 
@@ -152,8 +153,8 @@ def test_a_budget_below_the_ffn_size_is_the_all_ram_run(wide_model, rule):
     assert budget * GIB < ffn_bytes
     disk = _disk(loaded, budget, spec)
     assert disk.plan.used <= budget * GIB
-    a, b = disk.eval(IDS, all_logits=True), _ram(loaded, spec).eval(IDS, all_logits=True)
-    assert _rel(a, b) < 1e-4 and torch.equal(a.argmax(-1), b.argmax(-1))
+    a, b = torch.from_numpy(disk.eval(IDS, all_logits=True)), torch.from_numpy(_ram(loaded, spec).eval(IDS, all_logits=True))
+    assert _rel(a, b) < 1e-4 and np.array_equal(np.asarray(a).argmax(-1), np.asarray(b).argmax(-1))
     assert disk.disk_stats()["cache_misses"] > 0
     assert _greedy(_disk(loaded, budget, spec), 16) == _greedy(_ram(loaded, spec), 16)
 
@@ -168,8 +169,8 @@ def test_predictors_from_disk_are_the_all_ram_run(tiny_gguf, which):
     assert not disk.plan.gate_resident and "gate" not in disk.plan.dense  # gate rows live in the bundles
     assert disk.decoder.packed_bytes < _disk_free_packed(loaded)
     ram = _ram(loaded, spec)
-    a, b = disk.eval(IDS, all_logits=True), ram.eval(IDS, all_logits=True)
-    assert _rel(a, b) < 1e-4 and torch.equal(a.argmax(-1), b.argmax(-1))
+    a, b = torch.from_numpy(disk.eval(IDS, all_logits=True)), torch.from_numpy(ram.eval(IDS, all_logits=True))
+    assert _rel(a, b) < 1e-4 and np.array_equal(np.asarray(a).argmax(-1), np.asarray(b).argmax(-1))
     assert _greedy(_disk(loaded, budget, spec)) == _greedy(_ram(loaded, spec))
 
 
@@ -227,12 +228,12 @@ def test_a_layer_firing_more_than_the_cache_reads_the_rest_into_overflow(tiny_gg
     monkeypatch.setattr(disk_placement, "MIN_CACHE_SLOTS", 64)
     r = _disk(loaded, _budget(loaded, 0, False, spec.predictors), spec)
     assert r.plan.cache_slots == 64 and not any(len(x) for x in r.plan.resident)
-    a = r.eval(IDS, all_logits=True)
+    a = torch.from_numpy(r.eval(IDS, all_logits=True))
     st = r.decoder.disk_stats()
     # per layer and token: 64 neurons take the cache's slots (evicting the previous layer's), 192 overflow
     n = len(IDS) * cfg.n_layer
     assert (st["hits"], st["misses"], st["overflow"]) == (0, n * cfg.n_ff, n * (cfg.n_ff - 64))
-    assert torch.equal(a, _ram(loaded, spec).eval(IDS, all_logits=True))
+    assert torch.equal(a, torch.from_numpy(_ram(loaded, spec).eval(IDS, all_logits=True)))
 
 
 def test_budget_below_the_resident_parts_is_one_line(tiny_gguf):
@@ -279,7 +280,7 @@ def test_a_new_budget_rewrites_the_cached_bundles(tiny_gguf, capfd):
     r2 = _disk(loaded, _budget(loaded, 64), spec)
     assert r2.bundles == r1.bundles and r2.bundles.stat().st_size < size1
     assert "neuron bundles of another placement" in capfd.readouterr().err
-    assert torch.equal(r2.eval(IDS, all_logits=True), _ram(loaded, spec).eval(IDS, all_logits=True))
+    assert torch.equal(torch.from_numpy(r2.eval(IDS, all_logits=True)), torch.from_numpy(_ram(loaded, spec).eval(IDS, all_logits=True)))
 
 
 def test_a_truncated_bundle_file_is_one_line(tiny_gguf):

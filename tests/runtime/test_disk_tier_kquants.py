@@ -42,6 +42,6 @@ def test_exact_relu_from_disk_is_the_all_ram_run_on_q4_k(tiny_gguf):
     disk.set_sparse(spec)
     ram = make_runner(loaded, N_CTX, 2)
     ram.set_sparse(spec)
-    a, b = disk.eval(IDS, all_logits=True), ram.eval(IDS, all_logits=True)
+    a, b = torch.from_numpy(disk.eval(IDS, all_logits=True)), torch.from_numpy(ram.eval(IDS, all_logits=True))
     assert sum(len(d) for d in disk.plan.disk) > 0 and disk.disk_stats()["cache_misses"] > 0
     assert torch.equal(a, b)  # same neurons summed in the same order: the same floats

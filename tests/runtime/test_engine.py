@@ -22,11 +22,11 @@ def test_c_runner_matches_torch_runner(tiny_llama_gguf, qtype, activation):
     c = make_runner(loaded, n_ctx=64, n_threads=2, n_batch=4, compute="c")
     ref = make_runner(loaded, n_ctx=64, n_threads=1, compute="torch")
     for t in c.kv.k + c.kv.v + ref.kv.k + ref.kv.v:  # the cache starts uninitialized: rows past the last
-        t.fill_(float("nan"))                        # written position must never be read
+        t[:] = float("nan")                          # written position must never be read
     ids = [3, 17, 42, 5, 8, 60, 1, 33, 90, 12]
     # prefill 7 tokens (two chunks of n_batch=4 and 3), then 3 single steps
-    got = [c.eval(ids[:7]).clone()] + [c.eval([t]).clone() for t in ids[7:]]
-    want = [ref.eval(ids[:7])] + [ref.eval([t]) for t in ids[7:]]
+    got = [torch.tensor(c.eval(ids[:7]))] + [torch.tensor(c.eval([t])) for t in ids[7:]]
+    want = [torch.tensor(ref.eval(ids[:7]))] + [torch.tensor(ref.eval([t])) for t in ids[7:]]
     for g, w in zip(got, want):
         # F32/F16 weights: the C side differs only in summation order (and x->f16 for F16 weights);
         # quantized weights: the C side quantizes activations to 8 bits as llama.cpp does.
@@ -39,9 +39,9 @@ def test_all_logits_equal_stepwise(tiny_llama_gguf):
     loaded = load_model(tiny_llama_gguf("Q8_0").path)
     r = make_runner(loaded, n_ctx=64, n_threads=2)
     ids = [5, 6, 7, 8, 9]
-    full = r.eval(ids, all_logits=True)
+    full = torch.from_numpy(r.eval(ids, all_logits=True))
     r.truncate(0)
-    steps = torch.stack([r.eval([t]).clone() for t in ids])
+    steps = torch.stack([torch.tensor(r.eval([t])) for t in ids])
     assert torch.allclose(full, steps, atol=1e-5)
 
 

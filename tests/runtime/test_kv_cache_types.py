@@ -3,6 +3,7 @@ reference.kv_store_ref quantizes them), prefill against step-by-step decode, the
 on an f32 cache, the K-shift of a q8_0 cache, the API and CLI settings and their one-line errors."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -31,9 +32,9 @@ def test_q8_0_rows_are_the_reference_quantization_of_the_f32_rows(tiny32):
     for r in (f32, q8):
         r.eval(IDS[:20])  # prefill
         r.eval(IDS[20:21])  # one decode step
-    assert q8.kv.k[0].dtype == torch.uint8 and q8.kv.k[0].shape == (64, 64 // 32 * 34)
+    assert q8.kv.k[0].dtype == np.uint8 and q8.kv.k[0].shape == (64, 64 // 32 * 34)
     for got, rows in ((q8.kv.k[0][:21], f32.kv.k[0][:21]), (q8.kv.v[0][:21], f32.kv.v[0][:21])):
-        assert torch.equal(got, R.kv_store_ref(rows, "q8_0"))
+        assert torch.equal(torch.from_numpy(got), R.kv_store_ref(torch.from_numpy(rows), "q8_0"))
 
 
 @pytest.mark.parametrize("types", [("f32", "f32"), ("q8_0", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0")],
@@ -43,8 +44,8 @@ def test_prefill_equals_decode_steps(tiny32, types):
     prefill against token-by-token decode steps."""
     a = make_runner(tiny32, 64, 2, cache_types=types)
     b = make_runner(tiny32, 64, 2, cache_types=types)
-    pre = a.eval(IDS, all_logits=True)
-    steps = torch.stack([b.eval([t]).clone() for t in IDS])
+    pre = torch.from_numpy(a.eval(IDS, all_logits=True))
+    steps = torch.stack([torch.tensor(b.eval([t])) for t in IDS])
     err = (pre - steps).abs().max().item()
     assert err <= 1e-4 * steps.abs().max().item(), err
 
@@ -52,10 +53,10 @@ def test_prefill_equals_decode_steps(tiny32, types):
 def test_c_decoder_on_an_f32_cache_matches_the_torch_model(tiny32):
     """Nothing in an f32/f32 cache is rounded (q as is, probabilities unrounded), like the torch model's f32
     attention: logits agree to f32 rounding; the default f16 cache is visibly further off (its roundings count)."""
-    ref = make_runner(tiny32, 64, 1, compute="torch", cache_types=("f32", "f32")).eval(IDS, all_logits=True)
+    ref = torch.from_numpy(make_runner(tiny32, 64, 1, compute="torch", cache_types=("f32", "f32")).eval(IDS, all_logits=True))
     scale = ref.abs().max().item()
-    got = make_runner(tiny32, 64, 2, cache_types=("f32", "f32")).eval(IDS, all_logits=True)
-    f16 = make_runner(tiny32, 64, 2).eval(IDS, all_logits=True)
+    got = torch.from_numpy(make_runner(tiny32, 64, 2, cache_types=("f32", "f32")).eval(IDS, all_logits=True))
+    f16 = torch.from_numpy(make_runner(tiny32, 64, 2).eval(IDS, all_logits=True))
     err32, err16 = ((x - ref).abs().max().item() / scale for x in (got, f16))
     assert err32 <= 2e-5 and err16 > 4 * err32, (err32, err16)
 
@@ -83,10 +84,10 @@ def test_k_shift_of_each_cache_type(bundled_model, types):
     fresh = make_runner(bundled_model, 128, 2, cache_types=types)
     fresh.eval(ids[:3] + ids[33:])
     n = fresh.n_past
-    ks, kf = (R.kv_values_ref(r.kv.k[0][:n], types[0]) for r in (shifted, fresh))
+    ks, kf = (R.kv_values_ref(torch.from_numpy(r.kv.k[0][:n]), types[0]) for r in (shifted, fresh))
     step = kf.abs().max().item() * (1 / 127 if types[0] == "q8_0" else 1e-6)
     assert (ks - kf).abs().max().item() <= step
-    assert torch.equal(shifted.kv.v[0][:n], fresh.kv.v[0][:n])
+    assert np.array_equal(shifted.kv.v[0][:n], fresh.kv.v[0][:n])
 
 
 def test_api_and_kv_bytes(bundled_model_path):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
 from powerinfer.cli import main
 from powerinfer.formats.loader import load_model
+from powerinfer.kernels.sparse_ffn import Kept
 from powerinfer.runtime import engine
 from powerinfer.core.sparse_spec import SparseSpec
 from powerinfer.runtime.runner import make_runner
@@ -22,10 +24,10 @@ def _greedy(runner, prompt, n):
     logits = runner.eval(prompt)
     toks, all_logits = [], []
     for _ in range(n):
-        tok = int(torch.argmax(logits))
+        tok = int(logits.argmax())
         toks.append(tok)
         logits = runner.eval([tok])
-        all_logits.append(logits.clone())
+        all_logits.append(torch.tensor(logits))
     return toks, torch.stack(all_logits)
 
 
@@ -58,8 +60,8 @@ def test_threshold_sparse_matches_torch_backend(tiny_gguf):
     for r in (c, t):
         r.set_sparse(th)
     ids = [1, 7, 3, 22, 9, 41, 5, 17, 2, 60]
-    lc, lt = c.eval(ids, all_logits=True), t.eval(ids, all_logits=True)
-    assert torch.equal(lc.argmax(-1), lt.argmax(-1))
+    lc, lt = torch.from_numpy(c.eval(ids, all_logits=True)), torch.from_numpy(t.eval(ids, all_logits=True))
+    assert np.array_equal(np.asarray(lc).argmax(-1), np.asarray(lt).argmax(-1))
     assert ((lc - lt).abs().max() / lt.abs().max()).item() < 1e-3
     assert 0.05 < c.ffn_sparsity() < 0.95
     stats = c.ffn_stats()
@@ -152,13 +154,13 @@ def test_c_predictor_path(tiny_gguf):
     dense, pred = make_runner(loaded, 64, 2), make_runner(loaded, 64, 2)
     pred.set_sparse(SparseSpec.uniform(cfg.n_layer, predictors=PredictorSet(fc1, fc2, 0.0)))
     ids = [1, 5, 9, 33, 7, 2, 11]
-    a, b = dense.eval(ids, all_logits=True), pred.eval(ids, all_logits=True)
+    a, b = torch.from_numpy(dense.eval(ids, all_logits=True)), torch.from_numpy(pred.eval(ids, all_logits=True))
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
     assert 0.2 < pred.ffn_sparsity() < 0.9
-    read = pred._ffn_kept.up_rows.sum().item() / (len(ids) * cfg.n_layer * cfg.n_ff)
+    read = Kept(*pred._ffn_kept).up_rows.sum() / (len(ids) * cfg.n_layer * cfg.n_ff)
     assert 0.1 < read < 0.8  # gate/up rows read only for the predicted neurons
     pred.set_sparse(SparseSpec.uniform(cfg.n_layer, predictors=PredictorSet(fc1, fc2, 1e9)))
-    c = pred.eval(ids, all_logits=True)
+    c = torch.from_numpy(pred.eval(ids, all_logits=True))
     assert pred.ffn_sparsity() == 1.0
     assert ((a - c).abs().max() / a.abs().max()).item() > 1e-2
 
@@ -177,9 +179,9 @@ def test_powerinfer_gguf_with_predictors_runs_sparse(tiny_gguf):
     lw = loaded.weights.layers[0]
     assert lw.down_t is not None and sparse._sparse._copy(0, "down") is lw.down_t
     ids = [1, 4, 8, 15, 16, 23, 42]
-    a = dense.eval(ids, all_logits=True)
-    b = sparse.eval(ids, all_logits=True)
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    a = torch.from_numpy(dense.eval(ids, all_logits=True))
+    b = torch.from_numpy(sparse.eval(ids, all_logits=True))
+    assert np.array_equal(np.asarray(a).argmax(-1), np.asarray(b).argmax(-1))
     # dense reads down_proj (the f16 transpose, exact) with f16-rounded h; sparse reads down_t with f32 h
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-2
     assert sparse.ffn_sparsity() > 0.2
@@ -198,10 +200,10 @@ def test_small_prompts_run_sparse_over_the_union(tiny_gguf, kw):
             batch, steps, dense = (make_runner(loaded, 64, n_threads) for _ in range(3))
             batch.set_sparse(th)
             steps.set_sparse(th)
-            lb = batch.eval(ids).clone()
+            lb = torch.tensor(batch.eval(ids))
             for t in ids:
-                ls = steps.eval([t]).clone()
-            ld = dense.eval(ids).clone()
+                ls = torch.tensor(steps.eval([t]))
+            ld = torch.tensor(dense.eval(ids))
             rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
             if len(ids) <= 8:
                 assert rel(lb, ls) < 1e-5

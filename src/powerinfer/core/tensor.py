@@ -64,6 +64,11 @@ class QTensor:
     def dequantize(self):
         """float32 torch tensor of `shape` (reference path: gguf-py's numpy dequantizers)."""
         import torch
+
+        return torch.from_numpy(self.dequantize_array())
+
+    def dequantize_array(self) -> np.ndarray:
+        """float32 C-contiguous numpy array of `shape` (gguf-py's numpy dequantizers)."""
         from gguf.quants import dequantize
 
         if self.qtype == GGMLQuantizationType.F32:
@@ -72,4 +77,4 @@ class QTensor:
             arr = np.asarray(self.data).view(np.float16).astype(np.float32)
         else:
             arr = dequantize(np.asarray(self.data).view(np.uint8), self.qtype).astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(arr.reshape(self.shape)))
+        return np.ascontiguousarray(arr.reshape(self.shape))

@@ -2,12 +2,13 @@
 KV cache and RoPE tables. The enums here name what the C decoder's integer codes mean (csrc/decoder.h)."""
 from __future__ import annotations
 
+import numpy as np
 from gguf import GGMLQuantizationType
 
 from .. import _C
 from ..core.tensor import QTensor, row_bytes
 from ..errors import ModelFormatError, PowerInferError
-from .ops import _f32_vec, _weight, address
+from .arrays import _f32_vec, _weight, address
 
 ROPE_STYLES = {"norm": 0, "neox": 1}
 # ModelConfig.activation names: "gelu" is the erf form (HF "gelu"), "gelu_tanh" the tanh one (ggml_gelu).
@@ -42,6 +43,16 @@ class _Holder:
         if v.reshape(-1).shape[0] != n:
             raise ValueError(f"{getattr(t, 'name', 'vector')}: expected {n} values")
         return self.hold(v)
+
+
+def _host_rows(t) -> np.ndarray | None:
+    """A KV cache array as numpy (a torch CPU tensor's shares its memory), or None where it is not in host memory."""
+    if isinstance(t, np.ndarray):
+        return t
+    try:
+        return t.numpy()
+    except (AttributeError, RuntimeError, TypeError):  # not an array, or a tensor on another device
+        return None
 
 
 def _check_supported(c) -> None:
@@ -97,12 +108,13 @@ def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1,
     for i, L in enumerate(weights.layers):
         if before_layer is not None:
             before_layer(i)
-        k, v = kv.k[i], kv.v[i]
+        k, v = (_host_rows(t) for t in (kv.k[i], kv.v[i]))
         for t, size, name in zip((k, v), row_sizes, kv_types):
-            if not t.is_contiguous() or t.device.type != "cpu" or t.dim() != 2 or t.shape[0] != kv.n_ctx or \
-                    t.shape[1] * t.element_size() != size:
+            if t is None or not t.flags.c_contiguous or t.ndim != 2 or t.shape[0] != kv.n_ctx or \
+                    t.shape[1] * t.itemsize != size:
                 raise ValueError(f"KV cache of layer {i} must be contiguous CPU {name} rows [{kv.n_ctx}, {kv_dim} "
                                  f"values]")
+        h.keep += [kv.k[i], kv.v[i]]
         dec.set_kv(i, h.hold(k), h.hold(v))
         dec.set_layer(i, h.vec(L.input_layernorm, c.d_model), h.mat(L.q_proj), h.mat(L.k_proj), h.mat(L.v_proj),
                       h.mat(L.o_proj), h.vec(L.post_attention_layernorm, c.d_model), h.mat(L.gate_proj),

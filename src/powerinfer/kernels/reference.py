@@ -216,7 +216,7 @@ def gather_ref(w: QTensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def axpy_ref(wt: QTensor, idx: torch.Tensor, h: torch.Tensor, c0: int = 0, c1: int | None = None) -> torch.Tensor:
     """Neuron-major axpy: sum_j h[j] * Wt[idx[j], c0:c1] in float64 (h is not quantized)."""
-    from .ops import PanelTensor
+    from .arrays import PanelTensor
 
     c1 = wt.cols if c1 is None else c1
     if isinstance(wt, PanelTensor):

@@ -1,35 +1,36 @@
 """`SparseFFN`: the neuron-sparse FFN of a bound `_C.Decoder` (which neurons and input channels a decode step
-reads, the neuron-major copies it reads them from, and the bytes that costs)."""
+reads, the neuron-major copies it reads them from, and the bytes that costs). numpy only, like the decoder's
+binding, so an exact-ReLU model decodes sparse without importing torch (#17)."""
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
+import numpy as np
 
 from .. import _C
 from ..core.sparse_spec import SparseSpec
 from ..core.tensor import QTensor, row_bytes
 from ..errors import PowerInferError
-from .ops import PANEL_SOURCES, _weight, panels, transposed, transposed_qtype
+from .arrays import PANEL_SOURCES, _weight, panels, transposed, transposed_qtype
 
 
 class Kept(NamedTuple):
-    """Per-layer counts of one decode step (int tensors [n_layer]); the C decoder writes them in this order."""
+    """Per-layer counts of one decode step (int arrays [n_layer]); the C decoder writes them in this order."""
 
-    neurons: torch.Tensor  # FFN neurons kept: down_t rows read
-    inputs: torch.Tensor  # FFN input channels kept (the x site)
-    up_rows: torch.Tensor  # up rows read (differs from neurons for dReLU and for predictors' candidates)
-    gate_rows: torch.Tensor  # gate rows read one by one (predictor or tier candidates; 0 when the gate ran dense)
+    neurons: np.ndarray  # FFN neurons kept: down_t rows read
+    inputs: np.ndarray  # FFN input channels kept (the x site)
+    up_rows: np.ndarray  # up rows read (differs from neurons for dReLU and for predictors' candidates)
+    gate_rows: np.ndarray  # gate rows read one by one (predictor or tier candidates; 0 when the gate ran dense)
 
 
 class RowBytes(NamedTuple):
-    """Per-layer byte sizes of the pieces a sparse FFN reads (int64 tensors [n_layer])."""
+    """Per-layer byte sizes of the pieces a sparse FFN reads (int64 arrays [n_layer])."""
 
-    dense_gate: torch.Tensor  # the whole gate matrix (read when the gate is the oracle)
-    input_column: torch.Tensor  # one input channel of the input-major gate and up copies (x site)
-    up_row: torch.Tensor
-    down_row: torch.Tensor  # one neuron of down_t
-    gate_row: torch.Tensor  # one gate row (predictors' candidates)
+    dense_gate: np.ndarray  # the whole gate matrix (read when the gate is the oracle)
+    input_column: np.ndarray  # one input channel of the input-major gate and up copies (x site)
+    up_row: np.ndarray
+    down_row: np.ndarray  # one neuron of down_t
+    gate_row: np.ndarray  # one gate row (predictors' candidates)
 
 
 class SparseFFN:
@@ -48,10 +49,10 @@ class SparseFFN:
         self._panels = use_panels
         self._copies: dict[tuple[int, str], QTensor] = {}
         self.spec: SparseSpec | None = None
-        self._pred_keep: list[torch.Tensor] = []  # the f16 predictor matrices the decoder reads
-        self._pred_bytes = torch.zeros(config.n_layer, dtype=torch.int64)
+        self._pred_keep: list[np.ndarray] = []  # the f16 predictor matrices the decoder reads
+        self._pred_bytes = np.zeros(config.n_layer, dtype=np.int64)
         self._row_bytes: RowBytes | None = None
-        self._kept = torch.zeros(len(Kept._fields), config.n_layer, dtype=torch.int32)
+        self._kept = np.zeros((len(Kept._fields), config.n_layer), dtype=np.int32)
 
     def _copy(self, il: int, role: str) -> QTensor:
         key = (il, role)
@@ -87,21 +88,21 @@ class SparseFFN:
         """Bind a PredictorSet's fc1/fc2 as f16 on every layer (None: no predictors)."""
         n = self.config.n_layer
         self._pred_keep = []
-        self._pred_bytes.zero_()
+        self._pred_bytes[:] = 0
         for il in range(n):
             if predictors is None:
                 self.dec.set_predictor(il, None, None, 1, 0.0)
                 continue
-            fc1, fc2 = (t.detach().to(torch.float16).contiguous() for t in (predictors.fc1[il], predictors.fc2[il]))
-            r = fc1.shape[0] if fc1.dim() == 2 else 0
+            fc1, fc2 = (_f16_matrix(t) for t in (predictors.fc1[il], predictors.fc2[il]))
+            r = fc1.shape[0] if fc1.ndim == 2 else 0
             if r < 1 or list(fc1.shape) != [r, self.config.d_model] or list(fc2.shape) != [self.config.n_ff, r]:
                 # The C decoder reads [r, d_model] and [n_ff, r] from these pointers on trust: never hand it less.
                 raise PowerInferError(f"predictor layer {il}: fc1 {list(fc1.shape)} / fc2 {list(fc2.shape)} do not "
                                       f"fit this model (expected [r, {self.config.d_model}] / "
                                       f"[{self.config.n_ff}, r])")
             self._pred_keep += [fc1, fc2]
-            self._pred_bytes[il] = (fc1.numel() + fc2.numel()) * 2
-            self.dec.set_predictor(il, (fc1.data_ptr(), 1), (fc2.data_ptr(), 1), fc1.shape[0],
+            self._pred_bytes[il] = (fc1.size + fc2.size) * 2
+            self.dec.set_predictor(il, (fc1.ctypes.data, 1), (fc2.ctypes.data, 1), fc1.shape[0],
                                    float(predictors.threshold_of(il)))
 
     def off(self) -> None:
@@ -116,21 +117,22 @@ class SparseFFN:
 
     def kept(self) -> Kept:
         """Counts of the last decode step (views of a buffer the next call overwrites)."""
-        self.dec.kept(self._kept.data_ptr())
+        self.dec.kept(self._kept.ctypes.data)
         return Kept(*self._kept)
 
-    def bytes_per_layer(self, kept: Kept) -> torch.Tensor:
-        """FFN weight bytes each layer read in a step with these `kept` counts (int64 [n_layer])."""
+    def bytes_per_layer(self, kept: Kept) -> np.ndarray:
+        """FFN weight bytes each layer read in a step with these `kept` counts (int64 [n_layer]; mean counts are
+        truncated to whole rows)."""
         if self._row_bytes is None:
             per_layer = [self._layer_bytes(il) for il in range(self.config.n_layer)]
-            self._row_bytes = RowBytes(*torch.tensor(per_layer, dtype=torch.int64).t())
+            self._row_bytes = RowBytes(*np.array(per_layer, dtype=np.int64).T)
         rb = self._row_bytes
-        neurons, inputs, up_rows, gate_rows = (k.to(torch.int64) for k in kept)
+        neurons, inputs, up_rows, gate_rows = (np.asarray(k).astype(np.int64) for k in kept)
         if self.gathers:  # predictor or tier candidates: their gate rows, then up rows
             in_bytes = self._pred_bytes + gate_rows * rb.gate_row + up_rows * rb.up_row
         else:
-            x_on = torch.tensor([t > 0 for t in self.spec.site("x")] if self.spec else [False] * self.config.n_layer)
-            in_bytes = torch.where(x_on, inputs * rb.input_column, rb.dense_gate + up_rows * rb.up_row)
+            x_on = np.array([t > 0 for t in self.spec.site("x")] if self.spec else [False] * self.config.n_layer)
+            in_bytes = np.where(x_on, inputs * rb.input_column, rb.dense_gate + up_rows * rb.up_row)
         return in_bytes + neurons * rb.down_row
 
     def _layer_bytes(self, il: int) -> list[int]:
@@ -139,3 +141,10 @@ class SparseFFN:
         col = sum(row_bytes(transposed_qtype(t), n_ff) for t in (lw.gate_proj, lw.up_proj) if t is not None)
         gate_row = lw.gate_proj.row_bytes if lw.gate_proj is not None else 0
         return [gate, col, lw.up_proj.row_bytes, self._copy(il, "down").row_bytes, gate_row]
+
+
+def _f16_matrix(t) -> np.ndarray:
+    """A predictor matrix (a torch tensor or an array) as C-contiguous float16, what the decoder reads."""
+    if hasattr(t, "detach"):  # torch: rounded to f16 by torch, whatever its dtype (bf16 has no numpy twin)
+        return np.ascontiguousarray(t.detach().half().cpu().numpy())
+    return np.ascontiguousarray(t, dtype=np.float16)

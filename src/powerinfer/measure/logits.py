@@ -44,9 +44,10 @@ def ppl_with_error(nll: np.ndarray) -> tuple[float, float]:
     return ppl, err
 
 
-def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log softmax(logits)[target] per row, in float64 (logits [n, n_vocab] float32, targets [n])."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
+def target_nll(logits, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] per row, in float64 (logits [n, n_vocab] float32, numpy as runners return them
+    or a tensor; targets [n])."""
+    logp = torch.log_softmax(torch.as_tensor(logits).double(), dim=-1)
     return -logp.gather(1, targets.long().view(-1, 1)).squeeze(1)
 
 
@@ -68,9 +69,9 @@ class LogitsWriter:
         self.targets = np.zeros(n_rows, dtype=np.int32)
         self.n = 0
 
-    def add(self, logits: torch.Tensor, targets) -> None:
+    def add(self, logits: np.ndarray, targets) -> None:
         k = logits.shape[0]
-        self.rows[self.n:self.n + k] = logits.detach().float().cpu().numpy()
+        self.rows[self.n:self.n + k] = np.asarray(logits, dtype=np.float32)
         self.targets[self.n:self.n + k] = np.asarray(targets, dtype=np.int32)
         self.n += k
 

@@ -26,9 +26,26 @@ from torch import nn
 from ..core.config import ModelConfig
 from .ffn import DenseFFN, dense
 from .kvcache import KVCache
-from .rope import apply_rope, rope_tables
+from .rope import rope_tables
 from ..core.tensor import QTensor
 from ..core.weights import LayerWeights, ModelWeights
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate the first rope_dim features of each head (RoFormer; model/rope.py makes the tables, `rotate` there
+    is the numpy twin). x [T, H, head_dim]; cos/sin [T, rope_dim/2]."""
+    half = cos.shape[-1]
+    rot, rest = x[..., :2 * half], x[..., 2 * half:]
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    if style == "norm":  # adjacent pairs (x[2i], x[2i+1]), GGUF llama's permuted q/k
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    elif style == "neox":  # halves (x[i], x[i+half]), HF layout
+        a, b = rot[..., :half], rot[..., half:]
+        rot = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    else:
+        raise ValueError(f"unknown rope_style {style!r}")
+    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 
 class RMSNorm(nn.Module):
@@ -184,11 +201,12 @@ class Transformer(nn.Module):
         if end > cache.n_ctx:
             raise ValueError(f"positions up to {end} exceed the cache's {cache.n_ctx}")
         if self.rope_cos.shape[0] < end:
-            cos, sin = rope_tables(self.config, max(cache.n_ctx, end))
-            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+            dev = self.rope_cos.device
+            cos, sin = (torch.from_numpy(t).to(dev) for t in rope_tables(self.config, max(cache.n_ctx, end)))
+            self.rope_cos, self.rope_sin = cos, sin
             if self.local_rope is not None:
-                cos, sin = rope_tables(self.local_rope, max(cache.n_ctx, end))
-                self.rope_cos_local, self.rope_sin_local = cos.to(self.rope_cos.device), sin.to(self.rope_cos.device)
+                cos, sin = (torch.from_numpy(t).to(dev) for t in rope_tables(self.local_rope, max(cache.n_ctx, end)))
+                self.rope_cos_local, self.rope_sin_local = cos, sin
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
         local = (self.rope_cos_local[start_pos:end], self.rope_sin_local[start_pos:end]) if self.local_rope else None
         x = F.embedding(tokens, self.embed_tokens)

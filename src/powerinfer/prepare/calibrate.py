@@ -98,7 +98,7 @@ def calibrate(model: Transformer, chunks: list[list[int]], method: str, target: 
     device = model.embed_tokens.device
     # The runner's cache type (f16, model/kvcache.py), so calibration sees the activations inference will.
     cache = KVCache.allocate(cfg.n_layer, n_ctx, cfg.n_head_kv * cfg.head_dim, device=device)
-    cos, sin = (t.to(device) for t in rope_tables(cfg, n_ctx))
+    cos, sin = (torch.from_numpy(t).to(device) for t in rope_tables(cfg, n_ctx))
     values: dict[str, list[float]] = {site: [] for site in sites}
     shown = "/".join(f"{t:.2f}" for t in targets.values())
     bar = tqdm(total=cfg.n_layer, unit="layer", desc=f"calibrate {method} S={shown}", file=sys.stderr,

@@ -1,17 +1,24 @@
 """`CRunner`: the compiled CPU decoder (kernels/). One C call per decode step (`Decoder.step` runs every layer
 and the output head), one per prompt chunk (`Decoder.prefill`); weights and the KV cache are bound once
-(DESIGN decision 3: torch-eager glue costs 120-230 us per layer)."""
+(DESIGN decision 3: torch-eager glue costs 120-230 us per layer).
+
+Its buffers, KV cache and RoPE tables are numpy arrays and its logits numpy float32, so a process that decodes with
+it never imports torch (#17: torch's import took 0.9 s and 177 MiB of `powerinfer run`'s 1.5 s and 398 MiB on the
+bundled model), dense or sparse (predictors excepted: the trained ones are torch modules, sparse/predictor.py)."""
 from __future__ import annotations
 
-import torch
+import numpy as np
 from gguf import GGMLQuantizationType
 
-from .. import _C, kernels
+from .. import _C
 from ..core.sparse_spec import SparseSpec
 from ..core.tensor import row_bytes
 from ..errors import PowerInferError
 from ..formats.loader import LoadedModel
 from ..formats.pages import available_memory, release_file_pages
+from ..kernels.arrays import address
+from ..kernels.decoder import PACK_ALL, bind_decoder
+from ..kernels.sparse_ffn import Kept, SparseFFN
 from ..model.kvcache import KVCache
 from ..model.rope import rope_tables
 from .runner import CachedSequence
@@ -19,17 +26,17 @@ from .runner import CachedSequence
 
 class CRunner(CachedSequence):
     compute = "c"
-    device = torch.device("cpu")
+    device = "cpu"
 
     def __init__(self, loaded: LoadedModel, n_ctx: int, n_threads: int, n_batch: int = 512,
-                 pack_ffn: int = kernels.PACK_ALL, cache_types: tuple[str, str] | None = None):
+                 pack_ffn: int = PACK_ALL, cache_types: tuple[str, str] | None = None):
         cfg = loaded.config
         super().__init__(cfg, n_ctx, n_threads, n_batch)
         self.weights, self.loaded = loaded.weights, loaded
         if cache_types is not None:  # -ctk/-ctv (a subclass may have set self.cache_types before)
             self.cache_types = tuple(cache_types)
-        self.kv = KVCache.allocate(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim, type_k=self.cache_types[0],
-                                   type_v=self.cache_types[1])
+        self.kv = KVCache.allocate_arrays(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim,
+                                          type_k=self.cache_types[0], type_v=self.cache_types[1])
         self.rope_cos, self.rope_sin = rope_tables(cfg, self.n_ctx)
         local = cfg.local_rope()  # gemma3's local layers rotate with their own base
         self.rope_local = rope_tables(local, self.n_ctx) if local is not None else None
@@ -37,13 +44,13 @@ class CRunner(CachedSequence):
         # layer's file pages are given back once the next layer is bound, and all of them after the head (7B Q4_0
         # at -c 4096: peak RSS 7.7 GB -> 4.3 GB at load). What is still read in place (embedding rows, F16/F32
         # matrices) faults back in from the page cache when used.
-        self.decoder = kernels.bind_decoder(cfg, loaded.weights, self.kv, self.rope_cos, self.rope_sin, n_threads,
-                                            pack_ffn, lambda i: release_file_pages(loaded), rope_local=self.rope_local)
+        self.decoder = bind_decoder(cfg, loaded.weights, self.kv, self.rope_cos, self.rope_sin, n_threads, pack_ffn,
+                                    lambda i: release_file_pages(loaded), rope_local=self.rope_local)
         release_file_pages(loaded)
-        self._x = torch.empty(self.n_batch, cfg.d_model, dtype=torch.float32)
-        self._embed_base = kernels.address(loaded.weights.embed_tokens.data)
-        self._logits = torch.empty(cfg.n_vocab, dtype=torch.float32)
-        self._sparse: kernels.SparseFFN | None = None
+        self._x = np.empty((self.n_batch, cfg.d_model), dtype=np.float32)
+        self._embed_base = address(loaded.weights.embed_tokens.data)
+        self._logits = np.empty(cfg.n_vocab, dtype=np.float32)
+        self._sparse: SparseFFN | None = None
         self._last_step = False
         self.reset_ffn_stats()
 
@@ -56,7 +63,7 @@ class CRunner(CachedSequence):
         if spec is not None:
             spec.check(self.config.n_layer)
             if self._sparse is None:
-                self._sparse = kernels.SparseFFN(self.decoder, self.config, self.weights,
+                self._sparse = SparseFFN(self.decoder, self.config, self.weights,
                                                  use_panels=_memory_is_tight(self.weights))
             self._sparse.on(spec)
             release_file_pages(self.loaded)  # the pages the neuron-major copies were made from
@@ -67,14 +74,16 @@ class CRunner(CachedSequence):
 
     def reset_ffn_stats(self) -> None:
         self._ffn_steps = 0
-        self._ffn_kept = kernels.Kept(*torch.zeros(len(kernels.Kept._fields), self.config.n_layer,
-                                                   dtype=torch.int64))
+        self._ffn_kept = np.zeros((len(Kept._fields), self.config.n_layer), dtype=np.int64)  # Kept's totals
 
     def _record_ffn(self) -> None:
         if self._sparse is None or not self.sparse:
             return
-        for total, step in zip(self._ffn_kept, self._sparse.kept()):
-            total += step
+        self._add_kept(self._sparse.kept())
+
+    def _add_kept(self, step: Kept) -> None:
+        """Add one decode step's counts to the totals since reset_ffn_stats()."""
+        self._ffn_kept += np.asarray(step)
         self._ffn_steps += 1
 
     def ffn_sparsity(self) -> float:
@@ -82,7 +91,7 @@ class CRunner(CachedSequence):
         if not self._ffn_steps:
             return 0.0
         cfg = self.config
-        return 1.0 - self._ffn_kept.neurons.sum().item() / (self._ffn_steps * cfg.n_layer * cfg.n_ff)
+        return 1.0 - float(Kept(*self._ffn_kept).neurons.sum()) / (self._ffn_steps * cfg.n_layer * cfg.n_ff)
 
     def ffn_stats(self) -> dict | None:
         """Per-layer averages over the decode steps since reset_ffn_stats(): sparsity (neurons skipped), input
@@ -90,14 +99,14 @@ class CRunner(CachedSequence):
         if not self.sparse or not self._ffn_steps or self._sparse is None:
             return None
         cfg, n = self.config, self._ffn_steps
-        mean = kernels.Kept(*(k.double() / n for k in self._ffn_kept))
-        layer_bytes = self._sparse.bytes_per_layer(mean).double()
+        mean = Kept(*(self._ffn_kept / n))
+        layer_bytes = self._sparse.bytes_per_layer(mean)
         dense = sum(t.nbytes for lw in self.weights.layers for t in (lw.gate_proj, lw.up_proj, lw.down_proj)
                     if t is not None)
-        return {"steps": n, "sparsity": 1.0 - mean.neurons.sum().item() / (cfg.n_layer * cfg.n_ff),
+        return {"steps": n, "sparsity": 1.0 - float(mean.neurons.sum()) / (cfg.n_layer * cfg.n_ff),
                 "sparsity_per_layer": (1.0 - mean.neurons / cfg.n_ff).tolist(),
                 "input_sparsity_per_layer": (1.0 - mean.inputs / cfg.d_model).tolist(),
-                "ffn_bytes_per_token": layer_bytes.sum().item(), "ffn_dense_bytes": dense}
+                "ffn_bytes_per_token": float(layer_bytes.sum()), "ffn_dense_bytes": dense}
 
     def last_ffn_layers(self) -> list[int] | None:
         """Neurons each layer computed in the last sparse decode step (None when dense)."""
@@ -110,7 +119,7 @@ class CRunner(CachedSequence):
         if not self.sparse or self._sparse is None or not self._last_step:
             return None
         kept = self._sparse.kept()
-        return (1.0 - kept.neurons.sum().item() / (self.config.n_layer * self.config.n_ff),
+        return (1.0 - float(kept.neurons.sum()) / (self.config.n_layer * self.config.n_ff),
                 int(self._sparse.bytes_per_layer(kept).sum()))
 
     # -- forward ----------------------------------------------------------------------------------------
@@ -118,40 +127,40 @@ class CRunner(CachedSequence):
         self._last_step = len(ids) == 1 and not all_logits
         pos = self.n_past
         if all_logits and self.sparse:  # one decode step per token, so every position sees the sparse FFN
-            out = torch.empty(len(ids), self.config.n_vocab, dtype=torch.float32)
+            out = np.empty((len(ids), self.config.n_vocab), dtype=np.float32)
             for i, tok in enumerate(ids):
                 self._embed_into([tok])
-                self.decoder.step(self._x.data_ptr(), pos + i, out[i].data_ptr())
+                self.decoder.step(self._x.ctypes.data, pos + i, out[i].ctypes.data)
                 self._record_ffn()
             return out
         if all_logits:
             # Batched like llama.cpp's logits_all: prefill each chunk, then the output head on every row.
-            out = torch.empty(len(ids), self.config.n_vocab, dtype=torch.float32)
+            out = np.empty((len(ids), self.config.n_vocab), dtype=np.float32)
             for start in range(0, len(ids), self.n_batch):
                 chunk = ids[start:start + self.n_batch]
                 self._embed_into(chunk)
-                self.decoder.prefill(self._x.data_ptr(), len(chunk), pos + start, 0)
+                self.decoder.prefill(self._x.ctypes.data, len(chunk), pos + start, 0)
                 for i in range(len(chunk)):
-                    self.decoder.head(self._x[i].data_ptr(), out[start + i].data_ptr())
+                    self.decoder.head(self._x[i].ctypes.data, out[start + i].ctypes.data)
             return out
         if len(ids) == 1:
             self._embed_into(ids)
-            self.decoder.step(self._x.data_ptr(), pos, self._logits.data_ptr())
+            self.decoder.step(self._x.ctypes.data, pos, self._logits.ctypes.data)
             self._record_ffn()
             return self._logits
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start:start + self.n_batch]
             last = start + len(chunk) == len(ids)
             self._embed_into(chunk)
-            self.decoder.prefill(self._x.data_ptr(), len(chunk), pos + start,
-                                 self._logits.data_ptr() if last else 0)
+            self.decoder.prefill(self._x.ctypes.data, len(chunk), pos + start,
+                                 self._logits.ctypes.data if last else 0)
         return self._logits
 
     def _embed_into(self, ids) -> None:
         # One row of the (usually quantized) embedding table per token, dequantized by the C kernel.
         emb = self.weights.embed_tokens
         for i, tok in enumerate(ids):
-            _C.dequantize(int(emb.qtype), self._embed_base + tok * emb.row_bytes, emb.cols, self._x[i].data_ptr())
+            _C.dequantize(int(emb.qtype), self._embed_base + tok * emb.row_bytes, emb.cols, self._x[i].ctypes.data)
 
     def set_threads(self, n: int) -> None:
         try:

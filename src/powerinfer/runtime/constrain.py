@@ -22,7 +22,6 @@ import json
 import weakref
 
 import numpy as np
-import torch
 
 from ..errors import PowerInferError
 from ..formats.tokenizer import Attr, Tokenizer
@@ -134,15 +133,15 @@ class Constraint:
         # model vocabularies padded past the tokenizer's: the padding ids are never allowed
         return np.concatenate([bits, np.zeros(self.n_vocab - bits.size, dtype=np.bool_)])
 
-    def allowed(self) -> torch.Tensor:
+    def allowed(self) -> np.ndarray:
         """bool [n_vocab]: the tokens the grammar allows next."""
-        return torch.from_numpy(self._allowed().copy())
+        return self._allowed().copy()
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """The logits with every token the grammar does not allow at -inf (a new array)."""
         if self.matcher.is_error():
             raise PowerInferError(f"grammar: {_one_line(self.matcher.get_error())}")
-        values = logits.detach().to("cpu", torch.float32).numpy()
-        return torch.from_numpy(np.where(self._allowed(), values, np.float32(-np.inf)))
+        return np.where(self._allowed(), np.asarray(logits, dtype=np.float32), np.float32(-np.inf))
 
     def accept(self, token: int) -> None:
         self._fresh = False

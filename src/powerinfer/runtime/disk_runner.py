@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from gguf import GGMLQuantizationType as Q
 
@@ -57,7 +56,7 @@ class DiskRunner(CRunner):
         self.bundles: Path | None = None
         self.bundle_bytes = 0
         self._gate_resident = gate_resident
-        self._kept_buf = torch.zeros(len(kernels.Kept._fields), cfg.n_layer, dtype=torch.int32)
+        self._kept_buf = np.zeros((len(kernels.Kept._fields), cfg.n_layer), dtype=np.int32)
         self._disk_tokens = 0
         self._t_disk = time.perf_counter()
 
@@ -149,11 +148,11 @@ class DiskRunner(CRunner):
             raise PowerInferError("--ram-budget places the FFN when the sparse rule is set: call set_sparse(spec) "
                                   "before eval (powerinfer.load and the commands do)")
         self._last_step = len(ids) == 1 and not all_logits
-        out = torch.empty(len(ids), self.config.n_vocab, dtype=torch.float32) if all_logits else None
+        out = np.empty((len(ids), self.config.n_vocab), dtype=np.float32) if all_logits else None
         for i, tok in enumerate(ids):
             self._embed_into([tok])
             dst = out[i] if all_logits else (self._logits if i == len(ids) - 1 else None)
-            self.decoder.step(self._x.data_ptr(), self.n_past + i, dst.data_ptr() if dst is not None else 0)
+            self.decoder.step(self._x.ctypes.data, self.n_past + i, dst.ctypes.data if dst is not None else 0)
             self._record_ffn()
             self._disk_tokens += 1
         err = self.decoder.disk_stats()["error"]
@@ -165,13 +164,11 @@ class DiskRunner(CRunner):
 
     # -- statistics -----------------------------------------------------------------------------------------
     def _kept(self) -> kernels.Kept:
-        self.decoder.kept(self._kept_buf.data_ptr())
+        self.decoder.kept(self._kept_buf.ctypes.data)
         return kernels.Kept(*self._kept_buf)
 
     def _record_ffn(self) -> None:
-        for total, step in zip(self._ffn_kept, self._kept()):
-            total += step
-        self._ffn_steps += 1
+        self._add_kept(self._kept())
 
     def reset_ffn_stats(self) -> None:
         super().reset_ffn_stats()
@@ -179,30 +176,30 @@ class DiskRunner(CRunner):
             self.decoder.disk_stats(True)
         self._disk_tokens = 0
 
-    def _layer_bytes(self, kept: kernels.Kept) -> torch.Tensor:
+    def _layer_bytes(self, kept: kernels.Kept) -> np.ndarray:
         """FFN weight bytes each layer read (from RAM or disk) with these counts: gate (the dense matrix, or the
         candidates' rows), the up rows of neurons that can fire and the kept neurons' down_t rows."""
         w = self.weights.layers
-        gate = torch.tensor([lw.gate_proj.nbytes if self._gate_resident and lw.gate_proj is not None else 0
-                             for lw in w], dtype=torch.float64)
-        row = lambda t: torch.tensor([getattr(lw, t).row_bytes if getattr(lw, t) is not None else 0  # noqa: E731
-                                      for lw in w], dtype=torch.float64)
-        down = torch.tensor([row_bytes(Q(lay.down_qtype), self.config.d_model) for lay in self.plan.layouts],
-                            dtype=torch.float64)
-        neurons, _, up_rows, gate_rows = (k.to(torch.float64) for k in kept)
+        gate = np.array([lw.gate_proj.nbytes if self._gate_resident and lw.gate_proj is not None else 0
+                         for lw in w], dtype=np.float64)
+        row = lambda t: np.array([getattr(lw, t).row_bytes if getattr(lw, t) is not None else 0  # noqa: E731
+                                  for lw in w], dtype=np.float64)
+        down = np.array([row_bytes(Q(lay.down_qtype), self.config.d_model) for lay in self.plan.layouts],
+                        dtype=np.float64)
+        neurons, _, up_rows, gate_rows = (np.asarray(k, dtype=np.float64) for k in kept)
         return gate + gate_rows * row("gate_proj") + up_rows * row("up_proj") + neurons * down
 
     def ffn_stats(self) -> dict | None:
         if not self._ffn_steps:
             return None
         cfg, n = self.config, self._ffn_steps
-        mean = kernels.Kept(*(k.double() / n for k in self._ffn_kept))
+        mean = kernels.Kept(*(self._ffn_kept / n))
         dense = sum(t.nbytes for lw in self.weights.layers for t in (lw.gate_proj, lw.up_proj, lw.down_proj)
                     if t is not None)
-        return {"steps": n, "sparsity": 1.0 - mean.neurons.sum().item() / (cfg.n_layer * cfg.n_ff),
+        return {"steps": n, "sparsity": 1.0 - float(mean.neurons.sum()) / (cfg.n_layer * cfg.n_ff),
                 "sparsity_per_layer": (1.0 - mean.neurons / cfg.n_ff).tolist(),
                 "input_sparsity_per_layer": [0.0] * cfg.n_layer,
-                "ffn_bytes_per_token": self._layer_bytes(mean).sum().item(), "ffn_dense_bytes": dense}
+                "ffn_bytes_per_token": float(self._layer_bytes(mean).sum()), "ffn_dense_bytes": dense}
 
     def last_ffn_layers(self) -> list[int] | None:
         return self._kept().neurons.tolist() if self._ffn_steps else None
@@ -212,8 +209,7 @@ class DiskRunner(CRunner):
             return None
         kept = self._kept()
         cfg = self.config
-        return (1.0 - kept.neurons.sum().item() / (cfg.n_layer * cfg.n_ff),
-                int(self._layer_bytes(kept).sum().item()))
+        return (1.0 - float(kept.neurons.sum()) / (cfg.n_layer * cfg.n_ff), int(self._layer_bytes(kept).sum()))
 
     def disk_stats(self) -> dict | None:
         """Per token since reset_ffn_stats(): bytes read from the bundle file, reads (preadv calls) and bundles,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from ..errors import ContextOverflowError, PowerInferError
 from ..formats.tokenizer import StreamDecoder, Tokenizer
@@ -61,7 +61,7 @@ class Response:
         return n / self.generation_seconds if self.generation_seconds > 0 and n > 0 else 0.0
 
 
-def prefill(runner: Runner, ids: list[int], cancel: Callable[[], bool] | None = None) -> torch.Tensor | None:
+def prefill(runner: Runner, ids: list[int], cancel: Callable[[], bool] | None = None) -> np.ndarray | None:
     """Evaluate `ids` in chunks of `runner.n_batch`, checking `cancel()` before each; the logits of the last token,
     or None when cancelled (the cache then holds the chunks evaluated so far)."""
     n = getattr(runner, "n_batch", 0) or len(ids)
@@ -80,7 +80,7 @@ def prefill(runner: Runner, ids: list[int], cancel: Callable[[], bool] | None = 
 
 def sample_steps(runner: Runner, prompt_ids: list[int], params: SamplingParams,
                  cancel: Callable[[], bool] | None = None,
-                 constraint: Constraint | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                 constraint: Constraint | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (token, the raw logits it was sampled from) until the caller stops or `cancel()` is true; reuses the
     cached prefix of the previous request. The logits are a buffer the next step overwrites: read them before
     resuming. `constraint` (structured output, runtime/constrain.py) masks what its grammar does not allow."""
@@ -195,11 +195,13 @@ def stream_generate(runner: Runner, tokenizer: Tokenizer, prompt: str | list[int
         ffn = runner.last_ffn() if resp.generation_tokens > 1 else None
         extra = {}
         if logprobs is not None:  # before the next step overwrites the logits
-            lp = torch.log_softmax(logits.float(), dim=-1)
+            lp = _log_softmax(logits)
             extra["logprob"] = float(lp[tok])
             if logprobs > 0:
-                vals, ids = torch.topk(lp, min(logprobs, lp.numel()))
-                extra["top_logprobs"] = list(zip(ids.tolist(), vals.tolist()))
+                k = min(logprobs, lp.shape[0])
+                top = np.argpartition(lp, lp.shape[0] - k)[lp.shape[0] - k:]
+                top = top[np.argsort(-lp[top], kind="stable")]
+                extra["top_logprobs"] = list(zip(top.tolist(), lp[top].tolist()))
         if ffn and layer_stats:
             extra["ffn_neurons"] = _layer_neurons(runner)
             tiers = getattr(runner, "last_ffn_tiers", None)  # runners with a placement
@@ -277,7 +279,13 @@ def generate(runner: Runner, tokenizer: Tokenizer, prompt: str | list[int], para
     return "".join(r.text for r in stream_generate(runner, tokenizer, prompt, params))
 
 
-def score(runner: Runner, ids: list[int]) -> torch.Tensor:
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float32)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum(dtype=np.float64)).astype(np.float32))
+
+
+def score(runner: Runner, ids: list[int]) -> np.ndarray:
     """Logits at every position of `ids`, evaluated from an empty cache ([len(ids), n_vocab])."""
     runner.truncate(0)
     return runner.eval(ids, all_logits=True)

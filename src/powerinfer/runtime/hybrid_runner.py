@@ -67,7 +67,7 @@ class HybridRunner(CachedSequence):
                     parts = out if start == 0 else torch.cat([parts, out])
         self._seconds += time.perf_counter() - t0
         self._tokens += len(ids)
-        return parts if all_logits else out[-1]
+        return (parts if all_logits else out[-1]).numpy()
 
     def set_threads(self, n: int) -> None:
         self.n_threads = n

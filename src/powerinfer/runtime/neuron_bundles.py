@@ -24,7 +24,7 @@ import numpy as np
 from ..core.files import atomic_path
 from ..errors import PowerInferError
 from ..formats.pages import drop_file_cache, release_file_pages
-from ..kernels.ops import transposed
+from ..kernels.arrays import transposed
 from .disk_placement import ALIGN_IO, BundleLayout, RamPlan
 
 MAGIC = b"PINEURON"

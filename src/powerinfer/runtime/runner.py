@@ -10,10 +10,11 @@ Tiers of a placement (DESIGN "Tiers and placement") are further implementations 
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from ..core.config import ModelConfig
 from ..core.sparse_spec import SparseSpec
@@ -22,8 +23,8 @@ from ..model.kvcache import KV_TYPES
 
 
 class Runner(Protocol):
-    compute: str  # "c" | "torch": which implementation
-    device: torch.device
+    compute: str  # "c" | "torch" | "hybrid": which implementation
+    device: object  # where its fastest tier computes: "cpu" for the C decoder, a torch.device for torch ones
     config: ModelConfig
     n_ctx: int
     n_threads: int
@@ -33,7 +34,7 @@ class Runner(Protocol):
     def n_past(self) -> int: ...
     @property
     def sparse(self) -> bool: ...
-    def eval(self, ids: list[int], all_logits: bool = False) -> torch.Tensor: ...
+    def eval(self, ids: list[int], all_logits: bool = False) -> np.ndarray: ...
     def truncate(self, n: int) -> None: ...
     def shift(self, n_keep: int, n_discard: int) -> bool: ...
     def reuse_prefix(self, ids: list[int]) -> int: ...
@@ -90,23 +91,24 @@ class CachedSequence:
         lo, n = n_keep + n_discard, self.n_past
         if kv is None or not 0 <= n_keep < lo <= n or not kv.k or getattr(kv, "type_k", "f16") not in KV_TYPES:
             return False
-        from ..model.rope import apply_rope, rope_inv_freq
+        from ..model.rope import rope_inv_freq, rotate
+
+        def rotation(angle):  # float64 angles, as rope_tables computes them, without its magnitude scale
+            return np.cos(angle).astype(np.float32)[None, :], np.sin(angle).astype(np.float32)[None, :]
 
         cfg = self.config
-        angle = -n_discard * rope_inv_freq(cfg, self.n_ctx)  # float64 angles, as rope_tables computes them
-        cos, sin = torch.cos(angle).float()[None, :], torch.sin(angle).float()[None, :]
         local = cfg.local_rope()  # gemma3: the local layers' keys were rotated with their own base
-        if local is not None:
-            angle = -n_discard * rope_inv_freq(local)
-            local = torch.cos(angle).float()[None, :], torch.sin(angle).float()[None, :]
+        back = (rotation(-n_discard * rope_inv_freq(cfg, self.n_ctx)),
+                rotation(-n_discard * rope_inv_freq(local)) if local is not None else None)
         t = n - lo
         for il, (k_cache, v_cache) in enumerate(zip(kv.k, kv.v)):
-            c, s = local if local is not None and cfg.is_local(il) else (cos, sin)
-            keys = _key_rows(k_cache[lo:n], kv.type_k).view(t, cfg.n_head_kv, cfg.head_dim)
-            keys = apply_rope(keys, c.to(keys.device).expand(t, -1), s.to(keys.device).expand(t, -1),
-                              cfg.rope_style)
+            c, s = back[1] if local is not None and cfg.is_local(il) else back[0]
+            keys = rotate(_key_rows(k_cache[lo:n], kv.type_k).reshape(t, cfg.n_head_kv, cfg.head_dim), c, s,
+                          cfg.rope_style)
             _store_key_rows(k_cache[n_keep:n_keep + t], keys.reshape(t, -1), kv.type_k)
-            v_cache[n_keep:n_keep + t] = v_cache[lo:n].clone()  # overlapping ranges: copy out first (any type: bytes)
+            # overlapping ranges: copy out first (any type: bytes)
+            v_cache[n_keep:n_keep + t] = v_cache[lo:n].copy() if isinstance(v_cache, np.ndarray) \
+                else v_cache[lo:n].clone()
         self.tokens = self.tokens[:n_keep] + self.tokens[lo:]
         return True
 
@@ -119,8 +121,9 @@ class CachedSequence:
         self.truncate(n)
         return n
 
-    def eval(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Append `ids` at the end of the cache; logits of the last token ([n_vocab]) or of all ([n, n_vocab]).
+    def eval(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
+        """Append `ids` at the end of the cache; float32 logits of the last token ([n_vocab]) or of all
+        ([n, n_vocab]), as numpy arrays whatever the runner computes with (the sampler and every consumer are numpy).
 
         The last-token logits may be a buffer the next `eval` overwrites (no per-token copy of the vocabulary).
         """
@@ -137,7 +140,7 @@ class CachedSequence:
         self.tokens.extend(ids)
         return out
 
-    def _forward(self, ids: list[int], all_logits: bool) -> torch.Tensor:
+    def _forward(self, ids: list[int], all_logits: bool) -> np.ndarray:
         raise NotImplementedError
 
     def set_threads(self, n: int) -> None:
@@ -160,30 +163,37 @@ class CachedSequence:
         return None
 
 
-def _key_rows(rows: torch.Tensor, kind: str) -> torch.Tensor:
-    """f32 values of K cache rows; q8_0 rows dequantized by the C kernel (llama.cpp's K-shift of a quantized cache
-    casts to f32, ropes and copies back: llama-kv-cache.cpp build_rope_shift)."""
+def _key_rows(rows, kind: str) -> np.ndarray:
+    """f32 values of K cache rows (numpy, or a torch model's tensors); q8_0 rows dequantized by the C kernel
+    (llama.cpp's K-shift of a quantized cache casts to f32, ropes and copies back: llama-kv-cache.cpp
+    build_rope_shift)."""
+    if not isinstance(rows, np.ndarray):  # a torch model's cache, on its device
+        rows = rows.float().cpu().numpy()
     if kind != "q8_0":
-        return rows.float()
+        return rows.astype(np.float32)
     from .. import _C
 
-    rows = rows.contiguous()
-    out = torch.empty(rows.shape[0], rows.shape[1] // 34 * 32, dtype=torch.float32)
-    _C.dequantize(8, rows.data_ptr(), out.numel(), out.data_ptr())
+    rows = np.ascontiguousarray(rows)
+    out = np.empty((rows.shape[0], rows.shape[1] // 34 * 32), dtype=np.float32)
+    _C.dequantize(8, rows.ctypes.data, out.size, out.ctypes.data)
     return out
 
 
-def _store_key_rows(dst: torch.Tensor, keys: torch.Tensor, kind: str) -> None:
+def _store_key_rows(dst, keys: np.ndarray, kind: str) -> None:
     """Write f32 keys into K cache rows of `kind` (q8_0: quantized as the decoder's cache writes)."""
-    if kind != "q8_0":
-        dst.copy_(keys.to(dst.dtype))
-        return
-    from .. import _C
+    if kind == "q8_0":
+        from .. import _C
 
-    keys = keys.float().contiguous()
-    out = torch.empty_like(dst)
-    _C.quantize_q8_0(keys.data_ptr(), keys.numel(), out.data_ptr())
-    dst.copy_(out)
+        keys = np.ascontiguousarray(keys, dtype=np.float32)
+        blocks = np.empty(dst.shape, dtype=np.uint8)
+        _C.quantize_q8_0(keys.ctypes.data, keys.size, blocks.ctypes.data)
+        keys = blocks
+    if isinstance(dst, np.ndarray):
+        dst[...] = keys  # f32 -> f16 rounds to nearest even, as torch's .to(float16)
+    else:
+        import torch
+
+        dst.copy_(torch.from_numpy(keys).to(dst.device, dst.dtype))
 
 
 def torch_cache_types(cache_types, what: str) -> tuple[str, str]:
@@ -195,21 +205,20 @@ def torch_cache_types(cache_types, what: str) -> tuple[str, str]:
     return cache_types
 
 
-def _check_logits(logits: torch.Tensor, pos: int, n: int, allow: bool) -> None:
+def _check_logits(logits: np.ndarray, pos: int, n: int, allow: bool) -> None:
     """NaN or infinite logits (corrupt or overflowing weights) are a one-line error naming the position, or, when
     allowed, made samplable in place: NaN -> -inf, +inf -> the largest float, a row with nothing finite -> zeros."""
-    # numpy's single-threaded check on the CPU logits: a torch op here runs on torch's intra-op threads, which
-    # wait on the decoder's cores every step
-    if bool(np.isfinite(logits.numpy()).all() if logits.device.type == "cpu" else torch.isfinite(logits).all()):
+    finite = np.isfinite(logits)
+    if finite.all():
         return
+    rows = logits.reshape(-1, logits.shape[-1])  # a view: the fixes below write through
     if not allow:
-        rows = logits.reshape(-1, logits.shape[-1])
-        p = pos + int((~torch.isfinite(rows)).any(-1).nonzero()[0]) if logits.dim() > 1 else pos + n - 1
+        p = pos + int(np.flatnonzero(~finite.reshape(rows.shape).all(-1))[0]) if logits.ndim > 1 else pos + n - 1
         raise ModelFormatError(f"the model produced NaN or infinite logits at position {p} (corrupt or overflowing "
                                "weights); --allow-non-finite samples from the finite ones anyway")
-    torch.nan_to_num_(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
-    rows = logits.view(-1, logits.shape[-1])
-    rows[torch.isneginf(rows).all(-1)] = 0.0
+    rows[np.isnan(rows)] = -np.inf
+    rows[np.isposinf(rows)] = np.finfo(rows.dtype).max
+    rows[np.isneginf(rows).all(-1)] = 0.0
 
 
 def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: str = "cpu",
@@ -229,17 +238,13 @@ def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: 
     if placement is not None and getattr(placement, "ram_budget", None) is not None:
         if not llama_block:
             raise unplaceable
-        import sys
-
         from .disk_runner import DiskRunner
 
         # the gate stays resident unless predictors decide activity (a guess the runner corrects in set_sparse)
         preds = getattr(placement, "predictors", None) or any(n.endswith(".fc1.weight") for n in loaded.extra_tensors)
         return DiskRunner(loaded, n_ctx, n_threads, n_batch, placement.ram_budget, solve=solve, log=log or sys.stderr,
                           gate_resident=not preds, cache_types=cache_types)
-    if placement is not None:
-        import sys
-
+    if placement is not None and _fast_tier_possible(placement):
         from .placement import plan_tiers
 
         plan = plan_tiers(loaded, placement, n_ctx or loaded.config.context_length, solve, log or sys.stderr)
@@ -250,7 +255,7 @@ def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: 
 
             return HybridRunner(loaded, n_ctx, n_threads, n_batch, plan, cache_types=cache_types)
     if compute == "auto":
-        compute = "c" if torch.device(device).type == "cpu" else "torch"
+        compute = "c" if str(device).partition(":")[0] == "cpu" else "torch"
     if compute == "c":
         from .c_runner import CRunner
 
@@ -260,3 +265,15 @@ def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: 
 
         return TorchRunner(loaded, n_ctx, n_threads, n_batch, device, cache_types=cache_types)
     raise PowerInferError(f"unknown compute {compute!r} (c | torch | auto)")
+
+
+def _fast_tier_possible(placement) -> bool:
+    """Whether a placement could have a fast tier: --hot-device or --vram-budget asked for one (plan_tiers says
+    when it cannot be had), or a GPU kernel driver is loaded (NVIDIA's, ROCm's /dev/kfd, WSL's /dev/dxg). Asking
+    torch.cuda directly costs torch's import (0.9 s and 177 MiB of a 1.5 s, 398 MiB start-up on the bundled model),
+    and without a driver its answer is no; where the OS has no such files to look at, torch is asked."""
+    if getattr(placement, "hot_device", None) or getattr(placement, "vram_budget", None):
+        return True
+    if sys.platform != "linux":
+        return True
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))

@@ -20,9 +20,8 @@ prepare.calibrate.calibrate_default.
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
-
 from collections.abc import Callable
+from dataclasses import replace
 
 from ..core.sparse_spec import SparseSpec
 from ..errors import PowerInferError
@@ -83,20 +82,24 @@ def apply_sparsity(runner, loaded, sparsity, method: str | None = None, predicto
 
     Predictors, when the FFN is sparse: `predictors` = a file written by `powerinfer train-predictors`
     (checked against the model's fingerprint), else the ones a PowerInfer GGUF carries (blk.N.fc1/fc2)."""
-    from ..sparse.predictor import PredictorSet, predictors_from_gguf
-
     spec, desc = resolve_sparsity(loaded, sparsity, method, log=log, calibrate=calibrate)
     if spec is None:
         if predictors:
             raise PowerInferError("--predictors needs a sparse FFN (--sparsity auto or S)")
         runner.set_sparse(None)
         return desc
+    # predictors are torch modules (sparse/predictor.py): imported only when a run has some, so an exact-ReLU
+    # model's sparse decode stays free of torch
+    preds = None
     if predictors:
+        from ..sparse.predictor import PredictorSet
+
         preds = PredictorSet.load(predictors, model_fingerprint(loaded), loaded.config)
         desc += f" + predictors {predictors}"
-    else:
+    elif "blk.0.fc1.weight" in loaded.extra_tensors:  # a PowerInfer GGUF's (predictors_from_gguf checks the rest)
+        from ..sparse.predictor import predictors_from_gguf
+
         preds = predictors_from_gguf(loaded)
-        if preds is not None:
-            desc += f" + the file's predictors (logit threshold {preds.threshold:g})"
+        desc += f" + the file's predictors (logit threshold {preds.threshold:g})"
     runner.set_sparse(replace(spec, predictors=preds, label=desc))
     return desc

@@ -47,5 +47,5 @@ class TorchRunner(CachedSequence):
     def _forward(self, ids, all_logits):
         with torch.inference_mode():
             logits = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), self.n_past, self.kv)
-        logits = logits.float().cpu()
+        logits = logits.float().cpu().numpy()
         return logits if all_logits else logits[-1]
