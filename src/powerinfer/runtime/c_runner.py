@@ -50,6 +50,9 @@ class CRunner(CachedSequence):
         self._x = np.empty((self.n_batch, cfg.d_model), dtype=np.float32)
         self._embed_base = address(loaded.weights.embed_tokens.data)
         self._logits = np.empty(cfg.n_vocab, dtype=np.float32)
+        # the buffers' addresses, taken once (numpy's .ctypes.data costs about 1 us a call)
+        self._x_addr, self._logits_addr = address(self._x), address(self._logits)
+        self._x_row = self._x.strides[0]
         self._sparse: SparseFFN | None = None
         self._last_step = False
         self.reset_ffn_stats()
@@ -130,7 +133,7 @@ class CRunner(CachedSequence):
             out = np.empty((len(ids), self.config.n_vocab), dtype=np.float32)
             for i, tok in enumerate(ids):
                 self._embed_into([tok])
-                self.decoder.step(self._x.ctypes.data, pos + i, out[i].ctypes.data)
+                self.decoder.step(self._x_addr, pos + i, address(out[i]))
                 self._record_ffn()
             return out
         if all_logits:
@@ -139,28 +142,28 @@ class CRunner(CachedSequence):
             for start in range(0, len(ids), self.n_batch):
                 chunk = ids[start:start + self.n_batch]
                 self._embed_into(chunk)
-                self.decoder.prefill(self._x.ctypes.data, len(chunk), pos + start, 0)
+                self.decoder.prefill(self._x_addr, len(chunk), pos + start, 0)
                 for i in range(len(chunk)):
-                    self.decoder.head(self._x[i].ctypes.data, out[start + i].ctypes.data)
+                    self.decoder.head(self._x_addr + i * self._x_row, address(out[start + i]))
             return out
         if len(ids) == 1:
             self._embed_into(ids)
-            self.decoder.step(self._x.ctypes.data, pos, self._logits.ctypes.data)
+            self.decoder.step(self._x_addr, pos, self._logits_addr)
             self._record_ffn()
             return self._logits
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start:start + self.n_batch]
             last = start + len(chunk) == len(ids)
             self._embed_into(chunk)
-            self.decoder.prefill(self._x.ctypes.data, len(chunk), pos + start,
-                                 self._logits.ctypes.data if last else 0)
+            self.decoder.prefill(self._x_addr, len(chunk), pos + start, self._logits_addr if last else 0)
         return self._logits
 
     def _embed_into(self, ids) -> None:
         # One row of the (usually quantized) embedding table per token, dequantized by the C kernel.
         emb = self.weights.embed_tokens
+        qtype = int(emb.qtype)
         for i, tok in enumerate(ids):
-            _C.dequantize(int(emb.qtype), self._embed_base + tok * emb.row_bytes, emb.cols, self._x[i].ctypes.data)
+            _C.dequantize(qtype, self._embed_base + tok * emb.row_bytes, emb.cols, self._x_addr + i * self._x_row)
 
     def set_threads(self, n: int) -> None:
         try:

@@ -152,7 +152,7 @@ class DiskRunner(CRunner):
         for i, tok in enumerate(ids):
             self._embed_into([tok])
             dst = out[i] if all_logits else (self._logits if i == len(ids) - 1 else None)
-            self.decoder.step(self._x.ctypes.data, self.n_past + i, dst.ctypes.data if dst is not None else 0)
+            self.decoder.step(self._x_addr, self.n_past + i, kernels.address(dst) if dst is not None else 0)
             self._record_ffn()
             self._disk_tokens += 1
         err = self.decoder.disk_stats()["error"]
