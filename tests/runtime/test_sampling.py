@@ -73,3 +73,16 @@ def test_stop_matcher_releases_false_alarm():
     m = _StopMatcher(["STOP"])
     assert m.push("ST") == ("", False)
     assert m.push("ART") == ("START", False)
+
+
+def test_min_p_without_top_k_sorts_only_what_min_p_can_keep():
+    # top_k=0 sorts only the tokens min-p can keep; the draws equal those of a top-k that keeps all but one token
+    # (the argpartition path, which sorts its whole set), seed for seed
+    rng = np.random.default_rng(7)
+    for trial in range(5):
+        logits = (rng.standard_normal(4096) * 3).astype(np.float32)
+        a = make_sampler(temp=0.9, top_k=0, top_p=0.95, min_p=0.05, seed=trial)
+        b = make_sampler(temp=0.9, top_k=4095, top_p=0.95, min_p=0.05, seed=trial)
+        draws = [a(logits) for _ in range(200)]
+        assert draws == [b(logits) for _ in range(200)]
+        assert len(set(draws)) > 3  # the test samples, it is not greedy
