@@ -118,6 +118,102 @@ static void rows_q6_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const
     }
 }
 
+/* ---- portable multi-token dots: each super-block unpacked to integers once, then the terms of rows_q45_k /
+ * rows_q6_k for every token, in the same expressions and order ---- */
+static void multi_q45_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y,
+                        int ldy) {
+    const int nsb = m->cols / PI_QK_K, nb = m->cols / PI_QK, q5 = m->qtype == PI_Q5_K;
+    const size_t bb = pi_kq_block_bytes(m->qtype);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = m->raw + (size_t)PI_ROW(idx, r) * m->row_bytes;
+        for (int t0 = 0; t0 < n_tok; t0 += PI_KQ_NT) {
+            const int nt = n_tok - t0 < PI_KQ_NT ? n_tok - t0 : PI_KQ_NT;
+            float acc[PI_KQ_NT] = {0}, accm[PI_KQ_NT] = {0};
+            for (int sb = 0; sb < nsb; sb++) {
+                const pi_blk_q4_K *b = (const pi_blk_q4_K *)(row + sb * bb);
+                const uint8_t *qh = q5 ? ((const pi_blk_q5_K *)b)->qh : NULL;
+                const uint8_t *qs = q5 ? ((const pi_blk_q5_K *)b)->qs : b->qs;
+                const float d = pi_fp16_to_fp32(b->d), dmin = pi_fp16_to_fp32(b->dmin);
+                uint8_t sc[8], mn[8], v[PI_QK_K];
+                pi_kq_scale_min(b->scales, sc, mn);
+                for (int s = 0; s < 8; s++)
+                    for (int l = 0; l < 32; l++) {
+                        const uint8_t *q = qs + 32 * (s / 2);
+                        v[32 * s + l] = (uint8_t)((s & 1 ? q[l] >> 4 : q[l] & 0xF) + (qh ? ((qh[l] >> s) & 1) << 4 : 0));
+                    }
+                for (int j = 0; j < nt; j++) {
+                    const int t = t0 + j;
+                    const int8_t *xt = a->qs + (size_t)t * m->cols;
+                    const float *dt = a->d + (size_t)t * nb;
+                    const int32_t *st = a->sum + (size_t)t * nb;
+                    for (int s = 0; s < 8; s++) {
+                        const int blk = sb * 8 + s;
+                        const int8_t *x = xt + (size_t)blk * PI_QK;
+                        int isum = 0;
+                        for (int l = 0; l < 32; l++) isum += v[32 * s + l] * x[l];
+                        acc[j] += d * (float)sc[s] * dt[blk] * (float)isum;
+                        accm[j] += dmin * (float)mn[s] * (dt[blk] * (float)st[blk]);
+                    }
+                }
+            }
+            for (int j = 0; j < nt; j++) y[(size_t)(t0 + j) * ldy + r] = acc[j] - accm[j];
+        }
+    }
+}
+
+static void multi_q6_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y,
+                       int ldy) {
+    const int nsb = m->cols / PI_QK_K, nb = m->cols / PI_QK;
+    for (int r = r0; r < r1; r++) {
+        const pi_blk_q6_K *row = (const pi_blk_q6_K *)(m->raw + (size_t)PI_ROW(idx, r) * m->row_bytes);
+        for (int t0 = 0; t0 < n_tok; t0 += PI_KQ_NT) {
+            const int nt = n_tok - t0 < PI_KQ_NT ? n_tok - t0 : PI_KQ_NT;
+            float acc[PI_KQ_NT] = {0};
+            for (int sb = 0; sb < nsb; sb++) {
+                const pi_blk_q6_K *b = row + sb;
+                const float d = pi_fp16_to_fp32(b->d);
+                int8_t v[PI_QK_K]; /* value 16k + i of the super-block, q - 32 */
+                for (int k = 0; k < 16; k++) {
+                    const int h = k / 8, quarter = (k % 8) / 2, l0 = 16 * (k % 2);
+                    const uint8_t *ql = b->ql + 64 * h + (quarter & 1) * 32, *qh = b->qh + 32 * h;
+                    for (int l = l0; l < l0 + 16; l++) {
+                        const int lo = quarter < 2 ? ql[l] & 0xF : ql[l] >> 4;
+                        v[16 * k + l - l0] = (int8_t)((lo | (((qh[l] >> (2 * quarter)) & 3) << 4)) - 32);
+                    }
+                }
+                for (int j = 0; j < nt; j++) {
+                    const int t = t0 + j;
+                    const float *dt = a->d + (size_t)t * nb;
+                    for (int k = 0; k < 16; k++) {
+                        const int8_t *x = a->qs + (size_t)t * m->cols + (size_t)sb * PI_QK_K + 16 * k;
+                        int isum = 0;
+                        for (int l = 0; l < 16; l++) isum += v[16 * k + l] * x[l];
+                        acc[j] += d * (float)b->scales[k] * dt[sb * 8 + k / 2] * (float)isum;
+                    }
+                }
+            }
+            for (int j = 0; j < nt; j++) y[(size_t)(t0 + j) * ldy + r] = acc[j];
+        }
+    }
+}
+
+void pi_kq_rows_tokens(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y,
+                       int ldy) {
+    if (r1 <= r0 || n_tok <= 0) return;
+    pi_kq_multi_fn f = NULL;
+#if defined(PI_X86)
+    if (pi_k == &pi_kernels_avx512) f = pi_kq_multi_avx512(m->qtype);
+    else if (pi_k == &pi_kernels_avx2) f = pi_kq_multi_avx2(m->qtype);
+#endif
+    if (f) { /* the x86 kernels arrange the activations once per call, then walk the tiles themselves */
+        f(m, idx, r0, r1, a, n_tok, y, ldy);
+        return;
+    }
+    f = m->qtype == PI_Q6_K ? multi_q6_k : multi_q45_k;
+    const int tile = pi_kq_tile_rows(m);
+    for (int rt = r0; rt < r1; rt += tile) f(m, idx, rt, rt + tile < r1 ? rt + tile : r1, a, n_tok, y, ldy);
+}
+
 void pi_kq_axpy(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) {
     const size_t bb = pi_kq_block_bytes(m->qtype);
     float tmp[PI_QK_K];

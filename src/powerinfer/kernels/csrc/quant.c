@@ -134,9 +134,6 @@ int pi_dequantize(int qtype, const void *src, size_t n, float *dst) {
     }
 }
 
-/* Row tile of the multi-token K-quant path (pi_mat_run_seg): 128 KiB, an eighth of this EPYC core's 1 MiB L2. */
-#define PI_KQ_TILE_BYTES ((size_t)128 << 10)
-
 /* ---- activations ---- */
 static size_t al64(size_t x) { return (x + 63) & ~(size_t)63; }
 
@@ -286,17 +283,16 @@ void pi_mat_run_seg(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok
     }
     const pi_rows_fn f = rows_fn(m->qtype);
     const int r0 = s->u0 * 4, r1 = s->u1 * 4 < m->rows ? s->u1 * 4 : m->rows;
-    /* K-quant rows (no packed layout) for several tokens: tiles of rows small enough to stay in L2 while every
-     * token reads them, so prefill streams the weights from DRAM once per batch instead of once per token (each
-     * token still runs the one-token kernel on the same rows: the same floats as decode). 7B Q4_K_M pp32, 2 threads,
-     * alternating processes on a loaded host (load average 8): 3.98 -> 4.60 tok/s median, per-pair 1.05-1.68x. */
-    const int tile = pi_is_kquant(m->qtype) && n_tok > 1 ? (int)(PI_KQ_TILE_BYTES / m->row_bytes + 4) & ~3 : r1 - r0;
-    for (int rt = r0; rt < r1; rt += tile) {
-        const int re = rt + tile < r1 ? rt + tile : r1;
-        for (int t = 0; t < n_tok; t++) {
-            pi_act at = pi_act_token(a, t);
-            f(m, NULL, rt, re, &at, y + (size_t)t * ldy);
-        }
+    /* K-quant rows (no packed layout) for several tokens: each super-block unpacked once per PI_KQ_NT tokens, in
+     * row tiles that stay in L2 while every token group reads them, so prefill streams the weights from DRAM once
+     * per batch (kquant.h; the same floats per token as decode) */
+    if (pi_is_kquant(m->qtype) && n_tok > 1) {
+        pi_kq_rows_tokens(m, NULL, r0, r1, a, n_tok, y, ldy);
+        return;
+    }
+    for (int t = 0; t < n_tok; t++) {
+        pi_act at = pi_act_token(a, t);
+        f(m, NULL, r0, r1, &at, y + (size_t)t * ldy);
     }
 }
 
