@@ -8,6 +8,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from powerinfer.runtime.runner import _fast_tier_possible
+from powerinfer.settings import ModelSettings
+
+# With a GPU driver loaded, a plain run asks torch.cuda for a fast tier (runtime/runner.py), as it should.
+no_gpu = pytest.mark.skipif(_fast_tier_possible(ModelSettings()), reason="a GPU driver is loaded: run looks for CUDA")
+
 
 def _torch_loaded_after(code: str) -> str:
     probe = textwrap.dedent(code) + "\nimport sys\nprint('torch loaded:', 'torch' in sys.modules)\n"
@@ -16,6 +24,7 @@ def _torch_loaded_after(code: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+@no_gpu
 def test_run_never_imports_torch(bundled_model_path):
     line = _torch_loaded_after(f"""
         from powerinfer.cli import main
@@ -24,6 +33,7 @@ def test_run_never_imports_torch(bundled_model_path):
     assert line == "torch loaded: False"
 
 
+@no_gpu
 def test_api_generation_never_imports_torch(bundled_model_path):
     line = _torch_loaded_after(f"""
         import powerinfer
@@ -39,6 +49,7 @@ def test_api_generation_never_imports_torch(bundled_model_path):
     assert line == "torch loaded: False"
 
 
+@no_gpu
 def test_exact_relu_sparse_decode_and_the_disk_tier_never_import_torch(tiny_llama_gguf):
     """PowerInfer's own case: a ReLU model's neuron-sparse decode (SparseFFN's copies and counters are numpy), from
     RAM and with cold neurons read from disk (--ram-budget)."""
@@ -58,5 +69,14 @@ def test_exact_relu_sparse_decode_and_the_disk_tier_never_import_torch(tiny_llam
                 logits = runner.eval([int(logits.argmax())])
             assert 0.0 < runner.ffn_sparsity() < 1.0 and runner.ffn_stats()["ffn_bytes_per_token"] > 0
             assert budget is None or sum(len(d) for d in runner.plan.disk) > 0  # neurons on disk
+    """)
+    assert line == "torch loaded: False"
+
+
+def test_ngl_0_looks_for_no_gpu(bundled_model_path):
+    """-ngl 0 (--vram-budget 0) puts nothing on a fast tier, so nothing asks torch.cuda for one, GPU or not."""
+    line = _torch_loaded_after(f"""
+        from powerinfer.cli import main
+        assert main(["run", "-m", {str(bundled_model_path)!r}, "-p", "Hi", "-n", "2", "-ngl", "0"]) == 0
     """)
     assert line == "torch loaded: False"

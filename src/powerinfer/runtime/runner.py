@@ -268,12 +268,16 @@ def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: 
 
 
 def _fast_tier_possible(placement) -> bool:
-    """Whether a placement could have a fast tier: --hot-device or --vram-budget asked for one (plan_tiers says
-    when it cannot be had), or a GPU kernel driver is loaded (NVIDIA's, ROCm's /dev/kfd, WSL's /dev/dxg). Asking
-    torch.cuda directly costs torch's import (0.9 s and 177 MiB of a 1.5 s, 398 MiB start-up on the bundled model),
-    and without a driver its answer is no; where the OS has no such files to look at, torch is asked."""
-    if getattr(placement, "hot_device", None) or getattr(placement, "vram_budget", None):
+    """Whether a placement could have a fast tier: --hot-device or a --vram-budget above 0 asked for one (plan_tiers
+    says when it cannot be had; -ngl 0 / --vram-budget 0 asks for none), or a GPU kernel driver is loaded (NVIDIA's,
+    ROCm's /dev/kfd, WSL's /dev/dxg). Asking torch.cuda directly costs torch's import (0.9 s and 177 MiB of a 1.5 s,
+    398 MiB start-up on the bundled model), and without a driver its answer is no; where the OS has no such files to
+    look at, torch is asked."""
+    if getattr(placement, "hot_device", None):
         return True
+    budget = getattr(placement, "vram_budget", None)
+    if budget is not None:
+        return budget > 0
     if sys.platform != "linux":
         return True
     return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
