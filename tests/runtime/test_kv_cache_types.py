@@ -53,7 +53,8 @@ def test_prefill_equals_decode_steps(tiny32, types):
 def test_c_decoder_on_an_f32_cache_matches_the_torch_model(tiny32):
     """Nothing in an f32/f32 cache is rounded (q as is, probabilities unrounded), like the torch model's f32
     attention: logits agree to f32 rounding; the default f16 cache is visibly further off (its roundings count)."""
-    ref = torch.from_numpy(make_runner(tiny32, 64, 1, compute="torch", cache_types=("f32", "f32")).eval(IDS, all_logits=True))
+    ref = make_runner(tiny32, 64, 1, compute="torch", cache_types=("f32", "f32")).eval(IDS, all_logits=True)
+    ref = torch.from_numpy(ref)
     scale = ref.abs().max().item()
     got = torch.from_numpy(make_runner(tiny32, 64, 2, cache_types=("f32", "f32")).eval(IDS, all_logits=True))
     f16 = torch.from_numpy(make_runner(tiny32, 64, 2).eval(IDS, all_logits=True))

@@ -85,7 +85,7 @@ def transposed(t: QTensor, name: str | None = None) -> QTensor:
     qtype = transposed_qtype(t)
     if qtype != GGMLQuantizationType.Q8_0:
         return quants.transpose(t, name=name or f"{t.name}.T")
-    src, addr, src_qtype = _weight(t)
+    _, addr, src_qtype = _weight(t)
     data = np.empty((t.cols, t.rows // 32 * 34), dtype=np.uint8)
     _C.transpose_q8_0(src_qtype, addr, t.rows, t.cols, address(data))
     return QTensor(name or f"{t.name}.T", qtype, (t.cols, t.rows), data)
