@@ -27,6 +27,12 @@ class LoadedModel:
     def is_gguf(self) -> bool:
         return self.path.is_file()
 
+    @property
+    def has_predictors(self) -> bool:
+        """The file carries PowerInfer predictors (`blk.N.fc1.weight` / `blk.N.fc2.weight`; sparse/predictor.py's
+        predictors_from_gguf reads and checks them)."""
+        return "blk.0.fc1.weight" in self.extra_tensors
+
 
 def load_model(path: str | Path | None = None, allow_non_finite: bool = False) -> LoadedModel:
     """Load a GGUF file or an HF directory; None loads the bundled SmolLM2-135M-Instruct Q4_1.

@@ -426,7 +426,7 @@ def solve_model(loaded, opts: SolveOptions, placement: PlacementSettings, n_ctx:
         raise PowerInferError(f"--ctx-size must be >= 1, got {n_ctx} (the model does not say its trained context)")
     budget = int(placement.vram_budget * GIB)
     pred = opts.predictor_bytes if opts.predictor_bytes is not None else \
-        (None if "blk.0.fc1.weight" in loaded.extra_tensors else _cached_predictor_bytes(fp))
+        (None if loaded.has_predictors else _cached_predictor_bytes(fp))
     parts, per_neuron = model_parts(loaded, n_ctx, pred)
     out = Path(opts.output).expanduser() if opts.output else \
         DEFAULT_CACHE_DIR.expanduser() / fp / (loaded.path.name + GPUIDX_SUFFIX)

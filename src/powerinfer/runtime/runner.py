@@ -241,7 +241,7 @@ def make_runner(loaded, n_ctx: int, n_threads: int, n_batch: int = 512, device: 
         from .disk_runner import DiskRunner
 
         # the gate stays resident unless predictors decide activity (a guess the runner corrects in set_sparse)
-        preds = getattr(placement, "predictors", None) or any(n.endswith(".fc1.weight") for n in loaded.extra_tensors)
+        preds = getattr(placement, "predictors", None) or loaded.has_predictors
         return DiskRunner(loaded, n_ctx, n_threads, n_batch, placement.ram_budget, solve=solve, log=log or sys.stderr,
                           gate_resident=not preds, cache_types=cache_types)
     if placement is not None and _fast_tier_possible(placement):

@@ -96,7 +96,7 @@ def apply_sparsity(runner, loaded, sparsity, method: str | None = None, predicto
 
         preds = PredictorSet.load(predictors, model_fingerprint(loaded), loaded.config)
         desc += f" + predictors {predictors}"
-    elif "blk.0.fc1.weight" in loaded.extra_tensors:  # a PowerInfer GGUF's (predictors_from_gguf checks the rest)
+    elif loaded.has_predictors:  # a PowerInfer GGUF's
         from ..sparse.predictor import predictors_from_gguf
 
         preds = predictors_from_gguf(loaded)

@@ -191,7 +191,7 @@ def predictors_from_gguf(loaded) -> PredictorSet | None:
     extra = loaded.extra_tensors
     cfg = loaded.config
     n = cfg.n_layer
-    if "blk.0.fc1.weight" not in extra:
+    if not loaded.has_predictors:
         return None
     fc1, fc2 = [], []
     for i in range(n):
