@@ -1,6 +1,5 @@
 """benchmarks/disk_bench.py: its help, its one-line argument errors, and the cold-cache helpers it relies on (a
 file's pages really leave the page cache, measured with mincore)."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,12 +11,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "disk_bench.py"
 
 
 @pytest.fixture(scope="module")
-def disk_bench():
-    spec = importlib.util.spec_from_file_location("disk_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+def disk_bench(benchmark_module):
+    return benchmark_module("disk_bench")
 
 
 def test_help():

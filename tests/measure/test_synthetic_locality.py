@@ -3,9 +3,6 @@ the firing is concentrated as stated (the neurons that fire most on one half of 
 share of the firings on the other half), and the exact predictors written next to the model load for it (and
 only for it) and predict its gate's firing: all of it for an F32 gate, all but the quantization's share for
 Q4_0. Also: the direct Q4_0 block writer's values have the mean and spread asked for."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,22 +19,8 @@ from powerinfer.sparse.artifacts import model_fingerprint
 from powerinfer.sparse.predictor import PredictorSet
 from powerinfer.textdata import pydoc_topics
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 TINY = ["--shape", "custom", "--d-model", "128", "--n-ff", "1024", "--n-layer", "2", "--n-head", "4",
         "--n-head-kv", "2", "--vocab", "1024", "--sparsity", "0.9", "--verify-tokens", "16"]
-
-
-def _module(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def make_synthetic():
-    return _module("make_synthetic").main
 
 
 def firing(path, n_tokens=384):
@@ -115,8 +98,8 @@ def test_exact_predictors(make_synthetic, tmp_path, capsys, qtype):
         powerinfer.load(str(other), n_ctx=64, n_threads=1, predictors=str(pred_path))
 
 
-def test_random_q4_0_blocks():
-    blocks = _module("synthetic_blocks")
+def test_random_q4_0_blocks(benchmark_module):
+    blocks = benchmark_module("synthetic_blocks")
     gen = np.random.Generator(np.random.SFC64(0))
     b = blocks.random_q4_0(gen, 256, 4096, 0.02)
     blocks.zero_column0_q4_0(b)
