@@ -14,6 +14,7 @@ import torch
 
 from fixtures.gemma import SPM_N_VOCAB, WINDOW, gemma_model, write_llama_cpp_gemma
 from fixtures.hf_families import TOKENS, c_logits, greedy, hf_logits, rel, save
+from fixtures.shift import shifted_and_fresh
 from fixtures.tiny import stepwise_logits
 from powerinfer.core.sparse_spec import SparseSpec
 from powerinfer.formats.loader import load_model
@@ -175,10 +176,7 @@ def test_k_shift_rotates_local_layers_with_their_base(gemmas):
     back with the global base instead they are off by 1.8x the largest key."""
     loaded = load_model(gemmas["gemma3"]["same"])
     ids = [(7 * i + 3) % loaded.config.n_vocab for i in range(100)]
-    shifted, fresh = make_runner(loaded, 128, 2), make_runner(loaded, 128, 2)
-    shifted.eval(ids)
-    assert shifted.shift(3, 30)
-    fresh.eval(ids[:3] + ids[33:])
+    shifted, fresh = shifted_and_fresh(loaded, ids, 128)
     n = fresh.n_past
     k, k_ref = shifted.kv.k[0][:n].astype(np.float32), fresh.kv.k[0][:n].astype(np.float32)
     assert np.abs(k - k_ref).max() <= 2 ** -8 * np.abs(k_ref).max()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from fixtures.shift import shifted_and_fresh
 from powerinfer.errors import PowerInferError
 from powerinfer.runtime.context_shift import fit, stream_shifting
 
@@ -51,7 +52,6 @@ def test_k_shift_rotates_keys_to_their_new_positions(bundled_model, tiny_gguf, c
     runner on the bundled model, the torch runner on a tiny one (building its dense weights for 135M parameters
     takes 20 s here)."""
     from powerinfer.formats.loader import load_model, load_tokenizer
-    from powerinfer.runtime.runner import make_runner
 
     if compute == "c":
         model = bundled_model
@@ -59,11 +59,7 @@ def test_k_shift_rotates_keys_to_their_new_positions(bundled_model, tiny_gguf, c
     else:
         model = load_model(tiny_gguf(arch=arch, qtype=Q.F32).path)
         ids = [(7 * i + 3) % model.config.n_vocab for i in range(100)]
-    shifted = make_runner(model, 256, 2, compute=compute)
-    shifted.eval(ids)
-    assert shifted.shift(3, 30)
-    fresh = make_runner(model, 256, 2, compute=compute)
-    fresh.eval(ids[:3] + ids[33:])
+    shifted, fresh = shifted_and_fresh(model, ids, 256, compute=compute)
     n = fresh.n_past
     assert shifted.tokens == fresh.tokens and shifted.n_past == n == 70
     k, k_fresh, v, v_fresh = (torch.as_tensor(c[0][:n]) for c in (shifted.kv.k, fresh.kv.k, shifted.kv.v, fresh.kv.v))

@@ -9,6 +9,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import powerinfer
+from fixtures.shift import shifted_and_fresh
 from powerinfer.cli import main
 from powerinfer.errors import PowerInferError
 from powerinfer.formats.loader import load_model, load_tokenizer
@@ -79,11 +80,7 @@ def test_k_shift_of_each_cache_type(bundled_model, types):
     shortened sequence within the type's rounding (q8_0: dequantized, rotated, quantized again, as llama.cpp's
     K-shift of a quantized cache; one q8_0 step at the largest key), values moved byte for byte."""
     ids = load_tokenizer(bundled_model).encode("The quick brown fox jumps over the lazy dog. " * 12)[:100]
-    shifted = make_runner(bundled_model, 128, 2, cache_types=types)
-    shifted.eval(ids)
-    assert shifted.shift(3, 30)
-    fresh = make_runner(bundled_model, 128, 2, cache_types=types)
-    fresh.eval(ids[:3] + ids[33:])
+    shifted, fresh = shifted_and_fresh(bundled_model, ids, 128, cache_types=types)
     n = fresh.n_past
     ks, kf = (R.kv_values_ref(torch.from_numpy(r.kv.k[0][:n]), types[0]) for r in (shifted, fresh))
     step = kf.abs().max().item() * (1 / 127 if types[0] == "q8_0" else 1e-6)
