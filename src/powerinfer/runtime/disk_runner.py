@@ -151,8 +151,8 @@ class DiskRunner(CRunner):
         out = np.empty((len(ids), self.config.n_vocab), dtype=np.float32) if all_logits else None
         for i, tok in enumerate(ids):
             self._embed_into([tok])
-            dst = out[i] if all_logits else (self._logits if i == len(ids) - 1 else None)
-            self.decoder.step(self._x_addr, self.n_past + i, kernels.address(dst) if dst is not None else 0)
+            dst = kernels.address(out[i]) if all_logits else (self._logits_addr if i == len(ids) - 1 else 0)
+            self.decoder.step(self._x_addr, self.n_past + i, dst)
             self._record_ffn()
             self._disk_tokens += 1
         err = self.decoder.disk_stats()["error"]
