@@ -37,15 +37,16 @@ class CRunner(CachedSequence):
             self.cache_types = tuple(cache_types)
         self.kv = KVCache.allocate_arrays(cfg.n_layer, self.n_ctx, cfg.n_head_kv * cfg.head_dim,
                                           type_k=self.cache_types[0], type_v=self.cache_types[1])
-        self.rope_cos, self.rope_sin = rope_tables(cfg, self.n_ctx)
+        # the RoPE tables live on in the decoder, which holds every array it reads (dec._keep)
+        cos, sin = rope_tables(cfg, self.n_ctx)
         local = cfg.local_rope()  # gemma3's local layers rotate with their own base
-        self.rope_local = rope_tables(local, self.n_ctx) if local is not None else None
+        rope_local = rope_tables(local, self.n_ctx) if local is not None else None
         # One copy of the model (#17): the decoder packs every block-format matrix into its own arenas, so each
         # layer's file pages are given back once the next layer is bound, and all of them after the head (7B Q4_0
         # at -c 4096: peak RSS 7.7 GB -> 4.3 GB at load). What is still read in place (embedding rows, F16/F32
         # matrices) faults back in from the page cache when used.
-        self.decoder = bind_decoder(cfg, loaded.weights, self.kv, self.rope_cos, self.rope_sin, n_threads, pack_ffn,
-                                    lambda i: release_file_pages(loaded), rope_local=self.rope_local)
+        self.decoder = bind_decoder(cfg, loaded.weights, self.kv, cos, sin, n_threads, pack_ffn,
+                                    lambda i: release_file_pages(loaded), rope_local=rope_local)
         release_file_pages(loaded)
         self._x = np.empty((self.n_batch, cfg.d_model), dtype=np.float32)
         self._embed_base = address(loaded.weights.embed_tokens.data)
