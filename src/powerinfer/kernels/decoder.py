@@ -77,7 +77,8 @@ def _new_decoder(c, n_ctx: int, n_threads: int, ffn_only: bool = False) -> "_C.D
 def bind_decoder(config, weights, kv, rope_cos, rope_sin, n_threads: int = 1,
                  pack_ffn: int = PACK_ALL, before_layer=None, rope_local=None) -> "_C.Decoder":
     """A Decoder bound to ModelWeights / KVCache / ModelConfig; the arrays it reads are kept alive on it
-    (`dec._keep`). Block-format matrices are repacked once (dec.packed_bytes) for the 16-row kernels; `pack_ffn`
+    (`dec._keep`). Block-format matrices are repacked once (dec.packed_bytes) for the 16-row kernels and K-quant
+    ones copied as they are into the same huge-page arenas (faster to stream than the file's pages); `pack_ffn`
     says which FFN matrices (the disk tier packs only a resident gate, or none). `before_layer(i)` runs before
     layer i is bound (the disk tier drops the file pages the previous layer's packing faulted in). `rope_local`:
     the (cos, sin) tables of Gemma 3's local layers (config.local_rope()), when the model has them."""

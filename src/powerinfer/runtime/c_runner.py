@@ -41,10 +41,11 @@ class CRunner(CachedSequence):
         cos, sin = rope_tables(cfg, self.n_ctx)
         local = cfg.local_rope()  # gemma3's local layers rotate with their own base
         rope_local = rope_tables(local, self.n_ctx) if local is not None else None
-        # One copy of the model (#17): the decoder packs every block-format matrix into its own arenas, so each
-        # layer's file pages are given back once the next layer is bound, and all of them after the head (7B Q4_0
-        # at -c 4096: peak RSS 7.7 GB -> 4.3 GB at load). What is still read in place (embedding rows, F16/F32
-        # matrices) faults back in from the page cache when used.
+        # One copy of the model (#17): the decoder packs every block-format matrix (and copies every K-quant one,
+        # byte for byte) into its own arenas, so each layer's file pages are given back once the next layer is
+        # bound, and all of them after the head (7B Q4_0 at -c 4096: peak RSS 7.7 GB -> 4.3 GB at load). What is
+        # still read in place (embedding rows, F16/F32 matrices, the sparse FFN's row gathers) faults back in
+        # from the page cache when used.
         self.decoder = bind_decoder(cfg, loaded.weights, self.kv, cos, sin, n_threads, pack_ffn,
                                     lambda i: release_file_pages(loaded), rope_local=rope_local)
         release_file_pages(loaded)

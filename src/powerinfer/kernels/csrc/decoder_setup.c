@@ -8,13 +8,25 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Pack units [u0, u1) of m into arena a (block formats) and describe them as a segment. */
+/* Pack units [u0, u1) of m into arena a (block formats), or copy their rows as they are (K-quants), and describe
+ * them as a segment. The K-quant copy changes no byte; it moves the rows from the file's 4 KiB page-cache pages to
+ * the arena's huge pages, and the file's pages are given back after each layer as for the packed formats (one
+ * copy of the model). 7B Q4_K_M, 2 threads, AVX-512 (EPYC), three engines interleaved in one process, 9 rounds:
+ * decode against our Q4_0 0.897x read in place, 0.978x copied (every round 0.07-0.10 higher). */
 static int make_seg(pi_arena *a, const pi_mat *m, int u0, int u1, pi_seg *s) {
     s->u0 = u0; s->u1 = u1; s->p = s->pf_end = NULL;
-    if (!m->raw || u1 <= u0 || !pi_is_packable(m->qtype)) return 0;
-    uint8_t *p = pi_arena_alloc(a, (size_t)(u1 - u0) * m->gstride);
-    if (!p) return -1;
-    pi_pack_groups(m->qtype, m->raw, m->row_bytes, m->rows, m->cols, u0, u1, p, m->gstride);
+    if (!m->raw || u1 <= u0) return 0;
+    uint8_t *p;
+    if (pi_is_kquant(m->qtype)) {
+        const int r0 = u0 * 4, r1 = u1 * 4 < m->rows ? u1 * 4 : m->rows;
+        if (!(p = pi_arena_alloc(a, (size_t)(r1 - r0) * m->row_bytes))) return -1;
+        memcpy(p, m->raw + (size_t)r0 * m->row_bytes, (size_t)(r1 - r0) * m->row_bytes);
+    } else if (pi_is_packable(m->qtype)) {
+        if (!(p = pi_arena_alloc(a, (size_t)(u1 - u0) * m->gstride))) return -1;
+        pi_pack_groups(m->qtype, m->raw, m->row_bytes, m->rows, m->cols, u0, u1, p, m->gstride);
+    } else {
+        return 0;
+    }
     s->p = p;
     s->pf_end = pi_arena_end(a, p);
     return 0;

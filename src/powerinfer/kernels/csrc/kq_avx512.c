@@ -21,8 +21,8 @@
 #define KQ_ROWS 4
 /* The rows a later pass reads are prefetched while this one runs, in step with its progress (each super-block
  * step prefetches the same super-block of those rows): a row list (sparse gate/up) gives the hardware prefetcher
- * nothing to follow, and a dense range is file-backed memory without huge pages, where it stops at every 4 KiB
- * page (pi.h: PI_PF_DIST). Dense ranges look ahead at least KQ_PF_BYTES; rows of a list one pass ahead. */
+ * nothing to follow, and a dense range may be file-backed memory without huge pages (a matrix the decoder reads
+ * in place), where it stops at every 4 KiB page (pi.h: PI_PF_DIST). Dense ranges look ahead at least KQ_PF_BYTES; rows of a list one pass ahead. */
 #define KQ_PF_BYTES 16384
 AI int pf_ahead(const pi_mat *m, const int32_t *idx) {
     if (idx) return KQ_ROWS;

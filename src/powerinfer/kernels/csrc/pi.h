@@ -125,8 +125,9 @@ typedef struct {
 } pi_mat;
 
 /* A contiguous run of units [u0, u1) of one matrix (16-row groups when packed, else 4-row units); p is
- * group u0's packed data (NULL for raw), and the kernel may prefetch up to pf_end (the end of the memory
- * p lives in: it streams on into whatever the same thread reads next). */
+ * group u0's packed data, or for K-quants the copy of row 4*u0 and the rows after it (NULL: read the matrix's raw
+ * rows), and the kernel may prefetch up to pf_end (the end of the memory p lives in: it streams on into whatever
+ * the same thread reads next). */
 typedef struct { int u0, u1; const uint8_t *p, *pf_end; } pi_seg;
 
 /* How far ahead the packed kernels prefetch their segment's stream. Measured on a cold 56 MB Q4_1 matrix, one

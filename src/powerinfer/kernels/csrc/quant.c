@@ -283,6 +283,12 @@ void pi_mat_run_seg(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok
     }
     const pi_rows_fn f = rows_fn(m->qtype);
     const int r0 = s->u0 * 4, r1 = s->u1 * 4 < m->rows ? s->u1 * 4 : m->rows;
+    pi_mat copy;
+    if (s->p) { /* K-quant rows copied to an arena (decoder_setup.c: make_seg): the same rows, read there */
+        copy = *m;
+        copy.raw = s->p - (size_t)r0 * m->row_bytes;
+        m = &copy;
+    }
     /* K-quant rows (no packed layout) for several tokens: each super-block unpacked once per PI_KQ_NT tokens, in
      * row tiles that stay in L2 while every token group reads them, so prefill streams the weights from DRAM once
      * per batch (kquant.h; the same floats per token as decode) */
