@@ -23,6 +23,9 @@ setup(
             "powerinfer._C",
             sources=sorted(glob.glob("src/powerinfer/kernels/csrc/*.c")),
             include_dirs=["src/powerinfer/kernels/csrc"],
+            # every object is rebuilt when a header changes (without this an incremental build keeps objects
+            # compiled against the old header)
+            depends=sorted(glob.glob("src/powerinfer/kernels/csrc/*.h")),
             extra_compile_args=extra,
             extra_link_args=["-pthread"] if platform.system() != "Windows" else [],
             libraries=libs,
