@@ -1,6 +1,6 @@
 /* AVX-512 VNNI row dots of K-quant rows against q8 activations (the terms of kquant.h).
  *
- * A pass reads KQ_ROWS rows; per 256-value super-block the activation vectors are loaded and arranged once for
+ * A pass reads PI_KQ_ROWS rows; per 256-value super-block the activation vectors are loaded and arranged once for
  * the pass. Q4_K/Q5_K: the 128 nibble bytes are two zmm loads; the low nibbles of bytes [32g, 32g+64) are
  * sub-blocks 2g and 2g+2, the high ones 2g+1 and 2g+3, so the activations are arranged as [b0|b2], [b1|b3],
  * [b4|b6], [b5|b7] (one 64-bit-lane shuffle each) and one vpdpbusd covers two sub-blocks: lanes 0-7 the first,
@@ -18,18 +18,6 @@
 #include <immintrin.h>
 
 #define AI static inline __attribute__((always_inline))
-#define KQ_ROWS 4
-/* The rows a later pass reads are prefetched while this one runs, in step with its progress (each super-block
- * step prefetches the same super-block of those rows): a row list (sparse gate/up) gives the hardware prefetcher
- * nothing to follow, and a dense range may be file-backed memory without huge pages (a matrix the decoder reads
- * in place), where it stops at every 4 KiB page (pi.h: PI_PF_DIST). Dense ranges look ahead at least KQ_PF_BYTES; rows of a list one pass ahead. */
-#define KQ_PF_BYTES 16384
-AI int pf_ahead(const pi_mat *m, const int32_t *idx) {
-    if (idx) return KQ_ROWS;
-    const size_t pass = (size_t)KQ_ROWS * m->row_bytes;
-    return KQ_ROWS * (int)((KQ_PF_BYTES + pass - 1) / pass);
-}
-
 AI float h2f(uint16_t h) { return _cvtsh_ss(h); }
 AI float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -50,13 +38,6 @@ AI __m128i scales_mins(const uint8_t *q) {
     u[0] &= k1;
     /* from registers: a 16-byte load of the four 4-byte stores just made would miss store forwarding */
     return _mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]);
-}
-
-AI void prefetch_rows(const pi_mat *m, const int32_t *idx, int n, int j, size_t off, size_t len) {
-    for (int k = 0; k < KQ_ROWS && j + k < n; k++) {
-        const char *p = (const char *)m->raw + (size_t)PI_ROW(idx, j + k) * m->row_bytes + off;
-        for (size_t o = 0; o < len; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
-    }
 }
 
 /* Lanes of the scale vector each Q4_K/Q5_K weight vector uses: [sc 2g x8 | sc 2g+2 x8] etc. */
@@ -123,19 +104,19 @@ AI void rows_q45(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_a
     const size_t bb = Q5 ? sizeof(pi_blk_q5_K) : sizeof(pi_blk_q4_K);
     __m512i pl[4];
     q45_lanes(pl);
-    const int ahead = pf_ahead(m, idx);
-    for (int r = r0; r < r1; r += KQ_ROWS) {
-        const int nr = r1 - r < KQ_ROWS ? r1 - r : KQ_ROWS;
-        const uint8_t *w[KQ_ROWS];
-        __m512 acc[KQ_ROWS];
-        __m256 accm[KQ_ROWS];
-        _Pragma("GCC unroll 8") for (int j = 0; j < KQ_ROWS; j++) {
+    const int ahead = pi_kq_pf_ahead(m, idx);
+    for (int r = r0; r < r1; r += PI_KQ_ROWS) {
+        const int nr = r1 - r < PI_KQ_ROWS ? r1 - r : PI_KQ_ROWS;
+        const uint8_t *w[PI_KQ_ROWS];
+        __m512 acc[PI_KQ_ROWS];
+        __m256 accm[PI_KQ_ROWS];
+        _Pragma("GCC unroll 8") for (int j = 0; j < PI_KQ_ROWS; j++) {
             w[j] = m->raw + (size_t)PI_ROW(idx, r + (j < nr ? j : 0)) * m->row_bytes;
             acc[j] = _mm512_setzero_ps();
             accm[j] = _mm256_setzero_ps();
         }
         for (int sb = 0; sb < nsb; sb++) {
-            prefetch_rows(m, idx, r1, r + ahead, (size_t)sb * bb, bb);
+            pi_kq_prefetch_rows(m, idx, r1, r + ahead, (size_t)sb * bb, bb);
             const int8_t *xq = a->qs + (size_t)sb * PI_QK_K;
             const __m512i x01 = _mm512_loadu_si512(xq), x23 = _mm512_loadu_si512(xq + 64);
             const __m512i x45 = _mm512_loadu_si512(xq + 128), x67 = _mm512_loadu_si512(xq + 192);
@@ -145,7 +126,7 @@ AI void rows_q45(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_a
             const __m512i xh1 = _mm512_shuffle_i64x2(x45, x67, _MM_SHUFFLE(3, 2, 3, 2));
             const __m256 dx = _mm256_loadu_ps(a->d + 8 * sb);
             const __m256 xs = _mm256_mul_ps(dx, _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(a->sum + 8 * sb))));
-            _Pragma("GCC unroll 8") for (int j = 0; j < KQ_ROWS; j++) {
+            _Pragma("GCC unroll 8") for (int j = 0; j < PI_KQ_ROWS; j++) {
                 const uint8_t *b = w[j] + (size_t)sb * bb;
                 __m256 sd, md;
                 __m512i wq[4];
@@ -181,17 +162,17 @@ static void rows_q6_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const
     const __m512i dxi = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     __m512i pk[4];
     q6_lanes(pk);
-    const int ahead = pf_ahead(m, idx);
-    for (int r = r0; r < r1; r += KQ_ROWS) {
-        const int nr = r1 - r < KQ_ROWS ? r1 - r : KQ_ROWS;
-        const pi_blk_q6_K *w[KQ_ROWS];
-        __m512 acc[KQ_ROWS];
-        _Pragma("GCC unroll 8") for (int j = 0; j < KQ_ROWS; j++) {
+    const int ahead = pi_kq_pf_ahead(m, idx);
+    for (int r = r0; r < r1; r += PI_KQ_ROWS) {
+        const int nr = r1 - r < PI_KQ_ROWS ? r1 - r : PI_KQ_ROWS;
+        const pi_blk_q6_K *w[PI_KQ_ROWS];
+        __m512 acc[PI_KQ_ROWS];
+        _Pragma("GCC unroll 8") for (int j = 0; j < PI_KQ_ROWS; j++) {
             w[j] = (const pi_blk_q6_K *)(m->raw + (size_t)PI_ROW(idx, r + (j < nr ? j : 0)) * m->row_bytes);
             acc[j] = _mm512_setzero_ps();
         }
         for (int sb = 0; sb < nsb; sb++) {
-            prefetch_rows(m, idx, r1, r + ahead, (size_t)sb * bb, bb);
+            pi_kq_prefetch_rows(m, idx, r1, r + ahead, (size_t)sb * bb, bb);
             const int8_t *xq = a->qs + (size_t)sb * PI_QK_K;
             __m512i x[4], neg[4];
             _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
@@ -199,7 +180,7 @@ static void rows_q6_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const
                 neg[k] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c32, x[k]));
             }
             const __m512 dx16 = _mm512_permutexvar_ps(dxi, _mm512_castps256_ps512(_mm256_loadu_ps(a->d + 8 * sb)));
-            _Pragma("GCC unroll 8") for (int j = 0; j < KQ_ROWS; j++) {
+            _Pragma("GCC unroll 8") for (int j = 0; j < PI_KQ_ROWS; j++) {
                 const pi_blk_q6_K *b = w[j] + sb;
                 const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b->scales)));
                 const __m512 S = _mm512_mul_ps(_mm512_mul_ps(sc, _mm512_set1_ps(h2f(b->d))), dx16);
@@ -229,7 +210,7 @@ static size_t kq_part_bytes(const pi_mat *m, int tile) {
 }
 
 AI int pf_rows(const pi_mat *m) {
-    const int k = (int)(KQ_PF_BYTES / m->row_bytes);
+    const int k = (int)(PI_KQ_PF_BYTES / m->row_bytes);
     return k > 0 ? k : 1;
 }
 
