@@ -264,27 +264,22 @@ AI int kq_part(const pi_mat *m, int tile, float **part) {
     return *part ? 0 : -1;
 }
 
-#define KQ_MULTI(name, CALL, one_token)                                                                     \
-    static void name(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y, \
-                     int ldy) {                                                                              \
+#define KQ_MULTI(name, CALL)                                                                                \
+    static int name(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y,  \
+                    int ldy) {                                                                               \
         const int tile = pi_kq_tile_rows(m);                                                                 \
         float *part;                                                                                         \
-        if (kq_part(m, tile, &part)) { /* no memory: the one-token kernel per token, same results */       \
-            for (int t = 0; t < n_tok; t++) {                                                                \
-                const pi_act at = pi_act_token(a, t);                                                        \
-                one_token(m, idx, r0, r1, &at, y + (size_t)t * ldy);                                         \
-            }                                                                                                \
-            return;                                                                                          \
-        }                                                                                                    \
+        if (kq_part(m, tile, &part)) return -1;                                                              \
         KQ_GROUPS(CALL);                                                                                     \
         free(part);                                                                                          \
+        return 0;                                                                                            \
     }
 #define CALL_Q4(nt) q45_group(m, idx, rt, re, a, t0, nt, y, ldy, 0, s0, s1, part)
 #define CALL_Q5(nt) q45_group(m, idx, rt, re, a, t0, nt, y, ldy, 1, s0, s1, part)
 #define CALL_Q6(nt) q6_group(m, idx, rt, re, a, t0, nt, y, ldy, s0, s1, part)
-KQ_MULTI(multi_q4_k, CALL_Q4, rows_q4_k)
-KQ_MULTI(multi_q5_k, CALL_Q5, rows_q5_k)
-KQ_MULTI(multi_q6_k, CALL_Q6, rows_q6_k)
+KQ_MULTI(multi_q4_k, CALL_Q4)
+KQ_MULTI(multi_q5_k, CALL_Q5)
+KQ_MULTI(multi_q6_k, CALL_Q6)
 
 pi_kq_multi_fn pi_kq_multi_avx2(int qtype) {
     switch (qtype) {

@@ -209,16 +209,6 @@ static size_t kq_part_bytes(const pi_mat *m, int tile) {
     return m->cols / PI_QK_K > PI_KQ_KC ? (size_t)tile * PI_KQ_NT * 24 * sizeof(float) : 0;
 }
 
-AI int pf_rows(const pi_mat *m) {
-    const int k = (int)(PI_KQ_PF_BYTES / m->row_bytes);
-    return k > 0 ? k : 1;
-}
-
-AI void prefetch_row(const pi_mat *m, const int32_t *idx, int p, size_t off, size_t len) {
-    const char *q = (const char *)m->raw + (size_t)PI_ROW(idx, p) * m->row_bytes + off;
-    for (size_t o = 0; o < len; o += 64) _mm_prefetch(q + o, _MM_HINT_T0);
-}
-
 static void arrange_q45(const pi_act *a, int cols, int n_tok, int8_t *xa, float *xs, float *dxp) {
     const int nsb = cols / PI_QK_K, nb = cols / PI_QK;
     __m512i pl[4];
@@ -242,11 +232,11 @@ static void arrange_q45(const pi_act *a, int cols, int n_tok, int8_t *xa, float 
         }
 }
 
-/* rows [r0, r1) for tokens [t0, t0 + NT); pf: prefetch the rows pf_rows ahead (below rlim) as the first group runs */
+/* rows [r0, r1) for tokens [t0, t0 + NT); pf: prefetch the rows pi_kq_pf_rows ahead (below rlim) as the first group runs */
 AI void q45_group(const pi_mat *m, const int32_t *idx, int r0, int r1, int rlim, const int8_t *xa,
                   const float *xs, const float *dxp, int t0, const int NT, float *y, int ldy, const int Q5, int pf, int sb0, int sb1,
                   float *part) {
-    const int nsb = m->cols / PI_QK_K, nb = m->cols / PI_QK, ahead = pf_rows(m);
+    const int nsb = m->cols / PI_QK_K, nb = m->cols / PI_QK, ahead = pi_kq_pf_rows(m);
     const size_t bb = Q5 ? sizeof(pi_blk_q5_K) : sizeof(pi_blk_q4_K);
     __m512i pl[4];
     q45_lanes(pl);
@@ -261,7 +251,7 @@ AI void q45_group(const pi_mat *m, const int32_t *idx, int r0, int r1, int rlim,
             accm[j] = sb0 ? _mm256_loadu_ps(pp + 24 * j + 16) : _mm256_setzero_ps();
         }
         for (int sb = sb0; sb < sb1; sb++) {
-            if (pr >= 0) prefetch_row(m, idx, pr, (size_t)sb * bb, bb);
+            if (pr >= 0) pi_kq_prefetch_row(m, idx, pr, (size_t)sb * bb, bb);
             const uint8_t *b = w + (size_t)sb * bb;
             __m256 sd, md;
             __m512i wq[4];
@@ -296,18 +286,12 @@ AI void q45_group(const pi_mat *m, const int32_t *idx, int r0, int r1, int rlim,
     }
 }
 
-AI void multi_q45(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y, int ldy,
-                  const int Q5) {
+AI int multi_q45(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y, int ldy,
+                 const int Q5) {
     const int tile = pi_kq_tile_rows(m), nb = m->cols / PI_QK;
     const size_t xbytes = ((size_t)n_tok * m->cols + 63) & ~(size_t)63, sbytes = ((size_t)n_tok * nb * 4 + 63) & ~(size_t)63;
     int8_t *xa = kq_scratch(xbytes + sbytes + (size_t)n_tok * m->cols + kq_part_bytes(m, tile));
-    if (!xa) { /* no memory for the arranged copy: the one-token kernel per token, same results */
-        for (int t = 0; t < n_tok; t++) {
-            const pi_act at = pi_act_token(a, t);
-            rows_q45(m, idx, r0, r1, &at, y + (size_t)t * ldy, Q5);
-        }
-        return;
-    }
+    if (!xa) return -1;
     float *xs = (float *)(xa + xbytes), *dxp = (float *)(xa + xbytes + sbytes);
     float *part = (float *)(xa + xbytes + sbytes + (size_t)n_tok * m->cols);
     arrange_q45(a, m->cols, n_tok, xa, xs, dxp);
@@ -315,15 +299,16 @@ AI void multi_q45(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_
     KQ_GROUPS(CALL);
 #undef CALL
     free(xa);
+    return 0;
 }
 
-static void multi_q4_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y,
-                       int ldy) {
-    multi_q45(m, idx, r0, r1, a, n_tok, y, ldy, 0);
+static int multi_q4_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y,
+                      int ldy) {
+    return multi_q45(m, idx, r0, r1, a, n_tok, y, ldy, 0);
 }
-static void multi_q5_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y,
-                       int ldy) {
-    multi_q45(m, idx, r0, r1, a, n_tok, y, ldy, 1);
+static int multi_q5_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y,
+                      int ldy) {
+    return multi_q45(m, idx, r0, r1, a, n_tok, y, ldy, 1);
 }
 
 /* Q6_K: the -32 offset's starting accumulators of rows_q6_k, -32 * each 4-value sum of xq (16 int32 per 64 values) */
@@ -349,7 +334,7 @@ static void arrange_q6(const pi_act *a, int cols, int n_tok, int32_t *neg, float
 
 AI void q6_group(const pi_mat *m, const int32_t *idx, int r0, int r1, int rlim, const pi_act *a, const int32_t *neg,
                  const float *dxp, int t0, const int NT, float *y, int ldy, int pf, int sb0, int sb1, float *part) {
-    const int nsb = m->cols / PI_QK_K, ahead = pf_rows(m);
+    const int nsb = m->cols / PI_QK_K, ahead = pi_kq_pf_rows(m);
     const size_t bb = sizeof(pi_blk_q6_K);
     __m512i pk[4];
     q6_lanes(pk);
@@ -360,7 +345,7 @@ AI void q6_group(const pi_mat *m, const int32_t *idx, int r0, int r1, int rlim, 
         float *pp = part + (size_t)(r - r0) * PI_KQ_NT * 24;
         _Pragma("GCC unroll 4") for (int j = 0; j < NT; j++) acc[j] = sb0 ? _mm512_loadu_ps(pp + 24 * j) : _mm512_setzero_ps();
         for (int sb = sb0; sb < sb1; sb++) {
-            if (pr >= 0) prefetch_row(m, idx, pr, (size_t)sb * bb, bb);
+            if (pr >= 0) pi_kq_prefetch_row(m, idx, pr, (size_t)sb * bb, bb);
             const pi_blk_q6_K *b = w + sb;
             const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b->scales)));
             const __m512 sd = _mm512_mul_ps(sc, _mm512_set1_ps(h2f(b->d)));
@@ -387,24 +372,19 @@ AI void q6_group(const pi_mat *m, const int32_t *idx, int r0, int r1, int rlim, 
     }
 }
 
-static void multi_q6_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y,
-                       int ldy) {
+static int multi_q6_k(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y,
+                      int ldy) {
     const int tile = pi_kq_tile_rows(m);
     const size_t nbytes = ((size_t)n_tok * m->cols + 63) & ~(size_t)63;
     int32_t *neg = kq_scratch(2 * nbytes + kq_part_bytes(m, tile));
-    if (!neg) {
-        for (int t = 0; t < n_tok; t++) {
-            const pi_act at = pi_act_token(a, t);
-            rows_q6_k(m, idx, r0, r1, &at, y + (size_t)t * ldy);
-        }
-        return;
-    }
+    if (!neg) return -1;
     float *dxp = (float *)((uint8_t *)neg + nbytes), *part = (float *)((uint8_t *)neg + 2 * nbytes);
     arrange_q6(a, m->cols, n_tok, neg, dxp);
 #define CALL(nt) q6_group(m, idx, rt, re, r1, a, neg, dxp, t0, nt, y, ldy, t0 == 0, s0, s1, part)
     KQ_GROUPS(CALL);
 #undef CALL
     free(neg);
+    return 0;
 }
 
 pi_kq_multi_fn pi_kq_multi_avx512(int qtype) {

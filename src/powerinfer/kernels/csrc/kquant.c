@@ -205,13 +205,21 @@ void pi_kq_rows_tokens(const pi_mat *m, const int32_t *idx, int r0, int r1, cons
     if (pi_k == &pi_kernels_avx512) f = pi_kq_multi_avx512(m->qtype);
     else if (pi_k == &pi_kernels_avx2) f = pi_kq_multi_avx2(m->qtype);
 #endif
-    if (f) { /* the x86 kernels arrange the activations once per call, then walk the tiles themselves */
-        f(m, idx, r0, r1, a, n_tok, y, ldy);
+    /* the x86 kernels arrange the activations once per call, then walk the tiles themselves; without memory for
+     * their scratch, the one-token kernel per token gives the same results */
+    if (f) {
+        if (f(m, idx, r0, r1, a, n_tok, y, ldy) == 0) return;
+        const pi_rows_fn one = pi_kq_rows(m->qtype);
+        for (int t = 0; t < n_tok; t++) {
+            const pi_act at = pi_act_token(a, t);
+            one(m, idx, r0, r1, &at, y + (size_t)t * ldy);
+        }
         return;
     }
-    f = m->qtype == PI_Q6_K ? multi_q6_k : multi_q45_k;
+    void (*tile_fn)(const pi_mat *, const int32_t *, int, int, const pi_act *, int, float *, int) =
+        m->qtype == PI_Q6_K ? multi_q6_k : multi_q45_k;
     const int tile = pi_kq_tile_rows(m);
-    for (int rt = r0; rt < r1; rt += tile) f(m, idx, rt, rt + tile < r1 ? rt + tile : r1, a, n_tok, y, ldy);
+    for (int rt = r0; rt < r1; rt += tile) tile_fn(m, idx, rt, rt + tile < r1 ? rt + tile : r1, a, n_tok, y, ldy);
 }
 
 void pi_kq_axpy(const pi_mat *m, const int32_t *idx, const float *h, int n, int c0, int c1, float *y) {

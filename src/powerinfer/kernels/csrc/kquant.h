@@ -54,11 +54,19 @@ static inline __attribute__((always_inline)) int pi_kq_pf_ahead(const pi_mat *m,
 }
 /* Prefetch bytes [off, off + len) of the PI_KQ_ROWS rows from j on (rows below n only). Always inlined: GCC -O2
  * called it cold in rows_q6_k, and a call to a function with no side effects (prefetches only) is dropped. */
-static inline __attribute__((always_inline)) void pi_kq_prefetch_rows(const pi_mat *m, const int32_t *idx, int n, int j, size_t off, size_t len) {
-    for (int k = 0; k < PI_KQ_ROWS && j + k < n; k++) {
-        const char *p = (const char *)m->raw + (size_t)PI_ROW(idx, j + k) * m->row_bytes + off;
-        for (size_t o = 0; o < len; o += 64) __builtin_prefetch(p + o, 0, 3);
-    }
+static inline __attribute__((always_inline)) void pi_kq_prefetch_row(const pi_mat *m, const int32_t *idx, int p,
+                                                                     size_t off, size_t len) {
+    const char *q = (const char *)m->raw + (size_t)PI_ROW(idx, p) * m->row_bytes + off;
+    for (size_t o = 0; o < len; o += 64) __builtin_prefetch(q + o, 0, 3);
+}
+static inline __attribute__((always_inline)) void pi_kq_prefetch_rows(const pi_mat *m, const int32_t *idx, int n,
+                                                                      int j, size_t off, size_t len) {
+    for (int k = 0; k < PI_KQ_ROWS && j + k < n; k++) pi_kq_prefetch_row(m, idx, j + k, off, len);
+}
+/* The multi-token kernels' look-ahead: rows one at a time, at least PI_KQ_PF_BYTES ahead (one row at the least). */
+static inline int pi_kq_pf_rows(const pi_mat *m) {
+    const int k = (int)(PI_KQ_PF_BYTES / m->row_bytes);
+    return k > 0 ? k : 1;
 }
 
 size_t pi_kq_block_bytes(int qtype); /* 144, 176, 210; 0 for other types */
@@ -69,8 +77,8 @@ pi_rows_fn pi_kq_rows(int qtype);  /* the selected ISA's row-dot kernel */
  * the selected one-token kernel, so each token's result equals pi_kq_rows' bit for bit. Rows are walked in tiles
  * of PI_KQ_TILE_BYTES that stay in L2 while all token groups read them. 7B Q4_K_M, 2 threads, AVX-512 (EPYC):
  * prompt of 16 tokens 17.3-19.2 -> 24.0-24.7 tok/s (0.61-0.65x -> 0.81-0.84x llama.cpp), of 512 19.9 -> 25.6. */
-typedef void (*pi_kq_multi_fn)(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok,
-                               float *y, int ldy);
+typedef int (*pi_kq_multi_fn)(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok,
+                              float *y, int ldy); /* -1: no memory for its scratch, nothing written */
 void pi_kq_rows_tokens(const pi_mat *m, const int32_t *idx, int r0, int r1, const pi_act *a, int n_tok, float *y,
                        int ldy);
 /* Tokens per unpacked super-block. 8 measured slower than 4 on AVX-512 (4096x4096 Q4_K, 16 tokens, 2 threads:

@@ -282,12 +282,16 @@ void pi_mat_run_seg(const pi_mat *m, const pi_seg *s, const pi_act *a, int n_tok
         return;
     }
     const pi_rows_fn f = rows_fn(m->qtype);
-    const int r0 = s->u0 * 4, r1 = s->u1 * 4 < m->rows ? s->u1 * 4 : m->rows;
+    int r0 = s->u0 * 4, r1 = s->u1 * 4 < m->rows ? s->u1 * 4 : m->rows;
     pi_mat copy;
-    if (s->p) { /* K-quant rows copied to an arena (decoder_setup.c: make_seg): the same rows, read there */
+    if (s->p) { /* K-quant rows copied to an arena (decoder_setup.c: make_seg): a matrix of those rows alone */
         copy = *m;
-        copy.raw = s->p - (size_t)r0 * m->row_bytes;
+        copy.raw = s->p;
+        copy.rows = r1 - r0;
         m = &copy;
+        y += r0;
+        r1 -= r0;
+        r0 = 0;
     }
     /* K-quant rows (no packed layout) for several tokens: each super-block unpacked once per PI_KQ_NT tokens, in
      * row tiles that stay in L2 while every token group reads them, so prefill streams the weights from DRAM once
