@@ -24,7 +24,7 @@ _EXPORTS = {
     "decoder": ["ACTIVATIONS", "FFN_KINDS", "PACK_ALL", "PACK_DOWN", "PACK_GATE", "PACK_UP", "ROPE_STYLES",
                 "bind_decoder", "bind_ffn_decoder"],
     "ops": ["available_isas", "axpy", "dequantize", "gather", "matmul", "matvec", "quantize_q8_0", "read_bandwidth"],
-    "sparse_ffn": ["Kept", "RowBytes", "SparseFFN"],
+    "sparse_ffn": ["Kept", "KeptCounts", "RowBytes", "SparseFFN"],
     "attention": ["attention_decode", "attention_prefill"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

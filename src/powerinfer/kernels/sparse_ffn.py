@@ -11,7 +11,7 @@ from .. import _C
 from ..core.sparse_spec import SparseSpec
 from ..core.tensor import QTensor, row_bytes
 from ..errors import PowerInferError
-from .arrays import PANEL_SOURCES, _weight, panels, transposed, transposed_qtype
+from .arrays import PANEL_SOURCES, _weight, address, panels, transposed, transposed_qtype
 
 
 class Kept(NamedTuple):
@@ -21,6 +21,21 @@ class Kept(NamedTuple):
     inputs: np.ndarray  # FFN input channels kept (the x site)
     up_rows: np.ndarray  # up rows read (differs from neurons for dReLU and for predictors' candidates)
     gate_rows: np.ndarray  # gate rows read one by one (predictor or tier candidates; 0 when the gate ran dense)
+
+
+class KeptCounts:
+    """The decoder's Kept counts of its last decode step, read into one buffer whose address is taken once (a decode
+    step reads them: numpy's .ctypes.data costs about 1 us a call)."""
+
+    def __init__(self, dec: "_C.Decoder", n_layer: int):
+        self.dec = dec
+        self.buf = np.zeros((len(Kept._fields), n_layer), dtype=np.int32)
+        self._addr = address(self.buf)
+
+    def read(self) -> Kept:
+        """Views of the buffer, which the next read overwrites."""
+        self.dec.kept(self._addr)
+        return Kept(*self.buf)
 
 
 class RowBytes(NamedTuple):
@@ -52,7 +67,7 @@ class SparseFFN:
         self._pred_keep: list[np.ndarray] = []  # the f16 predictor matrices the decoder reads
         self._pred_bytes = np.zeros(config.n_layer, dtype=np.int64)
         self._row_bytes: RowBytes | None = None
-        self._kept = np.zeros((len(Kept._fields), config.n_layer), dtype=np.int32)
+        self._kept = KeptCounts(dec, config.n_layer)
 
     def _copy(self, il: int, role: str) -> QTensor:
         key = (il, role)
@@ -117,8 +132,7 @@ class SparseFFN:
 
     def kept(self) -> Kept:
         """Counts of the last decode step (views of a buffer the next call overwrites)."""
-        self.dec.kept(self._kept.ctypes.data)
-        return Kept(*self._kept)
+        return self._kept.read()
 
     def bytes_per_layer(self, kept: Kept) -> np.ndarray:
         """FFN weight bytes each layer read in a step with these `kept` counts (int64 [n_layer]; mean counts are

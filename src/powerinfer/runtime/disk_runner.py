@@ -56,7 +56,7 @@ class DiskRunner(CRunner):
         self.bundles: Path | None = None
         self.bundle_bytes = 0
         self._gate_resident = gate_resident
-        self._kept_buf = np.zeros((len(kernels.Kept._fields), cfg.n_layer), dtype=np.int32)
+        self._kept_counts = kernels.KeptCounts(self.decoder, cfg.n_layer)
         self._disk_tokens = 0
         self._t_disk = time.perf_counter()
 
@@ -164,8 +164,7 @@ class DiskRunner(CRunner):
 
     # -- statistics -----------------------------------------------------------------------------------------
     def _kept(self) -> kernels.Kept:
-        self.decoder.kept(self._kept_buf.ctypes.data)
-        return kernels.Kept(*self._kept_buf)
+        return self._kept_counts.read()
 
     def _record_ffn(self) -> None:
         self._add_kept(self._kept())
