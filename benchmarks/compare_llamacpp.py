@@ -92,12 +92,8 @@ class Exact:
 
         cfg = loaded.config
         self.model = Transformer(cfg, loaded.weights, dtype=torch.float64)
-        # float64 rows are no -ctk/-ctv type (KVCache.allocate makes f32, f16 and q8_0 ones): built here, plain
-        # float rows as the torch model reads f32 ones
-        kv_dim = cfg.n_head_kv * cfg.head_dim
-        self.new_cache = lambda n: KVCache([torch.empty(n, kv_dim, dtype=torch.float64) for _ in range(cfg.n_layer)],
-                                           [torch.empty(n, kv_dim, dtype=torch.float64) for _ in range(cfg.n_layer)],
-                                           n, "f32", "f32")
+        self.new_cache = lambda n: KVCache.allocate(cfg.n_layer, n, cfg.n_head_kv * cfg.head_dim,
+                                                    dtype=torch.float64)
 
     def all_logits(self, ids):
         with torch.inference_mode():

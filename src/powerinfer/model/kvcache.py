@@ -51,16 +51,22 @@ class KVCache:
     @classmethod
     def allocate(cls, n_layer: int, n_ctx: int, kv_dim: int, device="cpu", type_k: str = "f16",
                  type_v: str = "f16", dtype=None) -> KVCache:
-        """torch tensors on `device`, the torch model's cache. dtype (torch.float32 | torch.float16), when given,
-        is both types (the torch model's callers)."""
+        """torch tensors on `device`, the torch model's cache. dtype, when given, is both types' torch dtype (the
+        torch model's callers): float32 or float16, or float64 for a float64 reference model (plain float rows like
+        f32's, twice the bytes)."""
         import torch
 
         if dtype is not None:
-            type_k = type_v = {torch.float32: "f32", torch.float16: "f16"}[dtype]
+            if dtype not in (torch.float32, torch.float16, torch.float64):
+                raise ValueError(f"a KV cache of {dtype} rows: float32, float16 or float64")
+            type_k = type_v = "f16" if dtype == torch.float16 else "f32"
         widths, dtypes, need = _layout(n_layer, n_ctx, kv_dim, type_k, type_v)
+        dtypes = [getattr(torch, d.name) for d in dtypes]  # float32, float16, uint8: the same names in torch
+        if dtype is not None:
+            need = need // dtypes[0].itemsize * dtype.itemsize
+            dtypes = [dtype, dtype]
         if torch.device(device).type == "cpu":
             _check_fits(need, n_ctx)
-        dtypes = [getattr(torch, d.name) for d in dtypes]  # float32, float16, uint8: the same names in torch
         try:
             k = [torch.empty(n_ctx, widths[0], dtype=dtypes[0], device=device) for _ in range(n_layer)]
             v = [torch.empty(n_ctx, widths[1], dtype=dtypes[1], device=device) for _ in range(n_layer)]
