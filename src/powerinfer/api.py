@@ -27,7 +27,6 @@ from .runtime.sparsity import apply_sparsity
 from .settings import ModelSettings, SamplingParams, field_names, split_settings
 
 
-
 # The offline pipeline's solver and calibration (prepare/, torch), handed to the runtime as callables: imported only
 # when a placement has no cached hot sets or a --sparsity has no cached thresholds, so a plain run never loads torch.
 def _solve_hot_sets(*args, **kwargs):
@@ -40,6 +39,7 @@ def _calibrate_default(*args, **kwargs):
     from .prepare.calibrate import calibrate_default
 
     return calibrate_default(*args, **kwargs)
+
 
 class LLM:
     def __init__(self, loaded: LoadedModel, settings: ModelSettings, defaults: SamplingParams,

@@ -91,7 +91,6 @@ def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.nd
     return out
 
 
-
 def _llama3_factors(inv_freq, factor, low_freq_factor, high_freq_factor, original_context):
     wavelen = 2 * math.pi / inv_freq
     low_freq_wavelen = original_context / low_freq_factor
